@@ -1,0 +1,269 @@
+"""``POST /v1/chat/completions`` and ``POST /v1/completions``: cache, coalesce, forward.
+
+Order of work for one request: read and check the body; take out the per-request cache controls; resolve
+the model alias and fit ``max_tokens`` to the context (so the key describes what is forwarded); key; then
+a hit is answered from disk, an identical request in flight is joined, or a new upstream stream starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from llmpod.cache import CachedAnswer, cache_key
+from llmpod.errors import UpstreamError
+from llmpod.flights import Flight
+from llmpod.wire import error_body, json_response
+
+if TYPE_CHECKING:
+    from llmpod.proxy_app import ProxyService
+
+log = logging.getLogger("llmpod.proxy")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+PREVIEW_WORDS = 12
+
+
+class RequestProblem(Exception):
+    """The client's request is unusable; answered with ``status`` and an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+
+class Exchange:
+    """One generation request as it moves through the proxy, for timing, metrics and the log line."""
+
+    __slots__ = ("cache", "endpoint", "key", "lookup_s", "model", "started", "status", "tokens", "upstream_s")
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.started = time.perf_counter()
+        self.model = "-"
+        self.key = ""
+        self.cache = "NONE"
+        self.status = 200
+        self.tokens = 0
+        self.lookup_s = 0.0
+        self.upstream_s: float | None = None
+
+    def headers(self, profiling: bool) -> dict[str, str]:
+        headers = {"X-Cache": self.cache, "X-Cache-Key": self.key} if self.key else {}
+        if profiling:
+            timings = [f"cache;dur={self.lookup_s * 1000:.3f}"]
+            if self.upstream_s is not None:
+                timings.append(f"upstream;dur={self.upstream_s * 1000:.3f}")
+            timings.append(f"total;dur={(time.perf_counter() - self.started) * 1000:.3f}")
+            headers["Server-Timing"] = ", ".join(timings)
+        return headers
+
+
+async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestProblem(400, "invalid Content-Length header")
+        if int(declared) > limit:
+            raise RequestProblem(413, f"request body is larger than the proxy's limit of {limit} bytes")
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise RequestProblem(413, f"request body is larger than the proxy's limit of {limit} bytes")
+        parts.append(part)
+    try:
+        body = orjson.loads(b"".join(parts))
+    except orjson.JSONDecodeError as exc:
+        raise RequestProblem(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestProblem(400, "request body must be a JSON object")
+    return body
+
+
+def cache_controls(request: Request, body: dict[str, Any]) -> tuple[bool, bool]:
+    """(no_cache, no_store) from ``Cache-Control`` and LiteLLM's body field ``cache``, which is removed."""
+    directives = {d.strip().lower() for d in request.headers.get("cache-control", "").split(",")}
+    no_cache = "no-cache" in directives
+    no_store = "no-store" in directives
+    field = body.pop("cache", None)
+    if isinstance(field, dict):
+        no_cache = no_cache or field.get("no-cache") is True
+        no_store = no_store or field.get("no-store") is True
+    return no_cache, no_store
+
+
+def preview(endpoint: str, body: dict[str, Any]) -> str:
+    """The first words of the last user message (or of the prompt), for /debug/cache."""
+    text: Any = ""
+    if endpoint == "chat.completions":
+        for message in reversed(body.get("messages") or []):
+            if isinstance(message, dict) and message.get("role") == "user":
+                text = message.get("content")
+                break
+        if isinstance(text, list):  # content parts
+            text = " ".join(p.get("text", "") for p in text if isinstance(p, dict))
+    else:
+        text = body.get("prompt")
+        if isinstance(text, list) and text:
+            text = text[0]
+    return " ".join(str(text or "").split()[:PREVIEW_WORDS])[:200]
+
+
+class GenerationHandler:
+    """Answers the two generation routes for one ``ProxyService``."""
+
+    def __init__(self, service: ProxyService) -> None:
+        self.service = service
+
+    async def handle(self, request: Request, endpoint: str, path: str) -> Response:
+        service = self.service
+        exchange = Exchange(endpoint)
+        service.metrics.in_flight += 1
+        streaming = False
+        try:
+            response, streaming = await self._answer(request, exchange, path)
+            return response
+        finally:
+            if not streaming:
+                self._done(request, exchange)
+
+    async def _answer(self, request: Request, exchange: Exchange, path: str) -> tuple[Response, bool]:
+        service = self.service
+        endpoint = exchange.endpoint
+        try:
+            body = await read_json_body(request, service.settings.max_body_bytes)
+            no_cache, no_store = cache_controls(request, body)
+            stream = body.get("stream", False)
+            if not isinstance(stream, bool) and stream is not None:
+                raise RequestProblem(400, "'stream' must be a boolean", "stream")
+            options = body.get("stream_options")
+            include_usage = bool(stream) and isinstance(options, dict) and options.get("include_usage") is True
+            if isinstance(body.get("model"), str):
+                exchange.model = body["model"]
+            served = await service.upstream.resolve(body.get("model"))
+            if served is not None:
+                body["model"] = exchange.model = served.id
+            body = await service.upstream.fit_context(endpoint, body, served, lambda: cache_key(endpoint, body))
+        except RequestProblem as problem:
+            return self._error(exchange, problem.status, error_body(str(problem), problem.status,
+                                                                    param=problem.param)), False
+        except UpstreamError as exc:
+            return self._error(exchange, exc.status, exc.body, exc.headers), False
+
+        lookup_start = time.perf_counter()
+        exchange.key = key = cache_key(endpoint, body)
+        answer = None if no_cache else service.cache.get(key)
+        exchange.lookup_s = time.perf_counter() - lookup_start
+        if answer is not None:
+            return self._hit(exchange, answer, bool(stream), include_usage), False
+
+        flight = None if no_cache else service.flights.join(key)
+        if flight is not None:
+            # a finished flight whose answer is still being written to disk is as good as a hit
+            exchange.cache = "HIT" if flight.succeeded else "COALESCED"
+        else:
+            exchange.cache = "BYPASS" if no_cache else "MISS"
+            forwarded = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            flight = service.flights.launch(
+                key, endpoint, path, forwarded, service.upstream,
+                on_complete=service.store_answer if not no_store else _skip_store,
+                register=not no_cache,
+            )
+        if stream:
+            return await self._stream(request, exchange, flight, include_usage)
+        return await self._wait(request, exchange, flight), False
+
+    def _hit(self, exchange: Exchange, answer: CachedAnswer, stream: bool, include_usage: bool) -> Response:
+        exchange.cache = "HIT"
+        exchange.tokens = answer.completion_tokens
+        headers = exchange.headers(self.service.settings.enable_profiling)
+        if stream:
+            return Response(answer.sse_bytes(include_usage), media_type="text/event-stream",
+                            headers={**SSE_HEADERS, **headers})
+        return Response(answer.json_bytes(), media_type="application/json", headers=headers)
+
+    async def _wait(self, request: Request, exchange: Exchange, flight: Flight) -> Response:
+        present = await flight.wait(_disconnected(request))
+        exchange.upstream_s = _upstream_time(flight, exchange)
+        if not present:
+            exchange.status = 499  # nginx's "client closed request": nobody reads this response
+            return Response(status_code=499)
+        if flight.error is not None:
+            return self._error(exchange, flight.error.status, flight.error.body, flight.error.headers)
+        exchange.tokens = flight.assembler.completion_tokens
+        return json_response(flight.result(), headers=exchange.headers(self.service.settings.enable_profiling))
+
+    async def _stream(self, request: Request, exchange: Exchange, flight: Flight,
+                      include_usage: bool) -> tuple[Response, bool]:
+        flight.attach()
+        try:
+            await flight.started
+        except BaseException:
+            flight.detach()
+            raise
+        exchange.upstream_s = _upstream_time(flight, exchange)
+        if flight.error is not None and not flight.events:
+            flight.detach()
+            return self._error(exchange, flight.error.status, flight.error.body, flight.error.headers), False
+        headers = {**SSE_HEADERS, **exchange.headers(self.service.settings.enable_profiling)}
+        body = self._observe(request, exchange, flight, flight.stream(include_usage))
+        return StreamingResponse(body, media_type="text/event-stream", headers=headers), True
+
+    async def _observe(self, request: Request, exchange: Exchange, flight: Flight,
+                       chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+            if flight.error is not None:
+                exchange.status = flight.error.status
+            exchange.tokens = flight.assembler.completion_tokens
+        except BaseException:
+            exchange.status = 499
+            raise
+        finally:
+            self._done(request, exchange)
+
+    def _error(self, exchange: Exchange, status: int, body: dict[str, Any],
+               headers: dict[str, str] | None = None) -> Response:
+        exchange.status = status
+        return json_response(body, status, {**(headers or {}),
+                                            **exchange.headers(self.service.settings.enable_profiling)})
+
+    def _done(self, request: Request, exchange: Exchange) -> None:
+        service = self.service
+        seconds = time.perf_counter() - exchange.started
+        service.metrics.in_flight -= 1
+        service.metrics.record(model=exchange.model, status=exchange.status, cache=exchange.cache,
+                               seconds=seconds, cached_tokens=exchange.tokens if exchange.cache == "HIT" else 0)
+        upstream = "" if exchange.upstream_s is None else f" upstream_ms={exchange.upstream_s * 1000:.1f}"
+        log.info("%s %s model=%s status=%d cache=%s latency_ms=%.2f lookup_ms=%.3f%s tokens=%d",
+                 request.method, request.url.path, exchange.model, exchange.status, exchange.cache,
+                 seconds * 1000, exchange.lookup_s * 1000, upstream, exchange.tokens)
+
+
+async def _skip_store(flight: Flight) -> None:
+    return None
+
+
+def _upstream_time(flight: Flight, exchange: Exchange) -> float | None:
+    """Time this request waited for the upstream's first byte (a follower waits less or not at all)."""
+    if flight.first_byte_at is None:
+        return None
+    return max(0.0, flight.first_byte_at - max(flight.started_at, exchange.started))
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away. The body is already read, so the next message is the end."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,277 @@
+"""Coalescing: identical requests in flight at the same time share one upstream stream.
+
+A ``Flight`` runs the upstream call in its own task, independent of any client. Every request with the
+same cache key listens to it: streamed listeners get each chunk as it arrives (late joiners first get what
+was sent so far), plain listeners get the assembled answer. A client leaving does not stop the flight
+while others listen; when the last one leaves before the end, the upstream call is cancelled so the GPU
+stops generating for nobody. A flight stays joinable until its answer is in the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import orjson
+
+from llmpod.errors import UpstreamError
+from llmpod.sse import DONE, Assembler, SSEParser, is_usage_only
+from llmpod.upstream import Upstream
+from llmpod.wire import error_body, normalise_error
+
+log = logging.getLogger("llmpod.flights")
+
+KEEPALIVE_SECONDS = 15.0  # SSE comment sent to a waiting stream listener (Kilo's chunkTimeout)
+DONE_EVENT = b"data: [DONE]\n\n"
+
+StoreCallback = Callable[["Flight"], Awaitable[None]]
+
+
+class Flight:
+    """One upstream generation and everything it has produced so far."""
+
+    def __init__(self, key: str, endpoint: str, path: str, body: dict[str, Any]) -> None:
+        self.key = key
+        self.endpoint = endpoint
+        self.path = path
+        self.body = body
+        self.events: list[tuple[bytes, bool]] = []  # (SSE data payload, is it the usage-only chunk)
+        self.assembler = Assembler(endpoint)
+        self.error: UpstreamError | None = None
+        self.done = False
+        self.listeners = 0
+        self.cancelled = False
+        self.started_at = time.perf_counter()
+        self.first_byte_at: float | None = None  # upstream answered with headers
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        loop = asyncio.get_running_loop()
+        self.started: asyncio.Future[None] = loop.create_future()
+        self.finished: asyncio.Future[None] = loop.create_future()
+        self._wakeup = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.on_abandoned: Callable[[Flight], None] | None = None
+
+    # ----------------------------------------------------------------- producer
+    async def run(self, upstream: Upstream, on_complete: StoreCallback) -> None:
+        response: httpx.Response | None = None
+        try:
+            response = await upstream.open_stream(self.path, self.body)
+            self.first_byte_at = time.perf_counter()
+            _resolve(self.started)
+            await self._consume(response, upstream)
+            self.finished_at = time.perf_counter()
+            self._finish()
+            if self.assembler.complete:
+                await on_complete(self)
+        except UpstreamError as exc:
+            self._fail(exc)
+        except httpx.HTTPError as exc:
+            self._fail(self._cut(upstream, exc))
+        except asyncio.CancelledError:
+            self.cancelled = True
+            self._fail(UpstreamError(499, error_body("every client left; generation cancelled", 499)))
+            raise
+        except Exception as exc:  # a bug must still end every listener's request cleanly
+            log.exception("flight %s failed", self.key[:12])
+            self._fail(UpstreamError(502, error_body(f"proxy error while streaming: {exc}", 502)))
+        finally:
+            if response is not None:
+                with contextlib.suppress(Exception):
+                    await response.aclose()
+
+    async def _consume(self, response: httpx.Response, upstream: Upstream) -> None:
+        parser = SSEParser()
+        async for raw in response.aiter_raw():
+            for data in parser.feed(raw):
+                if data == DONE:
+                    return
+                try:
+                    chunk = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise UpstreamError(502, error_body(
+                        f"upstream {upstream.base} sent an invalid stream event", 502)) from None
+                if not isinstance(chunk, dict):
+                    raise UpstreamError(502, error_body(
+                        f"upstream {upstream.base} sent a stream event that is not an object", 502))
+                if chunk.get("error") or chunk.get("object") == "error":
+                    body = _mid_stream_error(chunk)
+                    raise UpstreamError(body["error"]["code"] if _is_status(body["error"]["code"]) else 500,
+                                        body)
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                self.assembler.add(chunk)
+                self.events.append((data, is_usage_only(chunk)))
+                self._notify()
+        raise UpstreamError(502, error_body(
+            f"upstream {upstream.base} closed the stream before it finished", 502))
+
+    def _cut(self, upstream: Upstream, exc: httpx.HTTPError) -> UpstreamError:
+        if isinstance(exc, httpx.TimeoutException):
+            return upstream.unreachable(exc)
+        return UpstreamError(502, error_body(
+            f"upstream {upstream.base} closed the connection mid-stream ({type(exc).__name__})", 502))
+
+    def _finish(self) -> None:
+        self.done = True
+        _resolve(self.started)
+        _resolve(self.finished)
+        self._notify()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.done:
+            return
+        self.error = error
+        self.done = True
+        for future in (self.started, self.finished):
+            _resolve(future)
+        self._notify()
+
+    def _notify(self) -> None:
+        wakeup, self._wakeup = self._wakeup, asyncio.Event()
+        wakeup.set()
+
+    # ----------------------------------------------------------------- listeners
+    @property
+    def succeeded(self) -> bool:
+        return self.done and self.error is None
+
+    def result(self) -> dict[str, Any]:
+        return self.assembler.result()
+
+    def attach(self) -> None:
+        self.listeners += 1
+
+    def detach(self) -> None:
+        """A listener left; with nobody left and the answer unfinished, stop generating."""
+        self.listeners -= 1
+        if self.listeners == 0 and not self.done and self.on_abandoned is not None:
+            self.on_abandoned(self)
+
+    async def stream(self, include_usage: bool) -> AsyncIterator[bytes]:
+        """The SSE bytes for one streamed listener (already attached), from the first chunk, live.
+
+        Detaches when the client is done or gone.
+        """
+        sent = 0
+        try:
+            while True:
+                if sent < len(self.events):
+                    pending = self.events[sent:]
+                    sent += len(pending)
+                    batch = b"".join(b"data: " + data + b"\n\n" for data, usage in pending
+                                     if include_usage or not usage)
+                    if batch:
+                        yield batch
+                    continue
+                if self.done:
+                    break
+                wakeup = self._wakeup
+                try:
+                    await asyncio.wait_for(wakeup.wait(), KEEPALIVE_SECONDS)
+                except asyncio.TimeoutError:
+                    yield b": keep-alive\n\n"
+            if self.error is None:
+                yield DONE_EVENT
+            else:
+                # the status line went out long ago: the error travels as an event, as vLLM does
+                yield b"data: " + orjson.dumps(self.error.body) + b"\n\n" + DONE_EVENT
+        finally:
+            self.detach()
+
+    async def wait(self, disconnected: Awaitable[Any] | None) -> bool:
+        """Wait (attached) for the whole answer; False if the client went away first."""
+        self.attach()
+        try:
+            if disconnected is None:
+                await asyncio.shield(self.finished)
+                return True
+            gone = asyncio.ensure_future(disconnected)
+            try:
+                await asyncio.wait({self.finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            return self.finished.done()
+        finally:
+            self.detach()
+
+
+class FlightRegistry:
+    """The flights now running; the joinable ones by cache key."""
+
+    def __init__(self, on_finished: Callable[[Flight], None] | None = None) -> None:
+        self._flights: dict[str, Flight] = {}
+        self._running: set[Flight] = set()
+        self._on_finished = on_finished
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def join(self, key: str) -> Flight | None:
+        flight = self._flights.get(key)
+        if flight is None or flight.cancelled or (flight.done and flight.error is not None):
+            return None
+        return flight
+
+    def launch(self, key: str, endpoint: str, path: str, body: dict[str, Any], upstream: Upstream,
+               on_complete: StoreCallback, *, register: bool = True) -> Flight:
+        """Start the upstream call; ``register=False`` (Cache-Control: no-cache) makes it unjoinable."""
+        flight = Flight(key, endpoint, path, body)
+        flight.on_abandoned = self._abandon
+        if register:
+            self._flights[key] = flight
+        self._running.add(flight)
+
+        async def run() -> None:
+            try:
+                await flight.run(upstream, on_complete)
+            finally:
+                self._forget(flight)
+                if self._on_finished is not None:
+                    self._on_finished(flight)
+
+        flight.task = asyncio.create_task(run(), name=f"flight-{key[:12]}")
+        return flight
+
+    def _forget(self, flight: Flight) -> None:
+        self._running.discard(flight)
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+
+    def _abandon(self, flight: Flight) -> None:
+        if flight.task is not None:
+            flight.cancelled = True
+            if self._flights.get(flight.key) is flight:
+                del self._flights[flight.key]  # a new identical request must not join a dying flight
+            flight.task.cancel()
+
+    async def aclose(self) -> None:
+        tasks = [f.task for f in self._running if f.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._flights.clear()
+        self._running.clear()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _is_status(code: Any) -> bool:
+    return isinstance(code, int) and 400 <= code <= 599
+
+
+def _mid_stream_error(chunk: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's in-stream error event (nested, or flat before v0.10.1) in the OpenAI shape."""
+    inner = chunk.get("error")
+    code = inner.get("code") if isinstance(inner, dict) else chunk.get("code")
+    return normalise_error(code if _is_status(code) else 500, chunk)

@@ -1,0 +1,162 @@
+"""What the proxy counts, exposed as JSON (``curl /metrics | jq``) and as Prometheus text.
+
+Each app has its own ``CollectorRegistry`` so several proxies can live in one process (tests). Latency
+percentiles for the JSON view come from bounded reservoirs of the most recent samples.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+if TYPE_CHECKING:
+    from llmpod.cache import ResponseCache
+
+RESERVOIR = 2048
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+                   120, 300)
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def percentiles(samples: deque[float]) -> dict[str, float | int | None]:
+    """p50/p90/p99 in milliseconds of the recent samples (seconds)."""
+    if not samples:
+        return {"count": 0, "p50": None, "p90": None, "p99": None}
+    ordered = sorted(samples)
+    last = len(ordered) - 1
+
+    def at(q: float) -> float:
+        return round(ordered[min(last, int(q * len(ordered)))] * 1000, 3)
+
+    return {"count": len(ordered), "p50": at(0.50), "p90": at(0.90), "p99": at(0.99)}
+
+
+class ProxyMetrics:
+    def __init__(self, cache: ResponseCache) -> None:
+        self.cache = cache
+        self.started_at = time.time()
+        self.requests_total = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.cache_bypass = 0
+        self.coalesced = 0
+        self.upstream_errors = 0
+        self.upstream_calls = 0
+        self.tokens_from_cache = 0
+        self.in_flight = 0
+        self.last_request_at: float | None = None
+        self.hit_latency: deque[float] = deque(maxlen=RESERVOIR)
+        self.upstream_latency: deque[float] = deque(maxlen=RESERVOIR)
+        self.ttft: deque[float] = deque(maxlen=RESERVOIR)
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._requests = Counter("llm_proxy_requests", "Requests answered", ["model", "status", "cache"],
+                                 registry=r)
+        self._duration = Histogram("llm_proxy_request_duration_seconds", "Time to answer a request",
+                                   ["cache"], buckets=LATENCY_BUCKETS, registry=r)
+        self._ttft = Histogram("llm_proxy_upstream_time_to_first_token_seconds",
+                               "Upstream time to the first generated token", buckets=LATENCY_BUCKETS,
+                               registry=r)
+        self._upstream_errors = Counter("llm_proxy_upstream_errors", "Upstream calls that failed",
+                                        ["status"], registry=r)
+        self._cached_tokens = Counter("llm_proxy_cache_served_tokens", "Completion tokens served from cache",
+                                      registry=r)
+        self._coalesced = Counter("llm_proxy_coalesced_requests", "Requests that joined an in-flight call",
+                                  registry=r)
+        gauges = {
+            "llm_proxy_in_flight_requests": ("Requests being answered", lambda: self.in_flight),
+            "llm_proxy_cache_entries": ("Answers in the cache", lambda: len(cache)),
+            "llm_proxy_cache_bytes": ("Bytes of answers in the cache", lambda: cache.total_bytes),
+            "llm_proxy_cache_evictions": ("Entries evicted since start", lambda: cache.evictions),
+            "llm_proxy_cache_corrupt_discarded": ("Corrupt entries deleted", lambda: cache.corrupt_discarded),
+            "llm_proxy_uptime_seconds": ("Seconds since the proxy started",
+                                         lambda: time.time() - self.started_at),
+        }
+        for name, (doc, read) in gauges.items():
+            Gauge(name, doc, registry=r).set_function(read)
+
+    # ----------------------------------------------------------------- recording
+    def record(self, *, model: str, status: int, cache: str, seconds: float, cached_tokens: int = 0) -> None:
+        """One answered request. ``cache`` is HIT, MISS, BYPASS, COALESCED or NONE (rejected early)."""
+        self.requests_total += 1
+        self.last_request_at = time.time()
+        if cache == "HIT":
+            self.cache_hits += 1
+            self.hit_latency.append(seconds)
+            self.tokens_from_cache += cached_tokens
+            self._cached_tokens.inc(cached_tokens)
+        elif cache == "MISS":
+            self.cache_misses += 1
+        elif cache == "BYPASS":
+            self.cache_bypass += 1
+        elif cache == "COALESCED":
+            self.coalesced += 1
+            self._coalesced.inc()
+        self._requests.labels(model, str(status), cache).inc()
+        self._duration.labels(cache).observe(seconds)
+
+    def record_upstream(self, *, seconds: float, ttft: float | None, error_status: int | None) -> None:
+        """One upstream generation call, however many clients it served."""
+        self.upstream_calls += 1
+        if error_status is not None:
+            self.upstream_errors += 1
+            self._upstream_errors.labels(str(error_status)).inc()
+            return
+        self.upstream_latency.append(seconds)
+        if ttft is not None:
+            self.ttft.append(ttft)
+            self._ttft.observe(ttft)
+
+    # ----------------------------------------------------------------- views
+    def as_json(self, in_flight_upstream: int) -> dict[str, Any]:
+        lookups = self.cache_hits + self.cache_misses + self.coalesced
+        cache = self.cache
+        return {
+            "requests_total": self.requests_total,
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+            "cache_bypass": self.cache_bypass,
+            "cache_hit_rate": round(self.cache_hits / lookups, 4) if lookups else 0.0,
+            "cache_entries": len(cache),
+            "cache_bytes": cache.total_bytes,
+            "cache_max_entries": cache.max_entries,
+            "cache_max_bytes": cache.max_bytes,
+            "cache_evictions": cache.evictions,
+            "cache_corrupt_discarded": cache.corrupt_discarded,
+            "cache_store_errors": cache.store_errors,
+            "cache_storing": cache.store_disabled_reason is None,
+            "cache_store_problem": cache.store_disabled_reason,
+            "coalesced_requests": self.coalesced,
+            "upstream_calls": self.upstream_calls,
+            "upstream_errors": self.upstream_errors,
+            "upstream_in_flight": in_flight_upstream,
+            "in_flight": self.in_flight,
+            "hit_latency_ms": percentiles(self.hit_latency),
+            "upstream_latency_ms": percentiles(self.upstream_latency),
+            "time_to_first_token_ms": percentiles(self.ttft),
+            "tokens_served_from_cache": self.tokens_from_cache,
+            "last_request_at": self.last_request_at,
+            "uptime": round(time.time() - self.started_at, 3),
+        }
+
+    def exposition(self, openmetrics: bool) -> tuple[bytes, str]:
+        if openmetrics:
+            return generate_openmetrics(self.registry), OPENMETRICS_TYPE
+        return generate_latest(self.registry), PROMETHEUS_TYPE
+
+
+def wants_prometheus(accept: str, format_param: str | None) -> tuple[bool, bool]:
+    """(prometheus?, openmetrics?) from ``?format=`` or the Accept header a Prometheus server sends."""
+    if format_param:
+        fmt = format_param.lower()
+        return fmt in ("prometheus", "openmetrics", "text"), fmt == "openmetrics"
+    accept = accept.lower()
+    if "application/openmetrics-text" in accept:
+        return True, True
+    return "text/plain" in accept, False

@@ -1,0 +1,253 @@
+"""The caching proxy's FastAPI app: ``create_app(settings)``.
+
+The lifespan owns everything with a lifetime: the shared upstream ``httpx.AsyncClient``, the cache index,
+the flights in progress and the request log. Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import SecretStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from llmpod.cache import KEY_PATTERN, ResponseCache
+from llmpod.completions import GenerationHandler, preview
+from llmpod.config import ProxySettings
+from llmpod.flights import Flight, FlightRegistry
+from llmpod.metrics import ProxyMetrics, wants_prometheus
+from llmpod.upstream import Upstream
+from llmpod.wire import (
+    CacheEntrySummary,
+    CacheListing,
+    HealthReport,
+    UpstreamHealth,
+    error_response,
+    json_response,
+)
+
+HEALTH_TTL = 2.0  # seconds an upstream probe is reused (the watchdog polls /health)
+OPEN_PATHS = frozenset({"/health"})
+GENERATION_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
+
+
+class ProxyService:
+    """Everything one running proxy holds."""
+
+    def __init__(self, settings: ProxySettings, client: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.started_at = time.time()
+        self.cache = ResponseCache(settings.cache_dir, settings.max_cache_entries, settings.max_cache_bytes)
+        self.metrics = ProxyMetrics(self.cache)
+        self.upstream = Upstream(settings, client)
+        self.flights = FlightRegistry(on_finished=self._record_upstream)
+        self.generation = GenerationHandler(self)
+        self._health: tuple[float, dict[str, Any]] | None = None
+
+    async def store_answer(self, flight: Flight) -> None:
+        body = flight.body
+        chunks = [data.decode() for data, usage in flight.events if not usage]
+        usage_chunks = [data.decode() for data, usage in flight.events if usage]
+        request = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        await self.cache.put(flight.key, {
+            "endpoint": flight.endpoint,
+            "model": body.get("model"),
+            "created": time.time(),
+            "preview": preview(flight.endpoint, body),
+            "completion_tokens": flight.assembler.completion_tokens,
+            "request": request,
+            "response": flight.result(),
+            "chunks": chunks,
+            "usage_chunk": usage_chunks[-1] if usage_chunks else None,
+        })
+
+    def _record_upstream(self, flight: Flight) -> None:
+        if flight.cancelled:
+            return
+        end = flight.finished_at or time.perf_counter()
+        ttft = None if flight.first_token_at is None else flight.first_token_at - flight.started_at
+        self.metrics.record_upstream(seconds=end - flight.started_at, ttft=ttft,
+                                     error_status=flight.error.status if flight.error else None)
+
+    async def upstream_health(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if self._health is None or now - self._health[0] > HEALTH_TTL:
+            self._health = (now, await self.upstream.probe())
+        return self._health[1]
+
+
+class ProxyKeyMiddleware:
+    """With ``PROXY_API_KEY`` set, every route but /health needs it (Bearer, or the ``api-key`` header
+    that Continue and Azure-style clients send). Compared in constant time."""
+
+    def __init__(self, app: ASGIApp, key: SecretStr) -> None:
+        self.app = app
+        self._key = key.get_secret_value().encode()
+        self._denied = error_response("missing or wrong API key for this proxy (PROXY_API_KEY)", 401,
+                                      headers={"WWW-Authenticate": "Bearer"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer":
+            token = headers.get(b"api-key") or headers.get(b"x-api-key") or b""
+        if hmac.compare_digest(token.strip(), self._key):
+            await self.app(scope, receive, send)
+        else:
+            await self._denied(scope, receive, send)
+
+
+def _configure_logging(settings: ProxySettings) -> list[logging.Handler]:
+    logger = logging.getLogger("llmpod")
+    logger.setLevel(logging.INFO)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if settings.log_file is not None:
+        settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(settings.log_file, encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return handlers
+
+
+def create_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """The proxy app. ``transport`` replaces the network under the upstream client (tests)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        handlers = _configure_logging(settings)
+        timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as client:
+            service = ProxyService(settings, client)
+            service.cache.load()
+            app.state.service = service
+            logging.getLogger("llmpod.proxy").info(
+                "proxy ready: upstream %s, cache %s (%d entries, %d bytes)", settings.upstream_base,
+                settings.cache_dir, len(service.cache), service.cache.total_bytes)
+            try:
+                yield
+            finally:
+                await service.flights.aclose()
+                logging.getLogger("llmpod.proxy").info("proxy stopped after %d requests",
+                                                       service.metrics.requests_total)
+        logger = logging.getLogger("llmpod")
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+
+    app = FastAPI(title="llmpod caching proxy", version="0.1.0", lifespan=lifespan)
+
+    def service_of(request: Request) -> ProxyService:
+        return request.app.state.service  # type: ignore[no-any-return]
+
+    if settings.proxy_api_key is not None:
+        app.add_middleware(ProxyKeyMiddleware, key=settings.proxy_api_key)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(str(exc.detail), exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameters(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "query")
+        return error_response(f"invalid {where or 'request'}: {first.get('msg', 'bad value')}", 400, param=where)
+
+    @app.post("/v1/chat/completions", openapi_extra=GENERATION_BODY)
+    async def chat_completions(request: Request) -> Response:
+        return await service_of(request).generation.handle(request, "chat.completions", "/chat/completions")
+
+    @app.post("/v1/completions", openapi_extra=GENERATION_BODY)
+    async def completions(request: Request) -> Response:
+        return await service_of(request).generation.handle(request, "completions", "/completions")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        upstream = service_of(request).upstream
+        try:
+            response = await upstream.client.get(f"{upstream.base}/models", headers=upstream.headers)
+        except httpx.HTTPError as exc:
+            error = upstream.unreachable(exc)
+            return json_response(error.body, error.status)
+        if response.status_code != 200:
+            error = upstream.rejected(response.status_code, response.content, response.headers)
+            return json_response(error.body, error.status, error.headers)
+        return Response(response.content, media_type="application/json")
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        service = service_of(request)
+        upstream = UpstreamHealth(**await service.upstream_health())
+        reason = None
+        if not upstream.reachable or upstream.status_code != 200:
+            reason = upstream.error or "upstream is not healthy"
+        report = HealthReport(
+            status="healthy" if reason is None else "degraded", reason=reason,
+            endpoint=settings.upstream_url, cache_dir=str(settings.cache_dir),
+            uptime=round(time.time() - service.started_at, 3), upstream=upstream,
+        )
+        return json_response(report.model_dump())
+
+    @app.get("/metrics")
+    async def metrics(request: Request, format: str | None = None) -> Response:
+        service = service_of(request)
+        prometheus, openmetrics = wants_prometheus(request.headers.get("accept", ""), format)
+        if prometheus:
+            content, media_type = service.metrics.exposition(openmetrics)
+            return Response(content, media_type=media_type)
+        return json_response(service.metrics.as_json(len(service.flights)))
+
+    @app.get("/debug/cache")
+    async def debug_cache(request: Request, offset: int = 0, limit: int = 50) -> Response:
+        cache = service_of(request).cache
+        offset, limit = max(0, offset), min(max(1, limit), 500)
+        ordered = cache.summaries()
+        entries = []
+        for key, entry in ordered[offset:offset + limit]:
+            document = cache.read_document(key) or {}
+            entries.append(CacheEntrySummary(
+                key=key, model=document.get("model"), endpoint=document.get("endpoint"),
+                preview=str(document.get("preview") or ""), size=entry.size,
+                created=document.get("created") or entry.created, hits=entry.hits,
+                last_hit=entry.last_used if entry.hits else None))
+        listing = CacheListing(total=len(ordered), offset=offset, limit=limit, entries=entries)
+        return json_response(listing.model_dump())
+
+    @app.get("/debug/cache/{key}")
+    async def debug_cache_entry(request: Request, key: str) -> Response:
+        cache = service_of(request).cache
+        document = cache.read_document(key) if KEY_PATTERN.match(key) else None
+        if document is None:
+            return error_response(f"no cache entry with key {key[:80]!r}", 404)
+        return Response(orjson.dumps(document), media_type="application/json")
+
+    @app.delete("/debug/cache")
+    async def clear_cache(request: Request) -> Response:
+        return json_response({"deleted": service_of(request).cache.clear()})
+
+    @app.delete("/debug/cache/{key}")
+    async def delete_cache_entry(request: Request, key: str) -> Response:
+        cache = service_of(request).cache
+        if not (KEY_PATTERN.match(key) and cache.delete(key)):
+            return error_response(f"no cache entry with key {key[:80]!r}", 404)
+        return json_response({"deleted": 1})
+
+    return app
+

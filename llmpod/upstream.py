@@ -1,0 +1,275 @@
+"""The proxy's side of the vLLM server: model ids, context limits, streams and health.
+
+One shared ``httpx.AsyncClient`` (owned by the app's lifespan) carries every upstream request. Failures
+become ``UpstreamError`` with the status the proxy should answer and an OpenAI-shaped body that names the
+upstream: unreachable 502, timed out 504, vLLM's own 4xx/5xx passed through (old flat errors normalised).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+from llmpod.config import ProxySettings
+from llmpod.errors import UpstreamError
+from llmpod.wire import error_body, normalise_error
+
+MODELS_TTL = 60.0  # seconds a /v1/models answer is trusted
+MODELS_RETRY = 5.0  # an unknown model name refreshes the list at most this often
+TOKEN_MARGIN = 256  # chat templates add tokens (default system prompts) that the JSON does not show
+FIT_MEMO_SIZE = 4096
+
+# vLLM's context-length 400s, current and older wording (reference: vllm_fluidmcp.md A.6)
+_MAX_LEN = re.compile(r"maximum context length is (\d+) tokens")
+_INPUT_TOKENS = (
+    re.compile(r"has (\d+) input tokens"),
+    re.compile(r"\((\d+) in the messages"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    id: str
+    max_model_len: int | None
+
+
+def _tokens(name: str) -> set[str]:
+    return {part for part in re.split(r"[-_/.:\s]+", name.lower()) if part}
+
+
+def match_model(requested: str, served: list[ServedModel]) -> ServedModel | None:
+    """The served model a client's name means: the full id, the part after the last ``/``, any case;
+    failing those, the one served id whose name parts include all of the requested name's parts
+    (``deepseek-coder-33b-awq`` -> ``TheBloke/deepseek-coder-33B-instruct-AWQ``)."""
+    lowered = requested.lower()
+    for rule in (
+        lambda m: m.id == requested,
+        lambda m: m.id.lower() == lowered,
+        lambda m: m.id.rsplit("/", 1)[-1].lower() == lowered.rsplit("/", 1)[-1],
+    ):
+        hits = [m for m in served if rule(m)]
+        if len(hits) == 1:
+            return hits[0]
+    wanted = _tokens(requested)
+    if wanted:
+        hits = [m for m in served if wanted <= _tokens(m.id)]
+        if len(hits) == 1:
+            return hits[0]
+    return None
+
+
+def context_limit_from_error(message: str) -> tuple[int, int] | None:
+    """``(max_model_len, prompt_tokens)`` from vLLM's context-length message, if it is one."""
+    limit = _MAX_LEN.search(message)
+    if limit is None:
+        return None
+    for pattern in _INPUT_TOKENS:
+        found = pattern.search(message)
+        if found:
+            return int(limit.group(1)), int(found.group(1))
+    return None
+
+
+def cap_max_tokens(body: dict[str, Any], allowed: int) -> dict[str, Any] | None:
+    """A copy of ``body`` whose max token fields are at most ``allowed``, or None if nothing changes."""
+    if allowed < 1:
+        return None  # the prompt alone is too long: let vLLM say so
+    fields = [f for f in ("max_tokens", "max_completion_tokens") if _int(body.get(f)) and body[f] > allowed]
+    if not fields:
+        return None
+    return {**body, **dict.fromkeys(fields, allowed)}
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Upstream:
+    """Talks to the vLLM OpenAI server at ``settings.upstream_base``."""
+
+    def __init__(self, settings: ProxySettings, client: httpx.AsyncClient) -> None:
+        self.base = settings.upstream_base
+        self.root = settings.upstream_root
+        self.timeout = settings.upstream_timeout
+        self.client = client
+        self.headers = {"Content-Type": "application/json"}
+        if settings.upstream_api_key is not None:
+            self.headers["Authorization"] = f"Bearer {settings.upstream_api_key.get_secret_value()}"
+        self._models: list[ServedModel] | None = None
+        self._models_at = 0.0
+        self._fit_memo: OrderedDict[str, int | None] = OrderedDict()
+
+    # ----------------------------------------------------------------- errors
+    def unreachable(self, exc: Exception) -> UpstreamError:
+        if isinstance(exc, httpx.TimeoutException):
+            return UpstreamError(504, error_body(
+                f"upstream {self.base} did not answer within {self.timeout:g}s", 504))
+        reason = str(exc) or type(exc).__name__
+        return UpstreamError(502, error_body(f"upstream {self.base} is unreachable: {reason}", 502))
+
+    def rejected(self, status: int, content: bytes, headers: httpx.Headers) -> UpstreamError:
+        try:
+            payload: Any = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            payload = None
+        body = normalise_error(status, payload, content.decode("utf-8", "replace"))
+        if status == 401:
+            body["error"]["message"] = (
+                f"upstream {self.base} rejected the proxy's key: check UPSTREAM_API_KEY "
+                f"(upstream said: {body['error']['message']})")
+        passed = {name: headers[name] for name in ("retry-after", "retry-after-ms") if name in headers}
+        return UpstreamError(status, body, passed)
+
+    # ----------------------------------------------------------------- models
+    async def models(self, *, refresh: bool = False) -> list[ServedModel] | None:
+        """The served models, from a cached ``/v1/models`` answer; None when the upstream is down."""
+        age = time.monotonic() - self._models_at
+        if self._models is not None and age < MODELS_TTL and not (refresh and age > MODELS_RETRY):
+            return self._models
+        try:
+            response = await self.client.get(f"{self.base}/models", headers=self.headers,
+                                             timeout=min(self.timeout, 10.0))
+            response.raise_for_status()
+            data = orjson.loads(response.content)["data"]
+            self._models = [
+                ServedModel(str(card["id"]), card.get("max_model_len") if _int(card.get("max_model_len"))
+                            else None)
+                for card in data
+            ]
+            self._models_at = time.monotonic()
+        except (httpx.HTTPError, orjson.JSONDecodeError, KeyError, TypeError):
+            pass  # keep what we had; callers treat None as "unknown"
+        return self._models
+
+    async def resolve(self, requested: Any) -> ServedModel | None:
+        """The served model a request names; None when the upstream's list is unknown (forward as is).
+
+        Raises the 404 vLLM would, listing the served ids, when the name matches none of them.
+        """
+        if requested is not None and not isinstance(requested, str):
+            raise UpstreamError(400, error_body("'model' must be a string", 400, param="model"))
+        served = await self.models()
+        if not served:
+            return None
+        if requested is None:
+            return served[0] if len(served) == 1 else None
+        found = match_model(requested, served)
+        if found is None:
+            served = await self.models(refresh=True) or served
+            found = match_model(requested, served)
+        if found is None:
+            ids = ", ".join(m.id for m in served)
+            raise UpstreamError(404, error_body(
+                f"The model `{requested}` does not exist. This server serves: {ids}", 404,
+                type="NotFoundError", param="model"))
+        return found
+
+    # ----------------------------------------------------------------- context
+    async def fit_context(self, endpoint: str, body: dict[str, Any], model: ServedModel | None,
+                          digest: Callable[[], str]) -> dict[str, Any]:
+        """Lower ``max_tokens`` so prompt + completion fit ``max_model_len`` (current Kilo Code asks
+        for 32000 by default and vLLM refuses with a 400 otherwise).
+
+        Cheap when it surely fits (the prompt's JSON size bounds its token count); otherwise asks vLLM's
+        ``/tokenize`` once per distinct request (memoised by ``digest()``) so repeats cost nothing.
+        """
+        limit = model.max_model_len if model else None
+        requested = max((body[f] for f in ("max_tokens", "max_completion_tokens") if _int(body.get(f))),
+                        default=None)
+        if limit is None or requested is None:
+            return body
+        prompt_fields = ("messages", "tools") if endpoint == "chat.completions" else ("prompt",)
+        upper_bound = sum(len(orjson.dumps(body.get(f))) for f in prompt_fields) + TOKEN_MARGIN
+        if requested + upper_bound <= limit:
+            return body
+        key = digest()
+        if key in self._fit_memo:
+            self._fit_memo.move_to_end(key)
+            allowed = self._fit_memo[key]
+        else:
+            prompt_tokens = await self.count_tokens(endpoint, body)
+            allowed = None if prompt_tokens is None else limit - prompt_tokens
+            if prompt_tokens is not None:  # a failed count is not remembered: try again next time
+                self._fit_memo[key] = allowed
+                if len(self._fit_memo) > FIT_MEMO_SIZE:
+                    self._fit_memo.popitem(last=False)
+        if allowed is None:
+            return body
+        return cap_max_tokens(body, allowed) or body
+
+    async def count_tokens(self, endpoint: str, body: dict[str, Any]) -> int | None:
+        request: dict[str, Any] = {"model": body.get("model")}
+        if endpoint == "chat.completions":
+            request["messages"] = body.get("messages")
+            if body.get("tools"):
+                request["tools"] = body["tools"]
+        else:
+            request["prompt"] = body.get("prompt")
+        try:
+            response = await self.client.post(f"{self.root}/tokenize", content=orjson.dumps(request),
+                                              headers=self.headers, timeout=min(self.timeout, 30.0))
+            if response.status_code != 200:
+                return None
+            count = orjson.loads(response.content).get("count")
+        except (httpx.HTTPError, orjson.JSONDecodeError, AttributeError):
+            return None
+        return count if _int(count) else None
+
+    # ----------------------------------------------------------------- generation
+    async def open_stream(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        """POST ``body`` as a stream; the 200 response with its body not yet read.
+
+        A context-length 400 is retried once with ``max_tokens`` lowered to what vLLM said fits.
+        """
+        response = await self._post_stream(path, body)
+        if response.status_code == 400:
+            content = await self._read_closing(response)
+            error = self.rejected(400, content, response.headers)
+            fit = context_limit_from_error(error.body["error"]["message"])
+            smaller = cap_max_tokens(body, fit[0] - fit[1]) if fit else None
+            if smaller is None:
+                raise error
+            response = await self._post_stream(path, smaller)
+        if response.status_code != 200:
+            content = await self._read_closing(response)
+            raise self.rejected(response.status_code, content, response.headers)
+        return response
+
+    async def _post_stream(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        request = self.client.build_request("POST", f"{self.base}{path}", content=orjson.dumps(body),
+                                            headers=self.headers)
+        try:
+            return await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise self.unreachable(exc) from None
+
+    async def _read_closing(self, response: httpx.Response) -> bytes:
+        try:
+            return await response.aread()
+        except httpx.HTTPError:
+            return b""
+        finally:
+            await response.aclose()
+
+    # ----------------------------------------------------------------- health
+    async def probe(self) -> dict[str, Any]:
+        """vLLM's readiness test: ``GET /health`` answers 200 (connection refused while loading)."""
+        started = time.perf_counter()
+        try:
+            response = await self.client.get(f"{self.root}/health", timeout=min(self.timeout, 3.0))
+        except httpx.HTTPError as exc:
+            return {"url": self.root, "reachable": False, "error": self.unreachable(exc).args[0]}
+        latency = round((time.perf_counter() - started) * 1000, 2)
+        served = await self.models() if response.status_code == 200 else None
+        result: dict[str, Any] = {"url": self.root, "reachable": True, "status_code": response.status_code,
+                                  "latency_ms": latency, "models": [m.id for m in served or []]}
+        if response.status_code != 200:
+            result["error"] = f"upstream /health answered HTTP {response.status_code}"
+        return result

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.servers import LoopbackServer
+
+# Every variable our programs read. Tests start from none of them, so a developer's shell (a real
+# RUNPOD_API_KEY, a CACHE_DIR in /tmp) can never leak into a test or be touched by one.
+OUR_ENV_VARS = (
+    "RUNPOD_API_KEY", "RUNPOD_ENDPOINT", "RUNPOD_API_BASE", "RUNPOD_POD_URL_TEMPLATE", "HF_API_BASE",
+    "CACHE_DIR", "MAX_CACHE_SIZE", "CACHE_SIZE_BYTES", "PROXY_HOST", "PROXY_PORT", "UPSTREAM_API_KEY",
+    "PROXY_API_KEY", "UPSTREAM_TIMEOUT", "LOG_FILE", "ENABLE_PROFILING", "MAX_BODY_BYTES",
+    "VLLM_API_KEY", "MODEL_NAME", "PORT",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    for name in list(os.environ):
+        if name in OUR_ENV_VARS or name.startswith("MOCK_"):
+            monkeypatch.delenv(name, raising=False)
+    # Anything that forgets to pass an explicit path still lands in the test's own directory.
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "default_cache"))
+    monkeypatch.setenv("LOG_FILE", str(tmp_path / "default_proxy.log"))
+    yield
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real servers on loopback: the mock vLLM server and the proxy in front of it.
+
+SERVED_MODEL = "TheBloke/deepseek-coder-33B-instruct-AWQ"
+SHORT_MODEL = "deepseek-coder-33b-awq"
+
+
+@pytest.fixture
+def mock_vllm_settings() -> dict[str, object]:
+    """Override in a test module (or parametrize) to start the mock with other switches."""
+    return {}
+
+
+@pytest.fixture
+def mock_vllm(mock_vllm_settings: dict[str, object]) -> Iterator[LoopbackServer]:
+    """A vLLM-faithful mock serving SERVED_MODEL on 127.0.0.1 and a free port."""
+    from llmpod.mock_vllm import MockSettings, create_app
+
+    settings = MockSettings(**{"model": SERVED_MODEL, "max_model_len": 4096, **mock_vllm_settings})
+    with LoopbackServer(create_app(settings)) as server:
+        yield server
+
+
+class MockControl:
+    """Test-side handle on the mock's /mock routes."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/mock/stats", timeout=5).json()  # type: ignore[no-any-return]
+
+    def generations(self) -> int:
+        requests = self.stats()["requests"]
+        return int(requests.get("chat.completions", 0)) + int(requests.get("completions", 0))
+
+    def configure(self, **switches: Any) -> None:
+        httpx.post(f"{self.url}/mock/config", json=switches, timeout=5).raise_for_status()
+
+
+@pytest.fixture
+def mock_control(mock_vllm: LoopbackServer) -> MockControl:
+    return MockControl(mock_vllm.url)
+
+
+ProxyFactory = Callable[..., LoopbackServer]
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path, mock_vllm: LoopbackServer) -> Iterator[ProxyFactory]:
+    """Start proxies (stopped at teardown) in front of the mock; keyword arguments override settings."""
+    from llmpod.config import ProxySettings
+    from llmpod.proxy_app import create_app
+
+    started: list[LoopbackServer] = []
+
+    def start(**overrides: Any) -> LoopbackServer:
+        values: dict[str, Any] = {
+            "upstream_url": f"{mock_vllm.url}/v1/chat/completions",
+            "cache_dir": tmp_path / "cache",
+            "log_file": tmp_path / "proxy.log",
+            "upstream_timeout": 10.0,
+            **overrides,
+        }
+        server = LoopbackServer(create_app(ProxySettings(**values))).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        server.stop()
+
+
+@pytest.fixture
+def proxy(start_proxy: ProxyFactory) -> LoopbackServer:
+    return start_proxy()
+
+
+@pytest.fixture
+def client(proxy: LoopbackServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=proxy.url, timeout=20) as http:
+        yield http
