@@ -1,0 +1,587 @@
+"""The mock vLLM server answers like vLLM's OpenAI-compatible server (vllm_fluidmcp.md, Part A)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import AsyncOpenAI
+
+import mock_vllm_server
+from llmpod.mock_vllm import MockSettings, create_app
+from tests.servers import LoopbackServer, free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT = "/v1/chat/completions"
+HELLO = [{"role": "user", "content": "What is the capital of France?"}]
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+                       "required": ["city"]},
+    },
+}
+
+
+def client_for(app: Any, **kwargs: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://mock", **kwargs)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(create_app(MockSettings())) as c:
+        yield c
+
+
+def sse(response: httpx.Response) -> list[Any]:
+    """The data events of a stream, JSON-decoded except the final "[DONE]"."""
+    assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+    text = response.text
+    assert text.endswith("\n\n")
+    events = []
+    for block in text.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        data = block[len("data: "):]
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+async def tokens_in(client: httpx.AsyncClient, **body: Any) -> int:
+    response = await client.post("/tokenize", json=body)
+    assert response.status_code == 200
+    return int(response.json()["count"])
+
+
+# ------------------------------------------------------------------------------------------ plain routes
+
+
+async def test_health_version_and_ping(client: httpx.AsyncClient) -> None:
+    health = await client.get("/health")
+    assert (health.status_code, health.content) == (200, b"")
+    assert (await client.get("/ping")).status_code == 200
+    assert (await client.get("/version")).json() == {"version": "0.11.0"}
+
+
+async def test_models_lists_the_served_name_with_the_model_path_as_root() -> None:
+    app = create_app(MockSettings(model="org/big-model", served_model_name="big", max_model_len=2048))
+    async with client_for(app) as client:
+        body = (await client.get("/v1/models")).json()
+        assert body["object"] == "list"
+        [card] = body["data"]
+        assert {k: card[k] for k in ("id", "object", "owned_by", "root", "parent", "max_model_len")} == {
+            "id": "big", "object": "model", "owned_by": "vllm", "root": "org/big-model", "parent": None,
+            "max_model_len": 2048}
+        assert isinstance(card["created"], int)
+        [perm] = card["permission"]
+        assert perm["object"] == "model_permission" and perm["id"].startswith("modelperm-")
+        assert set(perm) == {"id", "object", "created", "allow_create_engine", "allow_sampling", "allow_logprobs",
+                             "allow_search_indices", "allow_view", "allow_fine_tuning", "organization", "group",
+                             "is_blocking"}
+        answer = await client.post(CHAT, json={"model": "big", "messages": HELLO})
+        assert answer.json()["model"] == "big"
+        by_path = await client.post(CHAT, json={"model": "org/big-model", "messages": HELLO})
+        assert by_path.status_code == 404
+
+
+async def test_tokenize_counts_prompts_and_chat_messages(client: httpx.AsyncClient) -> None:
+    body = (await client.post("/tokenize", json={"model": "mock-model", "prompt": "Hello, world!"})).json()
+    assert body == {"count": 4, "max_model_len": 4096, "tokens": body["tokens"], "token_strs": None}
+    assert len(body["tokens"]) == 4 and all(isinstance(t, int) for t in body["tokens"])
+    # two messages of 1 and 2 tokens: 3 + 4 per message + 2 for the generation prompt
+    chat = [{"role": "system", "content": "Terse"}, {"role": "user", "content": "Hi!"}]
+    assert await tokens_in(client, messages=chat) == 13
+    assert (await client.post("/tokenize", json={"model": "other", "prompt": "x"})).status_code == 404
+    assert (await client.post("/tokenize", json={"model": "mock-model"})).status_code == 400
+
+
+async def test_metrics_exposes_vllm_series_per_app() -> None:
+    busy, idle = create_app(MockSettings()), create_app(MockSettings())
+    async with client_for(busy) as client:
+        usage = (await client.post(CHAT, json={"messages": HELLO})).json()["usage"]
+        response = await client.get("/metrics")
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    text, labels = response.text, 'engine="0",model_name="mock-model"'
+    assert f"vllm:prompt_tokens_total{{{labels}}} {usage['prompt_tokens']}.0" in text
+    assert f"vllm:generation_tokens_total{{{labels}}} {usage['completion_tokens']}.0" in text
+    assert 'vllm:request_success_total{engine="0",finished_reason="stop",model_name="mock-model"} 1.0' in text
+    assert f"vllm:num_requests_running{{{labels}}} 0.0" in text
+    assert f"vllm:num_requests_waiting{{{labels}}} 0.0" in text
+    assert f"vllm:kv_cache_usage_perc{{{labels}}} 0.0" in text
+    async with client_for(idle) as client:
+        assert "vllm:request_success_total{" not in (await client.get("/metrics")).text
+
+
+# --------------------------------------------------------------------------------------------- shapes
+
+
+async def test_chat_answer_has_every_vllm_field(client: httpx.AsyncClient) -> None:
+    response = await client.post(CHAT, json={"model": "mock-model", "messages": HELLO})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert isinstance(body["created"], int) and body["model"] == "mock-model"
+    assert body["prompt_logprobs"] is None and body["kv_transfer_params"] is None
+    [choice] = body["choices"]
+    assert choice["index"] == 0 and choice["logprobs"] is None and choice["stop_reason"] is None
+    assert choice["finish_reason"] == "stop"
+    message = choice["message"]
+    assert message == {"role": "assistant", "content": message["content"], "refusal": None, "annotations": None,
+                       "audio": None, "function_call": None, "tool_calls": [], "reasoning": None}
+    assert message["content"].startswith("Mock answer to: What is the capital")
+    assert list(body["usage"]) == ["prompt_tokens", "total_tokens", "completion_tokens", "prompt_tokens_details"]
+    assert body["usage"]["completion_tokens"] == 12
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_chat_stream_order(client: httpx.AsyncClient, include_usage: bool) -> None:
+    request = {"messages": HELLO}
+    whole = (await client.post(CHAT, json=request)).json()
+    stream = {**request, "stream": True, "stream_options": {"include_usage": include_usage}}
+    events = sse(await client.post(CHAT, json=stream))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]} and chunks[0]["id"] != whole["id"]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None}]
+    if include_usage:
+        usage_chunk = chunks.pop()
+        assert usage_chunk["choices"] == []
+        assert usage_chunk["usage"] == {k: whole["usage"][k] for k in ("prompt_tokens", "total_tokens",
+                                                                        "completion_tokens")}
+    content = chunks[1:]
+    assert all("usage" not in c for c in content)
+    assert len(content) == whole["usage"]["completion_tokens"]  # one token per chunk
+    assert [c["choices"][0]["finish_reason"] for c in content] == [None] * (len(content) - 1) + ["stop"]
+    assert content[-1]["choices"][0]["stop_reason"] is None and content[-1]["choices"][0]["delta"]["content"]
+    text = "".join(c["choices"][0]["delta"]["content"] for c in content)
+    assert text == whole["choices"][0]["message"]["content"]
+
+
+async def test_completions_in_both_modes(client: httpx.AsyncClient) -> None:
+    request = {"model": "mock-model", "prompt": "Once upon a time"}
+    body = (await client.post("/v1/completions", json=request)).json()
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
+    [choice] = body["choices"]
+    assert set(choice) >= {"index", "text", "logprobs", "finish_reason", "stop_reason", "prompt_logprobs"}
+    assert choice["text"].startswith(" Mock completion of: Once upon a time") and choice["finish_reason"] == "stop"
+    assert body["usage"]["prompt_tokens"] == await tokens_in(client, prompt=request["prompt"])
+
+    events = sse(await client.post("/v1/completions", json={**request, "stream": True,
+                                                              "stream_options": {"include_usage": True}}))
+    assert events[-1] == "[DONE]" and events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 12
+    chunks = events[:-2]
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-2:] == [None, "stop"]
+
+
+async def test_n_choices_differ_and_each_stream_choice_finishes(client: httpx.AsyncClient) -> None:
+    request = {"messages": HELLO, "n": 3}
+    whole = (await client.post(CHAT, json=request)).json()
+    texts = [c["message"]["content"] for c in whole["choices"]]
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2] and len(set(texts)) == 3
+    assert whole["usage"]["completion_tokens"] == 36
+    chunks = sse(await client.post(CHAT, json={**request, "stream": True}))[:-1]
+    for index, text in enumerate(texts):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"]["content"] for c in mine) == text
+        assert [c["finish_reason"] for c in mine][-2:] == [None, "stop"]
+
+
+async def test_answers_are_deterministic_and_ids_are_not(client: httpx.AsyncClient) -> None:
+    first = (await client.post(CHAT, json={"messages": HELLO, "user": "a"})).json()
+    second = (await client.post(CHAT, json={"messages": HELLO, "user": "b"})).json()
+    other = (await client.post(CHAT, json={"messages": [{"role": "user", "content": "Tell me a joke"}]})).json()
+    assert first["choices"] == second["choices"] and first["id"] != second["id"]
+    assert other["choices"][0]["message"]["content"] != first["choices"][0]["message"]["content"]
+    tagged = await client.post(CHAT, json={"messages": HELLO}, headers={"X-Request-Id": "req-42"})
+    assert tagged.json()["id"] == "chatcmpl-req-42"
+    completion = await client.post("/v1/completions", json={"prompt": "x"}, headers={"X-Request-Id": "r7"})
+    assert completion.json()["id"] == "cmpl-r7"
+
+
+async def test_token_counts_add_up(client: httpx.AsyncClient) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, *HELLO]
+    body = (await client.post(CHAT, json={"messages": messages, "max_tokens": 100})).json()
+    usage, content = body["usage"], body["choices"][0]["message"]["content"]
+    assert usage["prompt_tokens"] == await tokens_in(client, messages=messages)
+    assert usage["completion_tokens"] == await tokens_in(client, prompt=content) == 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+async def test_max_tokens_caps_the_answer(client: httpx.AsyncClient) -> None:
+    capped = (await client.post(CHAT, json={"messages": HELLO, "max_completion_tokens": 5})).json()
+    assert capped["choices"][0]["finish_reason"] == "length" and capped["usage"]["completion_tokens"] == 5
+    assert await tokens_in(client, prompt=capped["choices"][0]["message"]["content"]) == 5
+    await client.post("/mock/config", json={"chunk_count": 20})
+    # /v1/completions defaults max_tokens to 16, as vLLM does
+    completion = (await client.post("/v1/completions", json={"prompt": "Hi"})).json()
+    assert completion["usage"]["completion_tokens"] == 16 and completion["choices"][0]["finish_reason"] == "length"
+
+
+# ----------------------------------------------------------------------------------- tools, reasoning
+
+
+async def test_tool_call_in_both_modes(client: httpx.AsyncClient) -> None:
+    request = {"messages": [{"role": "user", "content": "Please call get_weather for Paris"}],
+               "tools": [WEATHER_TOOL]}
+    body = (await client.post(CHAT, json=request)).json()
+    [choice] = body["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert call["id"].startswith("chatcmpl-tool-") and call["type"] == "function"
+    assert call["function"]["name"] == "get_weather"
+    arguments = json.loads(call["function"]["arguments"])
+    assert set(arguments) == {"city"} and isinstance(arguments["city"], str) and arguments["city"]
+
+    chunks = sse(await client.post(CHAT, json={**request, "stream": True}))[:-1]
+    head = chunks[1]["choices"][0]["delta"]["tool_calls"][0]
+    assert head == {"index": 0, "id": head["id"], "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""}}
+    pieces = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks[2:]]
+    assert len(pieces) > 1 and all(set(p) == {"index", "function"} for p in pieces)
+    assert "".join(p["function"]["arguments"] for p in pieces) == call["function"]["arguments"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-2:] == [None, "tool_calls"]
+
+
+async def test_no_tool_call_when_not_asked_for(client: httpx.AsyncClient) -> None:
+    unasked = {"messages": HELLO, "tools": [WEATHER_TOOL]}
+    refused = {"messages": [{"role": "user", "content": "use get_weather"}], "tools": [WEATHER_TOOL],
+               "tool_choice": "none"}
+    answered = {"messages": [{"role": "user", "content": "use get_weather"},
+                             {"role": "assistant", "content": None, "tool_calls": [
+                                 {"id": "t1", "type": "function",
+                                  "function": {"name": "get_weather", "arguments": "{}"}}]},
+                             {"role": "tool", "tool_call_id": "t1", "content": "Sunny"}],
+                "tools": [WEATHER_TOOL]}
+    for request in (unasked, refused, answered):
+        choice = (await client.post(CHAT, json=request)).json()["choices"][0]
+        assert choice["finish_reason"] == "stop" and choice["message"]["tool_calls"] == []
+    named = {**unasked, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    assert (await client.post(CHAT, json=named)).json()["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize(("wire_format", "key", "absent"), [("modern", "reasoning", "reasoning_content"),
+                                                            ("legacy", "reasoning_content", "reasoning")])
+async def test_reasoning_comes_before_the_content(wire_format: str, key: str, absent: str) -> None:
+    async with client_for(create_app(MockSettings(reasoning=True, wire_format=wire_format))) as client:
+        message = (await client.post(CHAT, json={"messages": HELLO})).json()["choices"][0]["message"]
+        assert message[key].startswith("Thinking about: What") and absent not in message
+        assert message["content"].startswith("Mock answer to:")
+        chunks = sse(await client.post(CHAT, json={"messages": HELLO, "stream": True}))[1:-1]
+        kinds = [next(iter(c["choices"][0]["delta"])) for c in chunks]
+        assert kinds == [key] * 6 + ["content"] * 12
+        assert "".join(c["choices"][0]["delta"].get(key, "") for c in chunks) == message[key]
+        usage = (await client.post(CHAT, json={"messages": HELLO})).json()["usage"]
+        assert usage["completion_tokens"] == 18
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def nested(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == response.status_code
+    return dict(body["error"])
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    (CHAT, b"{not json"),
+    (CHAT, b"[1, 2]"),
+    (CHAT, {"model": "mock-model"}),
+    (CHAT, {"messages": []}),
+    (CHAT, {"messages": "hello"}),
+    (CHAT, {"messages": [{"content": "no role"}]}),
+    (CHAT, {"messages": HELLO, "max_tokens": "many"}),
+    (CHAT, {"messages": HELLO, "max_tokens": [5]}),
+    (CHAT, {"messages": HELLO, "max_tokens": 0}),
+    (CHAT, {"messages": HELLO, "n": 1.5}),
+    (CHAT, {"messages": HELLO, "temperature": "hot"}),
+    (CHAT, {"messages": HELLO, "stream_options": {"include_usage": True}}),
+    (CHAT, {"messages": HELLO, "tools": [{"type": "function"}]}),
+    (CHAT, {"messages": HELLO, "tool_choice": "required"}),
+    ("/v1/completions", {"model": "mock-model"}),
+    ("/v1/completions", {"prompt": ""}),
+    ("/v1/completions", {"prompt": {"text": "x"}}),
+])
+async def test_bad_requests_are_400(client: httpx.AsyncClient, path: str, body: Any) -> None:
+    if isinstance(body, bytes):
+        response = await client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        response = await client.post(path, json=body)
+    assert response.status_code == 400
+    assert nested(response)["type"] == "BadRequestError"
+
+
+async def test_unknown_model_is_404_and_a_missing_model_is_the_served_one(client: httpx.AsyncClient) -> None:
+    error = nested(await client.post(CHAT, json={"model": "gpt-4", "messages": HELLO}))
+    assert error == {"message": "The model `gpt-4` does not exist.", "type": "NotFoundError", "param": "model",
+                     "code": 404}
+    assert (await client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"})).status_code == 404
+    assert (await client.post(CHAT, json={"messages": HELLO})).json()["model"] == "mock-model"
+
+
+async def test_context_length_errors_match_vllm() -> None:
+    async with client_for(create_app(MockSettings(max_model_len=40))) as client:
+        prompt = await tokens_in(client, messages=HELLO)
+        too_long = nested(await client.post(CHAT, json={"messages": HELLO, "max_tokens": 100}))
+        assert too_long == {
+            "message": f"'max_tokens' or 'max_completion_tokens' is too large: 100. This model's maximum context "
+                       f"length is 40 tokens and your request has {prompt} input tokens (100 > 40 - {prompt}).",
+            "type": "BadRequestError", "param": "max_tokens", "code": 400}
+        huge = nested(await client.post(CHAT, json={"messages": HELLO, "max_tokens": 10**20}))
+        assert huge["message"].startswith("'max_tokens' or 'max_completion_tokens' is too large: 10000000000000")
+        assert (await client.get("/mock/stats")).json()["last_request"]["body"]["max_tokens"] == 10**20
+        fits = await client.post(CHAT, json={"messages": HELLO, "max_tokens": 40 - prompt})
+        assert fits.status_code == 200
+        # without max_tokens the answer gets what is left of the window
+        await client.post("/mock/config", json={"chunk_count": 100})
+        rest = (await client.post(CHAT, json={"messages": HELLO})).json()
+        assert rest["usage"]["total_tokens"] == 40 and rest["choices"][0]["finish_reason"] == "length"
+        long_messages = [{"role": "user", "content": "word " * 40}]
+        count = await tokens_in(client, messages=long_messages)
+        assert nested(await client.post(CHAT, json={"messages": long_messages})) == {
+            "message": f"This model's maximum context length is 40 tokens. However, your request has {count} "
+                       "input tokens. Please reduce the length of the input messages.",
+            "type": "BadRequestError", "param": "input_tokens", "code": 400}
+
+
+async def test_legacy_errors_are_flat() -> None:
+    async with client_for(create_app(MockSettings(wire_format="legacy"))) as client:
+        response = await client.post(CHAT, json={"model": "nope", "messages": HELLO})
+    assert response.status_code == 404
+    assert response.json() == {"object": "error", "message": "The model `nope` does not exist.",
+                               "type": "NotFoundError", "param": None, "code": 404}
+
+
+async def test_api_key_guards_only_v1() -> None:
+    async with client_for(create_app(MockSettings(api_key="s3cret"))) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            for method, path in (("GET", "/v1/models"), ("POST", CHAT)):
+                response = await client.request(method, path, headers=headers, json={"messages": HELLO})
+                assert (response.status_code, response.content) == (401, b'{"error":"Unauthorized"}')
+        for scheme in ("Bearer", "bearer"):
+            ok = await client.post(CHAT, json={"messages": HELLO}, headers={"Authorization": f"{scheme} s3cret"})
+            assert ok.status_code == 200
+        for path in ("/health", "/version", "/metrics", "/mock/stats"):
+            assert (await client.get(path)).status_code == 200
+        assert (await client.post("/tokenize", json={"prompt": "x"})).status_code == 200
+
+
+async def test_injected_errors() -> None:
+    async with client_for(create_app(MockSettings(error_rate=1.0))) as client:
+        failed = await client.post(CHAT, json={"messages": HELLO, "stream": True})
+        assert failed.status_code == 500 and nested(failed)["type"] == "InternalServerError"
+        await client.post("/mock/config", json={"error_rate": 0, "rate_limit_rate": 1.0, "retry_after": 3})
+        limited = await client.post("/v1/completions", json={"prompt": "x"})
+        assert limited.status_code == 429 and limited.headers["retry-after"] == "3"
+        assert nested(limited)["type"] == "RateLimitError"
+        assert (await client.get("/mock/stats")).json()["injected"] == {"500": 1, "429": 1, "cut": 0}
+
+
+async def test_injected_errors_follow_the_seed() -> None:
+    async def statuses(seed: int) -> list[int]:
+        app = create_app(MockSettings(error_rate=0.3, rate_limit_rate=0.3, seed=seed))
+        async with client_for(app) as client:
+            return [(await client.post(CHAT, json={"messages": HELLO})).status_code for _ in range(30)]
+
+    first = await statuses(7)
+    assert first == await statuses(7) and {200, 429, 500} <= set(first)
+    assert first != await statuses(8)
+
+
+async def test_dead_engine() -> None:
+    async with client_for(create_app(MockSettings())) as client:
+        await client.post("/mock/config", json={"dead": True})
+        health = await client.get("/health")
+        assert (health.status_code, health.content) == (503, b"")
+        assert nested(await client.post(CHAT, json={"messages": HELLO}))["code"] == 500
+        await client.post("/mock/config", json={"dead": False})
+        assert (await client.get("/health")).status_code == 200
+
+
+# ------------------------------------------------------------------------------------ cuts, live state
+
+
+async def test_die_after_chunks_cuts_the_connection() -> None:
+    app = create_app(MockSettings(die_after_chunks=3))
+    with LoopbackServer(app) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            received: list[str] = []
+            with pytest.raises(httpx.RemoteProtocolError):
+                async with client.stream("POST", CHAT, json={"messages": HELLO, "stream": True}) as response:
+                    assert response.status_code == 200
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            received.append(line)
+            assert len(received) == 3 and "[DONE]" not in received[-1]
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.post(CHAT, json={"messages": HELLO})
+            stats = (await client.get("/mock/stats")).json()
+    assert stats["injected"]["cut"] == 2 and stats["in_flight"] == 0
+
+
+async def test_a_client_leaving_mid_stream_frees_its_slot() -> None:
+    app = create_app(MockSettings(chunk_delay=0.05, chunk_count=200))  # 10 s if nobody stopped it
+    with LoopbackServer(app) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            async with client.stream("POST", CHAT, json={"messages": HELLO, "stream": True}) as response:
+                chunks = response.aiter_bytes()  # held, so that the connection stays open until we leave
+                await chunks.__anext__()
+                assert (await client.get("/mock/stats")).json()["in_flight"] == 1
+            deadline = time.monotonic() + 3
+            while (await client.get("/mock/stats")).json()["in_flight"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert (await client.get("/mock/stats")).json()["in_flight"] == 0
+            # a plain request is abandoned too (vLLM aborts it), not generated to the end
+            await client.post("/mock/config", json={"first_token_delay": 10})
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(CHAT, json={"messages": HELLO}, timeout=0.3)
+            deadline = time.monotonic() + 3
+            while (await client.get("/mock/stats")).json()["in_flight"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert (await client.get("/mock/stats")).json()["in_flight"] == 0
+            metrics = (await client.get("/metrics")).text
+    assert 'finished_reason="abort",model_name="mock-model"} 2.0' in metrics
+
+
+async def test_die_after_chunks_in_process_raises_like_a_cut() -> None:
+    async with client_for(create_app(MockSettings(die_after_chunks=0))) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.post("/v1/completions", json={"prompt": "x", "stream": True})
+
+
+async def test_stats_config_and_reset(client: httpx.AsyncClient) -> None:
+    await client.post(CHAT, json={"messages": HELLO, "stream": True})
+    await client.post(CHAT, json={"model": "nope", "messages": HELLO})
+    await client.post("/v1/completions", json={"prompt": "x"})
+    await client.get("/v1/models")
+    await client.get("/health")
+    await client.post("/tokenize", json={"prompt": "x"})
+    stats = (await client.get("/mock/stats")).json()
+    assert {k: stats["requests"][k] for k in ("chat.completions", "completions", "models", "health", "tokenize")} \
+        == {"chat.completions": 2, "completions": 1, "models": 1, "health": 1, "tokenize": 1}
+    assert stats["streams"] == 1 and stats["errors"] == {"404": 1} and stats["in_flight"] == 0
+    assert stats["last_request"]["body"] == {"prompt": "x"}
+
+    effective = (await client.post("/mock/config", json={"chunk_count": 3, "served_model_name": "renamed",
+                                                         "api_key": "k"})).json()
+    assert effective["chunk_count"] == 3 and effective["api_key"] == "**********"
+    assert effective["model"] == "mock-model" and effective["first_token_delay"] == 0
+    auth = {"Authorization": "Bearer k"}
+    assert (await client.get("/v1/models", headers=auth)).json()["data"][0]["id"] == "renamed"
+    answer = (await client.post(CHAT, json={"messages": HELLO}, headers=auth)).json()
+    assert answer["usage"]["completion_tokens"] == 3 and answer["model"] == "renamed"
+    for bad in ({"chunk_count": 0}, {"no_such_setting": 1}, {"wire_format": "ancient"}):
+        assert (await client.post("/mock/config", json=bad)).status_code == 400
+
+    zeroed = (await client.post("/mock/reset")).json()
+    assert set(zeroed["requests"].values()) == {0} and zeroed["streams"] == 0 and zeroed["errors"] == {}
+
+
+async def test_delays_do_not_block_other_requests() -> None:
+    async with client_for(create_app(MockSettings(first_token_delay=0.3))) as client:
+        started = time.monotonic()
+        answers = await asyncio.gather(*(
+            client.post(CHAT, json={"messages": HELLO, "stream": i % 2 == 0}) for i in range(10)))
+        elapsed = time.monotonic() - started
+        assert [a.status_code for a in answers] == [200] * 10
+        assert 0.3 <= elapsed < 2.0
+        stats = (await client.get("/mock/stats")).json()
+        assert stats["max_in_flight"] == 10 and stats["in_flight"] == 0
+
+
+async def test_openai_sdk_reads_both_modes() -> None:
+    with LoopbackServer(create_app(MockSettings(api_key="k", chunk_delay=0.001))) as server:
+        client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0)
+        try:
+            answer = await client.chat.completions.create(model="mock-model", messages=HELLO)  # type: ignore[arg-type]
+            assert answer.choices[0].message.content and answer.usage and answer.usage.completion_tokens == 12
+            stream = await client.chat.completions.create(
+                model="mock-model", messages=HELLO, stream=True,  # type: ignore[arg-type]
+                stream_options={"include_usage": True})
+            parts, usage = [], None
+            async for chunk in stream:
+                parts += [c.delta.content or "" for c in chunk.choices]
+                usage = chunk.usage or usage
+            assert "".join(parts) == answer.choices[0].message.content
+            assert usage is not None and usage.total_tokens == answer.usage.total_tokens
+            completion = await client.completions.create(model="mock-model", prompt="Hi")
+            assert completion.choices[0].text.startswith(" Mock completion")
+        finally:
+            await client.close()
+
+
+# --------------------------------------------------------------------------------------- entry script
+
+
+def test_flags_win_over_environment() -> None:
+    env = {"MODEL_NAME": "from-env", "VLLM_API_KEY": "env-key", "MOCK_CHUNK_DELAY": "0.5", "PORT": "9000",
+           "MOCK_REASONING": "1"}
+    settings, host, port, slow = mock_vllm_server.parse(["--model", "flag-model", "--api-key", "flag-key"], env)
+    assert (settings.model, settings.chunk_delay, settings.reasoning, host, port, slow) == (
+        "flag-model", 0.5, True, "127.0.0.1", 9000, 0.0)
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "flag-key"
+    # a pod's `vllm serve` options are accepted (and ignored), so the same command line runs locally
+    pod_flags = ["--model", "m", "--quantization", "awq", "--gpu-memory-utilization", "0.95",
+                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--max-model-len", "8192"]
+    assert mock_vllm_server.parse(pod_flags, {})[0].max_model_len == 8192
+    with pytest.raises(mock_vllm_server.UsageError, match="unrecognized"):
+        mock_vllm_server.parse(["--chunk-dela", "1"], {})
+
+
+def _refused(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def test_slow_start_refuses_connections_then_serves(tmp_path: Path) -> None:
+    port = free_port()
+    env = {"PATH": "/usr/bin:/bin", "MOCK_CHUNK_COUNT": "3", "VLLM_API_KEY": "env-key"}
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "mock_vllm_server.py"), "--port", str(port), "--model", "m", "--slow-start", "1"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        assert proc.poll() is None and _refused(port)
+        wait_for_port(port, timeout=10)
+        assert time.monotonic() - started >= 1.0
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            assert client.get("/health").status_code == 200
+            assert client.get("/v1/models").status_code == 401
+            answer = client.post(CHAT, json={"model": "m", "messages": HELLO},
+                                 headers={"Authorization": "Bearer env-key"}).json()
+            assert answer["usage"]["completion_tokens"] == 3
+    finally:
+        proc.terminate()
+        try:
+            _, stderr = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+    assert f"http://127.0.0.1:{port}" in stderr and "env-key" not in stderr
+
+
+def test_bad_flag_value_exits_2_with_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "mock_vllm_server.py"), "--chunk-delay", "-1"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "--chunk-delay" in result.stderr
