@@ -250,11 +250,17 @@ class FlightRegistry:
                 del self._flights[flight.key]  # a new identical request must not join a dying flight
             flight.task.cancel()
 
-    async def aclose(self) -> None:
-        tasks = [f.task for f in self._running if f.task is not None]
-        for task in tasks:
+    async def aclose(self, grace: float = 5.0) -> None:
+        """Stop: cancel generations still running, but let finished ones complete their cache write."""
+        storing = [f.task for f in self._running if f.task is not None and f.done]
+        unfinished = [f.task for f in self._running if f.task is not None and not f.done]
+        for task in unfinished:
             task.cancel()
-        for task in tasks:
+        if storing:
+            await asyncio.wait(storing, timeout=grace)
+        for task in storing + unfinished:
+            if not task.done():
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._flights.clear()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,17 @@ def proxy(start_proxy: ProxyFactory) -> LoopbackServer:
 def client(proxy: LoopbackServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=proxy.url, timeout=20) as http:
         yield http
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds (never a fixed sleep): a cache write finishes just after the answer."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not the case within {timeout}s")
+        time.sleep(0.01)
+
+
+def wait_for_stored(http: httpx.Client, entries: int, base: str = "") -> None:
+    """Wait until the proxy's cache index holds ``entries`` answers (they are written after the reply)."""
+    wait_until(lambda: http.get(f"{base}/metrics").json()["cache_entries"] >= entries, f"{entries} answers stored")
