@@ -182,7 +182,8 @@ def create_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport |
     async def models(request: Request) -> Response:
         upstream = service_of(request).upstream
         try:
-            response = await upstream.client.get(f"{upstream.base}/models", headers=upstream.headers)
+            response = await upstream.client.get(f"{upstream.base}/models", headers=upstream.headers,
+                                                 timeout=upstream.listing_timeout)
         except httpx.HTTPError as exc:
             error = upstream.unreachable(exc)
             return json_response(error.body, error.status)

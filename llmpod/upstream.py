@@ -98,6 +98,8 @@ class Upstream:
         self.base = settings.upstream_base
         self.root = settings.upstream_root
         self.timeout = settings.upstream_timeout
+        # listing models is instant on a live vLLM: don't let an editor's model picker hang for minutes
+        self.listing_timeout = min(self.timeout, 10.0)
         self.client = client
         self.headers = {"Content-Type": "application/json"}
         if settings.upstream_api_key is not None:
@@ -135,7 +137,7 @@ class Upstream:
             return self._models
         try:
             response = await self.client.get(f"{self.base}/models", headers=self.headers,
-                                             timeout=min(self.timeout, 10.0))
+                                             timeout=self.listing_timeout)
             response.raise_for_status()
             data = orjson.loads(response.content)["data"]
             self._models = [
