@@ -1,11 +1,22 @@
 """The project's own exceptions.
 
-    LlmpodError                 anything we expect and can explain in one line
-    ├── ConfigError             a bad setting, env var or config file (exit code 2)
-    └── UpstreamError           the model server failed; carries an HTTP status and an OpenAI error body
+    LlmpodError                 anything we expect and can explain in one line (exit code 1)
+    ├── ConfigError             a bad setting, env var, config file or state file; nothing was created (2)
+    ├── UpstreamError           the model server failed; carries an HTTP status and an OpenAI error body
+    ├── LockBusyError           another manage_pod.py holds the lock (3)
+    ├── PodError                the pod could not be made ready, or could not be removed (1)
+    │   └── CleanupFailedError  a pod may still be billing: the message says how to remove it by hand (4)
+    └── RunPodError             the RunPod API refused or failed; ``status`` is its HTTP status (1)
+        ├── RunPodAuthError     401/403: missing, wrong or revoked key (2)
+        ├── RunPodBalanceError  402: not enough credit (2)
+        ├── NoCapacityError     400 "could not be placed": try another GPU type
+        ├── RunPodRequestError  400/422: our request is wrong (a bug, or a bad config value)
+        ├── RunPodNotFound      404
+        ├── RunPodRateLimited   429 after backing off as told; ``retry_after`` seconds
+        └── RunPodUnavailable   5xx, timeouts and network errors, after retrying
 
-The CLIs catch ``LlmpodError`` in exactly one place each and turn it into a one-line message and an
-exit code; anything else is a bug and keeps its traceback.
+The CLIs catch ``LlmpodError`` in exactly one place each and turn it into a one-line message and its
+``exit_code``; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -36,3 +47,57 @@ class UpstreamError(LlmpodError):
         self.status = status
         self.body = body
         self.headers = headers or {}
+
+
+class LockBusyError(LlmpodError):
+    """Another manage_pod.py is running (it holds the state lock)."""
+
+    exit_code = 3
+
+
+class PodError(LlmpodError):
+    """The pod did not become ready, or something about it needs the user's attention."""
+
+
+class CleanupFailedError(PodError):
+    """A pod could not be confirmed terminated: it may still be billing."""
+
+    exit_code = 4
+
+
+class RunPodError(LlmpodError):
+    """The RunPod API answered with an error or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RunPodAuthError(RunPodError):
+    exit_code = 2
+
+
+class RunPodBalanceError(RunPodError):
+    exit_code = 2
+
+
+class NoCapacityError(RunPodError):
+    pass
+
+
+class RunPodRequestError(RunPodError):
+    pass
+
+
+class RunPodNotFound(RunPodError):
+    pass
+
+
+class RunPodRateLimited(RunPodError):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message, 429)
+        self.retry_after = retry_after
+
+
+class RunPodUnavailable(RunPodError):
+    pass

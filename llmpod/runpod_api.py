@@ -1,0 +1,464 @@
+"""A thin, synchronous client for the RunPod REST v2 API (reference: runpod.md sections 1b and 8).
+
+One shared ``httpx.Client`` carries every request. Failures become the ``RunPodError`` family from
+``llmpod.errors``, with one-line messages that say what RunPod said and never contain the API key.
+
+Retries happen here, so callers see only final outcomes:
+
+- 429: wait ``Retry-After`` (seconds or an HTTP date, capped at 60 s, 2 s when absent), then retry.
+- 5xx, timeouts and network errors: back off 1, 2, 4, 8 ... s (capped at 30 s), then retry.
+- ``create_pod`` never retries a 5xx or a timeout: the pod may exist anyway (a v1 500 after creating a
+  billed pod: transformerlab-app#2305). The caller looks the pod up by name before trying again. A
+  connect error or connect timeout is still retried there, since no request reached RunPod.
+- 400, 401, 402, 403, 404, 409 and 422 are never retried.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import timezone
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from llmpod.errors import (
+    NoCapacityError,
+    RunPodAuthError,
+    RunPodBalanceError,
+    RunPodError,
+    RunPodNotFound,
+    RunPodRateLimited,
+    RunPodRequestError,
+    RunPodUnavailable,
+)
+
+DEFAULT_API_BASE = "https://api.runpod.io"
+POD_URL_TEMPLATE = "https://{pod_id}-{port}.proxy.runpod.net"
+
+RETRY_AFTER_DEFAULT = 2.0
+RETRY_AFTER_CAP = 60.0
+BACKOFF_CAP = 30.0
+FOLLOW_IDLE = 120.0  # a log stream silent this long is reconnected (the spec documents no heartbeat)
+SNIPPET = 200  # characters of a non-JSON error body quoted in a message
+_SSE = {"Accept": "text/event-stream"}
+
+# v2 has no machine-readable capacity code, only `detail` (runpod.md 1b); the others are v1/GraphQL wordings (7)
+_NO_CAPACITY = re.compile(r"could not be placed|no (?:longer any )?instances|not enough free gpus|"
+                          r"(?:no|insufficient|out of) (?:gpu )?capacity|no (?:gpu )?availability", re.IGNORECASE)
+
+
+class GpuRequest(BaseModel):
+    """The ``gpu`` member of a create body: one GPU type, no server-side fallback list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    count: int = Field(default=1, ge=1)
+    minCudaVersion: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
+
+
+class CreatePodRequest(BaseModel):
+    """Body of ``POST /v2/pods``. v2 answers 422 to any field it does not know, so we refuse them first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    image: str | None = None
+    templateId: str | None = None
+    args: str | None = None
+    disk: int | None = Field(default=None, ge=1)
+    env: dict[str, str] = Field(default_factory=dict, repr=False)  # holds VLLM_API_KEY / HF_TOKEN
+    ports: list[str] = Field(default_factory=list)
+    cloud: Literal["SECURE", "COMMUNITY"] = "SECURE"
+    gpu: GpuRequest
+    dataCenterIds: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _image_or_template(self) -> CreatePodRequest:
+        if not self.image and not self.templateId:
+            raise ValueError("a pod needs an image or a templateId")
+        return self
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body as sent: no null fields."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+@dataclass(frozen=True)
+class Pod:
+    """The parts of a v2 ``Pod`` we use; ``raw`` keeps the whole object (its ``env`` holds secrets)."""
+
+    id: str
+    name: str
+    status: str
+    cost_per_hour: float
+    gpu_id: str | None
+    created_at: str | None
+    started_at: str | None
+    uptime_seconds: int | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def running(self) -> bool:
+        return self.status == "RUNNING"
+
+    @property
+    def gone(self) -> bool:
+        return self.status == "TERMINATED"
+
+    @classmethod
+    def from_json(cls, data: Any) -> Pod:
+        """Parse one pod object, tolerating missing optional fields and fields we do not know."""
+        if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+            raise RunPodError(f"RunPod returned a pod without an id ({_shape(data)})")
+        gpu = data.get("gpu")
+        runtime = data.get("runtime")  # null when not RUNNING, though the spec's own example has {}
+        uptime = runtime.get("uptime") if isinstance(runtime, dict) else None
+        return cls(
+            id=data["id"], name=str(data.get("name") or ""), status=str(data.get("status") or "UNKNOWN"),
+            cost_per_hour=_float(data.get("cost")),
+            gpu_id=_str_or_none(gpu.get("id")) if isinstance(gpu, dict) else None,
+            created_at=_str_or_none(data.get("createdAt")), started_at=_str_or_none(data.get("startedAt")),
+            uptime_seconds=int(uptime) if isinstance(uptime, (int, float)) and not isinstance(uptime, bool) else None,
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class GpuType:
+    """One entry of the v2 GPU catalog. Prices are USD per hour for a single GPU."""
+
+    id: str
+    name: str
+    memory_gb: int
+    price_secure: float
+    price_community: float
+    secure: bool
+    community: bool
+    availability: str | None  # NONE | LOW | MEDIUM | HIGH; None when not requested
+
+    def price(self, cloud: str) -> float:
+        """The list price per GPU-hour on ``cloud`` (``SECURE`` or ``COMMUNITY``)."""
+        prices = {"SECURE": self.price_secure, "COMMUNITY": self.price_community}
+        if cloud.upper() not in prices:
+            raise ValueError(f"unknown cloud {cloud!r}: expected SECURE or COMMUNITY")
+        return prices[cloud.upper()]
+
+    @classmethod
+    def from_json(cls, data: Any) -> GpuType:
+        if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+            raise RunPodError(f"RunPod returned a GPU type without an id ({_shape(data)})")
+        price = data.get("price") if isinstance(data.get("price"), dict) else {}
+        return cls(
+            id=data["id"], name=str(data.get("name") or data["id"]), memory_gb=int(_float(data.get("memory"))),
+            price_secure=_float(price.get("secure")), price_community=_float(price.get("community")),
+            secure=bool(data.get("secure")), community=bool(data.get("community")),
+            availability=_str_or_none(data.get("availability")),
+        )
+
+
+class RunPodClient:
+    """RunPod REST v2: pods, their logs and the GPU catalog. Use as a context manager, or call ``close``."""
+
+    def __init__(self, api_key: str, base_url: str = DEFAULT_API_BASE, *, transport: httpx.BaseTransport | None = None,
+                 timeout: float = 30.0, max_retries: int = 4, sleep: Callable[[float], None] = time.sleep) -> None:
+        self._key = api_key
+        self._base = base_url.rstrip("/")
+        self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        self._follow_timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0), read=FOLLOW_IDLE)
+        self._max_retries = max_retries
+        self._sleep = sleep
+        headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+        self._client = httpx.Client(transport=transport, timeout=self._timeout, headers=headers)
+
+    def __repr__(self) -> str:
+        return f"RunPodClient(base_url={self._base!r})"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> RunPodClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def list_pods(self) -> list[Pod]:
+        """Every pod on the account (``GET /v2/pods``); filtering is the caller's job."""
+        data = self._json(self._request("GET", "/v2/pods"))
+        pods = data.get("pods") if isinstance(data, dict) else data
+        if not isinstance(pods, list):
+            raise RunPodError(f"RunPod GET /v2/pods: unexpected body ({_shape(data)})")
+        return [Pod.from_json(item) for item in pods]
+
+    def get_pod(self, pod_id: str) -> Pod | None:
+        """One pod, or None when RunPod does not know it (404)."""
+        response = self._request("GET", _pod_path(pod_id), allow=(404,))
+        return None if response.status_code == 404 else Pod.from_json(self._json(response))
+
+    def create_pod(self, request: CreatePodRequest) -> Pod:
+        """Create a pod (``POST /v2/pods``). A 5xx or timeout is not retried: look the pod up by name first."""
+        response = self._request("POST", "/v2/pods", json_body=request.body(), idempotent=False)
+        return Pod.from_json(self._json(response))
+
+    def delete_pod(self, pod_id: str) -> bool:
+        """Terminate a pod. True when RunPod terminated it, False when it was already gone (404)."""
+        return self._request("DELETE", _pod_path(pod_id), allow=(404,)).status_code != 404
+
+    def check_key(self) -> None:
+        """A cheap authenticated call: raises ``RunPodAuthError`` when the key is missing, wrong or revoked."""
+        self._request("GET", "/v2/pods")
+
+    def pod_logs(self, pod_id: str, tail: int = 20, wait: float = 2.0) -> list[str]:
+        """Up to ``tail`` recent log lines, read for about ``wait`` seconds. Best effort: never raises.
+
+        The stream stays open for live lines, so the read stops at the deadline, after ``tail`` lines, or
+        at a read timeout of ``wait``. Lines already read are kept if the stream then fails.
+        """
+        if tail <= 0:
+            return []
+        deadline = time.monotonic() + wait
+        lines: list[str] = []
+        try:
+            response = self._request("GET", _pod_path(pod_id) + "/logs", params={"tail": tail}, stream=True,
+                                     retries=0, headers=_SSE, timeout=httpx.Timeout(max(wait, 0.1)))
+        except RunPodError:
+            return []
+        try:
+            for _, line in _sse_lines(response.iter_lines()):
+                lines.append(line)
+                if len(lines) >= tail or time.monotonic() >= deadline:
+                    break
+        except httpx.HTTPError:
+            pass
+        finally:
+            response.close()
+        return lines
+
+    def follow_logs(self, pod_id: str, tail: int = 100) -> Iterator[str]:
+        """Yield log lines until RunPod ends the stream, reconnecting after a drop.
+
+        A reconnect sends the last event ``id:`` back as ``Last-Event-ID`` exactly as received (the
+        spec's ids carry a sequence suffix, so they are not rebuilt from ``ts``). Drops with no line
+        in between count against ``max_retries``; a stream that was merely silent for ``FOLLOW_IDLE``
+        seconds is reopened without counting. HTTP errors raise as elsewhere.
+        """
+        path = _pod_path(pod_id) + "/logs"
+        last_id: str | None = None
+        failures = 0
+        while True:
+            # the server ignores tail once Last-Event-ID is sent
+            headers, params = (_SSE, {"tail": tail}) if last_id is None else ({**_SSE, "Last-Event-ID": last_id}, {})
+            response = self._request("GET", path, params=params, headers=headers, stream=True,
+                                     timeout=self._follow_timeout)
+            try:
+                for event_id, line in _sse_lines(response.iter_lines()):
+                    last_id = event_id if event_id is not None else last_id
+                    failures = 0
+                    yield line
+                return
+            except httpx.ReadTimeout:
+                continue
+            except httpx.TransportError as exc:
+                failures += 1
+                if failures > self._max_retries:
+                    raise RunPodUnavailable(self._redact(
+                        f"RunPod GET {path}: log stream dropped {failures} times ({_exc_text(exc)})")) from None
+                self._sleep(_backoff(failures - 1))
+            finally:
+                response.close()
+
+    def gpu_types(self, cloud: str = "SECURE", *, availability: bool = True) -> list[GpuType]:
+        """The GPU catalog, with pod availability on ``cloud`` unless ``availability`` is False."""
+        # include=AVAILABILITY requires product, and product/cloud are valid only with it (400 otherwise)
+        params = [("include", "AVAILABILITY"), ("product", "POD"), ("cloud", cloud)] if availability else []
+        data = self._json(self._request("GET", "/v2/catalog/gpus", params=params))
+        gpus = data.get("gpus") if isinstance(data, dict) else None
+        if not isinstance(gpus, list):
+            raise RunPodError(f"RunPod GET /v2/catalog/gpus: unexpected body ({_shape(data)})")
+        return [GpuType.from_json(item) for item in gpus]
+
+    def _request(self, method: str, path: str, *, params: Any = None, json_body: Any = None,
+                 headers: dict[str, str] | None = None, allow: tuple[int, ...] = (), idempotent: bool = True,
+                 stream: bool = False, retries: int | None = None, timeout: httpx.Timeout | None = None,
+                 ) -> httpx.Response:
+        """Send with the retry policy; return a 2xx response (or one whose status is in ``allow``)."""
+        max_retries = self._max_retries if retries is None else retries
+        where = f"RunPod {method} {path}"
+        attempt = 0
+        while True:
+            request = self._client.build_request(method, self._base + path, params=params, json=json_body,
+                                                 headers=headers, timeout=timeout or self._timeout)
+            status: int | None = None
+            try:
+                response = self._client.send(request, stream=stream)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing reached RunPod: always safe
+                failure, retryable = f"could not connect ({_exc_text(exc)})", True
+            except httpx.TimeoutException as exc:
+                failure, retryable = f"timed out ({_exc_text(exc)})", idempotent
+            except httpx.TransportError as exc:
+                failure, retryable = f"connection failed ({_exc_text(exc)})", idempotent
+            else:
+                status = response.status_code
+                if status < 400 or status in allow:
+                    return response
+                if stream:
+                    response.read()
+                    response.close()
+                if status == 429:
+                    wait = _retry_after(response.headers.get("Retry-After"))
+                    if attempt >= max_retries:
+                        message = f"{where}: {_describe(response)}{_attempts(attempt)}"
+                        raise RunPodRateLimited(self._redact(message), retry_after=wait)
+                    self._sleep(wait)
+                    attempt += 1
+                    continue
+                if status < 500:
+                    raise self._client_error(where, response)
+                failure, retryable = _describe(response), idempotent
+            if not retryable:
+                message = f"{where}: {failure} (not retried: the pod may have been created)"
+                raise RunPodUnavailable(self._redact(message), status)
+            if attempt >= max_retries:
+                raise RunPodUnavailable(self._redact(f"{where}: {failure}{_attempts(attempt)}"), status)
+            self._sleep(_backoff(attempt))
+            attempt += 1
+
+    def _client_error(self, where: str, response: httpx.Response) -> RunPodError:
+        status = response.status_code
+        message = self._redact(f"{where}: {_describe(response)}")
+        if status in (401, 403):
+            return RunPodAuthError(message, status)
+        if status == 402:
+            return RunPodBalanceError(message, status)
+        if status == 404:
+            return RunPodNotFound(message, status)
+        if status == 400 and _NO_CAPACITY.search(message):
+            return NoCapacityError(message, status)
+        return RunPodRequestError(message, status)
+
+    def _json(self, response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            where = f"RunPod {response.request.method} {response.request.url.path}"
+            raise RunPodError(self._redact(f"{where}: not JSON: {_snippet(response.text)}"),
+                              response.status_code) from None
+
+    def _redact(self, message: str) -> str:
+        # RunPod could echo the token back in a detail; keep it out of every message we raise
+        return message.replace(self._key, "***") if self._key else message
+
+
+def _pod_path(pod_id: str) -> str:
+    return "/v2/pods/" + quote(pod_id, safe="")
+
+
+def _sse_lines(lines: Iterable[str]) -> Iterator[tuple[str | None, str]]:
+    """(last event id, log line) for each event of a RunPod log stream (WHATWG SSE field rules)."""
+    last_id: str | None = None
+    data: list[str] = []
+    for raw in lines:
+        if not raw:
+            if data:
+                payload = "\n".join(data)
+                data = []
+                try:
+                    event = json.loads(payload)
+                except ValueError:
+                    event = {"line": payload}  # not the documented shape: show it as it is
+                if isinstance(event, dict) and isinstance(event.get("line"), str):
+                    yield last_id, event["line"]
+            continue
+        name, _, value = raw.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name == "id" and "\0" not in value:
+            last_id = value
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds to wait from a ``Retry-After`` header: integer seconds or an HTTP date."""
+    if not value:
+        return RETRY_AFTER_DEFAULT
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return RETRY_AFTER_DEFAULT
+        if when.tzinfo is None:  # "-0000" parses naive; HTTP dates are always GMT
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = when.timestamp() - time.time()
+    if not math.isfinite(seconds):
+        return RETRY_AFTER_DEFAULT
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
+
+
+def _backoff(attempt: int) -> float:
+    return min(2.0**attempt, BACKOFF_CAP)
+
+
+def _attempts(retries: int) -> str:
+    return f" (gave up after {retries + 1} attempts)" if retries else ""
+
+
+def _describe(response: httpx.Response) -> str:
+    """``<status> <title>: <detail> (<errors>)`` from a problem+json body, or a snippet of any other body."""
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and (body.get("title") or body.get("detail")):
+        text = f"{status} {body.get('title') or response.reason_phrase}"
+        detail = body.get("detail")
+        if detail and detail != body.get("title"):
+            text += f": {detail}"
+        errors = body.get("errors")
+        if isinstance(errors, list) and errors:
+            text += " (" + "; ".join(str(e) for e in errors) + ")"
+        return _one_line(text, 600)
+    snippet = _snippet(response.text)
+    return f"{status} {response.reason_phrase}" + (f": {snippet}" if snippet else "")
+
+
+def _snippet(text: str) -> str:
+    return _one_line(text, SNIPPET)
+
+
+def _shape(data: Any) -> str:
+    # never the values: a pod object's env holds the vLLM and Hugging Face keys
+    if isinstance(data, dict):
+        return "an object with keys " + ", ".join(sorted(map(str, data)))[:SNIPPET]
+    return f"a JSON {type(data).__name__}"
+
+
+def _one_line(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _exc_text(exc: Exception) -> str:
+    return _one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, SNIPPET)
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
