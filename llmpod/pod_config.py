@@ -1,0 +1,363 @@
+"""The pod configuration file, ``pod_config.json``: what to serve, on which GPU, for how long, at what price.
+
+The keys are the original test plan's (``modelStoreId``, ``gpu_type_id``, ``runtime_seconds``, ``template_id``,
+``proxy_port``, ``cache_dir``, ``max_cache_size``, ``max_cache_bytes``, ``enable_profiling``) plus what a real pod
+needs. ``load_pod_config`` reads and checks the file and turns the first problem into a one-line ``ConfigError``
+that names the file, the key and the bad value, e.g. ``pod_config.json: runtime_seconds='soon' is not an
+integer``. Values are taken as JSON gives them: ``"3600"`` (a string) is not an integer.
+
+A missing file is an error, unless the caller passes ``missing_ok=True`` (for a path the user did not choose):
+then every setting has its default, which is also what the ``pod_config.json`` shipped with the project holds.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import json
+import re
+import socket
+import string
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llmpod.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MOCK_SERVER = REPO_ROOT / "mock_vllm_server.py"
+ARG_PLACEHOLDERS = ("port", "model", "served_model_name", "max_model_len")
+# vllm serve flags that manage_pod.py sets itself; the key to use instead, if any
+RESERVED_VLLM_FLAGS = {
+    "--model": "modelStoreId", "--host": None, "--port": None, "--api-key": None,
+    "--served-model-name": None, "--max-model-len": "max_model_len",
+}
+# names people reach for that difflib cannot tie to ours
+KEY_ALIASES = {
+    "model": "modelStoreId", "model_id": "modelStoreId", "model_store_id": "modelStoreId", "gpu": "gpu_type_id",
+    "gpu_type": "gpu_type_id", "gpu_id": "gpu_type_id", "gputypeid": "gpu_type_id", "templateid": "template_id",
+    "port": "proxy_port", "runtime": "runtime_seconds", "image_name": "image", "imagename": "image",
+    "disk": "container_disk_gb", "containerdiskingb": "container_disk_gb", "cloud": "cloud_type",
+    "cloudtype": "cloud_type", "hf_token": "hf_token_env", "max_cost": "max_hourly_cost",
+}
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_TOKEN = re.compile(r"\b(hf_|rpa_|sk-)[A-Za-z0-9_\-]{6,}")  # Hugging Face, RunPod, OpenAI-style keys
+_MAX_REPR = 60
+_TYPE_WORDS = {
+    "int": "is not an integer", "float": "is not a number", "bool": "is not true or false",
+    "string": "is not a string", "list": "is not a list", "dict": "is not an object",
+}
+
+
+class PodConfig(BaseModel):
+    """Everything ``manage_pod.py`` needs to create, watch and remove a pod. Built by ``load_pod_config``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    # the original test plan's keys
+    modelStoreId: str = Field(  # the test plan's spelling
+        "deepseek-coder-33b-instruct-awq", min_length=1,
+        description="The model to serve: an id of our Model Store (llmpod.catalog), or its Hugging Face repo.")
+    gpu_type_id: str = Field(
+        "NVIDIA RTX A6000", min_length=1, description="The RunPod GPU type id tried first, e.g. 'NVIDIA L40S'.")
+    runtime_seconds: int = Field(
+        28800, ge=1, le=7 * 86400,
+        description="Hard expiry: the pod is terminated this long after it was created (at most 7 days).")
+    template_id: str | None = Field(
+        None, min_length=1, description="A RunPod template id (templateId) to create the pod from, or null.")
+    proxy_port: int = Field(8000, ge=1, le=65535, description="Where the local caching proxy listens (127.0.0.1).")
+    cache_dir: str = Field("/tmp/llm_cache", min_length=1, description="The proxy's cache directory.")
+    max_cache_size: int = Field(1000, ge=1, description="Cached answers kept by the proxy.")
+    max_cache_bytes: int = Field(1073741824, ge=1024, description="Bytes of cached answers kept by the proxy.")
+    enable_profiling: bool = Field(False, description="The proxy adds a Server-Timing header to every answer.")
+    # what a real pod needs
+    provider: Literal["runpod", "local"] = Field(
+        "runpod", description="'runpod' rents a GPU; 'local' runs `command` here instead (the mock vLLM server).")
+    gpu_type_ids: list[str] = Field(
+        [], description="Fallback GPU type ids, tried in order after gpu_type_id when RunPod has no capacity.")
+    cloud_type: Literal["SECURE", "COMMUNITY"] = Field("SECURE", description="RunPod's Secure or Community cloud.")
+    image: str = Field(
+        "vllm/vllm-openai:v0.27.1", min_length=1, description="The vLLM image, with a pinned tag (not ':latest').")
+    container_disk_gb: int = Field(
+        60, ge=10, le=2000, description="Container disk in GB: it holds the image and the downloaded weights.")
+    max_model_len: int | None = Field(
+        None, ge=128, description="vLLM --max-model-len; null for the Model Store's context length for the model.")
+    vllm_args: list[str] = Field([], description="Extra `vllm serve` flags, e.g. ['--enable-prefix-caching'].")
+    hf_token_env: str = Field(
+        "HF_TOKEN", description="The NAME of the environment variable holding a Hugging Face token (gated models).")
+    idle_timeout_seconds: int = Field(
+        1800, ge=0, description="Terminate the pod after this long without a request through the proxy; 0 = never.")
+    max_hourly_cost: float | None = Field(
+        None, gt=0, description="Refuse GPU types whose list price per hour (on cloud_type) is higher; null = any.")
+    ready_timeout_seconds: int = Field(
+        1800, ge=1, description="How long the pod and vLLM may take to become ready before the pod is terminated.")
+    watchdog_interval_seconds: float = Field(
+        30.0, gt=0, le=3600, description="How often the watchdog checks expiry, idleness and the proxy.")
+    # provider "local": the process standing in for a pod
+    command: list[str] | None = Field(
+        None, min_length=1,
+        description="provider 'local': the program and its fixed arguments; null for the bundled mock vLLM server.")
+    args: list[str] = Field(
+        [], description="provider 'local': arguments after `command`; may use {port} {model} {served_model_name} "
+                        "{max_model_len}. Empty for the mock server's defaults.")
+    env: dict[str, str] = Field({}, description="provider 'local': extra environment variables for the process.")
+
+    @property
+    def gpu_candidates(self) -> list[str]:
+        """``gpu_type_id`` then the fallbacks, each once, in order."""
+        return list(dict.fromkeys([self.gpu_type_id, *self.gpu_type_ids]))
+
+    @property
+    def local_command(self) -> list[str]:
+        """The program ``provider: "local"`` runs: ``command``, or the bundled mock vLLM server."""
+        return list(self.command) if self.command else [sys.executable, str(MOCK_SERVER)]
+
+    @field_validator("cloud_type", mode="before")
+    @classmethod
+    def _upper_cloud(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) and value.upper() in ("SECURE", "COMMUNITY") else value
+
+    @field_validator("modelStoreId", "gpu_type_id", "image", "cache_dir", "template_id")
+    @classmethod
+    def _no_blank(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or value != value.strip()):
+            raise ValueError("must not be blank or start or end with spaces")
+        return value
+
+    @field_validator("gpu_type_ids")
+    @classmethod
+    def _no_blank_items(cls, value: list[str]) -> list[str]:
+        if any(not item.strip() for item in value):
+            raise ValueError("must not contain blank GPU type ids")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _pinned_image(cls, value: str) -> str:
+        if any(ch.isspace() for ch in value):
+            raise ValueError("must be an image reference without spaces")
+        if "@sha256:" in value:
+            return value
+        last = value.rsplit("/", 1)[-1]
+        if ":" not in last:
+            raise ValueError("has no tag: pin a vLLM version such as vllm/vllm-openai:v0.27.1")
+        if last.rsplit(":", 1)[1] in ("", "latest"):
+            raise ValueError("must pin a version tag such as vllm/vllm-openai:v0.27.1, not ':latest'")
+        return value
+
+    @field_validator("hf_token_env")
+    @classmethod
+    def _env_var_name(cls, value: str) -> str:
+        if value.startswith("hf_"):
+            raise ValueError("looks like a token: write the NAME of the variable that holds it, e.g. HF_TOKEN")
+        if not _ENV_NAME.match(value):
+            raise ValueError("must be an environment variable name such as HF_TOKEN")
+        return value
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _no_reserved_flags(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not item or "\n" in item:
+                raise ValueError("must not contain empty items or line breaks")
+            flag = item.split("=", 1)[0]
+            if flag in RESERVED_VLLM_FLAGS:
+                instead = RESERVED_VLLM_FLAGS[flag]
+                hint = f"use the {instead} key instead" if instead else "manage_pod.py sets it itself"
+                raise ValueError(f"must not contain {flag}: {hint}")
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _command_items(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not item.strip() for item in value):
+            raise ValueError("must not contain blank items")
+        return value
+
+    @field_validator("args")
+    @classmethod
+    def _known_placeholders(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                fields = [name for _, name, _, _ in string.Formatter().parse(item) if name is not None]
+            except ValueError as exc:
+                raise ValueError(f"has a malformed placeholder in {item!r} ({exc}; {{{{ is a literal {{)") from None
+            unknown = [name for name in fields if name not in ARG_PLACEHOLDERS]
+            if unknown:
+                known = " ".join(f"{{{name}}}" for name in ARG_PLACEHOLDERS)
+                raise ValueError(f"uses an unknown placeholder {{{unknown[0]}}} in {item!r} (known: {known})")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise ValueError(f"has {name!r}, which is not an environment variable name")
+        return value
+
+
+FIELDS: tuple[str, ...] = tuple(PodConfig.model_fields)
+
+
+def load_pod_config(path: Path, *, missing_ok: bool = False) -> PodConfig:
+    """Read and check ``path``. Every problem is a one-line ``ConfigError``; a missing file is one too unless
+    ``missing_ok``, in which case the defaults apply."""
+    name = str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return PodConfig()
+        raise ConfigError(f"{name}: no such file; copy pod_config.json from the repository (or README.md) and edit it"
+                          ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{name}: is a directory, not a JSON file") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: is not UTF-8 text (bad byte at offset {exc.start})") from None
+    if not text.strip():
+        raise ConfigError(f'{name}: is empty; it must hold a JSON object such as {{"modelStoreId": "..."}}')
+    return pod_config_from_dict(parse_json(name, text), source=name)
+
+
+def pod_config_from_dict(data: Any, source: str = "pod_config.json") -> PodConfig:
+    """Check an already parsed document (``source`` names it in messages)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: must hold a JSON object {{...}} at the top level, not {_json_type(data)}")
+    for key, value in data.items():
+        if key not in PodConfig.model_fields:
+            raise ConfigError(f"{source}: unknown key {key}={_short(value)}{_suggest_key(key)}")
+    try:
+        return PodConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if errors[1:] else ""
+        raise ConfigError(f"{source}: {_describe(errors[0])}{more}") from None
+
+
+class _NotPlainJson(Exception):
+    """Valid to ``json.loads`` but not to a person reading the file: a repeated key, NaN or Infinity."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _NotPlainJson(f"key {key} appears more than once; keep one")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotPlainJson(f"{name} is not a JSON number; write a plain number")
+
+
+def parse_json(name: str, text: str) -> Any:
+    """``json.loads`` with a one-line ``ConfigError`` (line, column and a hint) for anything JSON does not allow,
+    including duplicate keys and NaN/Infinity."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        what = exc.msg.removesuffix(" starting at")
+        raise ConfigError(f"{name}: invalid JSON at line {exc.lineno}, column {exc.colno}: {what}"
+                          f"{_json_hint(text, exc.pos)}") from None
+    except _NotPlainJson as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{name}: is nested too deeply to be a config file") from None
+
+
+def _json_hint(text: str, pos: int) -> str:
+    rest = text[pos:].lstrip()
+    before = text[:pos].rstrip()
+    if rest.startswith(("//", "/*", "#")):
+        return " (JSON has no comments: see README.md for what each key means)"
+    if rest.startswith(("True", "False", "None")):
+        return " (JSON writes true, false and null in lower case)"
+    if rest.startswith("'"):
+        return " (JSON strings use double quotes)"
+    if before.endswith(",") and rest[:1] in ("}", "]"):
+        return " (JSON allows no comma before a closing bracket)"
+    if not rest:
+        return " (the file ends too early: is it cut short?)"
+    return ""
+
+
+def _suggest_key(key: str) -> str:
+    folded = key.casefold().replace("-", "_")
+    by_fold = {field.casefold(): field for field in FIELDS}
+    if folded in by_fold:
+        return f" (did you mean {by_fold[folded]}?)"
+    if folded in KEY_ALIASES or folded.replace("_", "") in KEY_ALIASES:
+        return f" (did you mean {KEY_ALIASES.get(folded) or KEY_ALIASES[folded.replace('_', '')]}?)"
+    close = difflib.get_close_matches(folded, list(by_fold), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {by_fold[close[0]]}?)"
+    return " (see README.md for the keys pod_config.json may hold)"
+
+
+def _describe(error: Any) -> str:
+    loc = error["loc"]
+    key = str(loc[0]) if loc else "?"
+    for part in loc[1:]:
+        key += f"[{part!r}]" if part != "[key]" else ""
+    value = error.get("input")
+    kind = str(error["type"])
+    ctx = error.get("ctx") or {}
+    if kind.split("_")[0] in _TYPE_WORDS and kind.endswith(("_type", "_parsing", "_from_float")):
+        what = _TYPE_WORDS[kind.split("_")[0]]
+        if key in ("template_id", "max_model_len", "max_hourly_cost", "command"):
+            what += " or null"
+    elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        limit = next(iter(ctx.values()))
+        words = {"greater_than_equal": "at least", "greater_than": "more than",
+                 "less_than_equal": "at most", "less_than": "less than"}
+        what = f"must be {words[kind]} {limit}"
+    elif kind == "literal_error":
+        what = f"must be {ctx.get('expected', '')}"
+    elif kind in ("string_too_short", "too_short"):
+        what = "must not be empty"
+    else:
+        what = str(error["msg"]).removeprefix("Value error, ")
+        if isinstance(value, (list, dict)):  # our own checks name the bad item themselves
+            return f"{key} {what}"
+    if key == "env" or key.startswith("env[") or (key == "hf_token_env" and _looks_secret(value)):
+        return f"{key} {what}"  # may be a secret: never echoed
+    return f"{key}={_short(value)} {what}"
+
+
+def _looks_secret(value: Any) -> bool:
+    return isinstance(value, str) and (value.startswith("hf_") or len(value) >= 24)
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a readable length, with anything shaped like a token hidden."""
+    text = _TOKEN.sub(lambda match: match.group(1) + "***", repr(value))
+    return text if len(text) <= _MAX_REPR else text[: _MAX_REPR - 3] + "..."
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "true/false", int: "a number", float: "a number"}
+    return names.get(type(value), "null" if value is None else type(value).__name__)
+
+
+def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+    """Raise ``ConfigError`` unless ``host:port`` can be bound now (something else listens there, or it is a
+    privileged port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if sys.platform != "win32":  # as uvicorn does: a port in TIME_WAIT is free
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EACCES:
+                raise ConfigError(f"proxy_port {port} cannot be used: permission denied (ports below 1024 need "
+                                  "root); choose another proxy_port in pod_config.json") from None
+            raise ConfigError(f"proxy_port {port} is in use by another program: {exc.strerror or exc} (stop it, "
+                              "or choose another proxy_port in pod_config.json)") from None
