@@ -1,0 +1,177 @@
+"""``manage_pod.py``: argument parsing, and the one place where our errors become messages and exit codes.
+
+Exit codes: 0 done; 1 a pod or RunPod problem; 2 bad configuration or RunPod key (nothing was created);
+3 another manage_pod.py holds the lock; 4 a pod could not be confirmed terminated (it may be billing);
+130 interrupted (any pod being created was terminated first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+import httpx
+
+from llmpod import report
+from llmpod.catalog import DEFAULT_HF_API_BASE, Catalog, load_catalog, refresh_catalog, validate_config
+from llmpod.errors import ConfigError, LlmpodError
+from llmpod.lifecycle import Reporter, Session
+from llmpod.pod_config import PodConfig, load_pod_config
+from llmpod.providers import LocalProvider, Provider, RunPodProvider
+from llmpod.runpod_api import DEFAULT_API_BASE, POD_URL_TEMPLATE, RunPodClient
+from llmpod.state import RuntimePaths, load_state
+
+DESCRIPTION = """Start, watch and stop a vLLM pod on RunPod, with a caching OpenAI proxy on localhost.
+
+  python3 manage_pod.py            create (or reuse) the pod, start the proxy, print the endpoint
+  python3 manage_pod.py --local    the same with a local mock vLLM process: no account, no GPU
+  python3 manage_pod.py --status   what runs, what it costs, when it stops
+  python3 manage_pod.py --shutdown terminate the pod and stop everything (the cache is kept)
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="manage_pod.py", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("pod_config.json"),
+                        help="pod configuration file (default ./pod_config.json); state files live beside it")
+    parser.add_argument("--local", action="store_true", help="run a local process instead of a RunPod pod")
+    parser.add_argument("--verbose", "-v", action="store_true", help="more detail (status, catalog figures)")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--status", action="store_true", help="show the pod, its cost and the proxy")
+    action.add_argument("--shutdown", action="store_true", help="terminate the pod, stop the proxy and watchdog")
+    action.add_argument("--refresh-catalog", action="store_true", help="update the GPU and model catalog")
+    action.add_argument("--extend", type=int, metavar="SECONDS", help="push the pod's expiry back")
+    action.add_argument("--logs", action="store_true", help="follow the pod's log")
+    action.add_argument("--watchdog", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--all", action="store_true", help="with --shutdown: every pod named llmpod-*")
+    parser.add_argument("--json", action="store_true", help="with --status: machine-readable output")
+    args = parser.parse_args(argv)
+    if args.all and not args.shutdown:
+        parser.error("--all goes with --shutdown")
+    if args.extend is not None and args.extend <= 0:
+        parser.error("--extend takes a positive number of seconds")
+    return args
+
+
+def build_session(args: argparse.Namespace, reporter: Reporter) -> Session:
+    config_path = args.config.resolve()
+    # --local works in an empty directory: the defaults run the mock vLLM server
+    config = load_pod_config(config_path) if config_path.exists() or not args.local else PodConfig(provider="local")
+    if args.local:
+        config = config.model_copy(update={"provider": "local"})
+    paths = RuntimePaths(config_path.parent)
+    paths.ensure()
+    catalog = load_catalog(paths.catalog)
+    provider = make_provider(config, paths)
+    if not args.watchdog:
+        provider.check_access()  # a missing or revoked key is one line and exit 2, before anything else
+    if config.provider == "local":
+        model, gpus = catalog.model(config.modelStoreId), []
+    else:
+        model, gpus = validate_config(config, catalog)
+        if args.verbose and catalog.gpus_source == "built-in" and not args.refresh_catalog:
+            reporter.say(f"note: GPU catalog from {catalog.gpus_source} data "
+                         "(run `python3 manage_pod.py --refresh-catalog` for RunPod's prices and stock)")
+    return Session(config=config, config_path=config_path, paths=paths, provider=provider, catalog=catalog,
+                   model=model, gpus=gpus, reporter=reporter)
+
+
+def make_provider(config: PodConfig, paths: RuntimePaths) -> Provider:
+    if config.provider == "local":
+        return LocalProvider(config, paths.pod_log)
+    key = os.environ.get("RUNPOD_API_KEY", "").strip()
+    if not key:
+        raise ConfigError("RUNPOD_API_KEY is not set: create an API key at https://console.runpod.io/user/settings "
+                          "and `export RUNPOD_API_KEY=...` (or use --local to try without an account)")
+    client = RunPodClient(key, os.environ.get("RUNPOD_API_BASE") or DEFAULT_API_BASE)
+    return RunPodProvider(client, config, os.environ.get("RUNPOD_POD_URL_TEMPLATE") or POD_URL_TEMPLATE)
+
+
+def refresh(session: Session, verbose: bool) -> Catalog:
+    gpu_source = None
+    if isinstance(session.provider, RunPodProvider):
+        client = session.provider.client
+        cloud = session.config.cloud_type
+        gpu_source = lambda: client.gpu_types(cloud)  # noqa: E731
+    with httpx.Client(timeout=10.0) as hub:
+        catalog, notes = refresh_catalog(session.paths.catalog, gpu_source=gpu_source, hub=hub,
+                                         hf_api_base=os.environ.get("HF_API_BASE") or DEFAULT_HF_API_BASE)
+    for note in notes:
+        session.reporter.say(note)
+    return catalog
+
+
+def report_leaks(session: Session) -> None:
+    """Every run says which of the account's llmpod-* pods this directory does not know, even when its
+    state file is damaged (then all of them are listed before the error)."""
+    try:
+        known = load_state(session.paths)
+    except ConfigError:
+        session.report_leaks(None)
+        raise
+    session.report_leaks(known)
+
+
+def run(args: argparse.Namespace) -> int:
+    reporter = Reporter()
+    session = build_session(args, reporter)
+    try:
+        if args.watchdog:
+            from llmpod.watchdog import run_watchdog
+
+            return run_watchdog(session)
+        if args.status or (args.shutdown and not args.all):
+            report_leaks(session)
+        if args.shutdown:
+            result = session.shutdown(all_ours=args.all)
+            print(report.shutdown_text(result))
+            return 0
+        if args.status:
+            data = report.status(session)
+            print(json.dumps(data, indent=2) if args.json else report.status_text(data))
+            return 0
+        if args.extend is not None:
+            state = session.extend(args.extend)
+            print(f"pod {state.pod_name} now expires {report._clock(state.expires_at)}")
+            return 0
+        if args.refresh_catalog:
+            print(report.catalog_text(refresh(session, args.verbose), args.verbose))
+            return 0
+        if args.logs:
+            state, _ = session.reconcile()
+            if state is None or state.pod_id is None:
+                raise LlmpodError("no pod is running from this directory")
+            for line in session.provider.follow_logs(state.pod_id):
+                print(line, flush=True)
+            return 0
+        state = session.up()
+        print(report.ready_text(session, state))
+        if args.verbose:
+            print(report.status_text(report.status(session)))
+        return 0
+    finally:
+        session.provider.close()
+
+
+def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # so a pod being created is terminated before we go, exactly as for Ctrl-C
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.watchdog:
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        return run(args)
+    except LlmpodError as exc:
+        print(f"manage_pod.py: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("manage_pod.py: interrupted", file=sys.stderr)
+        return 130

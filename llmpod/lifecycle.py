@@ -1,0 +1,415 @@
+"""The pod's life: reconcile, create (recording first), wait until vLLM answers, serve, shut down.
+
+Rules that keep users' bills safe (reference: lifecycle.md section 4, runpod.md section 7):
+* the intent (unique prefixed name) is saved before the create call, the id the moment RunPod returns it;
+* anything that goes wrong (an exception, Ctrl-C, SIGTERM) while creating or waiting terminates the pod;
+* a 5xx on create is followed by a lookup by name before any retry (the pod may exist anyway);
+* termination is verified by reading the pod back, retried for a bounded time, and reported loudly if
+  it cannot be confirmed; RunPod, not the state file, is the truth about what runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from llmpod import processes
+from llmpod.catalog import Catalog, GpuEntry, ModelEntry
+from llmpod.errors import CleanupFailedError, ConfigError, NoCapacityError, PodError, RunPodError, RunPodUnavailable
+from llmpod.pod_config import PodConfig, check_port_free
+from llmpod.providers import REPO_ROOT, PodInfo, PodSpec, Provider
+from llmpod.state import (
+    POD_NAME_PREFIX,
+    PodState,
+    RuntimePaths,
+    clear_state,
+    exclusive,
+    load_state,
+    record_last_session,
+    save_state,
+)
+
+PROXY_MARKER = "proxy_fastapi.py"
+WATCHDOG_MARKER = "--watchdog"
+CREATE_ATTEMPTS = 3  # per GPU type, for 5xx answers after which no pod was found by name
+TERMINATE_DEADLINE = 180.0
+LOCK_WAIT = 3600.0  # a second manage_pod.py waits for the first to finish creating, then reuses its pod
+
+
+@contextlib.contextmanager
+def _uninterruptible() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Reporter:
+    """Progress on stderr: a line per phase change, and a heartbeat line while a phase lasts."""
+
+    def __init__(self, stream: Any = None, heartbeat: float = 15.0) -> None:
+        self.stream = stream or sys.stderr
+        self.heartbeat = heartbeat
+        self._phase = ""
+        self._last = 0.0
+
+    def say(self, message: str) -> None:
+        print(message, file=self.stream, flush=True)
+
+    def phase(self, phase: str, detail: str = "") -> None:
+        now = time.monotonic()
+        if phase != self._phase or now - self._last >= self.heartbeat:
+            self.say(f"[{phase}] {detail}".rstrip())
+            self._phase, self._last = phase, now
+
+
+@dataclass
+class Session:
+    config: PodConfig
+    config_path: Path
+    paths: RuntimePaths
+    provider: Provider
+    catalog: Catalog
+    model: ModelEntry
+    gpus: list[GpuEntry]
+    reporter: Reporter = field(default_factory=Reporter)
+    sleep: Callable[[float], None] = time.sleep
+
+    # ----------------------------------------------------------------- reconcile
+    def reconcile(self) -> tuple[PodState | None, PodInfo | None]:
+        """The saved state checked against the provider; a state whose pod is gone is cleared."""
+        state = load_state(self.paths)
+        if state is None:
+            return None, None
+        pod = self.provider.get(state.pod_id) if state.pod_id else self.provider.find_by_name(state.pod_name)
+        if pod is None and state.phase != "creating":
+            self.reporter.say(f"pod {state.pod_name} ({state.pod_id}) no longer exists (terminated or reclaimed "
+                              "by RunPod); forgetting it")
+            self._stop_helpers()
+            record_last_session(self.paths, state, "pod disappeared", None)
+            clear_state(self.paths)
+            return None, None
+        return state, pod
+
+    def leaked(self, known: PodState | None) -> list[PodInfo]:
+        """Pods carrying our prefix that this directory's state does not know."""
+        try:
+            ours = self.provider.list_ours()
+        except RunPodError as exc:
+            self.reporter.say(f"warning: could not list pods to look for leaked ones: {exc}")
+            return []
+        known_ids = {known.pod_id, known.pod_name} if known else set()
+        return [p for p in ours if p.id not in known_ids and p.name not in known_ids]
+
+    def report_leaks(self, known: PodState | None) -> list[PodInfo]:
+        leaks = self.leaked(known)
+        for pod in leaks:
+            self.reporter.say(f"warning: pod {pod.name} ({pod.id}, {pod.status}, ${pod.cost_per_hour:.2f}/h) is not "
+                              f"recorded in {self.paths.state_file}: remove it with "
+                              "`python3 manage_pod.py --shutdown --all`")
+        return leaks
+
+    # ----------------------------------------------------------------- up
+    def up(self) -> PodState:
+        """Reuse the recorded pod if it lives, else create one; then make sure proxy and watchdog run."""
+        with exclusive(self.paths, LOCK_WAIT, "waiting for another manage_pod.py in this directory to finish…"):
+            state, pod = self.reconcile()
+            self.report_leaks(state)
+            if state is not None and time.time() >= state.expires_at:
+                self.reporter.say(f"pod {state.pod_name} passed its expiry: terminating it")
+                self._terminate_recorded(state, "expired (runtime_seconds)")
+                state, pod = None, None
+            if state is not None and pod is not None and state.phase == "ready":
+                self.reporter.say(f"reusing pod {state.pod_name} ({state.pod_id})")
+            elif state is not None:
+                state = self._resume(state, pod)
+            else:
+                state = self._create()
+            self.ensure_proxy(state)
+            self.ensure_watchdog()
+            return state
+
+    def _resume(self, state: PodState, pod: PodInfo | None) -> PodState:
+        """A previous run died while creating or waiting: adopt its pod if it lives, else start over."""
+        deadline = state.created_at + self.config.ready_timeout_seconds
+        if pod is None or not pod.alive or time.time() >= deadline:
+            self.reporter.say(f"a previous run left pod {state.pod_name} unfinished: removing it and starting over")
+            self._terminate_recorded(state, "abandoned while starting")
+            return self._create()
+        self.reporter.say(f"resuming pod {state.pod_name} ({pod.id}) left starting by a previous run")
+        state.pod_id, state.phase, state.upstream_url = pod.id, "waiting", pod.url
+        save_state(self.paths, state)
+        return self._guarded(state, lambda: self._wait_ready(state, pod, deadline))
+
+    def _create(self) -> PodState:
+        if self._proxy_pid() is None:
+            check_port_free(self.config.proxy_port)  # before anything is created or billed
+        now = time.time()
+        max_len = self.config.max_model_len or self.model.context_length
+        state = PodState(
+            provider=self.provider.kind, phase="creating", pod_name=f"{POD_NAME_PREFIX}{uuid.uuid4().hex[:8]}",
+            model_id=self.model.id, served_model=self.model.id, vllm_api_key=secrets.token_urlsafe(32),
+            created_at=now, expires_at=now + self.config.runtime_seconds,
+            idle_timeout_seconds=self.config.idle_timeout_seconds, proxy_port=self.config.proxy_port,
+        )
+        save_state(self.paths, state)  # the intent, before anything can bill
+        spec = PodSpec(state.pod_name, None, self.model, state.served_model, max_len,
+                       state.vllm_api_key.get_secret_value())
+        return self._guarded(state, lambda: self._create_and_wait(state, spec))
+
+    def _guarded(self, state: PodState, work: Callable[[], PodState]) -> PodState:
+        """Run ``work``; on any failure or interruption, terminate the pod it was making."""
+        try:
+            return work()
+        except BaseException as exc:
+            why = "interrupted" if isinstance(exc, KeyboardInterrupt | SystemExit) else f"failed: {exc}"
+            self.reporter.say(f"start-up {why.split(':')[0]}: terminating pod {state.pod_name} so it stops billing")
+            try:
+                with _uninterruptible():  # a second Ctrl-C must not abandon the pod half-terminated
+                    self._terminate_recorded(state, f"start-up {why}")
+            except CleanupFailedError as cleanup:
+                raise cleanup from exc
+            raise
+
+    def _create_and_wait(self, state: PodState, spec: PodSpec) -> PodState:
+        pod = self._create_with_failover(state, spec)
+        deadline = state.created_at + self.config.ready_timeout_seconds
+        return self._wait_ready(state, pod, deadline)
+
+    def _create_with_failover(self, state: PodState, spec: PodSpec) -> PodInfo:
+        tried = []
+        for gpu in self.gpus if self.provider.kind == "runpod" else [None]:
+            gpu_spec = PodSpec(spec.name, gpu, spec.model, spec.served_model, spec.max_model_len, spec.api_key)
+            label = gpu.id if gpu else "local process"
+            for attempt in range(1, CREATE_ATTEMPTS + 1):
+                self.reporter.phase("create", f"asking for {label} (attempt {attempt})")
+                try:
+                    pod = self.provider.create(gpu_spec)
+                except NoCapacityError as exc:
+                    tried.append(f"{label}: {exc}")
+                    break
+                except RunPodUnavailable as exc:
+                    # the create may have happened anyway: look for our unique name before trying again
+                    pod = self._find_after_failed_create(state.pod_name)
+                    if pod is None:
+                        tried.append(f"{label}: {exc}")
+                        self.sleep(min(2.0 ** attempt, 10.0))
+                        continue
+                self._record_created(state, pod)
+                if self.config.max_hourly_cost is not None and pod.cost_per_hour > self.config.max_hourly_cost:
+                    self.reporter.say(f"{label} costs ${pod.cost_per_hour:.2f}/h, over max_hourly_cost: "
+                                      "trying the next GPU type")
+                    self._terminate_verified(pod.id)
+                    state.pod_id = None
+                    save_state(self.paths, state)
+                    break
+                return pod
+        raise PodError("no GPU could be had: " + "; ".join(tried) if tried else "no GPU type to try")
+
+    def _find_after_failed_create(self, name: str) -> PodInfo | None:
+        for _ in range(3):
+            try:
+                return self.provider.find_by_name(name)
+            except RunPodError:
+                self.sleep(2.0)
+        return None
+
+    def _record_created(self, state: PodState, pod: PodInfo) -> None:
+        state.pod_id, state.phase = pod.id, "waiting"
+        state.gpu_type_id, state.cost_per_hour, state.upstream_url = pod.gpu_id, pod.cost_per_hour, pod.url
+        save_state(self.paths, state)
+        self.reporter.say(f"created pod {pod.name} ({pod.id}) on {pod.gpu_id or 'this machine'} "
+                          f"at ${pod.cost_per_hour:.2f}/h")
+
+    def _wait_ready(self, state: PodState, pod: PodInfo, deadline: float) -> PodState:
+        started = time.monotonic()
+        interval = 0.5
+        assert state.pod_id is not None
+        while True:
+            info = self.provider.get(state.pod_id)
+            if info is None or not info.alive:
+                tail = "; ".join(self.provider.logs(state.pod_id, 5))
+                raise PodError(f"pod {state.pod_name} stopped while starting ({info.status if info else 'gone'})"
+                               + (f"; last log lines: {tail}" if tail else ""))
+            if info.running and self._vllm_ready(info.url, state):
+                break
+            phase = "loading model" if info.running else info.status.lower()
+            last = self.provider.logs(state.pod_id, 1) if self.provider.kind == "runpod" else []
+            self.reporter.phase(phase, f"{time.monotonic() - started:.0f}s, ${info.cost_per_hour:.2f}/h"
+                                + (f" | {last[-1][:120]}" if last else ""))
+            if time.time() >= deadline:
+                raise PodError(f"pod {state.pod_name} was not ready within ready_timeout_seconds="
+                               f"{self.config.ready_timeout_seconds}")
+            self.sleep(interval)
+            interval = min(interval * 1.5, 5.0)
+        state.phase, state.ready_at, state.upstream_url = "ready", time.time(), info.url
+        save_state(self.paths, state)
+        self.reporter.say(f"vLLM is serving {state.served_model} after {time.monotonic() - started:.0f}s")
+        return state
+
+    def _vllm_ready(self, url: str, state: PodState) -> bool:
+        """vLLM's /health answers 200 and /v1/models lists our model (502 or refused while it loads)."""
+        root = url[: -len("/v1")]
+        headers = {"Authorization": f"Bearer {state.vllm_api_key.get_secret_value()}"}
+        try:
+            with httpx.Client(timeout=10.0) as http:
+                if http.get(f"{root}/health").status_code != 200:
+                    return False
+                models = http.get(f"{url}/models", headers=headers)
+        except httpx.HTTPError:
+            return False
+        if models.status_code == 401:
+            raise PodError("vLLM refused the key this program gave it (VLLM_API_KEY); the pod is misconfigured")
+        try:
+            return any(m.get("id") == state.served_model for m in models.json().get("data", []))
+        except (ValueError, AttributeError):
+            return False
+
+    # ----------------------------------------------------------------- proxy and watchdog
+    def _proxy_pid(self) -> int | None:
+        return processes.running(self.paths.proxy_pid, PROXY_MARKER)
+
+    def proxy_url(self, state: PodState | None = None) -> str:
+        return f"http://127.0.0.1:{state.proxy_port if state else self.config.proxy_port}"
+
+    def proxy_health(self, state: PodState | None = None) -> dict[str, Any] | None:
+        try:
+            response = httpx.get(f"{self.proxy_url(state)}/health", timeout=3.0)
+            return response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def proxy_metrics(self, state: PodState | None = None) -> dict[str, Any] | None:
+        headers = {"Authorization": f"Bearer {os.environ['PROXY_API_KEY']}"} if os.environ.get("PROXY_API_KEY") else {}
+        try:
+            response = httpx.get(f"{self.proxy_url(state)}/metrics", headers=headers, timeout=3.0)
+            return response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def ensure_proxy(self, state: PodState) -> None:
+        pid = self._proxy_pid()
+        health = self.proxy_health(state) if pid else None
+        if pid and health and health.get("endpoint") == state.upstream_url:
+            return
+        if pid:
+            processes.stop_pidfile(self.paths.proxy_pid, PROXY_MARKER)
+        check_port_free(state.proxy_port)
+        assert state.upstream_url is not None
+        env = {**os.environ, "RUNPOD_ENDPOINT": state.upstream_url,
+               "UPSTREAM_API_KEY": state.vllm_api_key.get_secret_value(), "PROXY_HOST": "127.0.0.1",
+               "PROXY_PORT": str(state.proxy_port), "CACHE_DIR": self.config.cache_dir,
+               "MAX_CACHE_SIZE": str(self.config.max_cache_size), "CACHE_SIZE_BYTES": str(self.config.max_cache_bytes),
+               "ENABLE_PROFILING": "1" if self.config.enable_profiling else "0", "LOG_FILE": ""}
+        processes.spawn_detached([sys.executable, str(REPO_ROOT / "proxy_fastapi.py")], env=env,
+                                 log_path=self.paths.proxy_log, pid_path=self.paths.proxy_pid)
+        deadline = time.monotonic() + 20
+        while self.proxy_health(state) is None:
+            if time.monotonic() > deadline or self._proxy_pid() is None:
+                raise PodError(f"the proxy did not start on port {state.proxy_port}; see {self.paths.proxy_log}")
+            time.sleep(0.1)
+
+    def ensure_watchdog(self) -> None:
+        if processes.running(self.paths.watchdog_pid, WATCHDOG_MARKER):
+            return
+        argv = [sys.executable, str(REPO_ROOT / "manage_pod.py"), WATCHDOG_MARKER, "--config", str(self.config_path)]
+        processes.spawn_detached(argv, env=dict(os.environ), log_path=self.paths.watchdog_log,
+                                 pid_path=self.paths.watchdog_pid, cwd=self.paths.root)
+
+    def _stop_helpers(self, keep_watchdog: bool = False) -> None:
+        if not keep_watchdog and not processes.stop_pidfile(self.paths.watchdog_pid, WATCHDOG_MARKER):
+            self.reporter.say("warning: the watchdog did not exit")
+        if not processes.stop_pidfile(self.paths.proxy_pid, PROXY_MARKER):
+            self.reporter.say("warning: the proxy did not exit")
+
+    # ----------------------------------------------------------------- shutdown
+    def spend(self, state: PodState, pod: PodInfo | None = None) -> float:
+        rate = pod.cost_per_hour if pod and pod.cost_per_hour else (state.cost_per_hour or 0.0)
+        return rate * max(0.0, time.time() - state.created_at) / 3600
+
+    def shutdown(self, *, all_ours: bool = False, reason: str = "requested",
+                 from_watchdog: bool = False) -> dict[str, Any]:
+        """Terminate the recorded pod (and with ``all_ours`` every pod with our prefix), stop the helpers,
+        forget the state. Idempotent. The cache is kept."""
+        with exclusive(self.paths, 60.0, "waiting for another manage_pod.py in this directory…"):
+            try:
+                state = load_state(self.paths)
+            except ConfigError:
+                if not all_ours:
+                    raise
+                state = None
+            removed: list[str] = []
+            spend = None
+            if state is not None:
+                spend = self.spend(state, self.provider.get(state.pod_id) if state.pod_id else None)
+                removed += self._terminate_recorded(state, reason, keep_watchdog=from_watchdog)
+            if all_ours:
+                for pod in self.provider.list_ours():
+                    self._terminate_verified(pod.id)
+                    removed.append(pod.id)
+            if state is None:
+                self._stop_helpers(keep_watchdog=from_watchdog)
+            return {"terminated": removed, "spend_usd": spend, "reason": reason, "had_state": state is not None}
+
+    def _terminate_recorded(self, state: PodState, reason: str, keep_watchdog: bool = False) -> list[str]:
+        state.phase = "terminating"
+        save_state(self.paths, state)
+        removed = []
+        pod_id = state.pod_id
+        if pod_id is None:  # killed between the create call and its answer: find the pod by its name
+            found = self.provider.find_by_name(state.pod_name)
+            pod_id = found.id if found else None
+        if pod_id is not None:
+            spend = self.spend(state)
+            self._terminate_verified(pod_id)
+            removed.append(pod_id)
+        else:
+            spend = 0.0
+        self._stop_helpers(keep_watchdog=keep_watchdog)
+        record_last_session(self.paths, state, reason, spend)
+        clear_state(self.paths)
+        return removed
+
+    def _terminate_verified(self, pod_id: str) -> None:
+        """DELETE, then read back until the pod is gone; retried for a bounded time, loud if it never goes."""
+        deadline = time.monotonic() + TERMINATE_DEADLINE
+        delay, last_error = 1.0, ""
+        while time.monotonic() < deadline:
+            try:
+                self.provider.terminate(pod_id)
+                if self.provider.get(pod_id) is None:
+                    return
+            except RunPodError as exc:
+                last_error = str(exc)
+            self.sleep(delay)
+            delay = min(delay * 2, 15.0)
+        raise CleanupFailedError(
+            f"pod {pod_id} could not be confirmed terminated ({last_error or 'it still exists'}); it may still be "
+            f"billing: terminate it at https://console.runpod.io/pods, then run `python3 manage_pod.py --shutdown`")
+
+    # ----------------------------------------------------------------- small commands
+    def extend(self, seconds: int) -> PodState:
+        with exclusive(self.paths, 60.0):
+            state = load_state(self.paths)
+            if state is None:
+                raise PodError("no pod to extend: start one with `python3 manage_pod.py`")
+            state.expires_at = max(state.expires_at, time.time()) + seconds
+            save_state(self.paths, state)
+            return state

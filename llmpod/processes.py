@@ -1,0 +1,136 @@
+"""Detached helper processes (the proxy, the watchdog, a local "pod"): start, find, stop, verify.
+
+Each runs in its own session (Ctrl-C in the user's terminal does not reach it) with output to a log file and
+its pid in a pid file. A pid file is trusted only if that pid still runs a command line carrying the
+expected marker, so a recycled pid is never signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+# Popen objects of the processes we started. Kept so that they are never garbage-collected while their
+# process runs on purpose (Popen warns about that); alive() reaps any that exit.
+_SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
+def spawn_detached(argv: Sequence[str], *, env: Mapping[str, str], log_path: Path, pid_path: Path | None,
+                   cwd: Path | None = None) -> int:
+    """Start ``argv`` in a new session; secrets go in ``env``, never in ``argv`` (``ps`` shows argv)."""
+    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        process = subprocess.Popen(list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=fd,
+                                   stderr=fd, start_new_session=True, close_fds=True)
+    finally:
+        os.close(fd)
+    _SPAWNED.append(process)
+    if pid_path is not None:
+        write_pid(pid_path, process.pid)
+    return process.pid
+
+
+def write_pid(pid_path: Path, pid: int) -> None:
+    from llmpod.state import write_private
+
+    write_private(pid_path, f"{pid}\n".encode())
+
+
+def read_pid(pid_path: Path) -> int | None:
+    try:
+        text = pid_path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie (a zombie has exited; it only waits to be reaped)."""
+    _reap(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def running(pid_path: Path, marker: str) -> int | None:
+    """The pid in ``pid_path`` if it is alive and its command line contains ``marker``."""
+    pid = read_pid(pid_path)
+    if pid is None or not alive(pid) or marker not in cmdline(pid):
+        return None
+    return pid
+
+
+def stop(pid: int, grace: float = 10.0) -> bool:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; True once the process is verified gone."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not alive(pid):
+                return True
+            time.sleep(0.05)
+    return not alive(pid)
+
+
+def stop_pidfile(pid_path: Path, marker: str, grace: float = 10.0) -> bool:
+    """Stop the process named by ``pid_path`` (if it is ours) and remove the file. True if nothing is left."""
+    pid = running(pid_path, marker)
+    gone = True if pid is None else stop(pid, grace)
+    if gone:
+        with contextlib.suppress(FileNotFoundError):
+            pid_path.unlink()
+    return gone
+
+
+def find_by_environ(key: str, value: str) -> list[int]:
+    """Processes whose environment has ``key=value`` (how a leaked local "pod" is found again)."""
+    needle = f"{key}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def _reap(pid: int) -> None:
+    # a child of ours that exited stays a zombie until waited for; through its Popen when we have it, so
+    # that Popen knows it ended
+    for process in _SPAWNED:
+        if process.pid == pid:
+            if process.poll() is not None:
+                _SPAWNED.remove(process)
+            return
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)

@@ -1,0 +1,250 @@
+"""Where the pod runs: on RunPod (REST v2), or as a local process that stands in for it (``--local``).
+
+Both give the lifecycle the same small surface: create, get, find by name, list ours, terminate, logs.
+A local "pod" carries its name and port in its environment, so a leaked one is found again like a RunPod
+pod is: by our name prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from llmpod import processes
+from llmpod.catalog import GpuEntry, ModelEntry
+from llmpod.errors import PodError
+from llmpod.pod_config import PodConfig
+from llmpod.runpod_api import CreatePodRequest, GpuRequest, Pod, RunPodClient
+from llmpod.state import POD_NAME_PREFIX
+
+VLLM_PORT = 8000
+LIVE_STATUSES = ("PROVISIONING", "STARTING", "RUNNING")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    id: str
+    name: str
+    status: str
+    cost_per_hour: float
+    gpu_id: str | None
+    uptime_seconds: int | None
+    url: str  # OpenAI base URL, …/v1
+
+    @property
+    def alive(self) -> bool:
+        """Allocated and possibly billing (not exited, errored or terminated)."""
+        return self.status in LIVE_STATUSES
+
+    @property
+    def running(self) -> bool:
+        return self.status == "RUNNING"
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    name: str
+    gpu: GpuEntry | None
+    model: ModelEntry
+    served_model: str
+    max_model_len: int
+    api_key: str
+
+
+class Provider(Protocol):
+    kind: str
+
+    def check_access(self) -> None: ...
+    def create(self, spec: PodSpec) -> PodInfo: ...
+    def get(self, pod_id: str) -> PodInfo | None: ...
+    def find_by_name(self, name: str) -> PodInfo | None: ...
+    def list_ours(self) -> list[PodInfo]: ...
+    def terminate(self, pod_id: str) -> bool: ...
+    def logs(self, pod_id: str, tail: int) -> list[str]: ...
+    def follow_logs(self, pod_id: str) -> Iterator[str]: ...
+    def close(self) -> None: ...
+
+
+def vllm_args(spec: PodSpec, config: PodConfig, port: int = VLLM_PORT) -> list[str]:
+    """``vllm serve`` arguments: bind 0.0.0.0 (RunPod's proxy cannot reach 127.0.0.1), serve under our id."""
+    return ["--model", spec.model.hf_repo, "--host", "0.0.0.0", "--port", str(port),
+            "--served-model-name", spec.served_model, "--max-model-len", str(spec.max_model_len), *config.vllm_args]
+
+
+class RunPodProvider:
+    kind = "runpod"
+
+    def __init__(self, client: RunPodClient, config: PodConfig, url_template: str) -> None:
+        self.client = client
+        self.config = config
+        self.url_template = url_template
+
+    def url(self, pod_id: str) -> str:
+        return self.url_template.format(pod_id=pod_id, port=VLLM_PORT).rstrip("/") + "/v1"
+
+    def _info(self, pod: Pod) -> PodInfo:
+        return PodInfo(pod.id, pod.name, pod.status, pod.cost_per_hour, pod.gpu_id, pod.uptime_seconds,
+                       self.url(pod.id))
+
+    def check_access(self) -> None:
+        self.client.check_key()
+
+    def create(self, spec: PodSpec) -> PodInfo:
+        assert spec.gpu is not None
+        env = {"VLLM_API_KEY": spec.api_key}
+        hf_token = os.environ.get(self.config.hf_token_env)
+        if hf_token:
+            env["HF_TOKEN"] = hf_token
+        request = CreatePodRequest(
+            name=spec.name, image=self.config.image, templateId=self.config.template_id,
+            args=shlex.join(vllm_args(spec, self.config)), disk=self.config.container_disk_gb, env=env,
+            ports=[f"{VLLM_PORT}/http"], cloud=self.config.cloud_type, gpu=GpuRequest(id=spec.gpu.id, count=1),
+        )
+        return self._info(self.client.create_pod(request))
+
+    def get(self, pod_id: str) -> PodInfo | None:
+        pod = self.client.get_pod(pod_id)
+        return None if pod is None or pod.gone else self._info(pod)
+
+    def find_by_name(self, name: str) -> PodInfo | None:
+        return next((p for p in self.list_ours() if p.name == name), None)
+
+    def list_ours(self) -> list[PodInfo]:
+        return [self._info(p) for p in self.client.list_pods() if p.name.startswith(POD_NAME_PREFIX) and not p.gone]
+
+    def terminate(self, pod_id: str) -> bool:
+        return self.client.delete_pod(pod_id)
+
+    def logs(self, pod_id: str, tail: int) -> list[str]:
+        return self.client.pod_logs(pod_id, tail=tail)
+
+    def follow_logs(self, pod_id: str) -> Iterator[str]:
+        return self.client.follow_logs(pod_id)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class LocalProvider:
+    """A local OpenAI-compatible process as the "pod": by default the mock vLLM server."""
+
+    kind = "local"
+    NAME_VAR = "LLMPOD_POD_NAME"
+    PORT_VAR = "LLMPOD_POD_PORT"
+
+    def __init__(self, config: PodConfig, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+
+    def check_access(self) -> None:
+        return None
+
+    def create(self, spec: PodSpec) -> PodInfo:
+        port = _free_port()
+        env = {**os.environ, **self.config.env, "VLLM_API_KEY": spec.api_key, self.NAME_VAR: spec.name,
+               self.PORT_VAR: str(port)}
+        pid = processes.spawn_detached(self._argv(spec, port), env=env, log_path=self.log_path, pid_path=None)
+        return PodInfo(f"local-{pid}-{port}", spec.name, "RUNNING", 0.0, None, None, f"http://127.0.0.1:{port}/v1")
+
+    def _argv(self, spec: PodSpec, port: int) -> list[str]:
+        command = self.config.command or [sys.executable, str(REPO_ROOT / "mock_vllm_server.py")]
+        template = self.config.args or ["--host", "127.0.0.1", "--port", "{port}", "--model", "{model}",
+                                        "--served-model-name", "{served_model_name}",
+                                        "--max-model-len", "{max_model_len}"]
+        values = {"port": port, "model": spec.model.hf_repo, "served_model_name": spec.served_model,
+                  "max_model_len": spec.max_model_len}
+        try:
+            return [*command, *(arg.format(**values) for arg in template)]
+        except (KeyError, IndexError, ValueError) as exc:
+            raise PodError(f"pod_config.json: bad placeholder in local args: {exc}") from None
+
+    def get(self, pod_id: str) -> PodInfo | None:
+        pid, port = _parse_local_id(pod_id)
+        if pid is None or not processes.alive(pid):
+            return None
+        name = _environ_value(pid, self.NAME_VAR)
+        if name is None:
+            return None  # that pid now belongs to something else
+        return PodInfo(pod_id, name, "RUNNING", 0.0, None, None, f"http://127.0.0.1:{port}/v1")
+
+    def find_by_name(self, name: str) -> PodInfo | None:
+        return next((p for p in self.list_ours() if p.name == name), None)
+
+    def list_ours(self) -> list[PodInfo]:
+        found = []
+        for pid in _pids_with_var(self.NAME_VAR):
+            name = _environ_value(pid, self.NAME_VAR) or ""
+            port = _environ_value(pid, self.PORT_VAR) or "0"
+            if name.startswith(POD_NAME_PREFIX) and port.isdigit():
+                found.append(PodInfo(f"local-{pid}-{port}", name, "RUNNING", 0.0, None, None,
+                                     f"http://127.0.0.1:{port}/v1"))
+        return found
+
+    def terminate(self, pod_id: str) -> bool:
+        pid, _ = _parse_local_id(pod_id)
+        if pid is None or self.get(pod_id) is None:
+            return False
+        if not processes.stop(pid, grace=10):
+            raise PodError(f"local pod process {pid} did not exit; kill it with `kill -9 {pid}`")
+        return True
+
+    def logs(self, pod_id: str, tail: int) -> list[str]:
+        try:
+            return self.log_path.read_text(errors="replace").splitlines()[-tail:]
+        except OSError:
+            return []
+
+    def follow_logs(self, pod_id: str) -> Iterator[str]:
+        with open(self.log_path, errors="replace") as handle:
+            yield from (line.rstrip("\n") for line in handle.readlines()[-100:])
+            while self.get(pod_id) is not None:
+                line = handle.readline()
+                if line:
+                    yield line.rstrip("\n")
+                else:
+                    time.sleep(0.2)
+
+    def close(self) -> None:
+        return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _parse_local_id(pod_id: str) -> tuple[int | None, int]:
+    parts = pod_id.split("-")
+    if len(parts) != 3 or parts[0] != "local" or not parts[1].isdigit() or not parts[2].isdigit():
+        return None, 0
+    return int(parts[1]), int(parts[2])
+
+
+def _environ_value(pid: int, key: str) -> str | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    prefix = f"{key}=".encode()
+    for item in environ:
+        if item.startswith(prefix):
+            return item[len(prefix):].decode(errors="replace")
+    return None
+
+
+def _pids_with_var(key: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        pid = int(entry.name) if entry.name.isdigit() else 0
+        if pid and _environ_value(pid, key) is not None and processes.alive(pid):
+            pids.append(pid)
+    return pids

@@ -1,0 +1,124 @@
+"""What manage_pod.py prints: the ready summary, --status, --shutdown and the catalog, as data (for
+``--json``) and as text for people. Everything here goes to stdout; progress goes to stderr elsewhere."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from llmpod.catalog import Catalog
+from llmpod.lifecycle import Session
+from llmpod.state import PodState, load_state, read_last_session
+
+
+def _clock(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def status(session: Session) -> dict[str, Any]:
+    """The pod as RunPod (or the local process table) reports it, the session's clocks, and the proxy."""
+    state = load_state(session.paths)
+    if state is None:
+        return {"pod": None, "last_session": read_last_session(session.paths)}
+    now = time.time()
+    pod = session.provider.get(state.pod_id) if state.pod_id else session.provider.find_by_name(state.pod_name)
+    metrics = session.proxy_metrics(state)
+    health = session.proxy_health(state)
+    last_request = metrics.get("last_request_at") if metrics else None
+    idle_since = max(filter(None, [state.ready_at, last_request])) if (state.ready_at or last_request) else None
+    idle_left = (state.idle_timeout_seconds - (now - idle_since)) if state.idle_timeout_seconds and idle_since else None
+    return {
+        "pod": {
+            "id": state.pod_id, "name": state.pod_name, "provider": state.provider, "phase": state.phase,
+            "status": pod.status if pod else "GONE", "gpu": state.gpu_type_id,
+            "cost_per_hour": pod.cost_per_hour if pod else 0.0, "uptime_seconds": now - state.created_at,
+            "spend_usd": round(session.spend(state, pod), 4), "model": state.served_model,
+            "expires_at": _clock(state.expires_at), "expires_in_seconds": state.expires_at - now,
+            "idle_shutdown_in_seconds": idle_left,
+        },
+        "endpoint": f"{session.proxy_url(state)}/v1",
+        "proxy": {
+            "healthy": bool(health and health.get("status") == "healthy"),
+            "status": health.get("status") if health else "not running",
+            "cache_entries": metrics.get("cache_entries") if metrics else None,
+            "cache_hit_rate": metrics.get("cache_hit_rate") if metrics else None,
+            "requests_total": metrics.get("requests_total") if metrics else None,
+            "last_request_at": _clock(last_request),
+        },
+    }
+
+
+def status_text(report: dict[str, Any]) -> str:
+    pod = report["pod"]
+    if pod is None:
+        last = report.get("last_session")
+        lines = ["no pod is running from this directory"]
+        if last:
+            spend = last.get("spend_usd")
+            lines.append(f"last session ended {_clock(last.get('ended_at'))}: {last.get('reason')}"
+                         + (f" (spend ${spend:.2f})" if isinstance(spend, int | float) else ""))
+        return "\n".join(lines)
+    proxy = report["proxy"]
+    rows = [
+        ("pod", f"{pod['name']} ({pod['id']}) {pod['status']}"),
+        ("gpu", f"{pod['gpu'] or pod['provider']} at ${pod['cost_per_hour']:.2f}/h"),
+        ("model", pod["model"]),
+        ("uptime", _duration(pod["uptime_seconds"])),
+        ("spend so far", f"${pod['spend_usd']:.2f}"),
+        ("expires", f"{pod['expires_at']} (in {_duration(pod['expires_in_seconds'])})"),
+        ("idle shutdown", "off" if pod["idle_shutdown_in_seconds"] is None
+         else f"in {_duration(pod['idle_shutdown_in_seconds'])} without a request"),
+        ("endpoint", report["endpoint"]),
+        ("proxy", proxy["status"] + (f", {proxy['cache_entries']} cached answers, hit rate "
+                                     f"{proxy['cache_hit_rate']:.0%}, {proxy['requests_total']} requests"
+                                     if proxy["cache_entries"] is not None else "")),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def ready_text(session: Session, state: PodState) -> str:
+    endpoint = f"{session.proxy_url(state)}/v1"
+    return "\n".join([
+        f"ready: {endpoint}",
+        f"model:    {state.served_model}",
+        f"cost:     ${state.cost_per_hour or 0:.2f}/h, expires {_clock(state.expires_at)}"
+        + (f", idle shutdown after {state.idle_timeout_seconds // 60} min without a request"
+           if state.idle_timeout_seconds else ""),
+        f"Kilo Code: provider 'OpenAI Compatible', Base URL {endpoint}, API key 'none', "
+        f"model '{state.served_model}'",
+        "stop it:  python3 manage_pod.py --shutdown",
+    ])
+
+
+def shutdown_text(result: dict[str, Any]) -> str:
+    if not result["terminated"] and not result["had_state"]:
+        return "nothing was running; nothing to do"
+    spend = result.get("spend_usd")
+    pods = ", ".join(result["terminated"]) or "none"
+    return f"terminated: {pods}; proxy and watchdog stopped" + (f"; session spend ${spend:.2f}" if spend else "")
+
+
+def catalog_text(catalog: Catalog, verbose: bool) -> str:
+    lines = [f"models ({catalog.models_source}):"]
+    for model in catalog.models:
+        lines.append(f"  {model.id:<40} {model.name}" + (
+            f"  [{model.parameters_b:g}B {model.quantization or 'bf16'}, >= {model.min_gpu_memory_gb} GB, "
+            f"ctx {model.context_length}{', gated' if model.gated else ''}]" if verbose else ""))
+    lines.append(f"GPUs ({catalog.gpus_source}):")
+    for gpu in catalog.gpus:
+        price = f"${gpu.price_secure:.2f}/h" if gpu.price_secure is not None else "price unknown"
+        lines.append(f"  {gpu.id:<40} {gpu.memory_gb:>3} GB  {price}"
+                     + (f"  stock {gpu.availability}" if verbose and gpu.availability else ""))
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""What manage_pod.py knows between runs: ``pod_state.json`` (mode 0600: it holds the pod's vLLM key), the
+run directory for pid files and logs, and the lock that lets one manage_pod.py act at a time.
+
+The record is written *before* the create call (phase ``creating``, with the pod's unique name) and
+updated the moment RunPod returns an id, so a crash at any point leaves either a record or a pod whose
+name carries our prefix (found by the leaked-pods listing): never a pod billing with no trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from filelock import FileLock, Timeout
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_serializer
+
+from llmpod.errors import ConfigError, LockBusyError
+
+STATE_FILE = "pod_state.json"
+RUN_DIR = ".llmpod"
+POD_NAME_PREFIX = "llmpod-"
+Phase = Literal["creating", "waiting", "ready", "terminating"]
+
+
+class RuntimePaths:
+    """Every file manage_pod.py writes, relative to the directory holding the config file."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state_file = root / STATE_FILE
+        self.run_dir = root / RUN_DIR
+        self.lock_file = self.run_dir / "manage_pod.lock"
+        self.proxy_pid = self.run_dir / "proxy.pid"
+        self.watchdog_pid = self.run_dir / "watchdog.pid"
+        self.proxy_log = self.run_dir / "proxy.log"
+        self.watchdog_log = self.run_dir / "watchdog.log"
+        self.pod_log = self.run_dir / "local_pod.log"
+        self.catalog = self.run_dir / "catalog.json"
+        self.last_session = self.run_dir / "last_session.json"
+
+    def ensure(self) -> None:
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+class PodState(BaseModel):
+    """The one pod this directory manages."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    version: int = 1
+    provider: Literal["runpod", "local"]
+    phase: Phase
+    pod_name: str
+    pod_id: str | None = None
+    gpu_type_id: str | None = None
+    cost_per_hour: float | None = None
+    model_id: str
+    served_model: str
+    vllm_api_key: SecretStr
+    upstream_url: str | None = None  # the pod's OpenAI base URL, …/v1
+    created_at: float
+    ready_at: float | None = None
+    expires_at: float
+    idle_timeout_seconds: int
+    proxy_port: int
+    local_pid: int | None = None  # provider "local": the process standing in for the pod
+
+    @field_serializer("vllm_api_key", when_used="json")
+    def _reveal_key(self, value: SecretStr) -> str:
+        return value.get_secret_value()  # only into the 0600 state file
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically to ``path`` with mode 0600 from the first byte."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_state(paths: RuntimePaths, state: PodState) -> None:
+    write_private(paths.state_file, state.model_dump_json(indent=2).encode() + b"\n")
+
+
+def load_state(paths: RuntimePaths) -> PodState | None:
+    """The saved state, None when there is none. A damaged file is a one-line ConfigError."""
+    try:
+        raw = paths.state_file.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{paths.state_file}: cannot read it ({exc.strerror})") from None
+    try:
+        return PodState.model_validate(json.loads(raw))
+    except (ValueError, ValidationError) as exc:
+        reason = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else "not valid JSON"
+        raise ConfigError(
+            f"{paths.state_file} is damaged ({reason}); any pod it named is still listed below as not "
+            f"recorded: remove it with `python3 manage_pod.py --shutdown --all`, then delete the file"
+        ) from None
+
+
+def clear_state(paths: RuntimePaths) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        paths.state_file.unlink()
+
+
+def record_last_session(paths: RuntimePaths, state: PodState | None, reason: str, spend: float | None) -> None:
+    """Why the last session ended, for --status after the fact."""
+    paths.ensure()
+    entry: dict[str, Any] = {"ended_at": time.time(), "reason": reason, "spend_usd": spend,
+                             "pod_id": state.pod_id if state else None, "pod_name": state.pod_name if state else None}
+    write_private(paths.last_session, json.dumps(entry, indent=2).encode() + b"\n")
+
+
+def read_last_session(paths: RuntimePaths) -> dict[str, Any] | None:
+    try:
+        data = json.loads(paths.last_session.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+@contextlib.contextmanager
+def exclusive(paths: RuntimePaths, timeout: float, waiting_message: str | None = None) -> Iterator[None]:
+    """Hold the directory's lock. The OS releases it when its holder dies, so a stale lock from a killed
+    process is simply taken over."""
+    paths.ensure()
+    lock = FileLock(str(paths.lock_file), timeout=timeout)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if waiting_message:
+            import sys
+
+            print(waiting_message, file=sys.stderr)
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise LockBusyError(
+                f"another manage_pod.py is still working in {paths.root} (lock {paths.lock_file}); "
+                "wait for it, or stop it"
+            ) from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -1,0 +1,103 @@
+"""The watchdog: a detached ``manage_pod.py --watchdog`` that keeps the session honest while the user works.
+
+Every ``watchdog_interval_seconds`` it checks, in order: the pod's expiry (``runtime_seconds``, wall clock,
+so a laptop that slept past it shuts down on waking), idleness (no proxy request for
+``idle_timeout_seconds``, read from the proxy's ``/metrics``), that the pod still exists, and that the proxy
+answers (restarting it if not). When it ends a session it says why in its log and in last_session.json.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+
+from llmpod import processes
+from llmpod.errors import ConfigError, LlmpodError, RunPodAuthError, RunPodError
+from llmpod.lifecycle import PROXY_MARKER, Session
+from llmpod.state import clear_state, exclusive, load_state, record_last_session
+
+
+def log(message: str) -> None:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    print(f"{stamp} watchdog: {message}", flush=True)
+
+
+def run_watchdog(session: Session) -> int:
+    try:
+        return _loop(session)
+    finally:
+        # leave no pid file naming a process that is gone (unless a newer watchdog replaced it)
+        if processes.read_pid(session.paths.watchdog_pid) == os.getpid():
+            session.paths.watchdog_pid.unlink(missing_ok=True)
+
+
+def _loop(session: Session) -> int:
+    interval = float(session.config.watchdog_interval_seconds)
+    last_activity = time.time()
+    log(f"started (interval {interval:g}s)")
+    while True:
+        try:
+            ended = check_once(session, last_activity)
+        except ConfigError as exc:
+            log(f"stopping: {exc}")
+            return 1
+        except RunPodAuthError as exc:
+            log(f"RunPod refused the API key ({exc}); the pod cannot be checked or terminated from here: "
+                "fix RUNPOD_API_KEY and run `python3 manage_pod.py --shutdown`")
+            ended = None
+        except LlmpodError as exc:
+            log(f"check failed, will retry: {exc}")
+            ended = None
+        if isinstance(ended, str):
+            log(ended)
+            return 0
+        if isinstance(ended, float):
+            last_activity = ended
+        time.sleep(interval)
+
+
+def check_once(session: Session, last_activity: float) -> str | float | None:
+    """One round. Returns why the session ended (str), the latest activity time (float), or None."""
+    state = load_state(session.paths)
+    if state is None:
+        return "no pod recorded any more: exiting"
+    if state.phase != "ready":
+        return None  # a manage_pod.py is still creating it
+    now = time.time()
+    if now >= state.expires_at:
+        result = session.shutdown(reason=f"expired: runtime_seconds reached at {_clock(state.expires_at)}",
+                                  from_watchdog=True)
+        return f"pod expired: terminated {result['terminated']} (spend ${result['spend_usd'] or 0:.2f})"
+    metrics = session.proxy_metrics(state)
+    if metrics is not None:
+        if metrics.get("in_flight"):
+            last_activity = now  # a long generation is activity too
+        if isinstance(metrics.get("last_request_at"), int | float):
+            last_activity = max(last_activity, float(metrics["last_request_at"]))
+    idle_for = now - max(last_activity, state.ready_at or 0.0)
+    if state.idle_timeout_seconds and idle_for >= state.idle_timeout_seconds:
+        result = session.shutdown(reason=f"idle: no request for {idle_for:.0f}s "
+                                         f"(idle_timeout_seconds={state.idle_timeout_seconds})", from_watchdog=True)
+        return f"pod idle: terminated {result['terminated']} (spend ${result['spend_usd'] or 0:.2f})"
+    assert state.pod_id is not None
+    try:
+        pod = session.provider.get(state.pod_id)
+    except RunPodError as exc:
+        log(f"could not read pod {state.pod_id}: {exc}")
+        return last_activity
+    if pod is None or not pod.alive:
+        with exclusive(session.paths, 60.0):
+            processes.stop_pidfile(session.paths.proxy_pid, PROXY_MARKER)
+            record_last_session(session.paths, state, "pod disappeared (terminated outside llmpod or reclaimed)",
+                                session.spend(state))
+            clear_state(session.paths)
+        return f"pod {state.pod_id} is gone ({pod.status if pod else 'not found'}): proxy stopped, state cleared"
+    if session.proxy_health(state) is None:
+        log("the proxy is not answering: restarting it")
+        session.ensure_proxy(state)
+    return last_activity
+
+
+def _clock(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

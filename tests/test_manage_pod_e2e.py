@@ -1,0 +1,375 @@
+"""manage_pod.py end to end, as processes, against the fake RunPod API whose pods are real mock vLLM servers.
+
+Each test works in its own directory (config, state, pid files, cache) and checks what a user would: the
+endpoint works, nothing is left billing, no process of ours or port is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.servers import free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "rpa_test_key_for_the_fake_only"
+MODEL = "deepseek-coder-33b-instruct-awq"
+pytestmark = pytest.mark.slow
+
+
+class FakeRunPod:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def configure(self, **switches: Any) -> None:
+        httpx.post(f"{self.url}/fake/config", json=switches, timeout=5).raise_for_status()
+
+    def state(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/fake/state", timeout=5).json()  # type: ignore[no-any-return]
+
+    def live_pods(self) -> list[dict[str, Any]]:
+        response = httpx.get(f"{self.url}/v2/pods", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5)
+        return response.json()["pods"]  # type: ignore[no-any-return]
+
+    def creates(self) -> int:
+        return int(self.state()["calls"].get("POST /v2/pods", 0))
+
+
+@pytest.fixture
+def fake_runpod() -> Iterator[FakeRunPod]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tests.fake_runpod", "--port", str(port), "--api-key", API_KEY,
+                                "--provisioning-seconds", "0.2", "--starting-seconds", "0.2",
+                                "--vllm-load-seconds", "0.3"],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port)
+        yield FakeRunPod(f"http://127.0.0.1:{port}")
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stderr:
+            process.stderr.close()
+
+
+class Workdir:
+    """A directory with a pod_config.json, where manage_pod.py runs as the user would run it."""
+
+    def __init__(self, path: Path, fake: FakeRunPod | None) -> None:
+        self.path = path
+        self.proxy_port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "MOCK_", "PROXY_"))}
+        self.env["HF_API_BASE"] = f"http://127.0.0.1:{free_port()}"  # nobody there: the built-in catalog is used
+        if fake is not None:
+            self.env.update(RUNPOD_API_KEY=API_KEY, RUNPOD_API_BASE=fake.url,
+                            RUNPOD_POD_URL_TEMPLATE=f"{fake.url}/proxy/{{pod_id}}-{{port}}")
+        self.write_config()
+
+    def write_config(self, **overrides: Any) -> None:
+        config = {"modelStoreId": MODEL, "gpu_type_id": "NVIDIA RTX A6000", "gpu_type_ids": ["NVIDIA L40S"],
+                  "runtime_seconds": 3600, "idle_timeout_seconds": 0, "proxy_port": self.proxy_port,
+                  "cache_dir": str(self.path / "cache"), "watchdog_interval_seconds": 0.3,
+                  "ready_timeout_seconds": 60, **overrides}
+        (self.path / "pod_config.json").write_text(json.dumps(config))
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(ROOT / "manage_pod.py"), *args], cwd=self.path, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, str(ROOT / "manage_pod.py"), *args], cwd=self.path, env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "pod_state.json"
+
+    def state(self) -> dict[str, Any]:
+        return json.loads(self.state_file.read_text())  # type: ignore[no-any-return]
+
+    def pid(self, name: str) -> int | None:
+        try:
+            return int((self.path / ".llmpod" / f"{name}.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def chat(self, content: str = "def hello", **extra: Any) -> httpx.Response:
+        return httpx.post(f"http://127.0.0.1:{self.proxy_port}/v1/chat/completions", timeout=30,
+                          json={"model": MODEL, "messages": [{"role": "user", "content": content}],
+                                "max_tokens": 32000, **extra})
+
+
+def pid_alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not the case within {timeout}s")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, fake_runpod: FakeRunPod) -> Iterator[Workdir]:
+    work = Workdir(tmp_path, fake_runpod)
+    yield work
+    _cleanup(work)
+
+
+def _cleanup(work: Workdir) -> None:
+    """Whatever a failing test left: stop it, so no process or port leaks into the next test."""
+    if work.state_file.exists() or work.pid("proxy") or work.pid("watchdog"):
+        work.run("--shutdown", "--all", timeout=60)
+    for name in ("watchdog", "proxy"):
+        pid = work.pid(name)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
+
+
+def assert_nothing_left(work: Workdir, fake: FakeRunPod | None) -> None:
+    if fake is not None:
+        assert fake.live_pods() == []
+    assert not work.state_file.exists()
+    for name in ("proxy", "watchdog"):  # a watchdog that ended the session exits right after clearing it
+        wait_until(lambda name=name: not pid_alive(work.pid(name)), f"{name} exited", timeout=10)
+    wait_until(lambda: port_free(work.proxy_port), "proxy port free", timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------ journeys
+def test_up_chat_reuse_status_shutdown(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    up = workdir.run()
+    assert up.returncode == 0, up.stderr
+    assert f"http://127.0.0.1:{workdir.proxy_port}/v1" in up.stdout
+    assert MODEL in up.stdout
+    state = workdir.state()
+    assert state["phase"] == "ready" and state["pod_name"].startswith("llmpod-")
+    assert oct(workdir.state_file.stat().st_mode)[-3:] == "600"  # it holds the pod's vLLM key
+
+    first = workdir.chat()
+    assert first.status_code == 200, first.text
+    assert first.headers["x-cache"] == "MISS"
+    assert workdir.chat().headers["x-cache"] == "HIT"
+    streamed = workdir.chat(stream=True, stream_options={"include_usage": True})
+    assert streamed.headers["x-cache"] == "HIT" and streamed.text.rstrip().endswith("data: [DONE]")
+
+    again = workdir.run()
+    assert again.returncode == 0, again.stderr
+    assert "reusing pod" in again.stderr
+    assert workdir.state()["pod_id"] == state["pod_id"]
+    assert fake_runpod.creates() == 1
+
+    status = workdir.run("--status", "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["pod"]["status"] == "RUNNING" and report["proxy"]["healthy"] is True
+    assert report["pod"]["cost_per_hour"] > 0 and report["proxy"]["cache_entries"] == 1
+
+    down = workdir.run("--shutdown")
+    assert down.returncode == 0, down.stderr
+    assert state["pod_id"] in down.stdout
+    assert_nothing_left(workdir, fake_runpod)
+    assert list((workdir.path / "cache").glob("*.json"))  # the cache is kept
+    assert workdir.run("--shutdown").stdout.strip() == "nothing was running; nothing to do"
+    assert "last session ended" in workdir.run("--status").stdout
+
+
+def test_secrets_stay_out_of_logs_and_command_lines(workdir: Workdir) -> None:
+    assert workdir.run().returncode == 0
+    key = workdir.state()["vllm_api_key"]
+    for name in ("proxy", "watchdog"):
+        cmdline = Path(f"/proc/{workdir.pid(name)}/cmdline").read_bytes()
+        assert key.encode() not in cmdline and API_KEY.encode() not in cmdline
+    workdir.chat()
+    status = workdir.run("--status", "--json").stdout
+    logs = "".join(p.read_text() for p in (workdir.path / ".llmpod").glob("*.log"))
+    for text in (status, logs):
+        assert key not in text and API_KEY not in text
+
+
+@pytest.mark.parametrize(("overrides", "reason"), [
+    ({"runtime_seconds": 4}, "expired"),
+    ({"idle_timeout_seconds": 2}, "idle"),
+])
+def test_watchdog_enforces_expiry_and_idle(workdir: Workdir, fake_runpod: FakeRunPod, overrides: dict[str, Any],
+                                           reason: str) -> None:
+    workdir.write_config(**overrides)
+    assert workdir.run().returncode == 0
+    wait_until(lambda: not workdir.state_file.exists(), "the watchdog ended the session", timeout=40)
+    assert_nothing_left(workdir, fake_runpod)
+    last = json.loads((workdir.path / ".llmpod" / "last_session.json").read_text())
+    assert reason in last["reason"]
+
+
+def test_watchdog_restarts_a_dead_proxy(workdir: Workdir) -> None:
+    assert workdir.run().returncode == 0
+    old = workdir.pid("proxy")
+    os.kill(old, signal.SIGKILL)  # type: ignore[arg-type]
+
+    def answers() -> bool:
+        try:
+            return workdir.pid("proxy") != old and workdir.chat().status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(answers, "proxy restarted by the watchdog")
+
+
+def test_pod_reclaimed_by_runpod_is_noticed(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    assert workdir.run().returncode == 0
+    httpx.post(f"{fake_runpod.url}/fake/pods/{workdir.state()['pod_id']}/vanish", timeout=5).raise_for_status()
+    wait_until(lambda: not workdir.state_file.exists(), "the watchdog noticed", timeout=20)
+    assert_nothing_left(workdir, fake_runpod)
+
+
+# ------------------------------------------------------------------------------------------- failures
+def test_capacity_failover_to_the_next_gpu(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    fake_runpod.configure(no_capacity_gpu_ids=["NVIDIA RTX A6000"])
+    up = workdir.run()
+    assert up.returncode == 0, up.stderr
+    assert workdir.state()["gpu_type_id"] == "NVIDIA L40S"
+    assert len(fake_runpod.live_pods()) == 1
+
+
+def test_no_capacity_anywhere_creates_nothing(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    fake_runpod.configure(no_capacity_gpu_ids=["NVIDIA RTX A6000", "NVIDIA L40S"])
+    up = workdir.run()
+    assert up.returncode == 1
+    assert "could not be placed" in up.stderr
+    assert_nothing_left(workdir, fake_runpod)
+
+
+def test_500_after_create_finds_the_pod_by_name(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    fake_runpod.configure(create_500_after_create=1)
+    assert workdir.run().returncode == 0
+    assert len(fake_runpod.live_pods()) == 1 and fake_runpod.creates() == 1
+
+
+def test_delete_failing_twice_is_retried(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    assert workdir.run().returncode == 0
+    fake_runpod.configure(delete_500_next=2)
+    down = workdir.run("--shutdown")
+    assert down.returncode == 0, down.stderr
+    assert_nothing_left(workdir, fake_runpod)
+
+
+def test_missing_or_rejected_key_exits_2_creating_nothing(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    del workdir.env["RUNPOD_API_KEY"]
+    missing = workdir.run()
+    assert missing.returncode == 2 and "RUNPOD_API_KEY" in missing.stderr
+    workdir.env["RUNPOD_API_KEY"] = "rpa_wrong"
+    rejected = workdir.run()
+    assert rejected.returncode == 2, rejected.stderr
+    assert len(rejected.stderr.strip().splitlines()) == 1 and "rpa_wrong" not in rejected.stderr
+    assert fake_runpod.creates() == 0
+
+
+def test_bad_config_and_busy_port_exit_2_before_creating(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    workdir.write_config(gpu_type="NVIDIA RTX A6000")
+    unknown = workdir.run()
+    assert unknown.returncode == 2 and "gpu_type" in unknown.stderr
+    workdir.write_config(modelStoreId="deepseek-coder-33b")
+    assert workdir.run().returncode == 2
+    workdir.write_config()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", workdir.proxy_port))
+        taken.listen(1)
+        busy = workdir.run()
+    assert busy.returncode == 2 and str(workdir.proxy_port) in busy.stderr
+    assert fake_runpod.creates() == 0
+
+
+def test_interrupt_while_waiting_terminates_the_pod(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    fake_runpod.configure(vllm_load_seconds=30)
+    process = workdir.start()
+    wait_until(lambda: workdir.state_file.exists() and workdir.state().get("phase") == "waiting", "waiting")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "terminating pod" in stderr
+    assert_nothing_left(workdir, fake_runpod)
+
+
+@pytest.mark.parametrize("phase", ["create sent", "waiting"])
+def test_kill_9_then_the_next_run_adopts_the_pod(workdir: Workdir, fake_runpod: FakeRunPod, phase: str) -> None:
+    if phase == "create sent":
+        fake_runpod.configure(create_delay=5)
+        ready = lambda: len(fake_runpod.state()["pods"]) == 1  # noqa: E731  (created, answer not yet sent)
+    else:
+        fake_runpod.configure(vllm_load_seconds=3)
+        ready = lambda: workdir.state_file.exists() and workdir.state().get("phase") == "waiting"  # noqa: E731
+    process = workdir.start()
+    wait_until(ready, phase)
+    process.kill()
+    process.communicate(timeout=10)
+    fake_runpod.configure(create_delay=0, vllm_load_seconds=0.3)
+    again = workdir.run()
+    assert again.returncode == 0, again.stderr
+    assert "previous run" in again.stderr
+    assert len(fake_runpod.live_pods()) == 1
+    assert workdir.chat().status_code == 200
+
+
+def test_two_runs_at_once_create_one_pod(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    first, second = workdir.start(), workdir.start()
+    outputs = [p.communicate(timeout=120) for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outputs
+    assert fake_runpod.creates() == 1 and len(fake_runpod.live_pods()) == 1
+
+
+def test_leaked_pod_is_reported_and_removed_with_all(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    body = {"name": "llmpod-leaked01", "image": "vllm/vllm-openai:v0.27.1", "gpu": {"id": "NVIDIA L40S", "count": 1},
+            "ports": ["8000/http"]}
+    httpx.post(f"{fake_runpod.url}/v2/pods", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+               timeout=10).raise_for_status()
+    status = workdir.run("--status")
+    assert "llmpod-leaked01" in status.stderr and "--shutdown --all" in status.stderr
+    down = workdir.run("--shutdown", "--all")
+    assert down.returncode == 0, down.stderr
+    assert fake_runpod.live_pods() == []
+
+
+# ------------------------------------------------------------------------------------------------ local
+def test_local_provider_journey(tmp_path: Path) -> None:
+    work = Workdir(tmp_path, None)
+    try:
+        up = work.run("--local")
+        assert up.returncode == 0, up.stderr
+        assert work.chat().status_code == 200 and work.chat().headers["x-cache"] == "HIT"
+        pod_pid = int(work.state()["pod_id"].split("-")[1])
+        assert pid_alive(pod_pid)
+        down = work.run("--local", "--shutdown")
+        assert down.returncode == 0, down.stderr
+        assert not pid_alive(pod_pid)
+        assert_nothing_left(work, None)
+    finally:
+        if work.state_file.exists():
+            work.run("--local", "--shutdown", "--all", timeout=60)
