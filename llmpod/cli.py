@@ -63,9 +63,10 @@ def build_session(args: argparse.Namespace, reporter: Reporter) -> Session:
     config_path = args.config.resolve()
     # --local works in an empty directory: the defaults run the mock vLLM server
     config = load_pod_config(config_path) if config_path.exists() or not args.local else PodConfig(provider="local")
-    if args.local:
-        config = config.model_copy(update={"provider": "local"})
     paths = RuntimePaths(config_path.parent)
+    if args.local or _recorded_provider(paths) == "local":
+        # `--shutdown` or `--status` after `--local` act on the local pod without asking for --local again
+        config = config.model_copy(update={"provider": "local"})
     paths.ensure()
     catalog = load_catalog(paths.catalog)
     provider = make_provider(config, paths)
@@ -80,6 +81,14 @@ def build_session(args: argparse.Namespace, reporter: Reporter) -> Session:
                          "(run `python3 manage_pod.py --refresh-catalog` for RunPod's prices and stock)")
     return Session(config=config, config_path=config_path, paths=paths, provider=provider, catalog=catalog,
                    model=model, gpus=gpus, reporter=reporter)
+
+
+def _recorded_provider(paths: RuntimePaths) -> str | None:
+    try:
+        state = load_state(paths)
+    except ConfigError:
+        return None  # reported where it matters
+    return state.provider if state else None
 
 
 def make_provider(config: PodConfig, paths: RuntimePaths) -> Provider:
@@ -118,7 +127,19 @@ def report_leaks(session: Session) -> None:
     session.report_leaks(known)
 
 
+def _nothing_to_check(args: argparse.Namespace) -> bool:
+    """--shutdown/--status with nothing recorded here and no RunPod key: nothing we could act on."""
+    if not (args.shutdown or args.status) or args.all or args.local or os.environ.get("RUNPOD_API_KEY", "").strip():
+        return False
+    paths = RuntimePaths(args.config.resolve().parent)
+    return not paths.state_file.exists()
+
+
 def run(args: argparse.Namespace) -> int:
+    if _nothing_to_check(args):
+        print("nothing was running from this directory; nothing to do (RUNPOD_API_KEY is not set, so RunPod "
+              "was not checked for pods left elsewhere)")
+        return 0
     reporter = Reporter()
     session = build_session(args, reporter)
     try:

@@ -76,7 +76,9 @@ class PodConfig(BaseModel):
     provider: Literal["runpod", "local"] = Field(
         "runpod", description="'runpod' rents a GPU; 'local' runs `command` here instead (the mock vLLM server).")
     gpu_type_ids: list[str] = Field(
-        [], description="Fallback GPU type ids, tried in order after gpu_type_id when RunPod has no capacity.")
+        ["NVIDIA L40S", "NVIDIA A40"],
+        description="Fallback GPU type ids, tried in order after gpu_type_id when RunPod has no capacity "
+                    "(ones the model does not fit, or over max_hourly_cost, are skipped).")
     cloud_type: Literal["SECURE", "COMMUNITY"] = Field("SECURE", description="RunPod's Secure or Community cloud.")
     image: str = Field(
         "vllm/vllm-openai:v0.27.1", min_length=1, description="The vLLM image, with a pinned tag (not ':latest').")

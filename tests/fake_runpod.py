@@ -204,11 +204,10 @@ _DYING: set[str] = set()  # threads of pods' mock vLLM servers being killed: the
 
 def _kill(server: LoopbackServer) -> None:
     """Stop a pod's vLLM as a killed container stops: answers in flight are cut, not finished."""
-    server._server.config.timeout_graceful_shutdown = 0.1  # then uvicorn cancels what still runs
-    name = server._thread.name
+    name = server.thread_name
     _DYING.add(name)
     try:
-        server.stop()
+        server.stop(grace=0.1)  # then uvicorn cancels what still runs
     finally:
         _DYING.discard(name)
 

@@ -42,7 +42,14 @@ class LoopbackServer:
             time.sleep(0.01)
         return self
 
-    def stop(self) -> None:
+    @property
+    def thread_name(self) -> str:
+        return self._thread.name
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving; with ``grace``, answers still in flight after that many seconds are cut."""
+        if grace is not None:
+            self._server.config.timeout_graceful_shutdown = grace
         self._server.should_exit = True
         if self._thread.is_alive():
             self._thread.join(timeout=10)

@@ -71,7 +71,7 @@ def test_every_builtin_model_fits_a_builtin_gpu_and_the_default_is_in_the_store(
         assert any(gpu.memory_gb == model.min_gpu_memory_gb for gpu in BUILTIN_GPUS), model.id
     model, gpus = validate_config(PodConfig(), builtin_catalog())
     assert model.id == DS33 and model.hf_repo == "TheBloke/deepseek-coder-33B-instruct-AWQ"
-    assert [gpu.id for gpu in gpus] == ["NVIDIA RTX A6000"]
+    assert [gpu.id for gpu in gpus] == ["NVIDIA RTX A6000", "NVIDIA L40S", "NVIDIA A40"]  # 48 GB fallbacks
 
 
 def test_builtin_gpus_are_sane() -> None:

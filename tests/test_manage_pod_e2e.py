@@ -366,10 +366,61 @@ def test_local_provider_journey(tmp_path: Path) -> None:
         assert work.chat().status_code == 200 and work.chat().headers["x-cache"] == "HIT"
         pod_pid = int(work.state()["pod_id"].split("-")[1])
         assert pid_alive(pod_pid)
-        down = work.run("--local", "--shutdown")
+        status = work.run("--status")  # no --local needed: the state says where the pod is
+        assert status.returncode == 0 and "RUNNING" in status.stdout, status.stderr
+        down = work.run("--shutdown")
         assert down.returncode == 0, down.stderr
         assert not pid_alive(pod_pid)
         assert_nothing_left(work, None)
     finally:
         if work.state_file.exists():
             work.run("--local", "--shutdown", "--all", timeout=60)
+
+
+def test_ready_timeout_terminates_the_pod_and_says_why(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    fake_runpod.configure(vllm_load_seconds=60)
+    workdir.write_config(ready_timeout_seconds=3)
+    up = workdir.run()
+    assert up.returncode == 1
+    assert "not ready within ready_timeout_seconds=3" in up.stderr
+    assert_nothing_left(workdir, fake_runpod)
+
+
+def test_watchdog_killed_after_ready_is_restarted_by_the_next_run(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    assert workdir.run().returncode == 0
+    old = workdir.pid("watchdog")
+    os.kill(old, signal.SIGKILL)  # type: ignore[arg-type]
+    wait_until(lambda: not pid_alive(old), "watchdog dead")
+    again = workdir.run()
+    assert again.returncode == 0 and "reusing pod" in again.stderr
+    assert pid_alive(workdir.pid("watchdog")) and workdir.pid("watchdog") != old
+    assert fake_runpod.creates() == 1
+
+
+def test_extend_pushes_the_expiry(workdir: Workdir) -> None:
+    assert workdir.run().returncode == 0
+    before = workdir.state()["expires_at"]
+    extended = workdir.run("--extend", "600")
+    assert extended.returncode == 0 and "now expires" in extended.stdout
+    assert workdir.state()["expires_at"] == pytest.approx(before + 600, abs=1)
+
+
+def test_logs_show_the_pod_log(workdir: Workdir) -> None:
+    assert workdir.run().returncode == 0
+    logs = workdir.start("--logs")
+    try:
+        assert logs.stdout is not None
+        first = logs.stdout.readline()
+        assert first.strip()  # a vLLM start-up line from the pod's log
+    finally:
+        logs.terminate()
+        logs.communicate(timeout=20)
+
+
+def test_refresh_catalog_uses_runpod_prices_and_says_the_hub_did_not_answer(workdir: Workdir) -> None:
+    refreshed = workdir.run("--refresh-catalog", "--verbose")
+    assert refreshed.returncode == 0, refreshed.stderr
+    assert "GPUs (runpod)" in refreshed.stdout and "$0.49/h" in refreshed.stdout
+    assert MODEL in refreshed.stdout
+    assert "Hugging Face" in refreshed.stderr  # nobody answers at HF_API_BASE: the built-in figures are kept
+    assert (workdir.path / ".llmpod" / "catalog.json").exists()

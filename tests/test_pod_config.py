@@ -121,7 +121,7 @@ def test_gpu_candidates_keep_order_and_drop_duplicates() -> None:
                        gpu_type_ids=["NVIDIA A40", "NVIDIA L40S", "NVIDIA RTX A6000", "NVIDIA A40"])
 
     assert config.gpu_candidates == ["NVIDIA L40S", "NVIDIA A40", "NVIDIA RTX A6000"]
-    assert PodConfig().gpu_candidates == ["NVIDIA RTX A6000"]
+    assert PodConfig().gpu_candidates == ["NVIDIA RTX A6000", "NVIDIA L40S", "NVIDIA A40"]
 
 
 def test_the_config_is_frozen() -> None:
