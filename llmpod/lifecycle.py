@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from rich.console import Console
+from rich.status import Status
+from rich.text import Text
 
 from llmpod import processes
 from llmpod.catalog import Catalog, GpuEntry, ModelEntry
@@ -62,22 +65,44 @@ def _uninterruptible() -> Iterator[None]:
 
 
 class Reporter:
-    """Progress on stderr: a line per phase change, and a heartbeat line while a phase lasts."""
+    """Progress on stderr. On a terminal, one live spinner line (rich) shows the current phase; otherwise
+    (logs, CI, scripts) a line per phase change and a heartbeat line while a phase lasts."""
 
-    def __init__(self, stream: Any = None, heartbeat: float = 15.0) -> None:
-        self.stream = stream or sys.stderr
+    def __init__(self, console: Console | None = None, heartbeat: float = 15.0) -> None:
+        self.console = console or Console(stderr=True, highlight=False)
         self.heartbeat = heartbeat
         self._phase = ""
         self._last = 0.0
+        self._spinner: Status | None = None
 
     def say(self, message: str) -> None:
-        print(message, file=self.stream, flush=True)
+        self.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
     def phase(self, phase: str, detail: str = "") -> None:
+        text = f"[{phase}] {detail}".rstrip()
+        if self.console.is_terminal:
+            label = Text(text)  # not markup: "[loading model]" is text, not a style
+            if self._spinner is None:
+                self._spinner = self.console.status(label, spinner="dots")
+                self._spinner.start()
+            else:
+                self._spinner.update(label)
+            return
         now = time.monotonic()
         if phase != self._phase or now - self._last >= self.heartbeat:
-            self.say(f"[{phase}] {detail}".rstrip())
+            self.say(text)
             self._phase, self._last = phase, now
+
+    def done(self) -> None:
+        if self._spinner is not None:
+            self._spinner.stop()
+            self._spinner = None
+
+    def __enter__(self) -> Reporter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.done()  # never leave a spinner drawing over the summary or an error
 
 
 @dataclass
@@ -129,14 +154,15 @@ class Session:
     # ----------------------------------------------------------------- up
     def up(self) -> PodState:
         """Reuse the recorded pod if it lives, else create one; then make sure proxy and watchdog run."""
-        with exclusive(self.paths, LOCK_WAIT, "waiting for another manage_pod.py in this directory to finish…"):
+        waiting = "waiting for another manage_pod.py in this directory to finish…"
+        with exclusive(self.paths, LOCK_WAIT, waiting), self.reporter:
             state, pod = self.reconcile()
             self.report_leaks(state)
             if state is not None and time.time() >= state.expires_at:
                 self.reporter.say(f"pod {state.pod_name} passed its expiry: terminating it")
                 self._terminate_recorded(state, "expired (runtime_seconds)")
                 state, pod = None, None
-            if state is not None and pod is not None and state.phase == "ready":
+            if state is not None and pod is not None and pod.running and state.phase == "ready":
                 self.reporter.say(f"reusing pod {state.pod_name} ({state.pod_id})")
             elif state is not None:
                 state = self._resume(state, pod)

@@ -397,6 +397,18 @@ def test_watchdog_killed_after_ready_is_restarted_by_the_next_run(workdir: Workd
     assert fake_runpod.creates() == 1
 
 
+def test_a_dead_pod_is_replaced_not_reused(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    assert workdir.run().returncode == 0
+    old = workdir.state()["pod_id"]
+    os.kill(workdir.pid("watchdog"), signal.SIGKILL)  # type: ignore[arg-type]
+    httpx.post(f"{fake_runpod.url}/fake/pods/{old}/die", timeout=5).raise_for_status()
+    again = workdir.run()
+    assert again.returncode == 0, again.stderr
+    assert workdir.state()["pod_id"] != old
+    assert [p["id"] for p in fake_runpod.live_pods()] == [workdir.state()["pod_id"]]  # the dead one terminated
+    assert workdir.chat().status_code == 200
+
+
 def test_extend_pushes_the_expiry(workdir: Workdir) -> None:
     assert workdir.run().returncode == 0
     before = workdir.state()["expires_at"]
