@@ -267,6 +267,8 @@ class Session:
     def _wait_ready(self, state: PodState, pod: PodInfo, deadline: float) -> PodState:
         started = time.monotonic()
         interval = 0.5
+        last: list[str] = []
+        logs_at = 0.0
         assert state.pod_id is not None
         while True:
             info = self.provider.get(state.pod_id)
@@ -277,7 +279,9 @@ class Session:
             if info.running and self._vllm_ready(info.url, state):
                 break
             phase = "loading model" if info.running else info.status.lower()
-            last = self.provider.logs(state.pod_id, 1) if self.provider.kind == "runpod" else []
+            if self.provider.kind == "runpod" and time.monotonic() - logs_at >= self.reporter.heartbeat:
+                # RunPod's log stream stays open: reading it costs seconds and rate limit, so not every poll
+                last, logs_at = self.provider.logs(state.pod_id, 1) or last, time.monotonic()
             self.reporter.phase(phase, f"{time.monotonic() - started:.0f}s, ${info.cost_per_hour:.2f}/h"
                                 + (f" | {last[-1][:120]}" if last else ""))
             if time.time() >= deadline:

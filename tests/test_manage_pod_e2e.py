@@ -318,14 +318,14 @@ def test_interrupt_while_waiting_terminates_the_pod(workdir: Workdir, fake_runpo
     assert_nothing_left(workdir, fake_runpod)
 
 
-@pytest.mark.parametrize("phase", ["create sent", "waiting"])
+@pytest.mark.parametrize("phase", ["create sent", "waiting", "ready"])
 def test_kill_9_then_the_next_run_adopts_the_pod(workdir: Workdir, fake_runpod: FakeRunPod, phase: str) -> None:
     if phase == "create sent":
         fake_runpod.configure(create_delay=5)
         ready = lambda: len(fake_runpod.state()["pods"]) == 1  # noqa: E731  (created, answer not yet sent)
     else:
         fake_runpod.configure(vllm_load_seconds=3)
-        ready = lambda: workdir.state_file.exists() and workdir.state().get("phase") == "waiting"  # noqa: E731
+        ready = lambda: workdir.state_file.exists() and workdir.state().get("phase") == phase  # noqa: E731
     process = workdir.start()
     wait_until(ready, phase)
     process.kill()
@@ -333,7 +333,7 @@ def test_kill_9_then_the_next_run_adopts_the_pod(workdir: Workdir, fake_runpod: 
     fake_runpod.configure(create_delay=0, vllm_load_seconds=0.3)
     again = workdir.run()
     assert again.returncode == 0, again.stderr
-    assert "previous run" in again.stderr
+    assert ("reusing pod" if phase == "ready" else "previous run") in again.stderr
     assert len(fake_runpod.live_pods()) == 1
     assert workdir.chat().status_code == 200
 
