@@ -7,7 +7,6 @@ a hit is answered from disk, an identical request in flight is joined, or a new 
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -23,8 +22,6 @@ from llmpod.wire import error_body, json_response
 
 if TYPE_CHECKING:
     from llmpod.proxy_app import ProxyService
-
-log = logging.getLogger("llmpod.proxy")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PREVIEW_WORDS = 12
@@ -42,12 +39,14 @@ class RequestProblem(Exception):
 class Exchange:
     """One generation request as it moves through the proxy, for timing, metrics and the log line."""
 
-    __slots__ = ("cache", "endpoint", "key", "lookup_s", "model", "started", "status", "tokens", "upstream_s")
+    __slots__ = ("cache", "endpoint", "key", "lookup_s", "model", "resolved", "started", "status", "tokens",
+                 "upstream_s")
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.started = time.perf_counter()
         self.model = "-"
+        self.resolved = False  # metrics label only served ids: clients' model names are unbounded
         self.key = ""
         self.cache = "NONE"
         self.status = 200
@@ -152,6 +151,7 @@ class GenerationHandler:
             served = await service.upstream.resolve(body.get("model"))
             if served is not None:
                 body["model"] = exchange.model = served.id
+                exchange.resolved = True
             body = await service.upstream.fit_context(endpoint, body, served, lambda: cache_key(endpoint, body))
         except RequestProblem as problem:
             return self._error(exchange, problem.status, error_body(str(problem), problem.status,
@@ -242,12 +242,14 @@ class GenerationHandler:
         service = self.service
         seconds = time.perf_counter() - exchange.started
         service.metrics.in_flight -= 1
-        service.metrics.record(model=exchange.model, status=exchange.status, cache=exchange.cache,
+        service.metrics.record(model=exchange.model if exchange.resolved else "-", status=exchange.status,
+                               cache=exchange.cache,
                                seconds=seconds, cached_tokens=exchange.tokens if exchange.cache == "HIT" else 0)
         upstream = "" if exchange.upstream_s is None else f" upstream_ms={exchange.upstream_s * 1000:.1f}"
-        log.info("%s %s model=%s status=%d cache=%s latency_ms=%.2f lookup_ms=%.3f%s tokens=%d",
-                 request.method, request.url.path, exchange.model, exchange.status, exchange.cache,
-                 seconds * 1000, exchange.lookup_s * 1000, upstream, exchange.tokens)
+        service.request_log.write(
+            f"{request.method} {request.scope['path']} model={exchange.model} status={exchange.status} "
+            f"cache={exchange.cache} latency_ms={seconds * 1000:.2f} lookup_ms={exchange.lookup_s * 1000:.3f}"
+            f"{upstream} tokens={exchange.tokens}")
 
 
 async def _skip_store(flight: Flight) -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from llmpod.errors import UpstreamError
@@ -26,6 +26,7 @@ from llmpod.wire import error_body, normalise_error
 
 log = logging.getLogger("llmpod.flights")
 
+DRAIN_SECONDS = 1.0
 KEEPALIVE_SECONDS = 15.0  # SSE comment sent to a waiting stream listener (Kilo's chunkTimeout)
 DONE_EVENT = b"data: [DONE]\n\n"
 
@@ -59,7 +60,7 @@ class Flight:
 
     # ----------------------------------------------------------------- producer
     async def run(self, upstream: Upstream, on_complete: StoreCallback) -> None:
-        response: httpx.Response | None = None
+        response: aiohttp.ClientResponse | None = None
         try:
             response = await upstream.open_stream(self.path, self.body)
             self.first_byte_at = time.perf_counter()
@@ -67,11 +68,14 @@ class Flight:
             await self._consume(response, upstream)
             self.finished_at = time.perf_counter()
             self._finish()
+            # the listeners' answers go out before the cache write: it must not delay them
+            await asyncio.sleep(0)
+            await _drain(response)  # what follows [DONE] (the chunked end) so the connection is reused
             if self.assembler.complete:
                 await on_complete(self)
         except UpstreamError as exc:
             self._fail(exc)
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self._fail(self._cut(upstream, exc))
         except asyncio.CancelledError:
             self.cancelled = True
@@ -82,12 +86,14 @@ class Flight:
             self._fail(UpstreamError(502, error_body(f"proxy error while streaming: {exc}", 502)))
         finally:
             if response is not None:
-                with contextlib.suppress(Exception):
-                    await response.aclose()
+                if self.done and self.error is None:
+                    response.release()
+                else:
+                    response.close()  # cut or cancelled: close the connection, so vLLM aborts the generation
 
-    async def _consume(self, response: httpx.Response, upstream: Upstream) -> None:
+    async def _consume(self, response: aiohttp.ClientResponse, upstream: Upstream) -> None:
         parser = SSEParser()
-        async for raw in response.aiter_raw():
+        async for raw in response.content.iter_any():
             for data in parser.feed(raw):
                 if data == DONE:
                     return
@@ -111,8 +117,8 @@ class Flight:
         raise UpstreamError(502, error_body(
             f"upstream {upstream.base} closed the stream before it finished", 502))
 
-    def _cut(self, upstream: Upstream, exc: httpx.HTTPError) -> UpstreamError:
-        if isinstance(exc, httpx.TimeoutException):
+    def _cut(self, upstream: Upstream, exc: BaseException) -> UpstreamError:
+        if isinstance(exc, asyncio.TimeoutError):
             return upstream.unreachable(exc)
         return UpstreamError(502, error_body(
             f"upstream {upstream.base} closed the connection mid-stream ({type(exc).__name__})", 502))
@@ -265,6 +271,11 @@ class FlightRegistry:
                 await task
         self._flights.clear()
         self._running.clear()
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+        await asyncio.wait_for(response.content.read(), DRAIN_SECONDS)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -69,6 +69,8 @@ class ProxyMetrics:
                                       registry=r)
         self._coalesced = Counter("llm_proxy_coalesced_requests", "Requests that joined an in-flight call",
                                   registry=r)
+        self._request_children: dict[tuple[str, int, str], Any] = {}
+        self._duration_children: dict[str, Any] = {}
         gauges = {
             "llm_proxy_in_flight_requests": ("Requests being answered", lambda: self.in_flight),
             "llm_proxy_cache_entries": ("Answers in the cache", lambda: len(cache)),
@@ -98,8 +100,15 @@ class ProxyMetrics:
         elif cache == "COALESCED":
             self.coalesced += 1
             self._coalesced.inc()
-        self._requests.labels(model, str(status), cache).inc()
-        self._duration.labels(cache).observe(seconds)
+        # label children are looked up once: labels() takes a lock and builds a key on every call
+        child = self._request_children.get((model, status, cache))
+        if child is None:
+            child = self._request_children[(model, status, cache)] = self._requests.labels(model, str(status), cache)
+        child.inc()
+        duration = self._duration_children.get(cache)
+        if duration is None:
+            duration = self._duration_children[cache] = self._duration.labels(cache)
+        duration.observe(seconds)
 
     def record_upstream(self, *, seconds: float, ttft: float | None, error_status: int | None) -> None:
         """One upstream generation call, however many clients it served."""

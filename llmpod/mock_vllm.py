@@ -394,18 +394,29 @@ async def _stream(
     tokens = sum(len(p.ids) for p in req.prompts)
     sent, outcome = 0, "abort"  # unless it completes or we cut it, the client went away
     mock.begin(tokens)
+    pending: list[bytes] = []  # events no delay separates go out in one write, as a real server's would
     try:
         for number, step in enumerate(events):
+            delay = 0.0
             if number < len(steps):
-                await _sleep(settings.first_token_delay if number == 0 else settings.chunk_delay)
+                delay = settings.first_token_delay if number == 0 else settings.chunk_delay
+            if delay > 0:
+                if pending:
+                    yield b"".join(pending)
+                    pending = []
+                await _sleep(delay)
             for event in step:
                 if settings.die_after_chunks is not None and sent >= settings.die_after_chunks:
+                    if pending:
+                        yield b"".join(pending)  # what was "sent" before the cut reaches the client
                     mock.injected["cut"] += 1
                     outcome = "cut"
                     log.warning("mock vLLM: cutting a stream after %d data events (die_after_chunks)", sent)
                     raise ConnectionCut("mock vLLM cut the connection (die_after_chunks)")
-                yield event
+                pending.append(event)
                 sent += 1
+        if pending:
+            yield b"".join(pending)
         outcome = "done"
         mock.finished(req, outputs)
     finally:

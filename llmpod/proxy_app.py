@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 from fastapi import FastAPI, Request
@@ -28,6 +29,7 @@ from llmpod.completions import GenerationHandler, preview
 from llmpod.config import ProxySettings
 from llmpod.flights import Flight, FlightRegistry
 from llmpod.metrics import ProxyMetrics, wants_prometheus
+from llmpod.requestlog import RequestLog
 from llmpod.upstream import Upstream
 from llmpod.wire import (
     CacheEntrySummary,
@@ -46,14 +48,16 @@ GENERATION_BODY = {"requestBody": {"required": True, "content": {"application/js
 class ProxyService:
     """Everything one running proxy holds."""
 
-    def __init__(self, settings: ProxySettings, client: httpx.AsyncClient) -> None:
+    def __init__(self, settings: ProxySettings, client: httpx.AsyncClient,
+                 session: aiohttp.ClientSession | None = None) -> None:
         self.settings = settings
         self.started_at = time.time()
         self.cache = ResponseCache(settings.cache_dir, settings.max_cache_entries, settings.max_cache_bytes)
         self.metrics = ProxyMetrics(self.cache)
-        self.upstream = Upstream(settings, client)
+        self.upstream = Upstream(settings, client, session)
         self.flights = FlightRegistry(on_finished=self._record_upstream)
         self.generation = GenerationHandler(self)
+        self.request_log = RequestLog(settings.log_file)
         self._health: tuple[float, dict[str, Any]] | None = None
 
     async def store_answer(self, flight: Flight) -> None:
@@ -61,7 +65,7 @@ class ProxyService:
         chunks = [data.decode() for data, usage in flight.events if not usage]
         usage_chunks = [data.decode() for data, usage in flight.events if usage]
         request = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        await self.cache.put(flight.key, {
+        self.cache.put(flight.key, {
             "endpoint": flight.endpoint,
             "model": body.get("model"),
             "created": time.time(),
@@ -86,6 +90,28 @@ class ProxyService:
         if self._health is None or now - self._health[0] > HEALTH_TTL:
             self._health = (now, await self.upstream.probe())
         return self._health[1]
+
+
+class GenerationFastPath:
+    """Answers the two generation routes before FastAPI's routing, dependency and exception layers, which
+    cost as much as a whole cache hit. (The FastAPI routes stay declared, for the OpenAPI schema; the error
+    middleware outside this one still turns any bug into a 500.)"""
+
+    ROUTES = {"/v1/chat/completions": ("chat.completions", "/chat/completions"),
+              "/v1/completions": ("completions", "/completions")}
+
+    def __init__(self, app: ASGIApp, owner: FastAPI) -> None:
+        self.app = app
+        self.owner = owner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.ROUTES.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        service: ProxyService = self.owner.state.service
+        response = await service.generation.handle(Request(scope, receive, send), *route)
+        await response(scope, receive, send)
 
 
 class ProxyKeyMiddleware:
@@ -126,16 +152,20 @@ def _configure_logging(settings: ProxySettings) -> list[logging.Handler]:
     return handlers
 
 
-def create_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
-    """The proxy app. ``transport`` replaces the network under the upstream client (tests)."""
+def create_app(settings: ProxySettings) -> FastAPI:
+    """The proxy app; its lifespan opens the upstream clients and the cache."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         handlers = _configure_logging(settings)
         timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as client:
-            service = ProxyService(settings, client)
+        stream_timeout = aiohttp.ClientTimeout(total=None, connect=min(10.0, settings.upstream_timeout),
+                                               sock_read=settings.upstream_timeout)
+        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client, \
+                aiohttp.ClientSession(connector=connector, timeout=stream_timeout, auto_decompress=False) as session:
+            service = ProxyService(settings, client, session)
             service.cache.load()
             app.state.service = service
             logging.getLogger("llmpod.proxy").info(
@@ -145,6 +175,7 @@ def create_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport |
                 yield
             finally:
                 await service.flights.aclose()
+                service.request_log.close()
                 logging.getLogger("llmpod.proxy").info("proxy stopped after %d requests",
                                                        service.metrics.requests_total)
         logger = logging.getLogger("llmpod")
@@ -157,7 +188,8 @@ def create_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport |
     def service_of(request: Request) -> ProxyService:
         return request.app.state.service  # type: ignore[no-any-return]
 
-    if settings.proxy_api_key is not None:
+    app.add_middleware(GenerationFastPath, owner=app)
+    if settings.proxy_api_key is not None:  # added last, so it runs first
         app.add_middleware(ProxyKeyMiddleware, key=settings.proxy_api_key)
 
     @app.exception_handler(StarletteHTTPException)

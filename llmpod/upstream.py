@@ -1,19 +1,24 @@
 """The proxy's side of the vLLM server: model ids, context limits, streams and health.
 
-One shared ``httpx.AsyncClient`` (owned by the app's lifespan) carries every upstream request. Failures
-become ``UpstreamError`` with the status the proxy should answer and an OpenAI-shaped body that names the
-upstream: unreachable 502, timed out 504, vLLM's own 4xx/5xx passed through (old flat errors normalised).
+Two shared clients, both owned by the app's lifespan: an ``aiohttp.ClientSession`` for the generation
+streams (the hot path: measured at 16 clients, an httpx forwarder reached ~20% of the upstream's own
+throughput where aiohttp keeps most of it), and an ``httpx.AsyncClient`` for the rare calls (model list,
+``/tokenize``, health). Failures become ``UpstreamError`` with the status the proxy should answer and an
+OpenAI-shaped body that names the upstream: unreachable 502, timed out 504, vLLM's own 4xx/5xx passed through
+(old flat errors normalised).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 
@@ -25,6 +30,7 @@ MODELS_TTL = 60.0  # seconds a /v1/models answer is trusted
 MODELS_RETRY = 5.0  # an unknown model name refreshes the list at most this often
 TOKEN_MARGIN = 256  # chat templates add tokens (default system prompts) that the JSON does not show
 FIT_MEMO_SIZE = 4096
+MAX_ERROR_BODY = 64 * 1024
 
 # vLLM's context-length 400s, current and older wording (reference: vllm_fluidmcp.md A.6)
 _MAX_LEN = re.compile(r"maximum context length is (\d+) tokens")
@@ -94,7 +100,9 @@ def _int(value: Any) -> bool:
 class Upstream:
     """Talks to the vLLM OpenAI server at ``settings.upstream_base``."""
 
-    def __init__(self, settings: ProxySettings, client: httpx.AsyncClient) -> None:
+    def __init__(self, settings: ProxySettings, client: httpx.AsyncClient,
+                 session: aiohttp.ClientSession | None = None) -> None:
+        self.session = session
         self.base = settings.upstream_base
         self.root = settings.upstream_root
         self.timeout = settings.upstream_timeout
@@ -109,14 +117,14 @@ class Upstream:
         self._fit_memo: OrderedDict[str, int | None] = OrderedDict()
 
     # ----------------------------------------------------------------- errors
-    def unreachable(self, exc: Exception) -> UpstreamError:
-        if isinstance(exc, httpx.TimeoutException):
+    def unreachable(self, exc: BaseException) -> UpstreamError:
+        if isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError):
             return UpstreamError(504, error_body(
                 f"upstream {self.base} did not answer within {self.timeout:g}s", 504))
         reason = str(exc) or type(exc).__name__
         return UpstreamError(502, error_body(f"upstream {self.base} is unreachable: {reason}", 502))
 
-    def rejected(self, status: int, content: bytes, headers: httpx.Headers) -> UpstreamError:
+    def rejected(self, status: int, content: bytes, headers: Mapping[str, str]) -> UpstreamError:
         try:
             payload: Any = orjson.loads(content)
         except orjson.JSONDecodeError:
@@ -225,13 +233,13 @@ class Upstream:
         return count if _int(count) else None
 
     # ----------------------------------------------------------------- generation
-    async def open_stream(self, path: str, body: dict[str, Any]) -> httpx.Response:
+    async def open_stream(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
         """POST ``body`` as a stream; the 200 response with its body not yet read.
 
         A context-length 400 is retried once with ``max_tokens`` lowered to what vLLM said fits.
         """
         response = await self._post_stream(path, body)
-        if response.status_code == 400:
+        if response.status == 400:
             content = await self._read_closing(response)
             error = self.rejected(400, content, response.headers)
             fit = context_limit_from_error(error.body["error"]["message"])
@@ -239,26 +247,25 @@ class Upstream:
             if smaller is None:
                 raise error
             response = await self._post_stream(path, smaller)
-        if response.status_code != 200:
+        if response.status != 200:
             content = await self._read_closing(response)
-            raise self.rejected(response.status_code, content, response.headers)
+            raise self.rejected(response.status, content, response.headers)
         return response
 
-    async def _post_stream(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        request = self.client.build_request("POST", f"{self.base}{path}", content=orjson.dumps(body),
-                                            headers=self.headers)
+    async def _post_stream(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        assert self.session is not None, "the app's lifespan opens the upstream session"
         try:
-            return await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            return await self.session.post(f"{self.base}{path}", data=orjson.dumps(body), headers=self.headers)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise self.unreachable(exc) from None
 
-    async def _read_closing(self, response: httpx.Response) -> bytes:
+    async def _read_closing(self, response: aiohttp.ClientResponse) -> bytes:
         try:
-            return await response.aread()
-        except httpx.HTTPError:
+            return await response.content.read(MAX_ERROR_BODY)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
             return b""
         finally:
-            await response.aclose()
+            response.release()
 
     # ----------------------------------------------------------------- health
     async def probe(self) -> dict[str, Any]:

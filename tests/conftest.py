@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -128,3 +130,30 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) 
 def wait_for_stored(http: httpx.Client, entries: int, base: str = "") -> None:
     """Wait until the proxy's cache index holds ``entries`` answers (they are written after the reply)."""
     wait_until(lambda: http.get(f"{base}/metrics").json()["cache_entries"] >= entries, f"{entries} answers stored")
+
+
+@pytest.fixture
+def silent_upstream() -> Iterator[str]:
+    """A server that accepts connections and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    stop.set()
+    thread.join(timeout=5)
+    for conn in accepted:
+        conn.close()
+    listener.close()

@@ -235,7 +235,7 @@ async def test_put_then_get_serves_the_stored_answer(cache: ResponseCache) -> No
     key = key_for("hello")
     document = answer_document("Hello there")
 
-    assert await cache.put(key, document) is True
+    assert cache.put(key, document) is True
     answer = cache.get(key)
 
     assert isinstance(answer, CachedAnswer)
@@ -255,7 +255,7 @@ async def test_put_then_get_serves_the_stored_answer(cache: ResponseCache) -> No
 async def test_json_bytes_is_the_stored_response(cache: ResponseCache) -> None:
     key = key_for("json")
     document = answer_document("plain answer")
-    await cache.put(key, document)
+    cache.put(key, document)
 
     answer = cache.get(key)
 
@@ -267,7 +267,7 @@ async def test_json_bytes_is_the_stored_response(cache: ResponseCache) -> None:
 async def test_sse_bytes_replays_the_stream(cache: ResponseCache, include_usage: bool) -> None:
     key = key_for("stream")
     document = answer_document("streamed")
-    await cache.put(key, document)
+    cache.put(key, document)
 
     answer = cache.get(key)
 
@@ -282,7 +282,7 @@ async def test_sse_bytes_replays_the_stream(cache: ResponseCache, include_usage:
 async def test_sse_bytes_without_a_stored_usage_chunk(cache: ResponseCache) -> None:
     key = key_for("no usage")
     document = answer_document("x", usage=False)
-    await cache.put(key, document)
+    cache.put(key, document)
 
     answer = cache.get(key)
 
@@ -297,8 +297,8 @@ def test_get_of_an_unknown_key_is_a_miss(cache: ResponseCache) -> None:
 
 async def test_put_replaces_an_existing_answer(cache: ResponseCache, cache_dir: Path) -> None:
     key = key_for("again")
-    await cache.put(key, answer_document("first"))
-    await cache.put(key, answer_document("second, longer answer"))
+    cache.put(key, answer_document("first"))
+    cache.put(key, answer_document("second, longer answer"))
 
     answer = cache.get(key)
 
@@ -312,7 +312,7 @@ async def test_put_replaces_an_existing_answer(cache: ResponseCache, cache_dir: 
 async def test_one_file_per_entry_named_by_key_and_no_temp_files(cache: ResponseCache, cache_dir: Path) -> None:
     keys = [key_for(f"q{i}") for i in range(3)]
     for key in keys:
-        await cache.put(key, answer_document(key[:8]))
+        cache.put(key, answer_document(key[:8]))
 
     assert entry_files(cache_dir) == {f"{key}.json" for key in keys}
     for key in keys:
@@ -339,7 +339,7 @@ async def test_a_write_that_fails_midway_keeps_the_previous_answer_and_leaves_no
     cache: ResponseCache, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key = key_for("atomic")
-    await cache.put(key, answer_document("old answer"))
+    cache.put(key, answer_document("old answer"))
     real_replace = os.replace
 
     def failing_replace(src: Any, dst: Any) -> None:
@@ -349,7 +349,7 @@ async def test_a_write_that_fails_midway_keeps_the_previous_answer_and_leaves_no
 
     monkeypatch.setattr(llmpod.cache.os, "replace", failing_replace)
 
-    assert await cache.put(key, answer_document("new answer")) is False
+    assert cache.put(key, answer_document("new answer")) is False
 
     assert entry_files(cache_dir) == {f"{key}.json"}
     answer = cache.get(key)
@@ -366,10 +366,10 @@ async def test_count_limit_evicts_least_recently_used(
     cache = open_cache(max_entries=3)
     a, b, c, d = (key_for(name) for name in "abcd")
     for key in (a, b, c):
-        await cache.put(key, answer_document(key[:8]))
+        cache.put(key, answer_document(key[:8]))
 
     assert cache.get(a) is not None  # a is now the most recently used; b is the oldest
-    await cache.put(d, answer_document(d[:8]))
+    cache.put(d, answer_document(d[:8]))
 
     assert b not in cache
     assert cache.get(b) is None
@@ -388,10 +388,10 @@ async def test_byte_limit_evicts_least_recently_used(
     assert {stored_size(key, doc) for key, doc in documents.items()} == {size}
     cache = open_cache(max_bytes=2 * size + size // 2)  # room for two entries
 
-    await cache.put(a, documents[a])
-    await cache.put(b, documents[b])
+    cache.put(a, documents[a])
+    cache.put(b, documents[b])
     assert cache.get(a) is not None  # refresh a: b becomes the oldest
-    await cache.put(c, documents[c])
+    cache.put(c, documents[c])
 
     assert entry_files(cache_dir) == {f"{a}.json", f"{c}.json"}
     assert cache.get(b) is None
@@ -402,7 +402,7 @@ async def test_byte_limit_evicts_least_recently_used(
 async def test_total_bytes_tracks_the_files_on_disk(cache: ResponseCache, cache_dir: Path) -> None:
     keys = [key_for(f"size {i}") for i in range(4)]
     for i, key in enumerate(keys):
-        await cache.put(key, answer_document("x" * (10 * (i + 1))))
+        cache.put(key, answer_document("x" * (10 * (i + 1))))
     assert cache.total_bytes == disk_bytes(cache_dir)
 
     cache.delete(keys[0])
@@ -415,9 +415,9 @@ async def test_an_answer_larger_than_the_byte_budget_is_kept_alone(
     cache = open_cache(max_bytes=100)  # every answer is bigger than this
     a, b = key_for("big a"), key_for("big b")
 
-    assert await cache.put(a, answer_document("a"))
+    assert cache.put(a, answer_document("a"))
     assert cache.get(a) is not None
-    assert await cache.put(b, answer_document("b"))
+    assert cache.put(b, answer_document("b"))
 
     assert entry_files(cache_dir) == {f"{b}.json"}
     assert cache.get(b) is not None
@@ -430,7 +430,7 @@ async def test_a_restarted_cache_serves_the_same_answers(
     first = open_cache()
     keys = [key_for(f"persist {i}") for i in range(3)]
     for key in keys:
-        await first.put(key, answer_document(f"answer {key[:6]}"))
+        first.put(key, answer_document(f"answer {key[:6]}"))
 
     second = open_cache()
 
@@ -446,7 +446,7 @@ async def test_lru_order_survives_a_restart(open_cache: Callable[..., ResponseCa
     first = open_cache()
     a, b, c, d = (key_for(name) for name in "abcd")
     for key in (a, b, c):
-        await first.put(key, answer_document(key[:8]))
+        first.put(key, answer_document(key[:8]))
     # last use recorded on disk: b oldest, then c, then a (not the insertion order)
     set_last_use(cache_dir, b, 1_000_000)
     set_last_use(cache_dir, c, 2_000_000)
@@ -457,7 +457,7 @@ async def test_lru_order_survives_a_restart(open_cache: Callable[..., ResponseCa
     assert entry_files(cache_dir) == {f"{a}.json", f"{c}.json"}
     assert len(second) == 2
     assert second.evictions == 1
-    await second.put(d, answer_document(d[:8]))
+    second.put(d, answer_document(d[:8]))
     assert entry_files(cache_dir) == {f"{a}.json", f"{d}.json"}
 
 
@@ -466,8 +466,8 @@ async def test_a_hit_before_a_restart_counts_as_recent_use(
 ) -> None:
     first = open_cache()
     a, b = key_for("a"), key_for("b")
-    await first.put(a, answer_document("a"))
-    await first.put(b, answer_document("b"))
+    first.put(a, answer_document("a"))
+    first.put(b, answer_document("b"))
     set_last_use(cache_dir, a, 1_000_000)
     set_last_use(cache_dir, b, 2_000_000)
 
@@ -485,7 +485,7 @@ async def test_load_enforces_a_smaller_byte_limit(
     first = open_cache()
     keys = [key_for(f"bytes {i}") for i in range(4)]
     for i, key in enumerate(keys):
-        await first.put(key, answer_document("same length"))
+        first.put(key, answer_document("same length"))
         set_last_use(cache_dir, key, 1_000_000 + i)
     size = stored_size(keys[0], answer_document("same length"))
 
@@ -526,7 +526,7 @@ async def test_a_corrupt_file_is_a_miss_and_is_deleted(
     assert key not in cache
     assert cache.corrupt_discarded == 1
     assert cache.total_bytes == 0
-    assert await cache.put(key, answer_document("repaired")) is True
+    assert cache.put(key, answer_document("repaired")) is True
     answer = cache.get(key)
     assert answer is not None
     assert answer.response["choices"][0]["message"]["content"] == "repaired"
@@ -559,7 +559,7 @@ async def test_a_file_deleted_behind_the_caches_back_is_a_plain_miss(
     cache: ResponseCache, cache_dir: Path
 ) -> None:
     key = key_for("vanishing")
-    await cache.put(key, answer_document("gone soon"))
+    cache.put(key, answer_document("gone soon"))
     (cache_dir / f"{key}.json").unlink()
 
     assert cache.get(key) is None
@@ -577,11 +577,11 @@ async def test_a_full_or_read_only_disk_stops_storing_but_keeps_serving(
 ) -> None:
     stored, refused, later, after = (key_for(name) for name in ("stored", "refused", "later", "after"))
     full_disk.full = False
-    assert await cache.put(stored, answer_document("kept"))
+    assert cache.put(stored, answer_document("kept"))
     full_disk.full = True
     full_disk.error = error
 
-    assert await cache.put(refused, answer_document("no room")) is False
+    assert cache.put(refused, answer_document("no room")) is False
 
     assert cache.store_disabled_reason is not None
     assert os.strerror(error) in cache.store_disabled_reason
@@ -591,13 +591,13 @@ async def test_a_full_or_read_only_disk_stops_storing_but_keeps_serving(
     assert answer is not None
     assert answer.response["choices"][0]["message"]["content"] == "kept"
     # within the pause, puts give up without touching the disk again
-    assert await cache.put(later, answer_document("still no room")) is False
+    assert cache.put(later, answer_document("still no room")) is False
     assert full_disk.attempts == [stored, refused]
 
     full_disk.full = False
     fake_monotonic.advance(llmpod.cache.RETRY_STORE_AFTER + 1)
     assert cache.storing is True
-    assert await cache.put(after, answer_document("room again")) is True
+    assert cache.put(after, answer_document("room again")) is True
 
     assert cache.store_disabled_reason is None
     assert cache.get(after) is not None
@@ -607,10 +607,10 @@ async def test_a_full_or_read_only_disk_stops_storing_but_keeps_serving(
 async def test_a_full_disk_that_is_still_full_after_the_pause_stays_disabled(
     cache: ResponseCache, full_disk: FullDisk, fake_monotonic: FakeMonotonic
 ) -> None:
-    assert await cache.put(key_for("one"), answer_document("1")) is False
+    assert cache.put(key_for("one"), answer_document("1")) is False
     fake_monotonic.advance(llmpod.cache.RETRY_STORE_AFTER + 1)
 
-    assert await cache.put(key_for("two"), answer_document("2")) is False
+    assert cache.put(key_for("two"), answer_document("2")) is False
 
     assert cache.storing is False
     assert cache.store_disabled_reason is not None
@@ -620,8 +620,8 @@ async def test_a_full_disk_that_is_still_full_after_the_pause_stays_disabled(
 # --------------------------------------------------------------------------------------------- delete / clear
 async def test_delete_removes_the_file_and_the_entry(cache: ResponseCache, cache_dir: Path) -> None:
     a, b = key_for("keep"), key_for("drop")
-    await cache.put(a, answer_document("keep"))
-    await cache.put(b, answer_document("drop"))
+    cache.put(a, answer_document("keep"))
+    cache.put(b, answer_document("drop"))
 
     assert cache.delete(b) is True
 
@@ -635,7 +635,7 @@ async def test_delete_removes_the_file_and_the_entry(cache: ResponseCache, cache
 async def test_clear_removes_everything(cache: ResponseCache, cache_dir: Path) -> None:
     keys = [key_for(f"clear {i}") for i in range(3)]
     for key in keys:
-        await cache.put(key, answer_document(key[:5]))
+        cache.put(key, answer_document(key[:5]))
 
     assert cache.clear() == 3
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,33 +70,6 @@ def test_unreachable_upstream_is_502_naming_it(start_proxy: ProxyFactory) -> Non
         error = assert_openai_error(response, 502)
         assert f"127.0.0.1:{port}" in error["message"]
     assert_openai_error(httpx.get(f"{proxy.url}/v1/models", timeout=20), 502)
-
-
-@pytest.fixture
-def silent_upstream() -> Iterator[str]:
-    """A server that accepts connections and never answers."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                accepted.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
-    stop.set()
-    thread.join(timeout=5)
-    for conn in accepted:
-        conn.close()
-    listener.close()
 
 
 def test_upstream_timeout_is_504(start_proxy: ProxyFactory, silent_upstream: str) -> None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 import respx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from llmpod.config import ProxySettings
 from llmpod.errors import UpstreamError
@@ -19,6 +24,7 @@ from llmpod.upstream import (
     context_limit_from_error,
     match_model,
 )
+from tests.servers import LoopbackServer, free_port
 
 BASE = "http://vllm.test:8000"
 SERVED = "TheBloke/deepseek-coder-33B-instruct-AWQ"
@@ -130,20 +136,67 @@ def sse(*events: dict[str, Any]) -> bytes:
     return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
 
 
+class ScriptedVllm:
+    """A stand-in for vLLM's generation route on a real loopback socket: answers with queued responses
+    (the streaming hop uses aiohttp, which respx cannot fake) and records the bodies it received."""
+
+    def __init__(self) -> None:
+        self.answers: list[Response] = []
+        self.bodies: list[dict[str, Any]] = []
+        self.headers: dict[str, str] = {}
+
+    def app(self) -> Starlette:
+        async def generate(request: Request) -> Response:
+            self.bodies.append(json.loads(await request.body()))
+            self.headers = dict(request.headers)
+            return self.answers.pop(0)
+
+        return Starlette(routes=[Route("/v1/chat/completions", generate, methods=["POST"])])
+
+
+@pytest.fixture
+def scripted_vllm() -> Iterator[tuple[ScriptedVllm, str]]:
+    script = ScriptedVllm()
+    with LoopbackServer(script.app()) as server:
+        yield script, server.url
+
+
+@pytest.fixture
+async def stream_upstream(scripted_vllm: tuple[ScriptedVllm, str]) -> AsyncIterator[Upstream]:
+    yield await _upstream(f"{scripted_vllm[1]}/v1")
+
+
+async def _upstream(url: str, timeout: float = 5) -> Upstream:
+    settings = ProxySettings(upstream_url=url, upstream_api_key="upstream-secret", upstream_timeout=timeout)
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout))
+    return Upstream(settings, httpx.AsyncClient(), session)
+
+
+async def _close(upstream: Upstream) -> None:
+    assert upstream.session is not None
+    await upstream.session.close()
+    await upstream.client.aclose()
+
+
+def problem(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(payload, status_code=status, headers=headers)
+
+
 async def test_open_stream_retries_once_with_the_limit_a_context_400_names(
-        upstream: Upstream, mocked_vllm: respx.MockRouter) -> None:
+        scripted_vllm: tuple[ScriptedVllm, str], stream_upstream: Upstream) -> None:
+    script, _ = scripted_vllm
     message = ("'max_tokens' or 'max_completion_tokens' is too large: 32000. This model's maximum context "
                "length is 4096 tokens and your request has 96 input tokens (32000 > 4096 - 96).")
-    route = mocked_vllm.post("/v1/chat/completions").mock(side_effect=[
-        httpx.Response(400, json={"error": {"message": message, "type": "BadRequestError", "param": "max_tokens",
-                                            "code": 400}}),
-        httpx.Response(200, content=sse({"choices": []}), headers={"content-type": "text/event-stream"}),
-    ])
-    response = await upstream.open_stream("/chat/completions", {"model": "m", "max_tokens": 32000})
-    await response.aclose()
-    assert response.status_code == 200
-    assert route.call_count == 2
-    assert json.loads(route.calls[1].request.content)["max_tokens"] == 4000
+    script.answers = [
+        problem(400, {"error": {"message": message, "type": "BadRequestError", "param": "max_tokens", "code": 400}}),
+        Response(sse({"choices": []}), media_type="text/event-stream"),
+    ]
+    response = await stream_upstream.open_stream("/chat/completions", {"model": "m", "max_tokens": 32000})
+    assert response.status == 200
+    response.release()
+    await _close(stream_upstream)
+    assert [b["max_tokens"] for b in script.bodies] == [32000, 4000]
+    assert script.headers["authorization"] == "Bearer upstream-secret"
 
 
 @pytest.mark.parametrize(("status", "payload", "expected_type"), [
@@ -154,11 +207,12 @@ async def test_open_stream_retries_once_with_the_limit_a_context_400_names(
     (503, {"detail": "Service Unavailable"}, "InternalServerError"),
 ])
 async def test_open_stream_passes_upstream_errors_through_in_openai_shape(
-        upstream: Upstream, mocked_vllm: respx.MockRouter, status: int, payload: dict[str, Any],
+        scripted_vllm: tuple[ScriptedVllm, str], stream_upstream: Upstream, status: int, payload: dict[str, Any],
         expected_type: str) -> None:
-    mocked_vllm.post("/v1/chat/completions").respond(status, json=payload)
+    scripted_vllm[0].answers = [problem(status, payload)]
     with pytest.raises(UpstreamError) as caught:
-        await upstream.open_stream("/chat/completions", {"model": "m"})
+        await stream_upstream.open_stream("/chat/completions", {"model": "m"})
+    await _close(stream_upstream)
     error = caught.value.body["error"]
     assert caught.value.status == status
     assert set(error) == {"message", "type", "param", "code"}
@@ -166,37 +220,44 @@ async def test_open_stream_passes_upstream_errors_through_in_openai_shape(
     assert error["message"] in ("boom", "bad", "Service Unavailable")
 
 
-async def test_rate_limit_keeps_retry_after(upstream: Upstream, mocked_vllm: respx.MockRouter) -> None:
-    mocked_vllm.post("/v1/chat/completions").respond(429, json={"error": {"message": "slow down"}},
-                                                     headers={"Retry-After": "7"})
+async def test_rate_limit_keeps_retry_after(scripted_vllm: tuple[ScriptedVllm, str],
+                                            stream_upstream: Upstream) -> None:
+    scripted_vllm[0].answers = [problem(429, {"error": {"message": "slow down"}}, {"Retry-After": "7"})]
     with pytest.raises(UpstreamError) as caught:
-        await upstream.open_stream("/chat/completions", {})
+        await stream_upstream.open_stream("/chat/completions", {})
+    await _close(stream_upstream)
     assert caught.value.status == 429
     assert caught.value.headers == {"retry-after": "7"}
 
 
 async def test_upstream_auth_failure_points_at_the_proxy_key_without_showing_it(
-        upstream: Upstream, mocked_vllm: respx.MockRouter) -> None:
-    mocked_vllm.post("/v1/chat/completions").respond(401, json={"error": "Unauthorized"})
+        scripted_vllm: tuple[ScriptedVllm, str], stream_upstream: Upstream) -> None:
+    scripted_vllm[0].answers = [problem(401, {"error": "Unauthorized"})]
     with pytest.raises(UpstreamError) as caught:
-        await upstream.open_stream("/chat/completions", {})
+        await stream_upstream.open_stream("/chat/completions", {})
+    await _close(stream_upstream)
     assert caught.value.status == 401
     assert "UPSTREAM_API_KEY" in caught.value.body["error"]["message"]
     assert "upstream-secret" not in json.dumps(caught.value.body)
 
 
-@pytest.mark.parametrize(("failure", "status", "words"), [
-    (httpx.ConnectError("Connection refused"), 502, "unreachable"),
-    (httpx.ReadTimeout("timed out"), 504, "did not answer within 5s"),
-])
-async def test_unreachable_and_timeout_name_the_upstream(upstream: Upstream, mocked_vllm: respx.MockRouter,
-                                                         failure: Exception, status: int, words: str) -> None:
-    mocked_vllm.post("/v1/chat/completions").mock(side_effect=failure)
+async def test_unreachable_upstream_is_502_naming_it() -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    upstream = await _upstream(url)
     with pytest.raises(UpstreamError) as caught:
         await upstream.open_stream("/chat/completions", {})
-    assert caught.value.status == status
-    assert words in caught.value.body["error"]["message"]
-    assert BASE in caught.value.body["error"]["message"]
+    await _close(upstream)
+    assert caught.value.status == 502
+    assert "unreachable" in caught.value.body["error"]["message"] and url in caught.value.body["error"]["message"]
+
+
+async def test_silent_upstream_is_504_naming_it(silent_upstream: str) -> None:
+    upstream = await _upstream(silent_upstream, timeout=0.3)
+    with pytest.raises(UpstreamError) as caught:
+        await upstream.open_stream("/chat/completions", {})
+    await _close(upstream)
+    assert caught.value.status == 504
+    assert "did not answer within 0.3s" in caught.value.body["error"]["message"]
 
 
 async def test_probe_reports_health_and_models(upstream: Upstream, mocked_vllm: respx.MockRouter) -> None:
