@@ -6,6 +6,7 @@ the flights in progress and the request log. Nothing happens at import time.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import sys
@@ -167,6 +168,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
                 aiohttp.ClientSession(connector=connector, timeout=stream_timeout, auto_decompress=False) as session:
             service = ProxyService(settings, client, session)
             service.cache.load()
+            service.cache.start_writer(asyncio.get_running_loop())
             app.state.service = service
             logging.getLogger("llmpod.proxy").info(
                 "proxy ready: upstream %s, cache %s (%d entries, %d bytes)", settings.upstream_base,
@@ -175,6 +177,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
                 yield
             finally:
                 await service.flights.aclose()
+                await asyncio.to_thread(service.cache.stop_writer)  # every answer given is on disk
                 service.request_log.close()
                 logging.getLogger("llmpod.proxy").info("proxy stopped after %d requests",
                                                        service.metrics.requests_total)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import re
@@ -665,3 +666,55 @@ def test_path_for_a_key_is_inside_the_directory(cache: ResponseCache, cache_dir:
 def test_path_for_rejects_anything_but_a_key(cache: ResponseCache, not_a_key: str) -> None:
     with pytest.raises(ValueError, match="not a cache key"):
         cache.path_for(not_a_key)
+
+
+# ------------------------------------------------------------------------------------- write-behind
+async def _settle() -> None:
+    """Let the writer's results (scheduled with call_soon_threadsafe) run on this loop."""
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+
+
+async def test_write_behind_serves_at_once_and_lands_on_disk(tmp_path: Path) -> None:
+    cache = ResponseCache(tmp_path, max_entries=10, max_bytes=10**9)
+    cache.load()
+    cache.start_writer(asyncio.get_running_loop())
+    key = cache_key("chat.completions", {"messages": [{"role": "user", "content": "write behind"}]})
+    assert cache.put(key, answer_document("behind"))
+    answer = cache.get(key)  # before or after the write: always served
+    assert answer is not None and answer.json_bytes() == orjson.dumps(answer_document("behind")["response"])
+    await asyncio.to_thread(cache.stop_writer)
+    await _settle()
+    assert (tmp_path / f"{key}.json").exists() and key in cache
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+async def test_write_behind_delete_wins_over_a_write_in_progress(tmp_path: Path) -> None:
+    cache = ResponseCache(tmp_path, max_entries=10, max_bytes=10**9)
+    cache.load()
+    cache.start_writer(asyncio.get_running_loop())
+    key = cache_key("chat.completions", {"messages": [{"role": "user", "content": "deleted early"}]})
+    cache.put(key, answer_document("behind"))
+    assert cache.delete(key)
+    await asyncio.to_thread(cache.stop_writer)
+    await _settle()
+    assert cache.get(key) is None and key not in cache
+    assert not (tmp_path / f"{key}.json").exists()
+
+
+async def test_write_behind_failure_stops_storing_and_keeps_serving(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = ResponseCache(tmp_path, max_entries=10, max_bytes=10**9)
+    cache.load()
+
+    def disk_full(key: str, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache, "_write_atomically", disk_full)
+    cache.start_writer(asyncio.get_running_loop())
+    key = cache_key("chat.completions", {"messages": [{"role": "user", "content": "no room"}]})
+    cache.put(key, answer_document("behind"))
+    await asyncio.to_thread(cache.stop_writer)
+    await _settle()
+    assert cache.store_disabled_reason is not None and cache.store_errors == 1
+    assert key not in cache and cache.get(key) is None
