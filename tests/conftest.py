@@ -118,13 +118,14 @@ def client(proxy: LoopbackServer) -> Iterator[httpx.Client]:
         yield http
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll ``condition`` until it holds (never a fixed sleep): a cache write finishes just after the answer."""
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0, interval: float = 0.01) -> None:
+    """Poll ``condition`` until it holds, within a bound (never a fixed sleep): a cache write lands just after
+    the answer, a watchdog acts on its next round, a fake pod changes phase on its own clock."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not the case within {timeout}s")
-        time.sleep(0.01)
+        time.sleep(interval)
 
 
 def wait_for_stored(http: httpx.Client, entries: int, base: str = "") -> None:

@@ -13,13 +13,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.conftest import wait_until
 from tests.fake_runpod import FakeRunPod, FakeRunPodSettings, create_app, pod_url_template
 from tests.fake_runpod_pods import parse_vllm_args
 from tests.servers import LoopbackServer, free_port
@@ -40,14 +41,6 @@ def vllm_body(**overrides: Any) -> dict[str, Any]:
     return {"name": "llmpod-test", "image": "vllm/vllm-openai:v0.11.0", "gpu": {"id": "NVIDIA RTX A6000", "count": 1},
             "cloud": "SECURE", "disk": 60, "ports": ["8000/http"], "env": {"VLLM_API_KEY": POD_KEY, "HF_TOKEN": "hf_x"},
             "args": f"--model {MODEL} --host 0.0.0.0 --port 8000 --max-model-len 8192", **overrides}
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not the case within {timeout}s")
-        time.sleep(0.01)
 
 
 def refused(port: int) -> bool:

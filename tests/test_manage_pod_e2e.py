@@ -12,14 +12,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.conftest import wait_until
 from tests.servers import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,14 +128,6 @@ def pid_alive(pid: int | None) -> bool:
 def port_free(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not the case within {timeout}s")
-        time.sleep(0.1)
 
 
 @pytest.fixture
