@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import certifi
 import httpx
 import orjson
 from fastapi import FastAPI, Request
@@ -163,7 +165,10 @@ def create_app(settings: ProxySettings) -> FastAPI:
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         stream_timeout = aiohttp.ClientTimeout(total=None, connect=min(10.0, settings.upstream_timeout),
                                                sock_read=settings.upstream_timeout)
-        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30)
+        # certifi's CA bundle, as httpx uses: Pythons without system certificates (python.org on macOS)
+        # would otherwise refuse every https://…proxy.runpod.net pod
+        tls = ssl.create_default_context(cafile=certifi.where())
+        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30, ssl=tls)
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client, \
                 aiohttp.ClientSession(connector=connector, timeout=stream_timeout, auto_decompress=False) as session:
             service = ProxyService(settings, client, session)
