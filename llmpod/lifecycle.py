@@ -46,6 +46,10 @@ from llmpod.state import (
 
 PROXY_MARKER = "proxy_fastapi.py"
 WATCHDOG_MARKER = "--watchdog"
+# Every helper carries its directory in its environment, so one started by a run killed before it wrote the
+# pid file is still found (and stopped) by the next run instead of outliving --shutdown.
+PROXY_OF = "LLMPOD_PROXY_OF"
+WATCHDOG_OF = "LLMPOD_WATCHDOG_OF"
 CREATE_ATTEMPTS = 3  # per GPU type, for 5xx answers after which no pod was found by name
 TERMINATE_DEADLINE = 180.0
 LOCK_WAIT = 3600.0  # a second manage_pod.py waits for the first to finish creating, then reuses its pod
@@ -341,9 +345,11 @@ class Session:
             return
         if pid:
             processes.stop_pidfile(self.paths.proxy_pid, PROXY_MARKER)
+        self._stop_strays(PROXY_OF)
         check_port_free(state.proxy_port)
         assert state.upstream_url is not None
-        env = {**os.environ, "RUNPOD_ENDPOINT": state.upstream_url,
+        inherited = {k: v for k, v in os.environ.items() if k != WATCHDOG_OF}  # the watchdog restarts proxies too
+        env = {**inherited, PROXY_OF: str(self.paths.root), "RUNPOD_ENDPOINT": state.upstream_url,
                "UPSTREAM_API_KEY": state.vllm_api_key.get_secret_value(), "PROXY_HOST": "127.0.0.1",
                "PROXY_PORT": str(state.proxy_port), "CACHE_DIR": self.config.cache_dir,
                "MAX_CACHE_SIZE": str(self.config.max_cache_size), "CACHE_SIZE_BYTES": str(self.config.max_cache_bytes),
@@ -351,7 +357,7 @@ class Session:
         processes.spawn_detached([sys.executable, str(REPO_ROOT / "proxy_fastapi.py")], env=env,
                                  log_path=self.paths.proxy_log, pid_path=self.paths.proxy_pid)
         deadline = time.monotonic() + 20
-        while self.proxy_health(state) is None:
+        while self.proxy_health(state) is None or self._proxy_pid() is None:  # and it must be the one we started
             if time.monotonic() > deadline or self._proxy_pid() is None:
                 raise PodError(f"the proxy did not start on port {state.proxy_port}; see {self.paths.proxy_log}")
             time.sleep(0.1)
@@ -359,15 +365,26 @@ class Session:
     def ensure_watchdog(self) -> None:
         if processes.running(self.paths.watchdog_pid, WATCHDOG_MARKER):
             return
+        self._stop_strays(WATCHDOG_OF)
         argv = [sys.executable, str(REPO_ROOT / "manage_pod.py"), WATCHDOG_MARKER, "--config", str(self.config_path)]
-        processes.spawn_detached(argv, env=dict(os.environ), log_path=self.paths.watchdog_log,
+        env = {**os.environ, WATCHDOG_OF: str(self.paths.root)}
+        processes.spawn_detached(argv, env=env, log_path=self.paths.watchdog_log,
                                  pid_path=self.paths.watchdog_pid, cwd=self.paths.root)
 
     def _stop_helpers(self, keep_watchdog: bool = False) -> None:
-        if not keep_watchdog and not processes.stop_pidfile(self.paths.watchdog_pid, WATCHDOG_MARKER):
-            self.reporter.say("warning: the watchdog did not exit")
+        if not keep_watchdog:
+            if not processes.stop_pidfile(self.paths.watchdog_pid, WATCHDOG_MARKER):
+                self.reporter.say("warning: the watchdog did not exit")
+            self._stop_strays(WATCHDOG_OF)
         if not processes.stop_pidfile(self.paths.proxy_pid, PROXY_MARKER):
             self.reporter.say("warning: the proxy did not exit")
+        self._stop_strays(PROXY_OF)
+
+    def _stop_strays(self, marker: str) -> None:
+        """Stop this directory's helpers of one kind that no pid file names (never this process)."""
+        for pid in processes.find_by_environ(marker, str(self.paths.root)):
+            if pid != os.getpid() and not processes.stop(pid, grace=5):
+                self.reporter.say(f"warning: process {pid} ({marker}) did not exit; kill it with `kill -9 {pid}`")
 
     # ----------------------------------------------------------------- shutdown
     def spend(self, state: PodState, pod: PodInfo | None = None) -> float:

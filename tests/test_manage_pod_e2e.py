@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from llmpod import processes
 from tests.conftest import wait_until
 from tests.servers import free_port, wait_for_port
 
@@ -138,13 +139,25 @@ def workdir(tmp_path: Path, fake_runpod: FakeRunPod) -> Iterator[Workdir]:
 
 
 def _cleanup(work: Workdir) -> None:
-    """Whatever a failing test left: stop it, so no process or port leaks into the next test."""
+    """Whatever a test left: stop it, so no process or port leaks into the next test; then fail the test if
+    anything of this directory had survived its own shutdown (a leak a user would have too)."""
     if work.state_file.exists() or work.pid("proxy") or work.pid("watchdog"):
         work.run("--shutdown", "--all", timeout=60)
-    for name in ("watchdog", "proxy"):
-        pid = work.pid(name)
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
+    assert_no_survivors(work)
+
+
+def assert_no_survivors(work: Workdir) -> None:
+    def survivors() -> list[int]:
+        return [pid for marker in ("LLMPOD_PROXY_OF", "LLMPOD_WATCHDOG_OF")
+                for pid in processes.find_by_environ(marker, str(work.path.resolve()))]
+
+    try:  # a watchdog that ended the session exits a moment after clearing it
+        wait_until(lambda: not survivors(), "every helper process exited", timeout=10)
+    except AssertionError:
+        left = {pid: processes.cmdline(pid) for pid in survivors()}
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"processes outlived --shutdown: {left}") from None
 
 
 def assert_nothing_left(work: Workdir, fake: FakeRunPod | None) -> None:
@@ -367,6 +380,7 @@ def test_local_provider_journey(tmp_path: Path) -> None:
     finally:
         if work.state_file.exists():
             work.run("--local", "--shutdown", "--all", timeout=60)
+        assert_no_survivors(work)
 
 
 def test_ready_timeout_terminates_the_pod_and_says_why(workdir: Workdir, fake_runpod: FakeRunPod) -> None:

@@ -15,7 +15,7 @@ from llmpod.errors import ConfigError
 from llmpod.pod_config import FIELDS, MOCK_SERVER, REPO_ROOT, PodConfig, check_port_free, load_pod_config
 
 SHIPPED = REPO_ROOT / "pod_config.json"
-SECRET = "hf_aBcDeFgHiJkLmNoPqRsTuVwXyZ012345"
+SECRET = "hf_FAKE-test-token-0123456789abcdefXYZ"  # shaped like a token, obviously fake
 
 # every key with a value that is valid and not the default
 EVERY_KEY: dict[str, Any] = {

@@ -34,7 +34,7 @@ from llmpod.runpod_api import (
 )
 
 BASE = "https://api.runpod.test"
-KEY = "rpa_TESTKEY0123456789abcdefNEVERSHOWN"
+KEY = "rpa_FAKE-test-key-0123456789-never-shown"  # obviously fake
 VLLM_KEY = "sk-vllm-secret-in-env"
 
 # The spec's POST /v2/pods 201 example (runpod.md 8.2): PROVISIONING with "runtime": {}
