@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,8 +146,6 @@ def exclusive(paths: RuntimePaths, timeout: float, waiting_message: str | None =
         lock.acquire(timeout=0)
     except Timeout:
         if waiting_message:
-            import sys
-
             print(waiting_message, file=sys.stderr)
         try:
             lock.acquire(timeout=timeout)
