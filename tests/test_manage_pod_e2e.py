@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,21 @@ def test_watchdog_enforces_expiry_and_idle(workdir: Workdir, fake_runpod: FakeRu
     assert_nothing_left(workdir, fake_runpod)
     last = json.loads((workdir.path / ".llmpod" / "last_session.json").read_text())
     assert reason in last["reason"]
+
+
+def test_clock_jump_past_expiry_shuts_down_on_wake(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    """A laptop that slept past the expiry: to the watchdog, the wall clock is suddenly past expires_at."""
+    assert workdir.run().returncode == 0
+    state = workdir.state()
+    state["expires_at"] = time.time() - 60
+    tmp = workdir.state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, workdir.state_file)
+    wait_until(lambda: not workdir.state_file.exists(), "the watchdog noticed the expiry", timeout=20)
+    assert_nothing_left(workdir, fake_runpod)
+    last = json.loads((workdir.path / ".llmpod" / "last_session.json").read_text())
+    assert "expired" in last["reason"]
 
 
 def test_watchdog_restarts_a_dead_proxy(workdir: Workdir) -> None:
