@@ -102,7 +102,7 @@ def make_provider(config: PodConfig, paths: RuntimePaths) -> Provider:
     return RunPodProvider(client, config, os.environ.get("RUNPOD_POD_URL_TEMPLATE") or POD_URL_TEMPLATE)
 
 
-def refresh(session: Session, verbose: bool) -> Catalog:
+def refresh(session: Session) -> Catalog:
     gpu_source = None
     if isinstance(session.provider, RunPodProvider):
         client = session.provider.client
@@ -159,10 +159,10 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.extend is not None:
             state = session.extend(args.extend)
-            print(f"pod {state.pod_name} now expires {report._clock(state.expires_at)}")
+            print(f"pod {state.pod_name} now expires {report.clock(state.expires_at)}")
             return 0
         if args.refresh_catalog:
-            print(report.catalog_text(refresh(session, args.verbose), args.verbose))
+            print(report.catalog_text(refresh(session), args.verbose))
             return 0
         if args.logs:
             state, _ = session.reconcile()

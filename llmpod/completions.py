@@ -65,7 +65,8 @@ class Exchange:
         return headers
 
 
-async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
+async def read_json_body(request: Request, limit: int) -> tuple[dict[str, Any], int]:
+    """The body as a JSON object, and its size in bytes."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -85,7 +86,7 @@ async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
         raise RequestProblem(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise RequestProblem(400, "request body must be a JSON object")
-    return body
+    return body, size
 
 
 def cache_controls(request: Request, body: dict[str, Any]) -> tuple[bool, bool]:
@@ -139,7 +140,7 @@ class GenerationHandler:
         service = self.service
         endpoint = exchange.endpoint
         try:
-            body = await read_json_body(request, service.settings.max_body_bytes)
+            body, body_bytes = await read_json_body(request, service.settings.max_body_bytes)
             no_cache, no_store = cache_controls(request, body)
             stream = body.get("stream", False)
             if not isinstance(stream, bool) and stream is not None:
@@ -152,7 +153,8 @@ class GenerationHandler:
             if served is not None:
                 body["model"] = exchange.model = served.id
                 exchange.resolved = True
-            body = await service.upstream.fit_context(endpoint, body, served, lambda: cache_key(endpoint, body))
+            body = await service.upstream.fit_context(endpoint, body, served, lambda: cache_key(endpoint, body),
+                                                      body_bytes)
         except RequestProblem as problem:
             return self._error(exchange, problem.status, error_body(str(problem), problem.status,
                                                                     param=problem.param)), False

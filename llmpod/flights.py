@@ -57,6 +57,7 @@ class Flight:
         self._wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.on_abandoned: Callable[[Flight], None] | None = None
+        self._result: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- producer
     async def run(self, upstream: Upstream, on_complete: StoreCallback) -> None:
@@ -148,7 +149,10 @@ class Flight:
         return self.done and self.error is None
 
     def result(self) -> dict[str, Any]:
-        return self.assembler.result()
+        """The assembled answer, built once however many listeners and the cache ask for it."""
+        if self._result is None or not self.done:
+            self._result = self.assembler.result()
+        return self._result
 
     def attach(self) -> None:
         self.listeners += 1

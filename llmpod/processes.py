@@ -108,19 +108,30 @@ def stop_pidfile(pid_path: Path, marker: str, grace: float = 10.0) -> bool:
     return gone
 
 
-def find_by_environ(key: str, value: str) -> list[int]:
-    """Processes whose environment has ``key=value`` (how a leaked local "pod" is found again)."""
-    needle = f"{key}={value}".encode()
+def environ_value(pid: int, key: str) -> str | None:
+    """``key`` in the environment of process ``pid`` (None if unset or unreadable)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    prefix = f"{key}=".encode()
+    for item in environ:
+        if item.startswith(prefix):
+            return item[len(prefix):].decode(errors="replace")
+    return None
+
+
+def find_by_environ(key: str, value: str | None = None) -> list[int]:
+    """Live processes whose environment has ``key`` (set to ``value`` when given): how helpers and local
+    "pods" started by an earlier run are found again."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0") and alive(int(entry.name)):
-            found.append(int(entry.name))
+        pid = int(entry.name)
+        seen = environ_value(pid, key)
+        if seen is not None and (value is None or seen == value) and alive(pid):
+            found.append(pid)
     return found
 
 

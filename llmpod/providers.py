@@ -170,7 +170,7 @@ class LocalProvider:
         pid, port = _parse_local_id(pod_id)
         if pid is None or not processes.alive(pid):
             return None
-        name = _environ_value(pid, self.NAME_VAR)
+        name = processes.environ_value(pid, self.NAME_VAR)
         if name is None:
             return None  # that pid now belongs to something else
         return PodInfo(pod_id, name, "RUNNING", 0.0, None, None, f"http://127.0.0.1:{port}/v1")
@@ -180,9 +180,9 @@ class LocalProvider:
 
     def list_ours(self) -> list[PodInfo]:
         found = []
-        for pid in _pids_with_var(self.NAME_VAR):
-            name = _environ_value(pid, self.NAME_VAR) or ""
-            port = _environ_value(pid, self.PORT_VAR) or "0"
+        for pid in processes.find_by_environ(self.NAME_VAR):
+            name = processes.environ_value(pid, self.NAME_VAR) or ""
+            port = processes.environ_value(pid, self.PORT_VAR) or "0"
             if name.startswith(POD_NAME_PREFIX) and port.isdigit():
                 found.append(PodInfo(f"local-{pid}-{port}", name, "RUNNING", 0.0, None, None,
                                      f"http://127.0.0.1:{port}/v1"))
@@ -227,24 +227,3 @@ def _parse_local_id(pod_id: str) -> tuple[int | None, int]:
     if len(parts) != 3 or parts[0] != "local" or not parts[1].isdigit() or not parts[2].isdigit():
         return None, 0
     return int(parts[1]), int(parts[2])
-
-
-def _environ_value(pid: int, key: str) -> str | None:
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    prefix = f"{key}=".encode()
-    for item in environ:
-        if item.startswith(prefix):
-            return item[len(prefix):].decode(errors="replace")
-    return None
-
-
-def _pids_with_var(key: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        pid = int(entry.name) if entry.name.isdigit() else 0
-        if pid and _environ_value(pid, key) is not None and processes.alive(pid):
-            pids.append(pid)
-    return pids

@@ -12,7 +12,7 @@ from llmpod.lifecycle import Session
 from llmpod.state import PodState, load_state, read_last_session
 
 
-def _clock(timestamp: float | None) -> str | None:
+def clock(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
     return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -44,7 +44,7 @@ def status(session: Session) -> dict[str, Any]:
             "status": pod.status if pod else "GONE", "gpu": state.gpu_type_id,
             "cost_per_hour": pod.cost_per_hour if pod else 0.0, "uptime_seconds": now - state.created_at,
             "spend_usd": round(session.spend(state, pod), 4), "model": state.served_model,
-            "expires_at": _clock(state.expires_at), "expires_in_seconds": state.expires_at - now,
+            "expires_at": clock(state.expires_at), "expires_in_seconds": state.expires_at - now,
             "idle_shutdown_in_seconds": idle_left,
         },
         "endpoint": f"{session.proxy_url(state)}/v1",
@@ -54,7 +54,7 @@ def status(session: Session) -> dict[str, Any]:
             "cache_entries": metrics.get("cache_entries") if metrics else None,
             "cache_hit_rate": metrics.get("cache_hit_rate") if metrics else None,
             "requests_total": metrics.get("requests_total") if metrics else None,
-            "last_request_at": _clock(last_request),
+            "last_request_at": clock(last_request),
         },
     }
 
@@ -66,7 +66,7 @@ def status_text(report: dict[str, Any]) -> str:
         lines = ["no pod is running from this directory"]
         if last:
             spend = last.get("spend_usd")
-            lines.append(f"last session ended {_clock(last.get('ended_at'))}: {last.get('reason')}"
+            lines.append(f"last session ended {clock(last.get('ended_at'))}: {last.get('reason')}"
                          + (f" (spend ${spend:.2f})" if isinstance(spend, int | float) else ""))
         return "\n".join(lines)
     proxy = report["proxy"]
@@ -93,7 +93,7 @@ def ready_text(session: Session, state: PodState) -> str:
     return "\n".join([
         f"ready: {endpoint}",
         f"model:    {state.served_model}",
-        f"cost:     ${state.cost_per_hour or 0:.2f}/h, expires {_clock(state.expires_at)}"
+        f"cost:     ${state.cost_per_hour or 0:.2f}/h, expires {clock(state.expires_at)}"
         + (f", idle shutdown after {state.idle_timeout_seconds // 60} min without a request"
            if state.idle_timeout_seconds else ""),
         f"Kilo Code: provider 'OpenAI Compatible', Base URL {endpoint}, API key 'none', "

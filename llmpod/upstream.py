@@ -183,11 +183,12 @@ class Upstream:
 
     # ----------------------------------------------------------------- context
     async def fit_context(self, endpoint: str, body: dict[str, Any], model: ServedModel | None,
-                          digest: Callable[[], str]) -> dict[str, Any]:
+                          digest: Callable[[], str], body_bytes: int) -> dict[str, Any]:
         """Lower ``max_tokens`` so prompt + completion fit ``max_model_len`` (current Kilo Code asks
         for 32000 by default and vLLM refuses with a 400 otherwise).
 
-        Cheap when it surely fits (the prompt's JSON size bounds its token count); otherwise asks vLLM's
+        Cheap when it surely fits (the request's size in bytes bounds the prompt's token count, with no
+        work on the hot path: the body was measured as it was read); otherwise asks vLLM's
         ``/tokenize`` once per distinct request (memoised by ``digest()``) so repeats cost nothing.
         """
         limit = model.max_model_len if model else None
@@ -195,9 +196,7 @@ class Upstream:
                         default=None)
         if limit is None or requested is None:
             return body
-        prompt_fields = ("messages", "tools") if endpoint == "chat.completions" else ("prompt",)
-        upper_bound = sum(len(orjson.dumps(body.get(f))) for f in prompt_fields) + TOKEN_MARGIN
-        if requested + upper_bound <= limit:
+        if requested + body_bytes + TOKEN_MARGIN <= limit:
             return body
         key = digest()
         if key in self._fit_memo:

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from llmpod import processes
 from llmpod.errors import ConfigError, LlmpodError, RunPodAuthError, RunPodError
 from llmpod.lifecycle import PROXY_MARKER, Session
+from llmpod.report import clock
 from llmpod.state import clear_state, exclusive, load_state, record_last_session
 
 
@@ -66,7 +67,7 @@ def check_once(session: Session, last_activity: float) -> str | float | None:
         return None  # a manage_pod.py is still creating it
     now = time.time()
     if now >= state.expires_at:
-        result = session.shutdown(reason=f"expired: runtime_seconds reached at {_clock(state.expires_at)}",
+        result = session.shutdown(reason=f"expired: runtime_seconds reached at {clock(state.expires_at)}",
                                   from_watchdog=True)
         return f"pod expired: terminated {result['terminated']} (spend ${result['spend_usd'] or 0:.2f})"
     metrics = session.proxy_metrics(state)
@@ -97,7 +98,3 @@ def check_once(session: Session, last_activity: float) -> str | float | None:
         log("the proxy is not answering: restarting it")
         session.ensure_proxy(state)
     return last_activity
-
-
-def _clock(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -106,10 +106,10 @@ async def test_fit_context_uses_tokenize_once_per_distinct_request(upstream: Ups
                                                            "tokens": [], "token_strs": None})
     model = ServedModel(SERVED, 16384)
     body = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 32000}
-    fitted = await upstream.fit_context("chat.completions", body, model, lambda: "digest-1")
+    fitted = await upstream.fit_context("chat.completions", body, model, lambda: "digest-1", len(json.dumps(body)))
     assert fitted["max_tokens"] == 16384 - 384
     assert body["max_tokens"] == 32000  # the caller's dict is not changed
-    again = await upstream.fit_context("chat.completions", body, model, lambda: "digest-1")
+    again = await upstream.fit_context("chat.completions", body, model, lambda: "digest-1", len(json.dumps(body)))
     assert again["max_tokens"] == 16384 - 384
     assert tokenize.call_count == 1
     sent = json.loads(tokenize.calls[0].request.content)
@@ -121,7 +121,8 @@ async def test_fit_context_skips_tokenize_when_it_surely_fits(upstream: Upstream
                                                               mocked_vllm: respx.MockRouter) -> None:
     tokenize = mocked_vllm.post("/tokenize").respond(json={"count": 5})
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
-    assert await upstream.fit_context("chat.completions", body, ServedModel(SERVED, 16384), lambda: "d") is body
+    model = ServedModel(SERVED, 16384)
+    assert await upstream.fit_context("chat.completions", body, model, lambda: "d", len(json.dumps(body))) is body
     assert tokenize.call_count == 0
 
 
@@ -129,7 +130,8 @@ async def test_fit_context_leaves_body_when_tokenize_fails(upstream: Upstream,
                                                            mocked_vllm: respx.MockRouter) -> None:
     mocked_vllm.post("/tokenize").respond(404, json={"detail": "Not Found"})
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32000}
-    assert await upstream.fit_context("chat.completions", body, ServedModel(SERVED, 4096), lambda: "d") is body
+    model = ServedModel(SERVED, 4096)
+    assert await upstream.fit_context("chat.completions", body, model, lambda: "d", len(json.dumps(body))) is body
 
 
 def sse(*events: dict[str, Any]) -> bytes:
