@@ -6,12 +6,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
 from tests.servers import LoopbackServer
+
+if TYPE_CHECKING:
+    from tests.e2e_harness import FakeRunPod, Workdir
 
 # Every variable our programs read. Tests start from none of them, so a developer's shell (a real
 # RUNPOD_API_KEY, a CACHE_DIR in /tmp) can never leak into a test or be touched by one.
@@ -158,3 +161,26 @@ def silent_upstream() -> Iterator[str]:
     for conn in accepted:
         conn.close()
     listener.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# manage_pod.py end to end: the fake RunPod API as a process, and a directory to run manage_pod.py in.
+
+
+@pytest.fixture
+def fake_runpod() -> Iterator[FakeRunPod]:
+    from tests.e2e_harness import running_fake_runpod
+
+    with running_fake_runpod() as fake:
+        yield fake
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, fake_runpod: FakeRunPod) -> Iterator[Workdir]:
+    """A directory with a pod_config.json pointing at the fake; whatever a test leaves running is shut down
+    after it, and the test fails if any helper process of the directory outlived that shutdown."""
+    from tests.e2e_harness import Workdir, cleanup
+
+    work = Workdir(tmp_path, fake_runpod)
+    yield work
+    cleanup(work)
