@@ -3,12 +3,15 @@
 ``create_app(MockSettings(...))`` returns a FastAPI app with its own state and Prometheus registry. It
 answers like vLLM 0.11 (nested errors, ``reasoning``), or like v0.10.0 and older with
 ``wire_format="legacy"`` (flat errors, ``reasoning_content``); see vllm_fluidmcp.md, Part A. Faults are
-switches: latency, injected 500s and 429s, a connection cut mid-stream, a dead engine.
+switches: latency, injected 500s and 429s, a connection cut mid-stream, a dead engine, and streams that break
+the protocol (an event that is not JSON, events run together, no ``[DONE]``, a stream that stalls), which a
+real vLLM should never send but a proxy in front of one must survive.
 
 Test-only routes, outside ``/v1`` so the API key never guards them:
 
 - ``GET /mock/stats``: ``{"requests": {"chat.completions", "completions", "models", "health", "tokenize",
-  "version", "metrics": N}, "streams": N, "injected": {"500", "429", "cut": N}, "errors": {"<status>": N},
+  "version", "metrics": N}, "streams": N, "injected": {"500", "429", "cut", "invalid_json", "malformed_sse",
+  "no_done", "stall": N}, "errors": {"<status>": N},
   "in_flight": N, "max_in_flight": N, "last_request": {"path", "body", "headers"} | null}``. A generation
   request counts once it reaches its handler, whatever the answer; ``errors`` counts error answers.
 - ``POST /mock/config``: a partial settings object, applied live; answers the effective settings (the API
@@ -46,6 +49,9 @@ ENGINE_DEAD_MESSAGE = "EngineCore encountered an issue. See stack trace (above) 
 _MASK = "**********"  # how pydantic shows a SecretStr, and so how /mock/config shows the key
 _KV_CACHE_SEQUENCES = 16  # the mock's KV cache holds this many full-length sequences
 _KINDS = ("chat.completions", "completions", "models", "health", "tokenize", "version", "metrics")
+StreamFault = Literal["invalid_json", "malformed_sse", "no_done", "stall"]
+STREAM_FAULTS: tuple[StreamFault, ...] = ("invalid_json", "malformed_sse", "no_done", "stall")
+STALL_SECONDS = 300.0  # a stalled stream goes quiet this long (a client or proxy timeout ends it sooner)
 log = logging.getLogger("llmpod.mock_vllm")
 
 
@@ -66,6 +72,12 @@ class MockSettings(BaseModel):
     retry_after: float = Field(1.0, ge=0, description="Retry-After seconds on injected 429s")
     seed: int = Field(0, description="seeds the RNG that picks which requests get injected errors")
     die_after_chunks: int | None = Field(None, ge=0, description="cut each connection after N data events")
+    stream_fault: StreamFault | None = Field(
+        None, description="break streams after stream_fault_after data events: invalid_json (a truncated event), "
+        "malformed_sse (an event runs into the next), no_done (ends without [DONE]), stall (goes quiet, "
+        "connection open)")
+    stream_fault_after: int = Field(3, ge=0, description="data events a broken stream sends before its fault")
+    stream_fault_rate: float = Field(1.0, ge=0, le=1, description="fraction of streams stream_fault breaks")
     reasoning: bool = Field(False, description="chat answers think first (reasoning deltas)")
     dead: bool = Field(False, description="engine dead: /health 503, generations 500")
     wire_format: gen.WireFormat = Field("modern", description="modern (vLLM >= 0.10.1) or legacy shapes")
@@ -127,7 +139,7 @@ class _Mock:
         self.rng.seed(self.settings.seed)
         self.requests = dict.fromkeys(_KINDS, 0)
         self.streams = 0
-        self.injected = {"500": 0, "429": 0, "cut": 0}
+        self.injected = {"500": 0, "429": 0, "cut": 0, **dict.fromkeys(STREAM_FAULTS, 0)}
         self.errors: dict[str, int] = {}
         self.max_in_flight = self.in_flight
         self.last_request: dict[str, Any] | None = None
@@ -187,6 +199,11 @@ class _Mock:
         if draw < s.rate_limit_rate + s.error_rate:
             self.injected["500"] += 1
             raise gen.APIError(500, "InternalServerError", "Mock vLLM: injected failure (error_rate).")
+
+    def pick_stream_fault(self, settings: MockSettings) -> StreamFault | None:
+        if settings.stream_fault is None or self.rng.random() >= settings.stream_fault_rate:
+            return None
+        return settings.stream_fault
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -363,7 +380,9 @@ async def _generate(mock: _Mock, request: Request, kind: Literal["chat", "comple
         mock.streams += 1
         steps, tail = shapes.stream_chunks(req, outputs, response_id=response_id, created=created,
                                         model=settings.served_name, wire_format=settings.wire_format)
-        return _ClosingStream(_stream(mock, settings, req, outputs, steps, tail), media_type="text/event-stream")
+        fault = mock.pick_stream_fault(settings)
+        return _ClosingStream(_stream(mock, settings, req, outputs, steps, tail, fault),
+                              media_type="text/event-stream")
     tokens = sum(len(p.ids) for p in req.prompts)
     mock.begin(tokens)
     try:
@@ -387,7 +406,7 @@ async def _generate(mock: _Mock, request: Request, kind: Literal["chat", "comple
 
 async def _stream(
     mock: _Mock, settings: MockSettings, req: gen.ParsedRequest, outputs: list[gen.Output],
-    steps: list[list[dict[str, Any]]], tail: list[dict[str, Any]],
+    steps: list[list[dict[str, Any]]], tail: list[dict[str, Any]], fault: StreamFault | None = None,
 ) -> AsyncGenerator[bytes, None]:
     events = [[_event(chunk) for chunk in step] for step in steps]
     events.append([*(_event(chunk) for chunk in tail), _event("[DONE]")])
@@ -413,6 +432,19 @@ async def _stream(
                     outcome = "cut"
                     log.warning("mock vLLM: cutting a stream after %d data events (die_after_chunks)", sent)
                     raise ConnectionCut("mock vLLM cut the connection (die_after_chunks)")
+                if fault is not None and sent == settings.stream_fault_after:
+                    mock.injected[fault] += 1
+                    log.warning("mock vLLM: breaking a stream after %d data events (stream_fault=%s)", sent, fault)
+                    if fault in ("no_done", "stall"):
+                        outcome = "cut"
+                        if pending:
+                            yield b"".join(pending)
+                        if fault == "stall":
+                            await _sleep(STALL_SECONDS)
+                        return  # the response ends cleanly, without the rest or [DONE]
+                    # a broken event, then the rest of the stream as if nothing happened
+                    event = event[:len(event) // 2] + b"\n\n" if fault == "invalid_json" else event[:-1]
+                    fault = None
                 pending.append(event)
                 sent += 1
         if pending:

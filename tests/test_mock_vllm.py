@@ -390,7 +390,9 @@ async def test_injected_errors() -> None:
         limited = await client.post("/v1/completions", json={"prompt": "x"})
         assert limited.status_code == 429 and limited.headers["retry-after"] == "3"
         assert nested(limited)["type"] == "RateLimitError"
-        assert (await client.get("/mock/stats")).json()["injected"] == {"500": 1, "429": 1, "cut": 0}
+        injected = (await client.get("/mock/stats")).json()["injected"]
+        assert injected == {"500": 1, "429": 1, "cut": 0, "invalid_json": 0, "malformed_sse": 0, "no_done": 0,
+                            "stall": 0}
 
 
 async def test_injected_errors_follow_the_seed() -> None:
@@ -402,6 +404,82 @@ async def test_injected_errors_follow_the_seed() -> None:
     first = await statuses(7)
     assert first == await statuses(7) and {200, 429, 500} <= set(first)
     assert first != await statuses(8)
+
+
+def blocks(response: httpx.Response) -> list[str]:
+    """A stream's events as sent, separated by blank lines, without parsing them."""
+    return [block for block in response.text.split("\n\n") if block]
+
+
+def parses(block: str) -> bool:
+    data = block.removeprefix("data: ")
+    if data == "[DONE]":
+        return True
+    try:
+        json.loads(data)
+    except json.JSONDecodeError:
+        return False
+    return "\n" not in data
+
+
+@pytest.mark.parametrize("fault", ["invalid_json", "malformed_sse", "no_done"])
+async def test_stream_faults_break_a_stream_after_n_events(fault: str) -> None:
+    settings = MockSettings(stream_fault=fault, stream_fault_after=2, chunk_count=6)
+    async with client_for(create_app(settings)) as client:
+        broken = blocks(await client.post(CHAT, json={"messages": HELLO, "stream": True}))
+        plain = await client.post(CHAT, json={"messages": HELLO})
+        await client.post("/mock/config", json={"stream_fault_rate": 0})
+        whole = blocks(await client.post(CHAT, json={"messages": HELLO, "stream": True}))
+        stats = (await client.get("/mock/stats")).json()
+    assert len(whole) == 8 and all(map(parses, whole)) and whole[-1] == "data: [DONE]"  # role, 6 tokens, [DONE]
+    assert plain.status_code == 200 and plain.json()["choices"][0]["message"]["content"]  # plain answers are whole
+    if fault == "no_done":
+        assert len(broken) == 2 and all(map(parses, broken))
+    elif fault == "invalid_json":
+        assert len(broken) == 8 and [parses(b) for b in broken] == [True, True, False, True, True, True, True, True]
+        assert broken[-1] == "data: [DONE]"
+    else:  # the third event runs into the fourth: one event with two data lines
+        assert len(broken) == 7 and not parses(broken[2]) and broken[2].count("data: ") == 2
+        assert broken[-1] == "data: [DONE]"
+    assert stats["injected"][fault] == 1 and stats["in_flight"] == 0
+
+
+async def test_a_stalled_stream_goes_quiet_and_frees_its_slot_when_the_client_leaves() -> None:
+    app = create_app(MockSettings(stream_fault="stall", stream_fault_after=3))
+    with LoopbackServer(app) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            received: list[str] = []
+            with pytest.raises(httpx.ReadTimeout):
+                async with client.stream("POST", CHAT, json={"messages": HELLO, "stream": True},
+                                         timeout=httpx.Timeout(5, read=0.5)) as response:
+                    async for line in response.aiter_lines():
+                        if line:
+                            received.append(line)
+            assert len(received) == 3 and all(parses(line) for line in received)
+            deadline = time.monotonic() + 5
+            while (await client.get("/mock/stats")).json()["in_flight"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            stats = (await client.get("/mock/stats")).json()
+    assert stats["in_flight"] == 0 and stats["injected"]["stall"] == 1
+
+
+async def test_stream_fault_rate_breaks_some_streams_by_the_seed() -> None:
+    async def broken(seed: int) -> list[bool]:
+        app = create_app(MockSettings(stream_fault="no_done", stream_fault_rate=0.5, seed=seed))
+        async with client_for(app) as client:
+            return [blocks(await client.post(CHAT, json={"messages": HELLO, "stream": True}))[-1] != "data: [DONE]"
+                    for _ in range(20)]
+
+    first = await broken(3)
+    assert first == await broken(3) and 0 < sum(first) < 20
+
+
+def test_stream_fault_flags_and_environment() -> None:
+    settings = mock_vllm_server.parse(["--stream-fault", "stall", "--stream-fault-after", "5"],
+                                      {"MOCK_STREAM_FAULT_RATE": "0.25"})[0]
+    assert (settings.stream_fault, settings.stream_fault_after, settings.stream_fault_rate) == ("stall", 5, 0.25)
+    with pytest.raises(mock_vllm_server.UsageError, match="--stream-fault"):
+        mock_vllm_server.parse(["--stream-fault", "sometimes"], {})
 
 
 async def test_dead_engine() -> None:
