@@ -16,12 +16,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import orjson
 
 from llmpod.errors import UpstreamError
 from llmpod.sse import DONE, Assembler, SSEParser, is_usage_only
 from llmpod.upstream import Upstream
+from llmpod.upstream_http import UpstreamConnectionError, UpstreamReadTimeout, UpstreamResponse
 from llmpod.wire import error_body, normalise_error
 
 log = logging.getLogger("llmpod.flights")
@@ -61,7 +61,7 @@ class Flight:
 
     # ----------------------------------------------------------------- producer
     async def run(self, upstream: Upstream, on_complete: StoreCallback) -> None:
-        response: aiohttp.ClientResponse | None = None
+        response: UpstreamResponse | None = None
         try:
             response = await upstream.open_stream(self.path, self.body)
             self.first_byte_at = time.perf_counter()
@@ -76,7 +76,7 @@ class Flight:
                 await on_complete(self)
         except UpstreamError as exc:
             self._fail(exc)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except UpstreamConnectionError as exc:
             self._fail(self._cut(upstream, exc))
         except asyncio.CancelledError:
             self.cancelled = True
@@ -92,9 +92,9 @@ class Flight:
                 else:
                     response.close()  # cut or cancelled: close the connection, so vLLM aborts the generation
 
-    async def _consume(self, response: aiohttp.ClientResponse, upstream: Upstream) -> None:
+    async def _consume(self, response: UpstreamResponse, upstream: Upstream) -> None:
         parser = SSEParser()
-        async for raw in response.content.iter_any():
+        while raw := await response.next_chunk():
             for data in parser.feed(raw):
                 if data == DONE:
                     return
@@ -119,7 +119,7 @@ class Flight:
             f"upstream {upstream.base} closed the stream before it finished", 502))
 
     def _cut(self, upstream: Upstream, exc: BaseException) -> UpstreamError:
-        if isinstance(exc, asyncio.TimeoutError):
+        if isinstance(exc, UpstreamReadTimeout):
             return upstream.unreachable(exc)
         return UpstreamError(502, error_body(
             f"upstream {upstream.base} closed the connection mid-stream ({type(exc).__name__})", 502))
@@ -277,9 +277,11 @@ class FlightRegistry:
         self._running.clear()
 
 
-async def _drain(response: aiohttp.ClientResponse) -> None:
-    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-        await asyncio.wait_for(response.content.read(), DRAIN_SECONDS)
+async def _drain(response: UpstreamResponse) -> None:
+    if response.complete:  # the chunked end came with [DONE], as it nearly always does
+        return
+    with contextlib.suppress(UpstreamConnectionError, asyncio.TimeoutError):
+        await asyncio.wait_for(response.read(), DRAIN_SECONDS)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -9,15 +9,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import ssl
 import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aiohttp
-import certifi
 import httpx
 import orjson
 from fastapi import FastAPI, Request
@@ -33,7 +30,8 @@ from llmpod.config import ProxySettings
 from llmpod.flights import Flight, FlightRegistry
 from llmpod.metrics import ProxyMetrics, wants_prometheus
 from llmpod.requestlog import RequestLog
-from llmpod.upstream import Upstream
+from llmpod.upstream import Upstream, stream_pool
+from llmpod.upstream_http import HTTPPool
 from llmpod.wire import (
     CacheEntrySummary,
     CacheListing,
@@ -51,13 +49,12 @@ GENERATION_BODY = {"requestBody": {"required": True, "content": {"application/js
 class ProxyService:
     """Everything one running proxy holds."""
 
-    def __init__(self, settings: ProxySettings, client: httpx.AsyncClient,
-                 session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(self, settings: ProxySettings, client: httpx.AsyncClient, pool: HTTPPool | None = None) -> None:
         self.settings = settings
         self.started_at = time.time()
         self.cache = ResponseCache(settings.cache_dir, settings.max_cache_entries, settings.max_cache_bytes)
         self.metrics = ProxyMetrics(self.cache)
-        self.upstream = Upstream(settings, client, session)
+        self.upstream = Upstream(settings, client, pool)
         self.flights = FlightRegistry(on_finished=self._record_upstream)
         self.generation = GenerationHandler(self)
         self.request_log = RequestLog(settings.log_file)
@@ -163,15 +160,9 @@ def create_app(settings: ProxySettings) -> FastAPI:
         handlers = _configure_logging(settings)
         timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        stream_timeout = aiohttp.ClientTimeout(total=None, connect=min(10.0, settings.upstream_timeout),
-                                               sock_read=settings.upstream_timeout)
-        # certifi's CA bundle, as httpx uses: Pythons without system certificates (python.org on macOS)
-        # would otherwise refuse every https://…proxy.runpod.net pod
-        tls = ssl.create_default_context(cafile=certifi.where())
-        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30, ssl=tls)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client, \
-                aiohttp.ClientSession(connector=connector, timeout=stream_timeout, auto_decompress=False) as session:
-            service = ProxyService(settings, client, session)
+        pool = stream_pool(settings)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+            service = ProxyService(settings, client, pool)
             service.cache.load()
             service.cache.start_writer(asyncio.get_running_loop())
             app.state.service = service
@@ -182,6 +173,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
                 yield
             finally:
                 await service.flights.aclose()
+                await pool.aclose()
                 await asyncio.to_thread(service.cache.stop_writer)  # every answer given is on disk
                 service.request_log.close()
                 logging.getLogger("llmpod.proxy").info("proxy stopped after %d requests",

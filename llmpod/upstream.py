@@ -1,8 +1,7 @@
 """The proxy's side of the vLLM server: model ids, context limits, streams and health.
 
-Two shared clients, both owned by the app's lifespan: an ``aiohttp.ClientSession`` for the generation
-streams (the hot path: measured at 16 clients, an httpx forwarder reached ~20% of the upstream's own
-throughput where aiohttp keeps most of it), and an ``httpx.AsyncClient`` for the rare calls (model list,
+Two shared clients, both owned by the app's lifespan: an ``HTTPPool`` (``upstream_http``) for the
+generation streams, the hot path of every miss, and an ``httpx.AsyncClient`` for the rare calls (model list,
 ``/tokenize``, health). Failures become ``UpstreamError`` with the status the proxy should answer and an
 OpenAI-shaped body that names the upstream: unreachable 502, timed out 504, vLLM's own 4xx/5xx passed through
 (old flat errors normalised).
@@ -12,18 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
+import certifi
 import httpx
 import orjson
 
 from llmpod.config import ProxySettings
 from llmpod.errors import UpstreamError
+from llmpod.upstream_http import HTTPPool, UpstreamConnectionError, UpstreamReadTimeout, UpstreamResponse
 from llmpod.wire import error_body, normalise_error
 
 MODELS_TTL = 60.0  # seconds a /v1/models answer is trusted
@@ -97,13 +99,23 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def stream_pool(settings: ProxySettings) -> HTTPPool:
+    """The connection pool for generation streams to ``settings.upstream_base``'s origin."""
+    parts = urlsplit(settings.upstream_base)
+    # certifi's CA bundle, as httpx uses: Pythons without system certificates (python.org on macOS) would
+    # otherwise refuse every https://…proxy.runpod.net pod
+    tls = ssl.create_default_context(cafile=certifi.where()) if parts.scheme == "https" else None
+    return HTTPPool(f"{parts.scheme}://{parts.netloc}", connect_timeout=min(10.0, settings.upstream_timeout),
+                    read_timeout=settings.upstream_timeout, ssl_context=tls)
+
+
 class Upstream:
     """Talks to the vLLM OpenAI server at ``settings.upstream_base``."""
 
-    def __init__(self, settings: ProxySettings, client: httpx.AsyncClient,
-                 session: aiohttp.ClientSession | None = None) -> None:
-        self.session = session
+    def __init__(self, settings: ProxySettings, client: httpx.AsyncClient, pool: HTTPPool | None = None) -> None:
+        self.pool = pool
         self.base = settings.upstream_base
+        self._base_path = urlsplit(self.base).path.rstrip("/")
         self.root = settings.upstream_root
         self.timeout = settings.upstream_timeout
         # listing models is instant on a live vLLM: don't let an editor's model picker hang for minutes
@@ -118,7 +130,7 @@ class Upstream:
 
     # ----------------------------------------------------------------- errors
     def unreachable(self, exc: BaseException) -> UpstreamError:
-        if isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError):
+        if isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError | UpstreamReadTimeout):
             return UpstreamError(504, error_body(
                 f"upstream {self.base} did not answer within {self.timeout:g}s", 504))
         reason = str(exc) or type(exc).__name__
@@ -232,7 +244,7 @@ class Upstream:
         return count if _int(count) else None
 
     # ----------------------------------------------------------------- generation
-    async def open_stream(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+    async def open_stream(self, path: str, body: dict[str, Any]) -> UpstreamResponse:
         """POST ``body`` as a stream; the 200 response with its body not yet read.
 
         A context-length 400 is retried once with ``max_tokens`` lowered to what vLLM said fits.
@@ -251,17 +263,17 @@ class Upstream:
             raise self.rejected(response.status, content, response.headers)
         return response
 
-    async def _post_stream(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        assert self.session is not None, "the app's lifespan opens the upstream session"
+    async def _post_stream(self, path: str, body: dict[str, Any]) -> UpstreamResponse:
+        assert self.pool is not None, "the app's lifespan opens the upstream pool"
         try:
-            return await self.session.post(f"{self.base}{path}", data=orjson.dumps(body), headers=self.headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return await self.pool.post(self._base_path + path, orjson.dumps(body), self.headers)
+        except UpstreamConnectionError as exc:
             raise self.unreachable(exc) from None
 
-    async def _read_closing(self, response: aiohttp.ClientResponse) -> bytes:
+    async def _read_closing(self, response: UpstreamResponse) -> bytes:
         try:
-            return await response.content.read(MAX_ERROR_BODY)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return await response.read(MAX_ERROR_BODY)
+        except UpstreamConnectionError:
             return b""
         finally:
             response.release()

@@ -6,7 +6,6 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import aiohttp
 import httpx
 import pytest
 import respx
@@ -23,6 +22,7 @@ from llmpod.upstream import (
     cap_max_tokens,
     context_limit_from_error,
     match_model,
+    stream_pool,
 )
 from tests.servers import LoopbackServer, free_port
 
@@ -140,7 +140,7 @@ def sse(*events: dict[str, Any]) -> bytes:
 
 class ScriptedVllm:
     """A stand-in for vLLM's generation route on a real loopback socket: answers with queued responses
-    (the streaming hop uses aiohttp, which respx cannot fake) and records the bodies it received."""
+    (the streaming hop uses our own HTTP/1.1 pool, which respx cannot fake) and records the bodies it received."""
 
     def __init__(self) -> None:
         self.answers: list[Response] = []
@@ -170,13 +170,12 @@ async def stream_upstream(scripted_vllm: tuple[ScriptedVllm, str]) -> AsyncItera
 
 async def _upstream(url: str, timeout: float = 5) -> Upstream:
     settings = ProxySettings(upstream_url=url, upstream_api_key="upstream-secret", upstream_timeout=timeout)
-    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout))
-    return Upstream(settings, httpx.AsyncClient(), session)
+    return Upstream(settings, httpx.AsyncClient(), stream_pool(settings))
 
 
 async def _close(upstream: Upstream) -> None:
-    assert upstream.session is not None
-    await upstream.session.close()
+    assert upstream.pool is not None
+    await upstream.pool.aclose()
     await upstream.client.aclose()
 
 

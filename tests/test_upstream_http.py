@@ -1,0 +1,273 @@
+"""The proxy's pooled HTTP/1.1 client, against scripted servers on loopback that answer with exact bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import trustme
+
+from llmpod.upstream_http import HTTPPool, UpstreamConnectionError, UpstreamReadTimeout
+
+JSON = {"Content-Type": "application/json"}
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+@dataclass
+class ScriptedServer:
+    """Accepts connections on 127.0.0.1; ``handler(reader, writer, n)`` answers the n-th request."""
+
+    handler: Handler
+    port: int = 0
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                self.requests.append(head + await reader.readexactly(length))
+                await self.handler(reader, writer, len(self.requests))
+                if writer.is_closing():
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.disconnected.set()
+            writer.close()
+
+
+async def start(handler: Handler, ssl_context: ssl.SSLContext | None = None) -> tuple[ScriptedServer, asyncio.Server]:
+    script = ScriptedServer(handler)
+    server = await asyncio.start_server(script.serve, "127.0.0.1", 0, ssl=ssl_context)
+    script.port = server.sockets[0].getsockname()[1]
+    return script, server
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[list[asyncio.Server]]:
+    started: list[asyncio.Server] = []
+    yield started
+    for server in started:
+        server.close()
+        await server.wait_closed()
+
+
+def pool_for(script: ScriptedServer, read_timeout: float = 5.0, scheme: str = "http",
+             ssl_context: ssl.SSLContext | None = None) -> HTTPPool:
+    return HTTPPool(f"{scheme}://127.0.0.1:{script.port}", connect_timeout=5, read_timeout=read_timeout,
+                    ssl_context=ssl_context)
+
+
+def chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def answer(writer: asyncio.StreamWriter, body: bytes, status: str = "200 OK", extra: bytes = b"") -> None:
+    writer.write(b"HTTP/1.1 " + status.encode() + b"\r\ncontent-length: %d\r\n" % len(body) + extra + b"\r\n" + body)
+
+
+async def test_keeps_one_connection_alive_across_requests(servers: list[asyncio.Server]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
+                     + chunked(b"data: %d\n\n" % n, b"data: [DONE]\n\n"))
+
+    script, server = await start(handler)
+    servers.append(server)
+    pool = pool_for(script)
+    bodies = []
+    for n in range(5):
+        response = await pool.post("/v1/chat/completions", b'{"n": %d}' % n, JSON)
+        assert response.status == 200 and response.headers["content-type"] == "text/event-stream"
+        bodies.append(await response.read())
+        response.release()
+    await pool.aclose()
+    assert bodies == [b"data: %d\n\ndata: [DONE]\n\n" % n for n in range(1, 6)]
+    assert script.connections == 1 and pool.connections_opened == 1
+    first = script.requests[0]
+    assert first.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert f"Host: 127.0.0.1:{script.port}\r\n".encode() in first and b"Content-Type: application/json" in first
+    assert first.endswith(b'\r\n\r\n{"n": 0}')
+
+
+async def test_body_arrives_piece_by_piece_as_the_server_sends_it(servers: list[asyncio.Server]) -> None:
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + b"5\r\nfirst\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+
+    script, server = await start(handler)
+    servers.append(server)
+    pool = pool_for(script)
+    response = await pool.post("/x", b"{}", JSON)
+    assert await response.next_chunk() == b"first"  # before the server sent the rest
+    release.set()
+    assert await response.next_chunk() == b"second"
+    assert await response.next_chunk() == b"" and response.complete
+    response.release()
+    await pool.aclose()
+
+
+async def test_a_body_without_length_ends_with_the_connection(servers: list[asyncio.Server]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
+        await writer.drain()
+        writer.close()
+
+    script, server = await start(handler)
+    servers.append(server)
+    pool = pool_for(script)
+    response = await pool.post("/x", b"{}", JSON)
+    assert await response.read() == b"all of it"
+    response.release()
+    assert not pool._idle  # not reusable: the server said close
+    await pool.aclose()
+
+
+async def test_silence_before_the_headers_or_between_chunks_times_out(servers: list[asyncio.Server]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n == 2:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\ndata\r\n")
+        await asyncio.sleep(30)  # then nothing: cancelled when the test closes the server
+
+    script, server = await start(handler)
+    servers.append(server)
+    pool = pool_for(script, read_timeout=0.2)
+    with pytest.raises(UpstreamReadTimeout):
+        await pool.post("/x", b"{}", JSON)
+    response = await pool.post("/x", b"{}", JSON)  # a new connection: the silent one was dropped
+    assert await response.next_chunk() == b"data"
+    with pytest.raises(UpstreamReadTimeout):
+        await response.next_chunk()
+    response.close()
+    await pool.aclose()
+    assert script.connections == 2
+
+
+async def test_refused_connection_and_garbage_are_connection_errors(servers: list[asyncio.Server]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+
+    script, server = await start(handler)
+    servers.append(server)
+    pool = pool_for(script)
+    with pytest.raises(UpstreamConnectionError, match="invalid HTTP"):
+        await pool.post("/x", b"{}", JSON)
+    await pool.aclose()
+    server.close()
+    await server.wait_closed()
+    refused = pool_for(script)
+    with pytest.raises(UpstreamConnectionError):
+        await refused.post("/x", b"{}", JSON)
+    await refused.aclose()
+
+
+async def test_cut_mid_body_is_an_error_not_a_short_body(servers: list[asyncio.Server]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
+        await writer.drain()
+        writer.close()
+
+    script, server = await start(handler)
+    servers.append(server)
+    pool = pool_for(script)
+    response = await pool.post("/x", b"{}", JSON)
+    assert await response.next_chunk() == b"only this"
+    with pytest.raises(UpstreamConnectionError, match="closed the connection"):
+        await response.next_chunk()
+    response.close()
+    await pool.aclose()
+
+
+async def test_an_idle_connection_the_server_closed_is_replaced_without_losing_the_request(
+        servers: list[asyncio.Server]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        answer(writer, b"ok %d" % n)
+        if n == 1:  # like a keep-alive timeout firing the moment the client reuses the connection
+            await writer.drain()
+            writer.close()
+
+    script, server = await start(handler)
+    servers.append(server)
+    pool = pool_for(script)
+    first = await pool.post("/x", b"{}", JSON)
+    assert await first.read() == b"ok 1"
+    first.release()
+    idle = pool._idle[0]
+    idle.closed = False  # as if the close had not been seen yet when the connection is taken again
+    second = await pool.post("/x", b"{}", JSON)
+    assert await second.read() == b"ok 2"
+    second.release()
+    await pool.aclose()
+    assert script.connections == 2 and len(script.requests) == 2  # the request reached the server once
+
+
+async def test_close_drops_the_connection_so_the_server_stops(servers: list[asyncio.Server]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await reader.read()  # until the client goes away
+
+    script, server = await start(handler)
+    servers.append(server)
+    pool = pool_for(script)
+    response = await pool.post("/x", b"{}", JSON)
+    assert await response.next_chunk() == b"first"
+    response.close()
+    await asyncio.wait_for(script.disconnected.wait(), 5)
+    await pool.aclose()
+
+
+async def test_a_slow_reader_gets_every_byte_of_a_large_body(servers: list[asyncio.Server]) -> None:
+    payload = bytes(range(256)) * 8192  # 2 MiB: the client stops reading the socket past its buffer limit
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        answer(writer, payload)
+        await writer.drain()
+
+    script, server = await start(handler)
+    servers.append(server)
+    pool = pool_for(script)
+    response = await pool.post("/x", b"{}", JSON)
+    received = bytearray()
+    while piece := await response.next_chunk():
+        received += piece
+        await asyncio.sleep(0)
+    assert bytes(received) == payload
+    response.release()
+    await pool.aclose()
+
+
+async def test_https_upstream_verified_with_the_callers_ca(servers: list[asyncio.Server]) -> None:
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        answer(writer, b"over tls")
+
+    script, server = await start(handler, server_context)
+    servers.append(server)
+    trusting = ssl.create_default_context()
+    authority.configure_trust(trusting)
+    pool = pool_for(script, scheme="https", ssl_context=trusting)
+    response = await pool.post("/x", b"{}", JSON)
+    assert await response.read() == b"over tls"
+    response.release()
+    await pool.aclose()
+
+    stranger = pool_for(script, scheme="https", ssl_context=ssl.create_default_context())
+    with pytest.raises(UpstreamConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+        await stranger.post("/x", b"{}", JSON)
+    await stranger.aclose()
