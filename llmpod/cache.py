@@ -44,6 +44,10 @@ TMP_PREFIX = ".tmp-"
 RETRY_STORE_AFTER = 60.0  # seconds before trying to write again after a full or read-only disk
 
 
+class UnkeyableRequest(ValueError):
+    """A request that cannot be written as canonical JSON: nested deeper than orjson writes (it reads deeper)."""
+
+
 def cache_key(endpoint: str, body: dict[str, Any]) -> str:
     """The hex SHA-256 that names the answer to ``body`` on ``endpoint`` (``chat.completions``…)."""
     request = {}
@@ -54,7 +58,10 @@ def cache_key(endpoint: str, body: dict[str, Any]) -> str:
         if type(value) is float and value.is_integer() and abs(value) < 2**63:
             value = int(value)
         request[name] = value
-    canonical = orjson.dumps({"endpoint": endpoint, "request": request}, option=orjson.OPT_SORT_KEYS)
+    try:
+        canonical = orjson.dumps({"endpoint": endpoint, "request": request}, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        raise UnkeyableRequest("request body is nested too deeply") from None
     return hashlib.sha256(canonical).hexdigest()
 
 

@@ -24,7 +24,7 @@ from llmpod.lifecycle import Reporter, Session
 from llmpod.pod_config import PodConfig, load_pod_config
 from llmpod.providers import LocalProvider, Provider, RunPodProvider
 from llmpod.runpod_api import DEFAULT_API_BASE, POD_URL_TEMPLATE, RunPodClient
-from llmpod.state import RuntimePaths, load_state
+from llmpod.state import RuntimePaths, discard_damaged_state, load_state
 
 DESCRIPTION = """Start, watch and stop a vLLM pod on RunPod, with a caching OpenAI proxy on localhost.
 
@@ -127,6 +127,15 @@ def report_leaks(session: Session) -> None:
     session.report_leaks(known)
 
 
+def stop_if_state_damaged(session: Session) -> None:
+    """A damaged state file stops the command (exit 2), after listing the account's pods it may have named."""
+    try:
+        load_state(session.paths)
+    except ConfigError:
+        session.report_leaks(None)
+        raise
+
+
 def _nothing_to_check(args: argparse.Namespace) -> bool:
     """--shutdown/--status with nothing recorded here and no RunPod key: nothing we could act on."""
     if not (args.shutdown or args.status) or args.all or args.local or os.environ.get("RUNPOD_API_KEY", "").strip():
@@ -149,9 +158,13 @@ def run(args: argparse.Namespace) -> int:
             return run_watchdog(session)
         if args.status or (args.shutdown and not args.all):
             report_leaks(session)
+        elif not (args.shutdown or args.refresh_catalog):
+            stop_if_state_damaged(session)
         if args.shutdown:
             result = session.shutdown(all_ours=args.all)
             print(report.shutdown_text(result))
+            if args.all and discard_damaged_state(session.paths):
+                print(f"removed the damaged {session.paths.state_file}: every pod it could name is terminated")
             return 0
         if args.status:
             data = report.status(session)

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from llmpod.cache import CachedAnswer, cache_key
+from llmpod.cache import CachedAnswer, UnkeyableRequest, cache_key
 from llmpod.errors import UpstreamError
 from llmpod.flights import Flight
 from llmpod.wire import error_body, json_response
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PREVIEW_WORDS = 12
+LOG_NAME_CHARS = 200
 
 
 class RequestProblem(Exception):
@@ -75,11 +76,15 @@ async def read_json_body(request: Request, limit: int) -> tuple[dict[str, Any], 
             raise RequestProblem(413, f"request body is larger than the proxy's limit of {limit} bytes")
     parts: list[bytes] = []
     size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise RequestProblem(413, f"request body is larger than the proxy's limit of {limit} bytes")
-        parts.append(part)
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise RequestProblem(413, f"request body is larger than the proxy's limit of {limit} bytes")
+            parts.append(part)
+    except ClientDisconnect:
+        # a client that hung up mid-body (or sent less than its Content-Length): nobody reads this answer
+        raise RequestProblem(499, "the client closed the connection before sending the whole body") from None
     try:
         body = orjson.loads(b"".join(parts))
     except orjson.JSONDecodeError as exc:
@@ -110,7 +115,7 @@ def preview(endpoint: str, body: dict[str, Any]) -> str:
                 text = message.get("content")
                 break
         if isinstance(text, list):  # content parts
-            text = " ".join(p.get("text", "") for p in text if isinstance(p, dict))
+            text = " ".join(str(p.get("text") or "") for p in text if isinstance(p, dict))
     else:
         text = body.get("prompt")
         if isinstance(text, list) and text:
@@ -155,14 +160,16 @@ class GenerationHandler:
                 exchange.resolved = True
             body = await service.upstream.fit_context(endpoint, body, served, lambda: cache_key(endpoint, body),
                                                       body_bytes)
+            lookup_start = time.perf_counter()
+            exchange.key = key = cache_key(endpoint, body)
+        except UnkeyableRequest as exc:
+            return self._error(exchange, 400, error_body(str(exc), 400)), False
         except RequestProblem as problem:
             return self._error(exchange, problem.status, error_body(str(problem), problem.status,
                                                                     param=problem.param)), False
         except UpstreamError as exc:
             return self._error(exchange, exc.status, exc.body, exc.headers), False
 
-        lookup_start = time.perf_counter()
-        exchange.key = key = cache_key(endpoint, body)
         answer = None if no_cache else service.cache.get(key)
         exchange.lookup_s = time.perf_counter() - lookup_start
         if answer is not None:
@@ -249,9 +256,14 @@ class GenerationHandler:
                                seconds=seconds, cached_tokens=exchange.tokens if exchange.cache == "HIT" else 0)
         upstream = "" if exchange.upstream_s is None else f" upstream_ms={exchange.upstream_s * 1000:.1f}"
         service.request_log.write(
-            f"{request.method} {request.scope['path']} model={exchange.model} status={exchange.status} "
+            f"{request.method} {request.scope['path']} model={_loggable(exchange.model)} status={exchange.status} "
             f"cache={exchange.cache} latency_ms={seconds * 1000:.2f} lookup_ms={exchange.lookup_s * 1000:.3f}"
             f"{upstream} tokens={exchange.tokens}")
+
+
+def _loggable(name: str) -> str:
+    """A client's model name as it may go into the log: a newline would forge log lines, 30 MB fill the disk."""
+    return name if len(name) <= LOG_NAME_CHARS and name.isprintable() else repr(name[:LOG_NAME_CHARS])
 
 
 async def _skip_store(flight: Flight) -> None:

@@ -250,8 +250,9 @@ def create_app(settings: ProxySettings) -> FastAPI:
     @app.get("/debug/cache")
     async def debug_cache(request: Request, offset: int = 0, limit: int = 50) -> Response:
         cache = service_of(request).cache
-        offset, limit = max(0, offset), min(max(1, limit), 500)
         ordered = cache.summaries()
+        # past the end is the end: an offset of 2**70 would not even fit the JSON answer's integer
+        offset, limit = min(max(0, offset), len(ordered)), min(max(1, limit), 500)
         entries = []
         for key, entry in ordered[offset:offset + limit]:
             document = cache.read_document(key) or {}

@@ -107,12 +107,22 @@ def load_state(paths: RuntimePaths) -> PodState | None:
         raise ConfigError(f"{paths.state_file}: cannot read it ({exc.strerror})") from None
     try:
         return PodState.model_validate(json.loads(raw))
-    except (ValueError, ValidationError) as exc:
+    except (ValueError, ValidationError, RecursionError) as exc:
         reason = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else "not valid JSON"
         raise ConfigError(
-            f"{paths.state_file} is damaged ({reason}); any pod it named is still listed below as not "
-            f"recorded: remove it with `python3 manage_pod.py --shutdown --all`, then delete the file"
+            f"{paths.state_file} is damaged ({reason}); any pod it named is listed above as not recorded: "
+            f"`python3 manage_pod.py --shutdown --all` removes it, and then this file"
         ) from None
+
+
+def discard_damaged_state(paths: RuntimePaths) -> bool:
+    """Remove a state file that does not load; only after every pod it could name was terminated."""
+    try:
+        load_state(paths)
+    except ConfigError:
+        clear_state(paths)
+        return True
+    return False
 
 
 def clear_state(paths: RuntimePaths) -> None:
@@ -131,7 +141,7 @@ def record_last_session(paths: RuntimePaths, state: PodState | None, reason: str
 def read_last_session(paths: RuntimePaths) -> dict[str, Any] | None:
     try:
         data = json.loads(paths.last_session.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
