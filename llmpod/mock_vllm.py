@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmpod import mock_generation as gen
 from llmpod import mock_shapes as shapes
+from llmpod.streaming import EventStream
 
 VLLM_VERSION = "0.11.0"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -381,8 +382,8 @@ async def _generate(mock: _Mock, request: Request, kind: Literal["chat", "comple
         steps, tail = shapes.stream_chunks(req, outputs, response_id=response_id, created=created,
                                         model=settings.served_name, wire_format=settings.wire_format)
         fault = mock.pick_stream_fault(settings)
-        return _ClosingStream(_stream(mock, settings, req, outputs, steps, tail, fault),
-                              media_type="text/event-stream")
+        return EventStream(_stream(mock, settings, req, outputs, steps, tail, fault),
+                           media_type="text/event-stream")
     tokens = sum(len(p.ids) for p in req.prompts)
     mock.begin(tokens)
     try:
@@ -455,24 +456,6 @@ async def _stream(
         mock.end(tokens)
         if outcome == "abort":
             mock.metrics.success.labels(**mock.labels(), finished_reason="abort").inc()
-
-
-class _ClosingStream(StreamingResponse):
-    """Closes its generator however the response ends, so a client leaving mid-stream frees its slot now.
-
-    (Starlette only cancels the sending task; a generator paused at ``yield`` would otherwise be finalised
-    whenever the garbage collector gets to it, and ``in_flight`` would stay up until then.)
-    """
-
-    def __init__(self, body: AsyncGenerator[bytes, None], **kwargs: Any) -> None:
-        super().__init__(body, **kwargs)
-        self._body = body
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._body.aclose()
 
 
 class _CutBody:
