@@ -95,9 +95,10 @@ class Flight:
     async def _consume(self, response: UpstreamResponse, upstream: Upstream) -> None:
         parser = SSEParser()
         while raw := await response.next_chunk():
+            received = len(self.events)
             for data in parser.feed(raw):
                 if data == DONE:
-                    return
+                    return  # the listeners hear of the last events with the end (_finish)
                 try:
                     chunk = orjson.loads(data)
                 except orjson.JSONDecodeError:
@@ -114,6 +115,7 @@ class Flight:
                     self.first_token_at = time.perf_counter()
                 self.assembler.add(chunk)
                 self.events.append((data, is_usage_only(chunk)))
+            if len(self.events) > received:  # one wake-up per read, however many events it held
                 self._notify()
         raise UpstreamError(502, error_body(
             f"upstream {upstream.base} closed the stream before it finished", 502))
