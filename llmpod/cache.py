@@ -41,6 +41,7 @@ NON_KEY_FIELDS = frozenset({"stream", "stream_options", "user", "cache", "metada
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
 FORMAT_VERSION = 1
 TMP_PREFIX = ".tmp-"
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 RETRY_STORE_AFTER = 60.0  # seconds before trying to write again after a full or read-only disk
 
 
@@ -134,8 +135,8 @@ class ResponseCache:
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
                     continue
-                if not (name.endswith(".json") and KEY_PATTERN.match(name[:-5])):
-                    continue
+                if not (name.endswith(".json") and KEY_PATTERN.match(name[:-5])) or entry.is_symlink():
+                    continue  # a link was not written by us: in a shared /tmp it may point at anyone's file
                 try:
                     stat = entry.stat()
                 except OSError:
@@ -190,9 +191,10 @@ class ResponseCache:
         return self._read(key)
 
     def _read(self, key: str) -> dict[str, Any] | None:
-        path = self.directory / f"{key}.json"
         try:
-            data = path.read_bytes()
+            fd = os.open(f"{self._dir}/{key}.json", os.O_RDONLY | NOFOLLOW)  # a link swapped in is not followed
+            with os.fdopen(fd, "rb") as handle:
+                data = handle.read()
         except FileNotFoundError:
             self._drop(key)  # removed behind our back
             return None

@@ -289,7 +289,7 @@ def _fuzz_from_schema(base: str, examples: int, reproducible: bool) -> tuple[int
     return counts["sent"], counts["dirty"], notes, statuses
 
 
-@pytest.mark.parametrize("examples", [pytest.param(5, id="quick"),
+@pytest.mark.parametrize("examples", [pytest.param(3, id="quick"),
                                       pytest.param(250, id="soak", marks=pytest.mark.soak)])
 def test_schemathesis_fuzz_of_the_published_schema(start_proxy: Any, fault_ledger: FaultLedger,
                                                    examples: int) -> None:
@@ -336,7 +336,7 @@ def _damaged(good: bytes) -> dict[str, bytes]:
     }
 
 
-QUICK_CONFIG_DAMAGE = ("truncated", "number where a string belongs", "unknown key", "binary garbage")
+QUICK_CONFIG_DAMAGE = ("truncated", "number where a string belongs")
 QUICK_STATE_DAMAGE = ("nested 100k deep",)
 QUICK_AND_SOAK = [pytest.param(False, id="quick"), pytest.param(True, id="soak", marks=pytest.mark.soak)]
 
