@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -341,6 +342,26 @@ QUICK_STATE_DAMAGE = ("nested 100k deep",)
 QUICK_AND_SOAK = [pytest.param(False, id="quick"), pytest.param(True, id="soak", marks=pytest.mark.soak)]
 
 
+def _record_a_running_pod(workdir: Any, fake: Any) -> None:
+    """A pod created at the fake RunPod under our prefix, and a pod_state.json naming it."""
+    from llmpod.state import PodState, RuntimePaths, save_state
+    from tests.e2e_harness import API_KEY, MODEL
+
+    name = f"llmpod-{os.urandom(4).hex()}"
+    body = {"name": name, "image": "vllm/vllm-openai:v0.27.1", "gpu": {"id": "NVIDIA L40S", "count": 1},
+            "ports": ["8000/http"]}
+    created = httpx.post(f"{fake.url}/v2/pods", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                         timeout=10)
+    created.raise_for_status()
+    now = time.time()
+    paths = RuntimePaths(workdir.path)
+    paths.ensure()
+    save_state(paths, PodState(provider="runpod", phase="ready", pod_name=name, pod_id=created.json()["id"],
+                               model_id=MODEL, served_model=MODEL, vllm_api_key=os.urandom(16).hex(),
+                               created_at=now, ready_at=now, expires_at=now + 3600, idle_timeout_seconds=0,
+                               proxy_port=workdir.proxy_port))
+
+
 def _clean_exit_2(result: Any, *, one_line: bool) -> str | None:
     if "Traceback" in result.stderr:
         return "traceback: " + result.stderr[result.stderr.index("Traceback"):][-200:]
@@ -382,8 +403,11 @@ def test_a_bad_pod_config_exits_2_in_one_line_creating_nothing(workdir: Any, fak
 @pytest.mark.parametrize("full", QUICK_AND_SOAK)
 def test_a_damaged_state_file_never_loses_the_running_pod(workdir: Any, fake_runpod: Any, fault_ledger: FaultLedger,
                                                           full: bool) -> None:
-    up = workdir.run()
-    assert up.returncode == 0, up.stderr
+    if full:
+        up = workdir.run()
+        assert up.returncode == 0, up.stderr
+    else:
+        _record_a_running_pod(workdir, fake_runpod)  # what `manage_pod.py` leaves, minus its helpers: quicker
     good = workdir.state_file.read_bytes()
     pod = workdir.state()["pod_name"]
     damage = _damaged(good)
