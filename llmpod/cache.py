@@ -246,7 +246,7 @@ class ResponseCache:
         self._pending.pop(key, None)
         self._discard.discard(key)
         self.store_errors += 1
-        if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+        if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR):
             self._disable_store(f"cannot write to {self.directory}: {exc.strerror}")
         else:
             log.warning("could not store cache entry %s: %s", key[:12], exc)
@@ -283,8 +283,15 @@ class ResponseCache:
 
     def _write_atomically(self, key: str, data: bytes) -> None:
         tmp = f"{self._dir}/{TMP_PREFIX}{key}-{self._pid}-{time.monotonic_ns()}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                fd = os.open(tmp, flags, 0o644)
+            except FileNotFoundError:
+                # the directory is gone (``rm -rf`` to clear the cache, a /tmp cleaner) or could not be made at
+                # start: make it now, or every answer from here on would go unstored until a restart
+                os.makedirs(self._dir, exist_ok=True)
+                fd = os.open(tmp, flags, 0o644)
             try:
                 view = memoryview(data)
                 while view:
