@@ -30,7 +30,19 @@ from rich.text import Text
 
 from llmpod import processes
 from llmpod.catalog import Catalog, GpuEntry, ModelEntry
-from llmpod.errors import CleanupFailedError, ConfigError, NoCapacityError, PodError, RunPodError, RunPodUnavailable
+from llmpod.errors import (
+    CleanupFailedError,
+    ConfigError,
+    NoCapacityError,
+    PodError,
+    RunPodAuthError,
+    RunPodBalanceError,
+    RunPodError,
+    RunPodNotFound,
+    RunPodRateLimited,
+    RunPodRequestError,
+    RunPodUnavailable,
+)
 from llmpod.pod_config import PodConfig, check_port_free
 from llmpod.providers import REPO_ROOT, PodInfo, PodSpec, Provider
 from llmpod.state import (
@@ -52,7 +64,24 @@ PROXY_OF = "LLMPOD_PROXY_OF"
 WATCHDOG_OF = "LLMPOD_WATCHDOG_OF"
 CREATE_ATTEMPTS = 3  # per GPU type, for 5xx answers after which no pod was found by name
 TERMINATE_DEADLINE = 180.0
+# A create that never answered (timed out after the client's 30 s, or we were interrupted) may still make its
+# pod: until this long after it was sent, a record without a pod id is looked for by name, not forgotten.
+CREATE_SETTLE = 45.0
+ANSWERED_NOTHING_MADE = (NoCapacityError, RunPodAuthError, RunPodBalanceError, RunPodRequestError, RunPodNotFound,
+                         RunPodRateLimited)
 LOCK_WAIT = 3600.0  # a second manage_pod.py waits for the first to finish creating, then reuses its pod
+HOLD_AT = "LLMPOD_HOLD_AT"  # tests only: see checkpoint()
+
+
+def checkpoint(phase: str) -> None:
+    """Fault injection for tests: when ``LLMPOD_HOLD_AT`` names ``phase``, say so on stderr and wait there (at
+    most 10 minutes) so a test can kill us exactly between two steps that no outside hold separates."""
+    if os.environ.get(HOLD_AT) != phase:
+        return
+    print(f"holding at {phase}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        time.sleep(0.05)  # a signal's handler (KeyboardInterrupt) runs here
 
 
 @contextlib.contextmanager
@@ -144,8 +173,11 @@ class Session:
         except RunPodError as exc:
             self.reporter.say(f"warning: could not list pods to look for leaked ones: {exc}")
             return []
-        known_ids = {known.pod_id, known.pod_name} if known else set()
-        return [p for p in ours if p.id not in known_ids and p.name not in known_ids]
+        if known is None:
+            return ours
+        # by id once it is known: a second pod with the recorded name (a create retried after a 5xx or a
+        # time-out that made one after all) is a leak too
+        return [p for p in ours if p.id != known.pod_id and (known.pod_id is not None or p.name != known.pod_name)]
 
     def report_leaks(self, known: PodState | None) -> list[PodInfo]:
         leaks = self.leaked(known)
@@ -158,6 +190,7 @@ class Session:
     # ----------------------------------------------------------------- up
     def up(self) -> PodState:
         """Reuse the recorded pod if it lives, else create one; then make sure proxy and watchdog run."""
+        checkpoint("config loaded")
         waiting = "waiting for another manage_pod.py in this directory to finish…"
         with exclusive(self.paths, LOCK_WAIT, waiting), self.reporter:
             state, pod = self.reconcile()
@@ -174,6 +207,7 @@ class Session:
                 state = self._create()
             self.ensure_proxy(state)
             self.ensure_watchdog()
+            checkpoint("ready")
             return state
 
     def _resume(self, state: PodState, pod: PodInfo | None) -> PodState:
@@ -200,6 +234,7 @@ class Session:
             idle_timeout_seconds=self.config.idle_timeout_seconds, proxy_port=self.config.proxy_port,
         )
         save_state(self.paths, state)  # the intent, before anything can bill
+        checkpoint("intent written")
         spec = PodSpec(state.pod_name, None, self.model, state.served_model, max_len,
                        state.vllm_api_key.get_secret_value())
         return self._guarded(state, lambda: self._create_and_wait(state, spec))
@@ -230,9 +265,15 @@ class Session:
             label = gpu.id if gpu else "local process"
             for attempt in range(1, CREATE_ATTEMPTS + 1):
                 self.reporter.phase("create", f"asking for {label} (attempt {attempt})")
+                state.create_sent_at = time.time()
+                save_state(self.paths, state)
                 try:
                     pod = self.provider.create(gpu_spec)
-                except NoCapacityError as exc:
+                except ANSWERED_NOTHING_MADE as exc:
+                    state.create_sent_at = None  # RunPod said no: no pod of this create can appear later
+                    save_state(self.paths, state)
+                    if not isinstance(exc, NoCapacityError):
+                        raise
                     tried.append(f"{label}: {exc}")
                     break
                 except RunPodUnavailable as exc:
@@ -242,6 +283,7 @@ class Session:
                         tried.append(f"{label}: {exc}")
                         self.sleep(min(2.0 ** attempt, 10.0))
                         continue
+                checkpoint("create answered")
                 self._record_created(state, pod)
                 if self.config.max_hourly_cost is not None and pod.cost_per_hour > self.config.max_hourly_cost:
                     self.reporter.say(f"{label} costs ${pod.cost_per_hour:.2f}/h, over max_hourly_cost: "
@@ -262,7 +304,7 @@ class Session:
         return None
 
     def _record_created(self, state: PodState, pod: PodInfo) -> None:
-        state.pod_id, state.phase = pod.id, "waiting"
+        state.pod_id, state.phase, state.create_sent_at = pod.id, "waiting", None
         state.gpu_type_id, state.cost_per_hour, state.upstream_url = pod.gpu_id, pod.cost_per_hour, pod.url
         save_state(self.paths, state)
         self.reporter.say(f"created pod {pod.name} ({pod.id}) on {pod.gpu_id or 'this machine'} "
@@ -348,7 +390,8 @@ class Session:
         self._stop_strays(PROXY_OF)
         check_port_free(state.proxy_port)
         assert state.upstream_url is not None
-        inherited = {k: v for k, v in os.environ.items() if k != WATCHDOG_OF}  # the watchdog restarts proxies too
+        # the watchdog restarts proxies too: its marker is not the proxy's
+        inherited = {k: v for k, v in os.environ.items() if k not in (WATCHDOG_OF, HOLD_AT)}
         env = {**inherited, PROXY_OF: str(self.paths.root), "RUNPOD_ENDPOINT": state.upstream_url,
                "UPSTREAM_API_KEY": state.vllm_api_key.get_secret_value(), "PROXY_HOST": "127.0.0.1",
                "PROXY_PORT": str(state.proxy_port), "CACHE_DIR": self.config.cache_dir,
@@ -356,6 +399,7 @@ class Session:
                "ENABLE_PROFILING": "1" if self.config.enable_profiling else "0", "LOG_FILE": ""}
         processes.spawn_detached([sys.executable, str(REPO_ROOT / "proxy_fastapi.py")], env=env,
                                  log_path=self.paths.proxy_log, pid_path=self.paths.proxy_pid)
+        checkpoint("proxy starting")
         deadline = time.monotonic() + 20
         while self.proxy_health(state) is None or self._proxy_pid() is None:  # and it must be the one we started
             if time.monotonic() > deadline or self._proxy_pid() is None:
@@ -367,7 +411,7 @@ class Session:
             return
         self._stop_strays(WATCHDOG_OF)
         argv = [sys.executable, str(REPO_ROOT / "manage_pod.py"), WATCHDOG_MARKER, "--config", str(self.config_path)]
-        env = {**os.environ, WATCHDOG_OF: str(self.paths.root)}
+        env = {**{k: v for k, v in os.environ.items() if k != HOLD_AT}, WATCHDOG_OF: str(self.paths.root)}
         processes.spawn_detached(argv, env=env, log_path=self.paths.watchdog_log,
                                  pid_path=self.paths.watchdog_pid, cwd=self.paths.root)
 
@@ -418,21 +462,28 @@ class Session:
     def _terminate_recorded(self, state: PodState, reason: str, keep_watchdog: bool = False) -> list[str]:
         state.phase = "terminating"
         save_state(self.paths, state)
-        removed = []
-        pod_id = state.pod_id
-        if pod_id is None:  # killed between the create call and its answer: find the pod by its name
-            found = self.provider.find_by_name(state.pod_name)
-            pod_id = found.id if found else None
-        if pod_id is not None:
-            spend = self.spend(state)
+        removed = self._pods_of(state)
+        spend = self.spend(state) if removed else 0.0
+        for pod_id in removed:
             self._terminate_verified(pod_id)
-            removed.append(pod_id)
-        else:
-            spend = 0.0
         self._stop_helpers(keep_watchdog=keep_watchdog)
         record_last_session(self.paths, state, reason, spend)
         clear_state(self.paths)
         return removed
+
+    def _pods_of(self, state: PodState) -> list[str]:
+        """The recorded pod and every live pod with the record's unique name: a create killed before its answer,
+        or one that answered 5xx or timed out and was retried, may have made one after all."""
+        named = [p.id for p in self.provider.list_ours() if p.name == state.pod_name]
+        if state.pod_id is None and not named and state.create_sent_at is not None and self.provider.kind == "runpod":
+            settle_until = state.create_sent_at + CREATE_SETTLE
+            if time.time() < settle_until:
+                self.reporter.say(f"the create of pod {state.pod_name} was never answered: watching for that pod for "
+                                  f"up to {settle_until - time.time():.0f}s so that it cannot bill unseen")
+            while not named and time.time() < settle_until:
+                self.sleep(1.0)
+                named = [p.id for p in self.provider.list_ours() if p.name == state.pod_name]
+        return list(dict.fromkeys([state.pod_id, *named] if state.pod_id else named))
 
     def _terminate_verified(self, pod_id: str) -> None:
         """DELETE, then read back until the pod is gone; retried for a bounded time, loud if it never goes."""

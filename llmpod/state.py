@@ -70,6 +70,7 @@ class PodState(BaseModel):
     idle_timeout_seconds: int
     proxy_port: int
     local_pid: int | None = None  # provider "local": the process standing in for the pod
+    create_sent_at: float | None = None  # the last create call; until it answers, its pod may still appear
 
     @field_serializer("vllm_api_key", when_used="json")
     def _reveal_key(self, value: SecretStr) -> str:

@@ -41,10 +41,10 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import uvicorn
@@ -90,6 +90,10 @@ class FakeRunPodSettings(BaseModel):
     create_500_after_create: int = Field(0, ge=0, description="the next N creates make the pod, then answer 500")
     create_delay: float = Field(0.0, ge=0, description="seconds a create waits, after making the pod, to answer")
     delete_500_next: int = Field(0, ge=0, description="the next N DELETEs answer 500 and delete nothing")
+    hold_creates: Literal["", "before_pod", "after_pod"] = Field(
+        "", description="creates wait, before or after making the pod, until this is set back to \"\" (max 300 s)")
+    hold_deletes: bool = Field(False, description="DELETEs wait, before acting, until this is false (max 300 s)")
+    hold_vllm: bool = Field(False, description="pods' vLLM does not listen (still loading) until this is false")
     balance_exhausted: bool = Field(False, description="creates answer 402")
     revoked: bool = Field(False, description="every /v2 request answers 401, as with a revoked key")
     proxy_timeout: float = Field(100.0, gt=0, description="seconds the proxy waits on a pod before a 524")
@@ -156,6 +160,7 @@ class FakeRunPod:
     async def _serve_when_ready(self, pod: FakePod, server: LoopbackServer) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._closing.wait(), max(0.0, pod.ready_at - time.monotonic()))
+        await self.hold(lambda: self.settings.hold_vllm, limit=600.0)
         async with pod.lock:
             if not self._closing.is_set() and self.servers.get(pod.id) is server:
                 try:
@@ -164,6 +169,13 @@ class FakeRunPod:
                     log.exception("pod %s: its mock vLLM did not start", pod.id)
                 else:
                     self.listening.add(pod.id)
+
+    async def hold(self, holding: Callable[[], bool], limit: float = 300.0) -> None:
+        """Wait while ``holding()`` (a switch a test turns off to let the request go on), or the fake closes.
+        The request goes on even if its client has gone, as RunPod's would."""
+        deadline = time.monotonic() + limit
+        while holding() and not self._closing.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def end(self, pod: FakePod, status: str, *, vanish: bool = False) -> None:
         """The pod becomes ``status`` (ERROR, EXITED or TERMINATED) now, and its mock vLLM stops."""
@@ -290,7 +302,9 @@ def _v2_routes(fake: FakeRunPod) -> APIRouter:
             body = json.loads(await request.body())
         except ValueError:
             raise Problem(400, "request body is not valid JSON") from None
+        await fake.hold(lambda: fake.settings.hold_creates == "before_pod")
         pod = await fake.create(body)
+        await fake.hold(lambda: fake.settings.hold_creates == "after_pod")
         settings = fake.settings
         fail = settings.create_500_after_create > 0
         if fail:
@@ -312,6 +326,7 @@ def _v2_routes(fake: FakeRunPod) -> APIRouter:
 
     @v2.delete("/pods/{pod_id}")
     async def delete_pod(pod_id: str) -> Response:
+        await fake.hold(lambda: fake.settings.hold_deletes)
         pod, settings = fake.pod(pod_id), fake.settings
         if settings.delete_500_next > 0:
             settings.delete_500_next -= 1
