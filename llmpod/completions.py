@@ -7,17 +7,19 @@ a hit is answered from disk, an identical request in flight is joined, or a new 
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from llmpod.cache import CachedAnswer, UnkeyableRequest, cache_key
 from llmpod.errors import UpstreamError
 from llmpod.flights import Flight
+from llmpod.streaming import EventStream
 from llmpod.wire import error_body, json_response
 
 if TYPE_CHECKING:
@@ -185,7 +187,7 @@ class GenerationHandler:
             flight = service.flights.launch(
                 key, endpoint, path, forwarded, service.upstream,
                 on_complete=service.store_answer if not no_store else _skip_store,
-                register=not no_cache,
+                register=not no_cache, stored=not no_store,
             )
         if stream:
             return await self._stream(request, exchange, flight, include_usage)
@@ -225,13 +227,14 @@ class GenerationHandler:
             return self._error(exchange, flight.error.status, flight.error.body, flight.error.headers), False
         headers = {**SSE_HEADERS, **exchange.headers(self.service.settings.enable_profiling)}
         body = self._observe(request, exchange, flight, flight.stream(include_usage))
-        return StreamingResponse(body, media_type="text/event-stream", headers=headers), True
+        return EventStream(body, headers=headers), True
 
     async def _observe(self, request: Request, exchange: Exchange, flight: Flight,
-                       chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+                       chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
         try:
-            async for chunk in chunks:
-                yield chunk
+            async with contextlib.aclosing(chunks):  # closed with us: the flight hears at once that we left
+                async for chunk in chunks:
+                    yield chunk
             if flight.error is not None:
                 exchange.status = flight.error.status
             exchange.tokens = flight.assembler.completion_tokens

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -57,6 +57,7 @@ class Flight:
         self._wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.on_abandoned: Callable[[Flight], None] | None = None
+        self.stored = True  # its answer goes to the cache when it completes
         self._result: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- producer
@@ -165,7 +166,7 @@ class Flight:
         if self.listeners == 0 and not self.done and self.on_abandoned is not None:
             self.on_abandoned(self)
 
-    async def stream(self, include_usage: bool) -> AsyncIterator[bytes]:
+    async def stream(self, include_usage: bool) -> AsyncGenerator[bytes, None]:
         """The SSE bytes for one streamed listener (already attached), from the first chunk, live.
 
         Detaches when the client is done or gone.
@@ -226,14 +227,16 @@ class FlightRegistry:
 
     def join(self, key: str) -> Flight | None:
         flight = self._flights.get(key)
-        if flight is None or flight.cancelled or (flight.done and flight.error is not None):
-            return None
+        if flight is None or flight.cancelled or (flight.done and (flight.error is not None or not flight.stored)):
+            return None  # a finished flight stands in for its cache entry only while that is being written
         return flight
 
     def launch(self, key: str, endpoint: str, path: str, body: dict[str, Any], upstream: Upstream,
-               on_complete: StoreCallback, *, register: bool = True) -> Flight:
-        """Start the upstream call; ``register=False`` (Cache-Control: no-cache) makes it unjoinable."""
+               on_complete: StoreCallback, *, register: bool = True, stored: bool = True) -> Flight:
+        """Start the upstream call; ``register=False`` (Cache-Control: no-cache) makes it unjoinable, and
+        ``stored=False`` (no-store) unjoinable once it has finished."""
         flight = Flight(key, endpoint, path, body)
+        flight.stored = stored
         flight.on_abandoned = self._abandon
         if register:
             self._flights[key] = flight
