@@ -134,6 +134,9 @@ def run_load(tmp_path: Path, ledger: FaultLedger, clients: int, warmup: float, s
     print(f"[load] proxy idle: {idle}; after warm-up: {before}; end of load: {end}; clients done: {after}")
     if not alive:
         tally.fail("lost", "the proxy process died under load")
+    for log in tmp_path.glob("*.log"):  # the proxy's and the mock's output
+        if "Traceback" in log.read_text(errors="replace"):
+            tally.fail("dirty", f"traceback in {log.name}")
     ledger.record("load", f"{clients} clients mixing hits, misses, coalesced and streams", injected=tally.requests,
                   notes=tally.notes, **tally.failures())
     assert {"HIT", "MISS", "COALESCED"} <= set(tally.cache) and streams, f"the mix did not happen: {tally.summary()}"

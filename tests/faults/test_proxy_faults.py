@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import random
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,44 @@ async def still_up(http: httpx.AsyncClient, tally: Tally) -> None:
         tally.fail("dirty", "the proxy stopped answering /health")
 
 
-def record(ledger: FaultLedger, kind: str, injected: int, tally: Tally) -> None:
+class Tracebacks(logging.Filter):
+    """Collects logged errors that carry a traceback: the proxy's own loggers (through a handler on the root) and
+    uvicorn's "Exception in ASGI application" (on its logger, which does not propagate to the root and whose
+    handlers uvicorn replaces when a server is configured: filters stay)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+        self.handler = logging.Handler(logging.ERROR)
+        self.handler.emit = self.note  # type: ignore[method-assign]
+
+    def note(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.levelno >= logging.ERROR:
+            self.seen.append(f"{record.name}: {record.getMessage()[:100]}")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.note(record)
+        return True
+
+
+@pytest.fixture(autouse=True)
+def tracebacks() -> Iterator[Tracebacks]:
+    catcher = Tracebacks()
+    logging.getLogger().addHandler(catcher.handler)
+    logging.getLogger("uvicorn.error").addFilter(catcher)
+    yield catcher
+    logging.getLogger("uvicorn.error").removeFilter(catcher)
+    logging.getLogger().removeHandler(catcher.handler)
+
+
+def record(ledger: FaultLedger, kind: str, injected: int, tally: Tally, tracebacks: Tracebacks,
+           log_dir: Path) -> None:
+    """Into the ledger; a traceback logged in this process or in a log file of a proxy process is a dirty error."""
+    for seen in tracebacks.seen:
+        tally.fail("dirty", f"traceback logged: {seen}")
+    for log in log_dir.glob("*.log"):
+        if "Traceback" in log.read_text(errors="replace"):
+            tally.fail("dirty", f"traceback in {log.name}")
     print(f"\n[{AREA}] {kind}: {injected} injected; {tally.summary()}")
     ledger.record(AREA, kind, injected=injected, notes=tally.notes, **tally.failures())
 
@@ -154,17 +192,17 @@ QUICK_FAULTS = [f for f in UPSTREAM_FAULTS if "within" not in f.kind]
 
 @pytest.mark.parametrize("fault", QUICK_FAULTS, ids=[f.kind for f in QUICK_FAULTS])
 async def test_hostile_upstream(fault: UpstreamFault, start_proxy: ProxyFactory, mock_control: MockControl,
-                                tmp_path: Path, fault_ledger: FaultLedger) -> None:
+                                tmp_path: Path, fault_ledger: FaultLedger, tracebacks: Tracebacks) -> None:
     injected, tally = await run_upstream_fault(fault, start_proxy, mock_control, tmp_path, prompts=4, repeats=3)
-    record(fault_ledger, fault.kind, injected, tally)
+    record(fault_ledger, fault.kind, injected, tally, tracebacks, tmp_path)
 
 
 @pytest.mark.soak
 @pytest.mark.parametrize("fault", UPSTREAM_FAULTS, ids=[f.kind for f in UPSTREAM_FAULTS])
 async def test_hostile_upstream_soak(fault: UpstreamFault, start_proxy: ProxyFactory, mock_control: MockControl,
-                                     tmp_path: Path, fault_ledger: FaultLedger) -> None:
+                                     tmp_path: Path, fault_ledger: FaultLedger, tracebacks: Tracebacks) -> None:
     injected, tally = await run_upstream_fault(fault, start_proxy, mock_control, tmp_path, prompts=30, repeats=4)
-    record(fault_ledger, fault.kind, injected, tally)
+    record(fault_ledger, fault.kind, injected, tally, tracebacks, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------- clients leave
@@ -225,22 +263,23 @@ async def wait_for_idle(http: httpx.AsyncClient) -> None:
 
 
 async def test_clients_leaving_mid_answer(start_proxy: ProxyFactory, mock_control: MockControl, tmp_path: Path,
-                                          fault_ledger: FaultLedger) -> None:
+                                          fault_ledger: FaultLedger, tracebacks: Tracebacks) -> None:
     left, tally = await run_disconnects(start_proxy(), tmp_path / "cache", mock_control, prompts=6)
-    record(fault_ledger, "client disconnects mid-answer", left, tally)
+    record(fault_ledger, "client disconnects mid-answer", left, tally, tracebacks, tmp_path)
 
 
 @pytest.mark.soak
-async def test_clients_leaving_mid_answer_soak(start_proxy: ProxyFactory, mock_control: MockControl,
-                                               tmp_path: Path, fault_ledger: FaultLedger) -> None:
+async def test_clients_leaving_mid_answer_soak(start_proxy: ProxyFactory, mock_control: MockControl, tmp_path: Path,
+                                               fault_ledger: FaultLedger, tracebacks: Tracebacks) -> None:
     left, tally = await run_disconnects(start_proxy(), tmp_path / "cache", mock_control, prompts=40)
-    record(fault_ledger, "client disconnects mid-answer", left, tally)
+    record(fault_ledger, "client disconnects mid-answer", left, tally, tracebacks, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------- a broken cache disk
 class BrokenDisk:
-    """Stands in for ``os`` inside ``llmpod.cache``: while ``broken``, creating a file in the cache directory
-    fails with EROFS (a read-only mount), or writing to one fails with ENOSPC (a full disk), as the kernel would."""
+    """Stands in for ``os`` inside ``llmpod.cache``: while ``broken``, opening a file in the cache directory for
+    writing fails with EROFS (a read-only mount: reading still works), or writing to one fails with ENOSPC (a full
+    disk), as the kernel would."""
 
     def __init__(self, cache_dir: Path, error: int) -> None:
         self.prefix = str(cache_dir) + os.sep
@@ -250,7 +289,8 @@ class BrokenDisk:
         self._fds: set[int] = set()
 
     def open(self, path: str, flags: int, mode: int = 0o777) -> int:
-        if self.broken and self.error == errno.EROFS and str(path).startswith(self.prefix):
+        writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        if self.broken and self.error == errno.EROFS and writing and str(path).startswith(self.prefix):
             self.refused += 1
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
         fd = os.open(path, flags, mode)
@@ -328,14 +368,17 @@ async def run_disk_fault(kind: str, start_proxy: ProxyFactory, mock_control: Moc
                 shutil.rmtree(blocker)
                 blocker.write_text("again")
             injected += 1
-            await ask_all(http, [*during[:3], *before, *during[3:]], tally, chunk_count=CHUNKS, deadline=deadline())
-            if kind != "cache directory deleted while running":
-                storing = (await metrics(http))["cache_storing"]
+            await ask_all(http, during[:1], tally, chunk_count=CHUNKS, deadline=deadline())
+            if kind == "cache directory deleted while running":
+                await ask_all(http, [*during[1:], *before], tally, chunk_count=CHUNKS, deadline=deadline())
+            else:  # the first answer's write fails and storing stops: the next answers are not even tried
+                if not await storing_becomes(http, False):
+                    problems.append(f"round {number}: cache_storing stayed true after a failed write")
                 refused = disk.refused
-                await ask_all(http, during, tally, chunk_count=CHUNKS, deadline=deadline())  # not stored: misses
-                if storing or disk.refused != refused:
-                    problems.append(f"round {number}: storing went on during the fault "
-                                    f"(cache_storing {storing}, refused writes {refused} -> {disk.refused})")
+                await ask_all(http, [*during[1:], *before, *during], tally, chunk_count=CHUNKS, deadline=deadline())
+                if disk.refused != refused or (await metrics(http))["cache_storing"]:
+                    problems.append(f"round {number}: storing went on during the fault (refused writes {refused} "
+                                    f"-> {disk.refused})")
             # the disk is usable again; "a minute later"
             disk.broken = False
             if kind == "cache directory cannot be created":
@@ -346,14 +389,25 @@ async def run_disk_fault(kind: str, start_proxy: ProxyFactory, mock_control: Moc
                 await settled(cache_dir, map(key_of, after))
             except AssertionError as exc:
                 problems.append(f"round {number}: {exc}")
-            stored = {p.name for p in cache_files(cache_dir)}
-            missing = [b for b in after if f"{key_of(b)}.json" not in stored]
-            if missing or not (await metrics(http))["cache_storing"]:
-                problems.append(f"round {number}: storing did not resume ({len(missing)} of {len(after)} answers "
-                                f"not stored, cache_storing {(await metrics(http))['cache_storing']})")
+            if not await storing_becomes(http, True):
+                problems.append(f"round {number}: cache_storing stayed false once the disk was usable again")
             await still_up(http, tally)
             await check_cache_dir(http, cache_dir, tally, chunk_count=CHUNKS, deadline=deadline())
+        discarded = (await metrics(http))["cache_corrupt_discarded"]
+        if discarded:  # a full or read-only disk still reads: its entries are served, not thrown away
+            problems.append(f"{discarded} good entries discarded as corrupt")
     return injected, tally, problems
+
+
+async def storing_becomes(http: httpx.AsyncClient, value: bool) -> bool:
+    """Whether /metrics shows ``cache_storing: value`` within 30 s (a write's outcome reaches the index just after
+    the write, on the proxy's loop)."""
+    deadline_at = time.monotonic() + 30
+    while time.monotonic() < deadline_at:
+        if (await http.get("/metrics")).json()["cache_storing"] is value:
+            return True
+        await asyncio.sleep(0.02)
+    return False
 
 
 def _keyed(body: dict[str, Any]) -> dict[str, Any]:
@@ -367,19 +421,20 @@ def key_of(body: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("kind", [k for k in DISK_FAULTS if "cannot be created" not in k])  # that one: soak
 async def test_broken_cache_disk(kind: str, start_proxy: ProxyFactory, mock_control: MockControl, tmp_path: Path,
-                                 monkeypatch: pytest.MonkeyPatch, fault_ledger: FaultLedger) -> None:
+                                 monkeypatch: pytest.MonkeyPatch, fault_ledger: FaultLedger,
+                                 tracebacks: Tracebacks) -> None:
     injected, tally, problems = await run_disk_fault(kind, start_proxy, mock_control, tmp_path, monkeypatch, rounds=1)
-    record(fault_ledger, kind, injected, tally)
+    record(fault_ledger, kind, injected, tally, tracebacks, tmp_path)
     assert not problems, problems
 
 
 @pytest.mark.soak
 @pytest.mark.parametrize("kind", DISK_FAULTS)
 async def test_broken_cache_disk_soak(kind: str, start_proxy: ProxyFactory, mock_control: MockControl,
-                                      tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch, fault_ledger: FaultLedger) -> None:
+                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault_ledger: FaultLedger,
+                                      tracebacks: Tracebacks) -> None:
     injected, tally, problems = await run_disk_fault(kind, start_proxy, mock_control, tmp_path, monkeypatch, rounds=3)
-    record(fault_ledger, kind, injected, tally)
+    record(fault_ledger, kind, injected, tally, tracebacks, tmp_path)
     assert not problems, problems
 
 
@@ -403,6 +458,9 @@ def plant_corrupt_files(cache_dir: Path, answered: list[tuple[str, dict[str, Any
         key = answered[0][0]
         (cache_dir / f"{llmpod.cache.TMP_PREFIX}{key}-99999-1").write_bytes(b'{"format": 1, "key": "' + key.encode())
     return corrupt
+
+
+SIGKILL_KIND = "SIGKILL proxy while writing cache entries, then restart"
 
 
 def kill_mid_write(pid: int, cache_dir: Path, armed: threading.Event, killed: threading.Event) -> None:
@@ -496,17 +554,19 @@ async def run_kills(tmp_path: Path, upstream: str, rounds: int) -> tuple[int, Ta
 
 
 async def test_sigkill_while_writing_cache_entries(mock_vllm: LoopbackServer, mock_control: MockControl,
-                                                   tmp_path: Path, fault_ledger: FaultLedger) -> None:
+                                                   tmp_path: Path, fault_ledger: FaultLedger,
+                                                   tracebacks: Tracebacks) -> None:
     mock_control.configure(chunk_count=KILL_CHUNKS)
     injected, tally, problems = await run_kills(tmp_path, mock_vllm.url, rounds=1)
-    record(fault_ledger, "SIGKILL proxy while writing cache entries, then restart", injected, tally)
+    record(fault_ledger, SIGKILL_KIND, injected, tally, tracebacks, tmp_path)
     assert not problems, problems
 
 
 @pytest.mark.soak
 async def test_sigkill_while_writing_cache_entries_soak(mock_vllm: LoopbackServer, mock_control: MockControl,
-                                                        tmp_path: Path, fault_ledger: FaultLedger) -> None:
+                                                        tmp_path: Path, fault_ledger: FaultLedger,
+                                                        tracebacks: Tracebacks) -> None:
     mock_control.configure(chunk_count=KILL_CHUNKS)
     injected, tally, problems = await run_kills(tmp_path, mock_vllm.url, rounds=4)
-    record(fault_ledger, "SIGKILL proxy while writing cache entries, then restart", injected, tally)
+    record(fault_ledger, SIGKILL_KIND, injected, tally, tracebacks, tmp_path)
     assert not problems, problems
