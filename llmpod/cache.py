@@ -195,8 +195,8 @@ class ResponseCache:
             fd = os.open(f"{self._dir}/{key}.json", os.O_RDONLY | NOFOLLOW)  # a link swapped in is not followed
             with os.fdopen(fd, "rb") as handle:
                 data = handle.read()
-        except FileNotFoundError:
-            self._drop(key)  # removed behind our back
+        except (FileNotFoundError, NotADirectoryError):
+            self._drop(key)  # removed behind our back (with its directory, even): gone, not corrupt
             return None
         except OSError as exc:
             log.warning("cache entry %s unreadable (%s): treated as a miss", key[:12], exc.strerror)
