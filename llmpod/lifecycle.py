@@ -462,6 +462,7 @@ class Session:
     def _terminate_recorded(self, state: PodState, reason: str, keep_watchdog: bool = False) -> list[str]:
         state.phase = "terminating"
         save_state(self.paths, state)
+        checkpoint("terminating")
         removed = self._pods_of(state)
         spend = self.spend(state) if removed else 0.0
         for pod_id in removed:

@@ -3,7 +3,8 @@
 Every ``watchdog_interval_seconds`` it checks, in order: the pod's expiry (``runtime_seconds``, wall clock,
 so a laptop that slept past it shuts down on waking), idleness (no proxy request for
 ``idle_timeout_seconds``, read from the proxy's ``/metrics``), that the pod still exists, and that the proxy
-answers (restarting it if not). When it ends a session it says why in its log and in last_session.json.
+answers (restarting it if not); and it finishes a shutdown that a killed manage_pod.py left half-done. When
+it ends a session it says why in its log and in last_session.json.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def check_once(session: Session, last_activity: float) -> str | float | None:
     state = load_state(session.paths)
     if state is None:
         return "no pod recorded any more: exiting"
+    if state.phase == "terminating":
+        # left half-done by a manage_pod.py killed while terminating (a live one holds the lock: we wait, then
+        # find nothing to do): finish it, or the pod bills until the user next runs something
+        result = session.shutdown(reason="finished a shutdown that was interrupted", from_watchdog=True)
+        return f"finished an interrupted shutdown: terminated {result['terminated']}"
     if state.phase != "ready":
         return None  # a manage_pod.py is still creating it
     now = time.time()

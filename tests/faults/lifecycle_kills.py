@@ -284,6 +284,20 @@ def _shutdown_deleting(work: Workdir, fake: FakeRunPod) -> Started:
     return run
 
 
+def _shutdown_held(work: Workdir, fake: FakeRunPod) -> Started:
+    _up(work)
+    run = Started(work, "--shutdown", env={"LLMPOD_HOLD_AT": "terminating"}, label="shutdown")
+    wait_until(lambda: run.says("holding at terminating") or run.process.poll() is not None,
+               "--shutdown holding before its DELETE", timeout=60, interval=0.05)
+    return run
+
+
+def _watchdog_finishes(work: Workdir, fake: FakeRunPod) -> None:
+    # nobody else will terminate the pod until the user comes back: the watchdog, still running, must
+    wait_until(lambda: not work.state_file.exists() and not live_pods(fake),
+               "the watchdog finished the interrupted shutdown", timeout=60, interval=0.1)
+
+
 PHASES: dict[str, Phase] = {p.name: p for p in [
     Phase("config loaded", "manage_pod.py", _held_at("config loaded")),
     Phase("intent written", "manage_pod.py", _held_at("intent written")),
@@ -303,9 +317,10 @@ PHASES: dict[str, Phase] = {p.name: p for p in [
           lambda work, fake: fake.configure(hold_vllm=False)),
     Phase("proxy starting", "manage_pod.py", _held_at("proxy starting")),
     Phase("ready", "manage_pod.py", _held_at("ready")),
-    Phase("watchdog running", "watchdog", _watchdog_running),
-    Phase("watchdog terminating an expired pod", "watchdog", _watchdog_expiring, _release_deletes),
-    Phase("--shutdown terminating", "manage_pod.py --shutdown", _shutdown_deleting, _release_deletes),
+    Phase("checking the pod", "watchdog", _watchdog_running),
+    Phase("terminating an expired pod", "watchdog", _watchdog_expiring, _release_deletes),
+    Phase("terminating, DELETE sent", "manage_pod.py --shutdown", _shutdown_deleting, _release_deletes),
+    Phase("terminating, before the DELETE", "manage_pod.py --shutdown", _shutdown_held, _watchdog_finishes),
 ]}
 
 

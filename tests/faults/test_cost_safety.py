@@ -40,7 +40,7 @@ AREA = "cost safety"
 # one of each kind of hold in the default run; the whole phase x signal matrix under soak
 # (the expired pod's watchdog is also the default run's clock jump)
 DEFAULT_RUN = {("create sent, no pod yet", signal.SIGINT), ("waiting for vLLM health", signal.SIGINT),
-               ("watchdog terminating an expired pod", signal.SIGKILL)}
+               ("terminating an expired pod", signal.SIGKILL)}
 MATRIX = [pytest.param(name, sig, id=f"{SIGNAL_NAMES[sig]}-{name.replace(' ', '_').replace(',', '')}",
                        marks=() if (name, sig) in DEFAULT_RUN else (pytest.mark.soak,))
           for name in PHASES for sig in (signal.SIGKILL, signal.SIGINT)]
