@@ -39,7 +39,7 @@ GROUP_SECONDS = 0.2  # clients choosing a shared question within the same 0.2 s 
 # connections come and go with the clients and the upstream pool, so they are only bounded: one per client, at
 # most one upstream call per client, and an upstream pool's idle connections (fewer than the clients: the
 # proxy keeps at most 64); every other descriptor (files, listeners, pipes, sockets left half closed as a leak
-# leaves them) must stay within 10 of the warm-up figure.
+# leaves them) must come back within 10 of the warm-up figure once the load is over.
 RSS_GROWTH_MIB = 25.0
 OTHER_FD_GROWTH = 10
 
@@ -51,7 +51,8 @@ class Sample:
     other_fds: int
 
     def __str__(self) -> str:
-        return f"RSS {self.rss_mib:.1f} MiB, {self.connections + self.other_fds} fds ({self.connections} connections)"
+        return (f"RSS {self.rss_mib:.1f} MiB, {self.connections + self.other_fds} fds "
+                f"({self.connections} connections, {self.other_fds} other)")
 
 
 def sample(pid: int) -> Sample:
@@ -112,7 +113,15 @@ async def drive(url: str, pid: int, clients: int, warmup: float, seconds: float)
             samples.append(sample(pid))
 
         await asyncio.gather(sampler(), *(client(c, http, stop_at, tally, streams) for c in range(clients)))
-        samples.append(sample(pid))  # every client done, connections still open
+        # every client done, connections still open. A socket whose peer has just closed it (the mock ends idle
+        # keep-alive connections after 5 s) is half closed until the proxy's loop reads the end, which under load
+        # can lag: so the descriptors are judged once that has had up to 15 s; a leaked one never goes away.
+        settle_at = loop.time() + 15
+        after = sample(pid)
+        while after.other_fds - samples[0].other_fds > OTHER_FD_GROWTH and loop.time() < settle_at:
+            await asyncio.sleep(0.1)
+            after = sample(pid)
+        samples.append(after)
         async with http.get("/health") as health:
             if health.status != 200:
                 tally.fail("dirty", f"/health answered {health.status} after the load")
@@ -142,7 +151,7 @@ def run_load(tmp_path: Path, ledger: FaultLedger, clients: int, warmup: float, s
     assert {"HIT", "MISS", "COALESCED"} <= set(tally.cache) and streams, f"the mix did not happen: {tally.summary()}"
     assert end.rss_mib - before.rss_mib <= RSS_GROWTH_MIB and after.rss_mib - before.rss_mib <= RSS_GROWTH_MIB, \
         f"proxy memory grew under load: {before} -> {end} -> {after}"
-    assert max(end.other_fds, after.other_fds) - before.other_fds <= OTHER_FD_GROWTH, \
+    assert after.other_fds - before.other_fds <= OTHER_FD_GROWTH, \
         f"proxy file descriptors other than connections grew under load: {before} -> {end} -> {after}"
     assert max(s.connections for s in samples) <= 3 * clients, f"more connections than the clients make: {samples}"
 
