@@ -43,14 +43,15 @@ def running(server: ServerProcess) -> Iterator[ServerProcess]:
 
 
 def open_fds(pid: int) -> tuple[int, int]:
-    """(open connections, every other descriptor) of a process. Connections (established TCP sockets) come and
-    go with the clients and the upstream pool; everything else (files, listeners, pipes, and sockets left half
-    closed, as a leak leaves them) should not grow."""
+    """(TCP connections, every other descriptor) of a process. Connections come and go with the clients and the
+    connection pools, and a pooled idle connection the server has closed stays half closed (CLOSE_WAIT) until the
+    pool next looks at it, so they can only be bounded; everything else (files, listeners, pipes, sockets in
+    any other state) should not grow."""
     established = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if fields[3] == "01":  # TCP_ESTABLISHED
+            if fields[3] in ("01", "08"):  # TCP_ESTABLISHED, TCP_CLOSE_WAIT
                 established.add(fields[9])
     connections = other = 0
     for fd in Path(f"/proc/{pid}/fd").iterdir():
