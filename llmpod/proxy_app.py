@@ -33,17 +33,19 @@ from llmpod.requestlog import RequestLog
 from llmpod.upstream import Upstream, stream_pool
 from llmpod.upstream_http import HTTPPool
 from llmpod.wire import (
+    CHAT_REQUEST_SCHEMA,
+    COMPLETION_REQUEST_SCHEMA,
     CacheEntrySummary,
     CacheListing,
     HealthReport,
     UpstreamHealth,
     error_response,
     json_response,
+    request_body,
 )
 
 HEALTH_TTL = 2.0  # seconds an upstream probe is reused (the watchdog polls /health)
 OPEN_PATHS = frozenset({"/health"})
-GENERATION_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
 
 
 class ProxyService:
@@ -202,11 +204,11 @@ def create_app(settings: ProxySettings) -> FastAPI:
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "query")
         return error_response(f"invalid {where or 'request'}: {first.get('msg', 'bad value')}", 400, param=where)
 
-    @app.post("/v1/chat/completions", openapi_extra=GENERATION_BODY)
+    @app.post("/v1/chat/completions", openapi_extra=request_body(CHAT_REQUEST_SCHEMA))
     async def chat_completions(request: Request) -> Response:
         return await service_of(request).generation.handle(request, "chat.completions", "/chat/completions")
 
-    @app.post("/v1/completions", openapi_extra=GENERATION_BODY)
+    @app.post("/v1/completions", openapi_extra=request_body(COMPLETION_REQUEST_SCHEMA))
     async def completions(request: Request) -> Response:
         return await service_of(request).generation.handle(request, "completions", "/completions")
 

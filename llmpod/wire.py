@@ -125,3 +125,48 @@ class CacheListing(BaseModel):
     offset: int
     limit: int
     entries: list[CacheEntrySummary]
+
+
+# The request bodies of the two generation routes, for the OpenAPI schema (/docs, and fuzzing from it). Documentation
+# only: the proxy forwards any JSON object and vLLM judges it, so these list what matters and allow anything else.
+_MODEL = {"type": "string", "description": "a served id, its Hugging Face repo id, or a short name (README)"}
+_SAMPLING: dict[str, Any] = {
+    "model": _MODEL,
+    "stream": {"type": "boolean"},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1, "description": "lowered to fit the context"},
+    "temperature": {"type": "number", "minimum": 0},
+    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "n": {"type": "integer", "minimum": 1},
+    "seed": {"type": "integer"},
+    "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
+    "cache": {"type": "object", "description": "LiteLLM's per-request cache controls: no-cache, no-store",
+              "properties": {"no-cache": {"type": "boolean"}, "no-store": {"type": "boolean"}}},
+}
+CHAT_REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["messages"], "additionalProperties": True,
+    "properties": {
+        **_SAMPLING,
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role"], "additionalProperties": True,
+            "properties": {"role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+                           "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}},
+                                                 {"type": "null"}]}}}},
+        "tools": {"type": "array", "items": {"type": "object"}},
+        "tool_choice": {"anyOf": [{"type": "string"}, {"type": "object"}]},
+        "response_format": {"type": "object"},
+    },
+}
+COMPLETION_REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["prompt"], "additionalProperties": True,
+    "properties": {
+        **_SAMPLING,
+        "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                             {"type": "array", "items": {"type": "integer", "minimum": 0}}]},
+    },
+}
+
+
+def request_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its JSON body itself."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
