@@ -23,6 +23,7 @@ Routes. ``/v2/*`` needs ``Authorization: Bearer <api_key>``:
 
 Test-only, no auth: ``POST /fake/config`` (partial settings, applied live; answers the settings, key masked),
 ``GET /fake/state`` (settings, every pod ever created with its status history and mock port, call counts),
+``POST /fake/reset`` (back to the start: settings, no pods, no calls),
 ``POST /fake/pods/{id}/die[?status=EXITED]`` (crash: ERROR, cost 0, mock stopped) and
 ``POST /fake/pods/{id}/vanish`` (RunPod reclaimed the pod: 404 from then on).
 """
@@ -110,7 +111,7 @@ class FakeRunPod:
     """The fake's state: pods (deleted ones included), their mock vLLM servers, call counts, settings."""
 
     def __init__(self, settings: FakeRunPodSettings) -> None:
-        self.settings = settings
+        self.settings, self.initial = settings, settings.model_copy()
         self.pods: dict[str, FakePod] = {}
         self.calls: Counter[str] = Counter()
         self.servers: dict[str, LoopbackServer] = {}  # pod id -> its mock vLLM, until the pod ends
@@ -118,6 +119,7 @@ class FakeRunPod:
         self.http: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
+        self.held = 0  # requests waiting in hold()
 
     def configure(self, patch: dict[str, Any]) -> FakeRunPodSettings:
         if patch.get("api_key") == _MASK:  # our own answer posted back: keep the key
@@ -174,8 +176,25 @@ class FakeRunPod:
         """Wait while ``holding()`` (a switch a test turns off to let the request go on), or the fake closes.
         The request goes on even if its client has gone, as RunPod's would."""
         deadline = time.monotonic() + limit
-        while holding() and not self._closing.is_set() and time.monotonic() < deadline:
+        self.held += 1
+        try:
+            while holding() and not self._closing.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        finally:
+            self.held -= 1
+
+    async def reset(self) -> None:
+        """Back to how it started, for the next test: settings, no pods (every mock vLLM stopped), no calls.
+        Held requests are let go first and finish before the pods are ended."""
+        self.settings = self.initial.model_copy()
+        deadline = time.monotonic() + 10
+        while self.held and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        for pod in list(self.pods.values()):
+            if not pod.gone:
+                await self.end(pod, "TERMINATED")
+        self.pods.clear()
+        self.calls.clear()
 
     async def end(self, pod: FakePod, status: str, *, vanish: bool = False) -> None:
         """The pod becomes ``status`` (ERROR, EXITED or TERMINATED) now, and its mock vLLM stops."""
@@ -384,6 +403,11 @@ def _fake_routes(fake: FakeRunPod) -> APIRouter:
         except ValueError as exc:  # bad JSON, or a pydantic ValidationError
             errors = fake_pods.validation_errors(exc) if isinstance(exc, ValidationError) else [str(exc)]
             raise Problem(422, "Request validation failed.", errors=errors) from None
+
+    @routes.post("/reset")
+    async def reset() -> Response:
+        await fake.reset()
+        return Response(status_code=204)
 
     @routes.get("/state")
     async def state() -> dict[str, Any]:

@@ -5,18 +5,20 @@ terminating) is held deterministically (tests/faults/lifecycle_kills.py), killed
 and followed by what a user does: ``--status``, then ``--shutdown``. Then RunPod's own faults: a create that
 answers 500 or times out though the pod exists, DELETEs that fail, a pod RunPod reclaims, a key revoked
 mid-session, a clock that jumps past the expiry, two runs at once. Each test records its counts in the fault
-ledger (area "cost safety"); the full matrix is soak-marked, one representative of each kind runs by default.
+ledger (area "cost safety"). The full matrix is soak-marked (``python3 -m tests.faults`` runs it); the default
+run has three kills (a held create, a loading vLLM, the watchdog's held DELETE) and the cheap special cases.
 """
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.conftest import wait_until
-from tests.e2e_harness import FakeRunPod, Workdir
+from tests.e2e_harness import FakeRunPod, Workdir, running_fake_runpod
 from tests.faults.ledger import FaultLedger
 from tests.faults.lifecycle_kills import (
     PHASES,
@@ -30,6 +32,7 @@ from tests.faults.lifecycle_kills import (
     live_pods,
     logs_clean,
     recorded,
+    reset,
     shutdown_and_count,
     user_checks,
 )
@@ -44,6 +47,20 @@ DEFAULT_RUN = {("create sent, no pod yet", signal.SIGINT), ("waiting for vLLM he
 MATRIX = [pytest.param(name, sig, id=f"{SIGNAL_NAMES[sig]}-{name.replace(' ', '_').replace(',', '')}",
                        marks=() if (name, sig) in DEFAULT_RUN else (pytest.mark.soak,))
           for name in PHASES for sig in (signal.SIGKILL, signal.SIGINT)]
+
+
+@pytest.fixture(scope="module")
+def shared_fake() -> Iterator[FakeRunPod]:
+    with running_fake_runpod() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake_runpod(shared_fake: FakeRunPod) -> FakeRunPod:
+    """One fake RunPod for the module (its start costs seconds per test), reset before each test; conftest's
+    ``workdir`` uses this one here."""
+    reset(shared_fake)
+    return shared_fake
 
 
 def record(ledger: FaultLedger, kind: str, tally: Tally) -> None:
