@@ -149,7 +149,7 @@ def test_debug_cache_never_reads_or_deletes_outside_the_cache(start_proxy: Proxy
         requests = [(method, f"/debug/cache/{key}") for key in [*TRAVERSALS, planted, "c" * 64]
                     for method in ("GET", "DELETE")]
         requests += [("GET", "/debug/cache"), ("GET", "/debug/cache?limit=500"), ("GET", "/debug/cache/"),
-                     ("DELETE", "/debug/cache")]
+                     ("GET", f"/debug/cache?offset={2**70}&limit=-{2**70}"), ("DELETE", "/debug/cache")]
         for method, path in requests:
             sent += 1
             response = http.request(method, path)
