@@ -126,6 +126,7 @@ class Upstream:
             self.headers["Authorization"] = f"Bearer {settings.upstream_api_key.get_secret_value()}"
         self._models: list[ServedModel] | None = None
         self._models_at = 0.0
+        self._models_fetch: asyncio.Future[list[ServedModel] | None] | None = None
         self._fit_memo: OrderedDict[str, int | None] = OrderedDict()
 
     # ----------------------------------------------------------------- errors
@@ -151,10 +152,20 @@ class Upstream:
 
     # ----------------------------------------------------------------- models
     async def models(self, *, refresh: bool = False) -> list[ServedModel] | None:
-        """The served models, from a cached ``/v1/models`` answer; None when the upstream is down."""
+        """The served models, from a cached ``/v1/models`` answer; None when the upstream is down.
+
+        One fetch at a time: when the list expires under load, every request waits for the same one
+        (100 clients would otherwise ask vLLM 100 times at once).
+        """
         age = time.monotonic() - self._models_at
         if self._models is not None and age < MODELS_TTL and not (refresh and age > MODELS_RETRY):
             return self._models
+        if self._models_fetch is None or self._models_fetch.done():
+            self._models_fetch = asyncio.ensure_future(self._fetch_models())
+        # shielded: one caller leaving (its client hung up) must not cancel the fetch the others wait for
+        return await asyncio.shield(self._models_fetch)
+
+    async def _fetch_models(self) -> list[ServedModel] | None:
         try:
             response = await self.client.get(f"{self.base}/models", headers=self.headers,
                                              timeout=self.listing_timeout)

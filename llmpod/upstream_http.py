@@ -238,7 +238,7 @@ class UpstreamResponse:
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.abort()
+            self._pool._drop(conn)
 
 
 class HTTPPool:
@@ -269,18 +269,18 @@ class HTTPPool:
         request = "".join(head).encode("latin-1") + b"\r\n" + body
         for attempt in (0, 1):
             conn, reused = await self._acquire()
-            conn.send(request)
             try:
+                conn.send(request)
                 await conn.wait(self.read_timeout, "headers")
-            except UpstreamReadTimeout:
-                self._drop(conn)
-                raise
-            except UpstreamConnectionError:
+            except UpstreamConnectionError as exc:
                 self._drop(conn)
                 # an idle connection the server had just closed: it never saw the request, so one retry on
                 # a new connection is safe (anything that answered, even partly, is not retried)
-                if reused and not conn.received_any and attempt == 0:
+                if reused and not conn.received_any and attempt == 0 and not isinstance(exc, UpstreamReadTimeout):
                     continue
+                raise
+            except BaseException:
+                self._drop(conn)  # cancelled (every client left): closing the connection stops the upstream
                 raise
             return UpstreamResponse(self, conn)
         raise AssertionError("unreachable")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -98,6 +99,27 @@ async def test_resolve_forwards_as_is_when_models_unknown(upstream: Upstream,
                                                           mocked_vllm: respx.MockRouter) -> None:
     mocked_vllm.get("/v1/models").mock(side_effect=httpx.ConnectError("refused"))
     assert await upstream.resolve("anything") is None
+
+
+async def test_an_expired_model_list_is_fetched_once_for_all_waiting_requests(
+        upstream: Upstream, mocked_vllm: respx.MockRouter) -> None:
+    release = asyncio.Event()
+
+    async def slow_list(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return httpx.Response(200, json=models_body(SERVED))
+
+    route = mocked_vllm.get("/v1/models").mock(side_effect=slow_list)
+    waiting = [asyncio.ensure_future(upstream.resolve("deepseek-coder-33b-awq")) for _ in range(50)]
+    for _ in range(500):  # until the one fetch is out (bounded: 5 s)
+        if route.call_count:
+            break
+        await asyncio.sleep(0.01)
+    waiting[0].cancel()  # one client hanging up does not cancel the list the others wait for
+    release.set()
+    resolved = await asyncio.gather(*waiting[1:])
+    assert {m.id for m in resolved} == {SERVED}
+    assert route.call_count == 1
 
 
 async def test_fit_context_uses_tokenize_once_per_distinct_request(upstream: Upstream,

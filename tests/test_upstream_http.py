@@ -271,3 +271,30 @@ async def test_https_upstream_verified_with_the_callers_ca(servers: list[asyncio
     with pytest.raises(UpstreamConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
         await stranger.post("/x", b"{}", JSON)
     await stranger.aclose()
+
+
+async def test_closed_and_cancelled_requests_leave_no_connection_behind(servers: list[asyncio.Server]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            await writer.drain()
+        await reader.read()  # until the client goes away: a stream cut short, then one that never answers
+
+    script, server = await start(handler)
+    servers.append(server)
+    pool = pool_for(script)
+    cut = await pool.post("/x", b"{}", JSON)
+    assert await cut.next_chunk() == b"first"
+    cut.close()
+    waiting = asyncio.ensure_future(pool.post("/x", b"{}", JSON))
+    for _ in range(500):  # until the server holds the request (bounded: 5 s)
+        if len(script.requests) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert len(script.requests) == 2
+    waiting.cancel()  # every client left before the upstream answered
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert not pool._busy and not pool._idle  # nothing kept: neither leaks memory nor a socket
+    await pool.aclose()
+    assert script.connections == 2
