@@ -183,7 +183,7 @@ def test_pod_progresses_and_vllm_comes_up_last(fake: Fake) -> None:
     assert created["ssh"] == {"proxy": None, "direct": None}
     assert created["mounts"] == {} and created["globalNetworking"] == {"enabled": False} and created["registry"] is None
     seen: list[tuple[str, int]] = []
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         pod = fake.api.get(f"/v2/pods/{created['id']}").json()
         health = fake.proxy_get(created["id"], "/health").status_code
@@ -198,7 +198,11 @@ def test_pod_progresses_and_vllm_comes_up_last(fake: Fake) -> None:
         if health == 200:
             break
         time.sleep(0.02)
-    assert seen == [("PROVISIONING", 502), ("STARTING", 502), ("RUNNING", 502), ("RUNNING", 200)]
+    # a busy machine may poll past a short phase: what is seen must be in order, vLLM answering only last
+    # (the fake's own history below shows every phase was passed through)
+    order = [("PROVISIONING", 502), ("STARTING", 502), ("RUNNING", 502), ("RUNNING", 200)]
+    assert seen[-1] == ("RUNNING", 200) and all(step in order for step in seen), seen
+    assert [order.index(step) for step in seen] == sorted(order.index(step) for step in seen), seen
     history = [h["status"] for h in fake.fake_state()["pods"][0]["history"]]
     assert history == ["PROVISIONING", "STARTING", "RUNNING"]
 
