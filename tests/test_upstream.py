@@ -103,18 +103,16 @@ async def test_resolve_forwards_as_is_when_models_unknown(upstream: Upstream,
 
 async def test_an_expired_model_list_is_fetched_once_for_all_waiting_requests(
         upstream: Upstream, mocked_vllm: respx.MockRouter) -> None:
-    release = asyncio.Event()
+    asked, release = asyncio.Event(), asyncio.Event()
 
     async def slow_list(request: httpx.Request) -> httpx.Response:
+        asked.set()
         await release.wait()
         return httpx.Response(200, json=models_body(SERVED))
 
     route = mocked_vllm.get("/v1/models").mock(side_effect=slow_list)
     waiting = [asyncio.ensure_future(upstream.resolve("deepseek-coder-33b-awq")) for _ in range(50)]
-    for _ in range(500):  # until the one fetch is out (bounded: 5 s)
-        if route.call_count:
-            break
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(asked.wait(), 5)  # the one fetch is out, and everyone is waiting for it
     waiting[0].cancel()  # one client hanging up does not cancel the list the others wait for
     release.set()
     resolved = await asyncio.gather(*waiting[1:])
