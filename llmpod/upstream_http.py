@@ -91,10 +91,18 @@ class _Connection(asyncio.Protocol):
         pass
 
     # ----------------------------------------------------------------- httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer nobody asked for: never mixed into this one, never reused
+            self._fail(UpstreamConnectionError("upstream sent an answer that was not asked for"))
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.complete:
+            return
         self._header_list.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.complete:
+            return
         self.headers_done = True
         self._keep_alive = self._parser.should_keep_alive()  # asked now: llhttp forgets it once the body ends
         names = {name.lower(): value.lower() for name, value in self._header_list}
@@ -103,6 +111,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
@@ -111,6 +121,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.complete:
+            return
         self.complete = True
         self._wake()
 
@@ -152,10 +164,11 @@ class _Connection(asyncio.Protocol):
     async def wait(self, timeout: float, ready: str) -> None:
         """Wait until ``ready`` ('headers' or 'body') has progressed, or fail after ``timeout`` seconds."""
         while True:
-            if self._error is not None:
-                raise self._error
+            # what arrived before a failure is still delivered: the failure is raised once nothing else is left
             if (ready == "headers" and self.headers_done) or (ready == "body" and (self._body or self.complete)):
                 return
+            if self._error is not None:
+                raise self._error
             waiter = self._waiter = self._loop.create_future()
             timer = self._loop.call_later(timeout, _expire, waiter)
             try:
@@ -291,7 +304,8 @@ class HTTPPool:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()  # most recently used: the likeliest to be alive
-            if not conn.closed and now - conn.idle_since < IDLE_SECONDS:
+            # an idle connection that was sent anything (garbage, a stray answer) is not to be trusted either
+            if not conn.closed and not conn.received_any and now - conn.idle_since < IDLE_SECONDS:
                 self._busy.add(conn)
                 return conn, True
             conn.close()

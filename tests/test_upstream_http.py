@@ -298,3 +298,27 @@ async def test_closed_and_cancelled_requests_leave_no_connection_behind(servers:
     assert not pool._busy and not pool._idle  # nothing kept: neither leaks memory nor a socket
     await pool.aclose()
     assert script.connections == 2
+
+
+async def test_an_idle_connection_that_was_sent_stray_bytes_is_not_reused(servers: list[asyncio.Server]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        answer(writer, b"ok %d" % n)
+        if n == 1:
+            await writer.drain()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray")  # nobody asked for this
+
+    script, server = await start(handler)
+    servers.append(server)
+    pool = pool_for(script)
+    first = await pool.post("/x", b"{}", JSON)
+    assert await first.read() == b"ok 1"
+    first.release()
+    for _ in range(500):  # until the stray answer has arrived on the idle connection (bounded: 5 s)
+        if pool._idle and pool._idle[0].received_any:
+            break
+        await asyncio.sleep(0.01)
+    second = await pool.post("/x", b"{}", JSON)
+    assert await second.read() == b"ok 2"  # the second request's own answer, not the stray one
+    second.release()
+    await pool.aclose()
+    assert script.connections == 2
