@@ -26,6 +26,7 @@ class ScriptedServer:
     connections: int = 0
     requests: list[bytes] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    server: asyncio.Server | None = None
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -45,17 +46,22 @@ class ScriptedServer:
             writer.close()
 
 
-async def start(handler: Handler, ssl_context: ssl.SSLContext | None = None) -> tuple[ScriptedServer, asyncio.Server]:
-    script = ScriptedServer(handler)
-    server = await asyncio.start_server(script.serve, "127.0.0.1", 0, ssl=ssl_context)
-    script.port = server.sockets[0].getsockname()[1]
-    return script, server
+Start = Callable[..., Awaitable[ScriptedServer]]
 
 
 @pytest.fixture
-async def servers() -> AsyncIterator[list[asyncio.Server]]:
+async def scripted_server() -> AsyncIterator[Start]:
+    """``await scripted_server(handler, ssl_context=None)``: a server on a free port, closed after the test."""
     started: list[asyncio.Server] = []
-    yield started
+
+    async def start(handler: Handler, ssl_context: ssl.SSLContext | None = None) -> ScriptedServer:
+        script = ScriptedServer(handler)
+        script.server = await asyncio.start_server(script.serve, "127.0.0.1", 0, ssl=ssl_context)
+        script.port = script.server.sockets[0].getsockname()[1]
+        started.append(script.server)
+        return script
+
+    yield start
     for server in started:
         server.close()
         await server.wait_closed()
@@ -75,13 +81,12 @@ def answer(writer: asyncio.StreamWriter, body: bytes, status: str = "200 OK", ex
     writer.write(b"HTTP/1.1 " + status.encode() + b"\r\ncontent-length: %d\r\n" % len(body) + extra + b"\r\n" + body)
 
 
-async def test_keeps_one_connection_alive_across_requests(servers: list[asyncio.Server]) -> None:
+async def test_keeps_one_connection_alive_across_requests(scripted_server: Start) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
                      + chunked(b"data: %d\n\n" % n, b"data: [DONE]\n\n"))
 
-    script, server = await start(handler)
-    servers.append(server)
+    script = await scripted_server(handler)
     pool = pool_for(script)
     bodies = []
     for n in range(5):
@@ -98,7 +103,7 @@ async def test_keeps_one_connection_alive_across_requests(servers: list[asyncio.
     assert first.endswith(b'\r\n\r\n{"n": 0}')
 
 
-async def test_body_arrives_piece_by_piece_as_the_server_sends_it(servers: list[asyncio.Server]) -> None:
+async def test_body_arrives_piece_by_piece_as_the_server_sends_it(scripted_server: Start) -> None:
     release = asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
@@ -107,8 +112,7 @@ async def test_body_arrives_piece_by_piece_as_the_server_sends_it(servers: list[
         await release.wait()
         writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
 
-    script, server = await start(handler)
-    servers.append(server)
+    script = await scripted_server(handler)
     pool = pool_for(script)
     response = await pool.post("/x", b"{}", JSON)
     assert await response.next_chunk() == b"first"  # before the server sent the rest
@@ -119,14 +123,13 @@ async def test_body_arrives_piece_by_piece_as_the_server_sends_it(servers: list[
     await pool.aclose()
 
 
-async def test_a_body_without_length_ends_with_the_connection(servers: list[asyncio.Server]) -> None:
+async def test_a_body_without_length_ends_with_the_connection(scripted_server: Start) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
         await writer.drain()
         writer.close()
 
-    script, server = await start(handler)
-    servers.append(server)
+    script = await scripted_server(handler)
     pool = pool_for(script)
     response = await pool.post("/x", b"{}", JSON)
     assert await response.read() == b"all of it"
@@ -135,14 +138,13 @@ async def test_a_body_without_length_ends_with_the_connection(servers: list[asyn
     await pool.aclose()
 
 
-async def test_silence_before_the_headers_or_between_chunks_times_out(servers: list[asyncio.Server]) -> None:
+async def test_silence_before_the_headers_or_between_chunks_times_out(scripted_server: Start) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         if n == 2:
             writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\ndata\r\n")
         await asyncio.sleep(30)  # then nothing: cancelled when the test closes the server
 
-    script, server = await start(handler)
-    servers.append(server)
+    script = await scripted_server(handler)
     pool = pool_for(script, read_timeout=0.2)
     with pytest.raises(UpstreamReadTimeout):
         await pool.post("/x", b"{}", JSON)
@@ -155,32 +157,31 @@ async def test_silence_before_the_headers_or_between_chunks_times_out(servers: l
     assert script.connections == 2
 
 
-async def test_refused_connection_and_garbage_are_connection_errors(servers: list[asyncio.Server]) -> None:
+async def test_refused_connection_and_garbage_are_connection_errors(scripted_server: Start) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
 
-    script, server = await start(handler)
-    servers.append(server)
+    script = await scripted_server(handler)
     pool = pool_for(script)
     with pytest.raises(UpstreamConnectionError, match="invalid HTTP"):
         await pool.post("/x", b"{}", JSON)
     await pool.aclose()
-    server.close()
-    await server.wait_closed()
+    assert script.server is not None
+    script.server.close()
+    await script.server.wait_closed()
     refused = pool_for(script)
     with pytest.raises(UpstreamConnectionError):
         await refused.post("/x", b"{}", JSON)
     await refused.aclose()
 
 
-async def test_cut_mid_body_is_an_error_not_a_short_body(servers: list[asyncio.Server]) -> None:
+async def test_cut_mid_body_is_an_error_not_a_short_body(scripted_server: Start) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
         await writer.drain()
         writer.close()
 
-    script, server = await start(handler)
-    servers.append(server)
+    script = await scripted_server(handler)
     pool = pool_for(script)
     response = await pool.post("/x", b"{}", JSON)
     assert await response.next_chunk() == b"only this"
@@ -191,15 +192,14 @@ async def test_cut_mid_body_is_an_error_not_a_short_body(servers: list[asyncio.S
 
 
 async def test_an_idle_connection_the_server_closed_is_replaced_without_losing_the_request(
-        servers: list[asyncio.Server]) -> None:
+        scripted_server: Start) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         answer(writer, b"ok %d" % n)
         if n == 1:  # like a keep-alive timeout firing the moment the client reuses the connection
             await writer.drain()
             writer.close()
 
-    script, server = await start(handler)
-    servers.append(server)
+    script = await scripted_server(handler)
     pool = pool_for(script)
     first = await pool.post("/x", b"{}", JSON)
     assert await first.read() == b"ok 1"
@@ -213,14 +213,13 @@ async def test_an_idle_connection_the_server_closed_is_replaced_without_losing_t
     assert script.connections == 2 and len(script.requests) == 2  # the request reached the server once
 
 
-async def test_close_drops_the_connection_so_the_server_stops(servers: list[asyncio.Server]) -> None:
+async def test_close_drops_the_connection_so_the_server_stops(scripted_server: Start) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
         await writer.drain()
         await reader.read()  # until the client goes away
 
-    script, server = await start(handler)
-    servers.append(server)
+    script = await scripted_server(handler)
     pool = pool_for(script)
     response = await pool.post("/x", b"{}", JSON)
     assert await response.next_chunk() == b"first"
@@ -229,15 +228,14 @@ async def test_close_drops_the_connection_so_the_server_stops(servers: list[asyn
     await pool.aclose()
 
 
-async def test_a_slow_reader_gets_every_byte_of_a_large_body(servers: list[asyncio.Server]) -> None:
+async def test_a_slow_reader_gets_every_byte_of_a_large_body(scripted_server: Start) -> None:
     payload = bytes(range(256)) * 8192  # 2 MiB: the client stops reading the socket past its buffer limit
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         answer(writer, payload)
         await writer.drain()
 
-    script, server = await start(handler)
-    servers.append(server)
+    script = await scripted_server(handler)
     pool = pool_for(script)
     response = await pool.post("/x", b"{}", JSON)
     received = bytearray()
@@ -249,7 +247,7 @@ async def test_a_slow_reader_gets_every_byte_of_a_large_body(servers: list[async
     await pool.aclose()
 
 
-async def test_https_upstream_verified_with_the_callers_ca(servers: list[asyncio.Server]) -> None:
+async def test_https_upstream_verified_with_the_callers_ca(scripted_server: Start) -> None:
     authority = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     authority.issue_cert("127.0.0.1").configure_cert(server_context)
@@ -257,8 +255,7 @@ async def test_https_upstream_verified_with_the_callers_ca(servers: list[asyncio
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         answer(writer, b"over tls")
 
-    script, server = await start(handler, server_context)
-    servers.append(server)
+    script = await scripted_server(handler, server_context)
     trusting = ssl.create_default_context()
     authority.configure_trust(trusting)
     pool = pool_for(script, scheme="https", ssl_context=trusting)
@@ -273,15 +270,14 @@ async def test_https_upstream_verified_with_the_callers_ca(servers: list[asyncio
     await stranger.aclose()
 
 
-async def test_closed_and_cancelled_requests_leave_no_connection_behind(servers: list[asyncio.Server]) -> None:
+async def test_closed_and_cancelled_requests_leave_no_connection_behind(scripted_server: Start) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         if n == 1:
             writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
             await writer.drain()
         await reader.read()  # until the client goes away: a stream cut short, then one that never answers
 
-    script, server = await start(handler)
-    servers.append(server)
+    script = await scripted_server(handler)
     pool = pool_for(script)
     cut = await pool.post("/x", b"{}", JSON)
     assert await cut.next_chunk() == b"first"
@@ -300,15 +296,14 @@ async def test_closed_and_cancelled_requests_leave_no_connection_behind(servers:
     assert script.connections == 2
 
 
-async def test_an_idle_connection_that_was_sent_stray_bytes_is_not_reused(servers: list[asyncio.Server]) -> None:
+async def test_an_idle_connection_that_was_sent_stray_bytes_is_not_reused(scripted_server: Start) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         answer(writer, b"ok %d" % n)
         if n == 1:
             await writer.drain()
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray")  # nobody asked for this
 
-    script, server = await start(handler)
-    servers.append(server)
+    script = await scripted_server(handler)
     pool = pool_for(script)
     first = await pool.post("/x", b"{}", JSON)
     assert await first.read() == b"ok 1"
