@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmpod.cache import KEY_PATTERN, ResponseCache
 from llmpod.completions import GenerationHandler, preview
@@ -94,50 +94,75 @@ class ProxyService:
         return self._health[1]
 
 
-class GenerationFastPath:
-    """Answers the two generation routes before FastAPI's routing, dependency and exception layers, which
-    cost as much as a whole cache hit. (The FastAPI routes stay declared, for the OpenAPI schema; the error
-    middleware outside this one still turns any bug into a 500.)"""
+GENERATION_ROUTES = {"/v1/chat/completions": ("chat.completions", "/chat/completions"),
+                     "/v1/completions": ("completions", "/completions")}
 
-    ROUTES = {"/v1/chat/completions": ("chat.completions", "/chat/completions"),
-              "/v1/completions": ("completions", "/completions")}
 
-    def __init__(self, app: ASGIApp, owner: FastAPI) -> None:
-        self.app = app
-        self.owner = owner
+class ProxyApp(FastAPI):
+    """FastAPI, except that the two generation routes are answered before its middleware stack and router.
+
+    Those layers (server errors, telemetry, body limit, routing, exception handlers) cost as much as a whole
+    cache hit. The FastAPI routes stay declared for the OpenAPI schema; this path does the two jobs of the
+    layers it skips that matter here: the proxy key, and a clean OpenAI-shaped 500 for a bug.
+    """
+
+    proxy_key: ProxyKey | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self.ROUTES.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if route is None:
-            await self.app(scope, receive, send)
+        route = GENERATION_ROUTES.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None or scope["method"] != "POST":
+            await super().__call__(scope, receive, send)
             return
-        service: ProxyService = self.owner.state.service
-        response = await service.generation.handle(Request(scope, receive, send), *route)
-        await response(scope, receive, send)
+        if self.proxy_key is not None and not self.proxy_key.allows(scope):
+            await self.proxy_key.denied(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        service: ProxyService = self.state.service
+        try:
+            response = await service.generation.handle(Request(scope, receive, send), *route)
+            await response(scope, receive, tracked_send)
+        except Exception:
+            logging.getLogger("llmpod.proxy").exception("error answering %s", scope["path"])
+            if started:
+                raise  # the status line is out: the server closes the connection, the client sees it cut
+            await error_response("internal proxy error (logged)", 500)(scope, receive, send)
 
 
-class ProxyKeyMiddleware:
+class ProxyKey:
     """With ``PROXY_API_KEY`` set, every route but /health needs it (Bearer, or the ``api-key`` header
     that Continue and Azure-style clients send). Compared in constant time."""
 
-    def __init__(self, app: ASGIApp, key: SecretStr) -> None:
-        self.app = app
+    def __init__(self, key: SecretStr) -> None:
         self._key = key.get_secret_value().encode()
-        self._denied = error_response("missing or wrong API key for this proxy (PROXY_API_KEY)", 401,
-                                      headers={"WWW-Authenticate": "Bearer"})
+        self.denied = error_response("missing or wrong API key for this proxy (PROXY_API_KEY)", 401,
+                                     headers={"WWW-Authenticate": "Bearer"})
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
+    def allows(self, scope: Scope) -> bool:
         headers = dict(scope["headers"])
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         if scheme.lower() != b"bearer":
             token = headers.get(b"api-key") or headers.get(b"x-api-key") or b""
-        if hmac.compare_digest(token.strip(), self._key):
+        return hmac.compare_digest(token.strip(), self._key)
+
+
+class ProxyKeyMiddleware:
+    """Applies ``ProxyKey`` to the routes FastAPI answers."""
+
+    def __init__(self, app: ASGIApp, key: ProxyKey) -> None:
+        self.app = app
+        self.key = key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self.key.allows(scope):
             await self.app(scope, receive, send)
         else:
-            await self._denied(scope, receive, send)
+            await self.key.denied(scope, receive, send)
 
 
 def _configure_logging(settings: ProxySettings) -> list[logging.Handler]:
@@ -185,14 +210,16 @@ def create_app(settings: ProxySettings) -> FastAPI:
             logger.removeHandler(handler)
             handler.close()
 
-    app = FastAPI(title="llmpod caching proxy", version="0.1.0", lifespan=lifespan)
+    # no OpenTelemetry here: FastAPI's native telemetry would otherwise look for providers on every request
+    app = ProxyApp(title="llmpod caching proxy", version="0.1.0", lifespan=lifespan,
+                   telemetry={"tracing": False, "metrics": False, "logs": False})
 
     def service_of(request: Request) -> ProxyService:
         return request.app.state.service  # type: ignore[no-any-return]
 
-    app.add_middleware(GenerationFastPath, owner=app)
-    if settings.proxy_api_key is not None:  # added last, so it runs first
-        app.add_middleware(ProxyKeyMiddleware, key=settings.proxy_api_key)
+    if settings.proxy_api_key is not None:
+        app.proxy_key = ProxyKey(settings.proxy_api_key)
+        app.add_middleware(ProxyKeyMiddleware, key=app.proxy_key)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -309,6 +309,59 @@ async def test_put_replaces_an_existing_answer(cache: ResponseCache, cache_dir: 
     assert cache.total_bytes == disk_bytes(cache_dir)
 
 
+async def test_a_served_answer_replaced_by_a_new_one_is_served_new(cache: ResponseCache) -> None:
+    key = key_for("replaced while in memory")
+    cache.put(key, answer_document("old"))
+    assert cache.get(key) is not None  # served once: now kept parsed in memory
+
+    cache.put(key, answer_document("new"))
+    answer = cache.get(key)
+
+    assert answer is not None and answer.response["choices"][0]["message"]["content"] == "new"
+
+
+async def test_a_served_answer_whose_file_was_deleted_is_no_longer_served(
+        cache: ResponseCache, cache_dir: Path) -> None:
+    key = key_for("deleted behind our back")
+    cache.put(key, answer_document("cached"))
+    assert cache.get(key) is not None
+
+    (cache_dir / f"{key}.json").unlink()  # the user clears the cache with rm while the proxy runs
+
+    assert cache.get(key) is None
+    assert key not in cache
+
+
+async def test_answers_served_again_come_from_memory_yet_still_count_their_use(
+        cache: ResponseCache, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = key_for("popular")
+    cache.put(key, answer_document("again and again"))
+    assert cache.get(key) is not None
+    set_last_use(cache_dir, key, 1_000_000)
+
+    reads: list[str] = []
+    monkeypatch.setattr(ResponseCache, "_read", lambda self, k: reads.append(k))
+    answer = cache.get(key)
+
+    assert answer is not None and answer.response["choices"][0]["message"]["content"] == "again and again"
+    assert reads == []  # not read from disk again
+    assert (cache_dir / f"{key}.json").stat().st_mtime > 1_000_000  # the use still reaches the file (LRU)
+
+
+async def test_memory_for_served_answers_is_bounded(
+        cache_dir: Path, open_cache: Callable[..., ResponseCache], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(llmpod.cache, "HOT_BYTES", 32 * 1024)
+    cache = open_cache()
+    keys = [key_for(f"bounded {i}") for i in range(40)]
+    for key in keys:
+        cache.put(key, answer_document("x" * 100))  # ~1.3 KB each: 40 need ~52 KB
+        assert cache.get(key) is not None
+
+    assert 0 < cache._hot_bytes <= 32 * 1024
+    assert set(cache._hot) < set(keys)  # the oldest served left memory; they are still on disk
+    assert all(cache.get(key) is not None for key in keys)
+
+
 # --------------------------------------------------------------------------------------------- files on disk
 async def test_one_file_per_entry_named_by_key_and_no_temp_files(cache: ResponseCache, cache_dir: Path) -> None:
     keys = [key_for(f"q{i}") for i in range(3)]

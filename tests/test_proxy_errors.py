@@ -169,3 +169,18 @@ def test_upstream_key_is_sent_and_never_shown(start_proxy: ProxyFactory, tmp_pat
 def test_unknown_route_is_an_openai_shaped_404(client: httpx.Client) -> None:
     assert_openai_error(client.get("/v1/nothing-here"), 404)
     assert_openai_error(client.get("/debug/cache", params={"limit": "many"}), 400)
+
+
+def test_a_bug_in_the_proxy_is_a_clean_500_and_the_proxy_stays_up(
+        client: httpx.Client, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def broken_key(endpoint: str, body: dict[str, Any]) -> str:
+        raise RuntimeError("secret internals")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("llmpod.completions.cache_key", broken_key)
+        response = client.post("/v1/chat/completions", json=chat("a bug"))
+        error = assert_openai_error(response, 500)
+    assert "secret internals" not in response.text and "Traceback" not in response.text
+    assert error["message"] == "internal proxy error (logged)"
+    assert "RuntimeError: secret internals" in (tmp_path / "proxy.log").read_text()  # the details go to the log
+    assert client.post("/v1/chat/completions", json=chat("a bug")).status_code == 200
