@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from llmpod.cache import CachedAnswer, UnkeyableRequest, cache_key
 from llmpod.errors import UpstreamError
@@ -131,16 +132,20 @@ class GenerationHandler:
     def __init__(self, service: ProxyService) -> None:
         self.service = service
 
-    async def handle(self, request: Request, endpoint: str, path: str) -> Response:
-        service = self.service
+    def handle(self, request: Request, endpoint: str, path: str) -> Response:
+        """For a FastAPI route: a response that answers the request when it is sent (see ``serve``)."""
+        return _Served(self, request, endpoint, path)
+
+    async def serve(self, request: Request, endpoint: str, path: str, send: Send) -> None:
+        """Answer the request, then count and log it: the client is not kept waiting for the log line."""
         exchange = Exchange(endpoint)
-        service.metrics.in_flight += 1
+        self.service.metrics.in_flight += 1
         streaming = False
         try:
             response, streaming = await self._answer(request, exchange, path)
-            return response
+            await response(request.scope, request.receive, send)
         finally:
-            if not streaming:
+            if not streaming:  # a stream is logged when it ends (_observe)
                 self._done(request, exchange)
 
     async def _answer(self, request: Request, exchange: Exchange, path: str) -> tuple[Response, bool]:
@@ -203,7 +208,7 @@ class GenerationHandler:
         return Response(answer.json_bytes(), media_type="application/json", headers=headers)
 
     async def _wait(self, request: Request, exchange: Exchange, flight: Flight) -> Response:
-        present = await flight.wait(_disconnected(request))
+        present = await flight.wait(lambda: _disconnected(request))
         exchange.upstream_s = _upstream_time(flight, exchange)
         if not present:
             exchange.status = 499  # nginx's "client closed request": nobody reads this response
@@ -217,7 +222,7 @@ class GenerationHandler:
                       include_usage: bool) -> tuple[Response, bool]:
         flight.attach()
         try:
-            await flight.started
+            await flight.until_started()
         except BaseException:
             flight.detach()
             raise
@@ -262,6 +267,17 @@ class GenerationHandler:
             f"{request.method} {request.scope['path']} model={_loggable(exchange.model)} status={exchange.status} "
             f"cache={exchange.cache} latency_ms={seconds * 1000:.2f} lookup_ms={exchange.lookup_s * 1000:.3f}"
             f"{upstream} tokens={exchange.tokens}")
+
+
+class _Served(Response):
+    """A Response (so a route may return it) whose sending is ``GenerationHandler.serve``."""
+
+    def __init__(self, handler: GenerationHandler, request: Request, endpoint: str, path: str) -> None:
+        self.handler, self.request, self.endpoint, self.path = handler, request, endpoint, path
+        self.background = None  # FastAPI attaches its background tasks here (there are none)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler.serve(self.request, self.endpoint, self.path, send)
 
 
 def _loggable(name: str) -> str:

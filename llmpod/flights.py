@@ -51,10 +51,14 @@ class Flight:
         self.first_byte_at: float | None = None  # upstream answered with headers
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
-        loop = asyncio.get_running_loop()
-        self.started: asyncio.Future[None] = loop.create_future()
-        self.finished: asyncio.Future[None] = loop.create_future()
-        self._wakeup = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        # Each waiting listener has a future of its own, resolved straight from here: the listener wakes one
+        # loop turn later (asyncio.Event, wait_for and wait each add turns), and a listener that is cancelled
+        # cancels only its own future, never one the others share.
+        self._start_waiters: list[asyncio.Future[bool]] = []
+        self._event_waiters: list[asyncio.Future[bool]] = []
+        self._end_waiters: list[asyncio.Future[bool]] = []
+        self.is_started = False
         self.task: asyncio.Task[None] | None = None
         self.on_abandoned: Callable[[Flight], None] | None = None
         self.stored = True  # its answer goes to the cache when it completes
@@ -66,11 +70,12 @@ class Flight:
         try:
             response = await upstream.open_stream(self.path, self.body)
             self.first_byte_at = time.perf_counter()
-            _resolve(self.started)
+            self._start()
             await self._consume(response, upstream)
             self.finished_at = time.perf_counter()
             self._finish()
-            # the listeners' answers go out before the cache write: it must not delay them
+            # The listeners' answers go out before the cache write, which must not delay them: each woken
+            # listener runs in the next loop turn, ahead of this task, and sends its answer without yielding.
             await asyncio.sleep(0)
             await _drain(response)  # what follows [DONE] (the chunked end) so the connection is reused
             if self.assembler.complete:
@@ -127,24 +132,29 @@ class Flight:
         return UpstreamError(502, error_body(
             f"upstream {upstream.base} closed the connection mid-stream ({type(exc).__name__})", 502))
 
+    def _start(self) -> None:
+        self.is_started = True
+        self._start_waiters = _wake(self._start_waiters)
+
     def _finish(self) -> None:
         self.done = True
-        _resolve(self.started)
-        _resolve(self.finished)
+        self._start()
+        self._end_waiters = _wake(self._end_waiters)
         self._notify()
 
     def _fail(self, error: UpstreamError) -> None:
         if self.done:
             return
         self.error = error
-        self.done = True
-        for future in (self.started, self.finished):
-            _resolve(future)
-        self._notify()
+        self._finish()
 
     def _notify(self) -> None:
-        wakeup, self._wakeup = self._wakeup, asyncio.Event()
-        wakeup.set()
+        self._event_waiters = _wake(self._event_waiters)
+
+    def _waiter(self, waiters: list[asyncio.Future[bool]]) -> asyncio.Future[bool]:
+        waiter: asyncio.Future[bool] = self._loop.create_future()
+        waiters.append(waiter)
+        return waiter
 
     # ----------------------------------------------------------------- listeners
     @property
@@ -159,6 +169,16 @@ class Flight:
 
     def attach(self) -> None:
         self.listeners += 1
+
+    async def until_started(self) -> None:
+        """Wait until the upstream has answered with its headers, or the flight has ended."""
+        if not self.is_started:
+            await self._waiter(self._start_waiters)
+
+    async def until_finished(self) -> None:
+        """Wait until the flight has ended, with an answer or an error."""
+        if not self.done:
+            await self._waiter(self._end_waiters)
 
     def detach(self) -> None:
         """A listener left; with nobody left and the answer unfinished, stop generating."""
@@ -184,10 +204,15 @@ class Flight:
                     continue
                 if self.done:
                     break
-                wakeup = self._wakeup
+                waiter = self._waiter(self._event_waiters)
+                timer = self._loop.call_later(KEEPALIVE_SECONDS, _settle, waiter, False)
                 try:
-                    await asyncio.wait_for(wakeup.wait(), KEEPALIVE_SECONDS)
-                except asyncio.TimeoutError:
+                    woken = await waiter
+                finally:
+                    timer.cancel()
+                if not woken:
+                    with contextlib.suppress(ValueError):  # gone if an event came in the same loop turn
+                        self._event_waiters.remove(waiter)
                     yield b": keep-alive\n\n"
             if self.error is None:
                 yield DONE_EVENT
@@ -197,19 +222,22 @@ class Flight:
         finally:
             self.detach()
 
-    async def wait(self, disconnected: Awaitable[Any] | None) -> bool:
-        """Wait (attached) for the whole answer; False if the client went away first."""
+    async def wait(self, disconnected: Callable[[], Awaitable[Any]] | None) -> bool:
+        """Wait (attached) for the whole answer; False if the client went away first (``disconnected()``
+        returns when it does)."""
         self.attach()
         try:
-            if disconnected is None:
-                await asyncio.shield(self.finished)
+            if self.done:
                 return True
-            gone = asyncio.ensure_future(disconnected)
+            waiter = self._waiter(self._end_waiters)
+            if disconnected is None:
+                return await waiter
+            gone = asyncio.ensure_future(disconnected())
+            gone.add_done_callback(lambda _: _settle(waiter, False))
             try:
-                await asyncio.wait({self.finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+                return await waiter
             finally:
                 gone.cancel()
-            return self.finished.done()
         finally:
             self.detach()
 
@@ -289,9 +317,16 @@ async def _drain(response: UpstreamResponse) -> None:
         await asyncio.wait_for(response.read(), DRAIN_SECONDS)
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _wake(waiters: list[asyncio.Future[bool]]) -> list[asyncio.Future[bool]]:
+    """Resolve every waiter (True: what they waited for happened); the fresh, empty list to wait on next."""
+    for waiter in waiters:
+        _settle(waiter, True)
+    return []
+
+
+def _settle(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():  # it may have been cancelled (its listener left) or settled the other way
+        waiter.set_result(value)
 
 
 def _is_status(code: Any) -> bool:

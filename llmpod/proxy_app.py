@@ -125,8 +125,7 @@ class ProxyApp(FastAPI):
 
         service: ProxyService = self.state.service
         try:
-            response = await service.generation.handle(Request(scope, receive, send), *route)
-            await response(scope, receive, tracked_send)
+            await service.generation.serve(Request(scope, receive, send), *route, tracked_send)
         except Exception:
             logging.getLogger("llmpod.proxy").exception("error answering %s", scope["path"])
             if started:
@@ -233,11 +232,11 @@ def create_app(settings: ProxySettings) -> FastAPI:
 
     @app.post("/v1/chat/completions", openapi_extra=request_body(CHAT_REQUEST_SCHEMA))
     async def chat_completions(request: Request) -> Response:
-        return await service_of(request).generation.handle(request, "chat.completions", "/chat/completions")
+        return service_of(request).generation.handle(request, "chat.completions", "/chat/completions")
 
     @app.post("/v1/completions", openapi_extra=request_body(COMPLETION_REQUEST_SCHEMA))
     async def completions(request: Request) -> Response:
-        return await service_of(request).generation.handle(request, "completions", "/completions")
+        return service_of(request).generation.handle(request, "completions", "/completions")
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
