@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import re
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -41,7 +42,9 @@ log = logging.getLogger("llmpod.cache")
 # ``stream``/``stream_options`` are here so a streamed and a plain request share one entry; ``cache`` is
 # LiteLLM's per-request control object; ``user``, ``metadata``, ``store`` and ``request_id`` only label.
 NON_KEY_FIELDS = frozenset({"stream", "stream_options", "user", "cache", "metadata", "store", "request_id"})
+KEY_CHARS = 64
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
+ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.json\Z")  # what _scan indexes; matched from the start
 FORMAT_VERSION = 1
 TMP_PREFIX = ".tmp-"
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -138,22 +141,7 @@ class ResponseCache:
         self._hot.clear()
         self._hot_bytes = 0
         self.total_bytes = 0
-        found: list[tuple[float, str, int]] = []
-        with os.scandir(self.directory) as entries:
-            for entry in entries:
-                name = entry.name
-                if name.startswith(TMP_PREFIX):
-                    # a write that a crash interrupted; never served, so just remove it
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
-                    continue
-                if not (name.endswith(".json") and KEY_PATTERN.match(name[:-5])) or entry.is_symlink():
-                    continue  # a link was not written by us: in a shared /tmp it may point at anyone's file
-                try:
-                    stat = entry.stat()
-                except OSError:
-                    continue
-                found.append((stat.st_mtime, name[:-5], stat.st_size))
+        found = self._scan()
         found.sort()  # oldest use first = first to evict
         for mtime, key, size in found:
             self._index[key] = IndexEntry(size=size, created=mtime, last_used=mtime)
@@ -161,6 +149,33 @@ class ResponseCache:
         self._evict()
         if not os.access(self.directory, os.W_OK):
             self._disable_store(f"{self.directory} is not writable")
+
+    def _scan(self) -> list[tuple[float, str, int]]:
+        """(last use, key, size) of every entry file; removes the temp files of interrupted writes.
+
+        A stat per entry is most of a start-up with 100k entries, so this loop is kept to the bone: names
+        relative to the directory's descriptor, one pattern for the whole name, one ``lstat``.
+        """
+        found: list[tuple[float, str, int]] = []
+        append, is_entry_name, is_file = found.append, ENTRY_NAME.match, stat.S_ISREG
+        fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            for name in os.listdir(fd):
+                if is_entry_name(name) is None:
+                    if name.startswith(TMP_PREFIX):  # a write that a crash interrupted; never served
+                        with contextlib.suppress(OSError):
+                            os.unlink(name, dir_fd=fd)
+                    continue
+                try:
+                    info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                # not a link: in a shared /tmp one may point at anyone's file; nor a directory
+                if is_file(info.st_mode):
+                    append((info.st_mtime, name[:KEY_CHARS], info.st_size))
+        finally:
+            os.close(fd)
+        return found
 
     # ----------------------------------------------------------------- reads
     def __len__(self) -> int:
