@@ -42,7 +42,6 @@ log = logging.getLogger("llmpod.cache")
 # ``stream``/``stream_options`` are here so a streamed and a plain request share one entry; ``cache`` is
 # LiteLLM's per-request control object; ``user``, ``metadata``, ``store`` and ``request_id`` only label.
 NON_KEY_FIELDS = frozenset({"stream", "stream_options", "user", "cache", "metadata", "store", "request_id"})
-KEY_CHARS = 64
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
 ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.json\Z")  # what _scan indexes; matched from the start
 FORMAT_VERSION = 1
@@ -172,7 +171,7 @@ class ResponseCache:
                     continue
                 # not a link: in a shared /tmp one may point at anyone's file; nor a directory
                 if is_file(info.st_mode):
-                    append((info.st_mtime, name[:KEY_CHARS], info.st_size))
+                    append((info.st_mtime, name[:-5], info.st_size))
         finally:
             os.close(fd)
         return found

@@ -58,7 +58,6 @@ class Flight:
         self._start_waiters: list[asyncio.Future[bool]] = []
         self._event_waiters: list[asyncio.Future[bool]] = []
         self._end_waiters: list[asyncio.Future[bool]] = []
-        self.is_started = False
         self.task: asyncio.Task[None] | None = None
         self.on_abandoned: Callable[[Flight], None] | None = None
         self.stored = True  # its answer goes to the cache when it completes
@@ -133,7 +132,6 @@ class Flight:
             f"upstream {upstream.base} closed the connection mid-stream ({type(exc).__name__})", 502))
 
     def _start(self) -> None:
-        self.is_started = True
         self._start_waiters = _wake(self._start_waiters)
 
     def _finish(self) -> None:
@@ -158,6 +156,11 @@ class Flight:
 
     # ----------------------------------------------------------------- listeners
     @property
+    def is_started(self) -> bool:
+        """The upstream has answered with its headers, or the flight has ended without them."""
+        return self.first_byte_at is not None or self.done
+
+    @property
     def succeeded(self) -> bool:
         return self.done and self.error is None
 
@@ -174,11 +177,6 @@ class Flight:
         """Wait until the upstream has answered with its headers, or the flight has ended."""
         if not self.is_started:
             await self._waiter(self._start_waiters)
-
-    async def until_finished(self) -> None:
-        """Wait until the flight has ended, with an answer or an error."""
-        if not self.done:
-            await self._waiter(self._end_waiters)
 
     def detach(self) -> None:
         """A listener left; with nobody left and the answer unfinished, stop generating."""

@@ -61,7 +61,7 @@ async def test_a_finished_flight_is_joinable_only_while_its_answer_is_being_stor
                              store, stored=stored)
     assert registry.join("k") is flight  # running: always joinable
     upstream.go.set()
-    await asyncio.wait_for(flight.until_finished(), 5)
+    assert await asyncio.wait_for(flight.wait(None), 5)
     assert flight.succeeded
     if stored:
         await asyncio.wait_for(storing.wait(), 5)
