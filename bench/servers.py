@@ -59,6 +59,7 @@ class ServerProcess:
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_seconds: float | None = None
+        self.started_at = 0.0  # perf_counter() at Popen
 
     @property
     def url(self) -> str:
@@ -77,7 +78,7 @@ class ServerProcess:
             argv = [a.replace("{port}", str(self.port)) for a in self._argv]
             env = {k: v.replace("{port}", str(self.port)) for k, v in self._env.items()}
             with open(self.log_path, "ab") as log:
-                started = time.perf_counter()
+                started = self.started_at = time.perf_counter()
                 self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                                 stderr=subprocess.STDOUT, start_new_session=True)
             try:

@@ -2,10 +2,11 @@
 
 * The key is the SHA-256 of a canonical JSON (sorted keys, no whitespace) of the endpoint and the request
   as forwarded, minus the fields that cannot change the answer (``NON_KEY_FIELDS``).
-* Files are written to a temp name and renamed, so a crash never leaves a half entry under a key; a file
-  that does not parse or does not match its name is deleted and counted, and the request is a miss.
+* Files are written to a temp name and renamed (``cache_files``), so a crash never leaves a half entry under a
+  key; a file that does not parse or does not match its name is deleted and counted, and the request is a miss.
 * The index (key -> size and times, never bodies) lives in memory, is rebuilt from a directory scan at
-  start (``stat`` only, no file is read), and evicts least-recently-used entries past either limit.
+  start (``stat`` only, no file is read), and evicts least-recently-used entries past either limit. The
+  proxy stats on a thread while it already serves (``load_behind``): 100k stats take most of a second.
 * A full or read-only disk stops storing (logged once, retried after a pause) and never stops serving.
 * The proxy writes behind: ``start_writer`` gives the cache one long-lived thread that writes entries while
   the loop serves the next request (on this VM a lone file write costs ~0.5 ms, three times a write in a
@@ -24,10 +25,8 @@ import errno
 import hashlib
 import logging
 import os
-import queue
 import re
 import stat
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ from typing import Any
 
 import orjson
 
+from llmpod.cache_files import ENTRY_NAME, TMP_PREFIX, EntryWriter, IndexEntry, index_of, write_atomically
+
 log = logging.getLogger("llmpod.cache")
 
 # Transport and bookkeeping fields: the same question with or without them gets the same answer.
@@ -43,9 +44,7 @@ log = logging.getLogger("llmpod.cache")
 # LiteLLM's per-request control object; ``user``, ``metadata``, ``store`` and ``request_id`` only label.
 NON_KEY_FIELDS = frozenset({"stream", "stream_options", "user", "cache", "metadata", "store", "request_id"})
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
-ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.json\Z")  # what _scan indexes; matched from the start
 FORMAT_VERSION = 1
-TMP_PREFIX = ".tmp-"
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 RETRY_STORE_AFTER = 60.0  # seconds before trying to write again after a full or read-only disk
 HOT_BYTES = 8 * 1024 * 1024  # file bytes of answers kept parsed in memory (a few times that in RSS)
@@ -70,14 +69,6 @@ def cache_key(endpoint: str, body: dict[str, Any]) -> str:
     except orjson.JSONEncodeError:
         raise UnkeyableRequest("request body is nested too deeply") from None
     return hashlib.sha256(canonical).hexdigest()
-
-
-@dataclass(slots=True)
-class IndexEntry:
-    size: int
-    created: float
-    last_used: float
-    hits: int = 0
 
 
 @dataclass(slots=True)
@@ -121,60 +112,90 @@ class ResponseCache:
         self.stores = 0
         self.store_disabled_reason: str | None = None
         self._store_retry_at = 0.0
-        self._writer: _Writer | None = None
+        self._writer: EntryWriter | None = None
         self._pending: dict[str, bytes] = {}  # written by the writer thread, not yet on disk
         self._discard: set[str] = set()  # pending entries deleted before their write finished
         # parsed answers and their file sizes, least recently served first
         self._hot: OrderedDict[str, tuple[CachedAnswer, int]] = OrderedDict()
         self._hot_bytes = 0
+        self._loading = False  # the start-up scan is running (``load_behind``)
+        self._gone_while_loading: set[str] = set()  # dropped meanwhile: not to be taken from the scan
+        self._cleared_while_loading = False
 
     # ----------------------------------------------------------------- start-up
     def load(self) -> None:
-        """Create the directory if needed and rebuild the index from what is on disk."""
+        """Create the directory if needed and rebuild the index from what is on disk, before returning."""
+        names = self._list_directory()
+        self._loading = True
+        self._merge_scanned(*index_of(self._dir, names))
+
+    def load_behind(self) -> asyncio.Task[None]:
+        """``load``, with the stat of every entry done on a thread while the proxy already serves.
+
+        The directory is listed (and crash leftovers removed) before this returns; a request for an entry not
+        yet indexed looks for its file. Deletes, writes and hits made meanwhile win over what the scan saw.
+        """
+        names = self._list_directory()
+        self._loading = True
+        return asyncio.get_running_loop().create_task(self._scan_behind(names), name="llmpod-cache-load")
+
+    async def _scan_behind(self, names: list[str]) -> None:
+        started = time.perf_counter()
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            self._disable_store(f"cannot create {self.directory}: {exc.strerror}")
-            return
+            scanned = await asyncio.to_thread(index_of, self._dir, names)
+        except OSError as exc:  # the directory went away meanwhile: what was written since is all there is
+            log.warning("cache: could not index %s: %s", self.directory, exc.strerror)
+            scanned = (OrderedDict(), 0)
+        self._merge_scanned(*scanned)
+        log.info("cache index loaded: %d entries, %d bytes in %.2f s", len(self._index), self.total_bytes,
+                 time.perf_counter() - started)
+
+    def _list_directory(self) -> list[str]:
+        """Every name in the directory; removes the temp files of interrupted writes (before ours start)."""
         self._index.clear()
         self._hot.clear()
         self._hot_bytes = 0
         self.total_bytes = 0
-        found = self._scan()
-        found.sort()  # oldest use first = first to evict
-        for mtime, key, size in found:
-            self._index[key] = IndexEntry(size=size, created=mtime, last_used=mtime)
-            self.total_bytes += size
-        self._evict()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self._disable_store(f"cannot create {self.directory}: {exc.strerror}")
+            return []
+        try:
+            names = os.listdir(self._dir)
+        except OSError as exc:  # unreadable: nothing on it can be found, but answers may still be stored
+            log.error("cache: cannot list %s: %s; starting with an empty index", self.directory, exc.strerror)
+            names = []
+        for name in names:
+            if name.startswith(TMP_PREFIX):  # a write that a crash interrupted; never served
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{self._dir}/{name}")
         if not os.access(self.directory, os.W_OK):
             self._disable_store(f"{self.directory} is not writable")
+        return names
 
-    def _scan(self) -> list[tuple[float, str, int]]:
-        """(last use, key, size) of every entry file; removes the temp files of interrupted writes.
+    def _merge_scanned(self, scanned: OrderedDict[str, IndexEntry], scanned_bytes: int) -> None:
+        """Take the scan's index (oldest use first) under what happened since the listing."""
+        if self._cleared_while_loading:  # what the scan found predates the clear, which removed its files
+            scanned.clear()
+            scanned_bytes = 0
+        for key in self._gone_while_loading:
+            gone = scanned.pop(key, None)
+            if gone is not None:
+                scanned_bytes -= gone.size
+        for key, entry in self._index.items():  # written or served since the listing: the most recent uses
+            seen = scanned.pop(key, None)
+            scanned[key] = entry
+            scanned_bytes += entry.size - (seen.size if seen is not None else 0)
+        self._index, self.total_bytes = scanned, scanned_bytes
+        self._loading = self._cleared_while_loading = False
+        self._gone_while_loading.clear()
+        self._evict()
 
-        A stat per entry is most of a start-up with 100k entries, so this loop is kept to the bone: names
-        relative to the directory's descriptor, one pattern for the whole name, one ``lstat``.
-        """
-        found: list[tuple[float, str, int]] = []
-        append, is_entry_name, is_file = found.append, ENTRY_NAME.match, stat.S_ISREG
-        fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            for name in os.listdir(fd):
-                if is_entry_name(name) is None:
-                    if name.startswith(TMP_PREFIX):  # a write that a crash interrupted; never served
-                        with contextlib.suppress(OSError):
-                            os.unlink(name, dir_fd=fd)
-                    continue
-                try:
-                    info = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                except OSError:
-                    continue
-                # not a link: in a shared /tmp one may point at anyone's file; nor a directory
-                if is_file(info.st_mode):
-                    append((info.st_mtime, name[:-5], info.st_size))
-        finally:
-            os.close(fd)
-        return found
+    @property
+    def loading(self) -> bool:
+        """True while the start-up scan runs: the index does not know every entry on disk yet."""
+        return self._loading
 
     # ----------------------------------------------------------------- reads
     def __len__(self) -> int:
@@ -193,7 +214,10 @@ class ResponseCache:
         entry = self._index.get(key)
         if entry is None:
             pending = self._pending.get(key)
-            return None if pending is None else _answer(key, orjson.loads(pending))
+            if pending is not None:
+                return _answer(key, orjson.loads(pending))
+            if not self._loading or (entry := self._adopt(key)) is None:
+                return None
         now = time.time()
         hot = self._hot.get(key)
         if hot is None:
@@ -220,6 +244,18 @@ class ResponseCache:
         entry.last_used = now
         self._index.move_to_end(key)
         return answer
+
+    def _adopt(self, key: str) -> IndexEntry | None:
+        """Index the entry file for ``key`` if there is one: the start-up scan may not have reached it yet."""
+        try:
+            info = os.stat(f"{self._dir}/{key}.json", follow_symlinks=False)
+        except OSError:
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        entry = self._index[key] = IndexEntry(size=info.st_size, created=info.st_mtime, last_used=info.st_mtime)
+        self.total_bytes += info.st_size
+        return entry
 
     def _keep_hot(self, answer: CachedAnswer, size: int) -> None:
         if size > HOT_BYTES // 16:
@@ -319,7 +355,7 @@ class ResponseCache:
 
     def start_writer(self, loop: asyncio.AbstractEventLoop) -> None:
         """Write entries behind, from one thread; its results are applied on ``loop``."""
-        self._writer = _Writer(self, loop)
+        self._writer = EntryWriter(self._write_atomically, loop, self._written, self._write_failed)
         self._writer.start()
 
     def stop_writer(self, timeout: float = 10.0) -> None:
@@ -329,27 +365,7 @@ class ResponseCache:
             writer.stop(timeout)
 
     def _write_atomically(self, key: str, data: bytes) -> None:
-        tmp = f"{self._dir}/{TMP_PREFIX}{key}-{self._pid}-{time.monotonic_ns()}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        try:
-            try:
-                fd = os.open(tmp, flags, 0o644)
-            except FileNotFoundError:
-                # the directory is gone (``rm -rf`` to clear the cache, a /tmp cleaner) or could not be made at
-                # start: make it now, or every answer from here on would go unstored until a restart
-                os.makedirs(self._dir, exist_ok=True)
-                fd = os.open(tmp, flags, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            os.replace(tmp, f"{self._dir}/{key}.json")
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomically(self._dir, key, data, self._pid)
 
     def delete(self, key: str) -> bool:
         found = False
@@ -367,10 +383,19 @@ class ResponseCache:
         self._discard.update(pending)
         self._pending.clear()
         keys = list(self._index)
+        unindexed = 0
+        if self._loading:  # the files the scan has not indexed yet go too, and the merge drops its finds
+            self._cleared_while_loading = True
+            with contextlib.suppress(OSError):
+                for name in os.listdir(self._dir):
+                    if ENTRY_NAME.match(name) and name[:-5] not in self._index:
+                        with contextlib.suppress(OSError):
+                            os.unlink(f"{self._dir}/{name}")
+                            unindexed += 1
         for key in keys:
             self._remove_file(key)
             self._drop(key)
-        return len(keys) + len(pending)
+        return len(keys) + len(pending) + unindexed
 
     # ----------------------------------------------------------------- internals
     def _evict(self, keep: str | None = None) -> None:
@@ -386,6 +411,8 @@ class ResponseCache:
         entry = self._index.pop(key, None)
         if entry is not None:
             self.total_bytes -= entry.size
+        if self._loading:
+            self._gone_while_loading.add(key)
         self._forget_hot(key)
 
     def _forget_hot(self, key: str) -> None:
@@ -417,34 +444,3 @@ def _answer(key: str, document: Any) -> CachedAnswer | None:
                             completion_tokens=int(document.get("completion_tokens") or 0))
     except (KeyError, TypeError, ValueError):
         return None
-
-
-class _Writer(threading.Thread):
-    """Writes queued entries in order and reports each result back to the event loop."""
-
-    def __init__(self, cache: ResponseCache, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(name="llmpod-cache-writer", daemon=True)
-        self.cache = cache
-        self.loop = loop
-        self.queue: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
-
-    def submit(self, key: str, data: bytes) -> None:
-        self.queue.put((key, data))
-
-    def stop(self, timeout: float) -> None:
-        self.queue.put(None)
-        self.join(timeout)
-
-    def run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            key, data = item
-            try:
-                self.cache._write_atomically(key, data)
-            except OSError as exc:
-                self._report(self.cache._write_failed, key, exc)
-            else:
-                self._report(self.cache._written, key, len(data))
-
-    def _report(self, callback: Any, *args: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown: the file is written anyway
-            self.loop.call_soon_threadsafe(callback, *args)

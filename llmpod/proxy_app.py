@@ -189,15 +189,15 @@ def create_app(settings: ProxySettings) -> FastAPI:
         pool = stream_pool(settings)
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             service = ProxyService(settings, client, pool)
-            service.cache.load()
+            loading = service.cache.load_behind()
             service.cache.start_writer(asyncio.get_running_loop())
             app.state.service = service
-            logging.getLogger("llmpod.proxy").info(
-                "proxy ready: upstream %s, cache %s (%d entries, %d bytes)", settings.upstream_base,
-                settings.cache_dir, len(service.cache), service.cache.total_bytes)
+            logging.getLogger("llmpod.proxy").info("proxy ready: upstream %s, cache %s", settings.upstream_base,
+                                                   settings.cache_dir)
             try:
                 yield
             finally:
+                loading.cancel()
                 await service.flights.aclose()
                 await pool.aclose()
                 await asyncio.to_thread(service.cache.stop_writer)  # every answer given is on disk
@@ -263,6 +263,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
             status="healthy" if reason is None else "degraded", reason=reason,
             endpoint=settings.upstream_url, cache_dir=str(settings.cache_dir),
             uptime=round(time.time() - service.started_at, 3), upstream=upstream,
+            cache_loading=service.cache.loading,
         )
         return json_response(report.model_dump())
 

@@ -107,6 +107,7 @@ class HealthReport(BaseModel):
     cache_dir: str
     uptime: float
     upstream: UpstreamHealth
+    cache_loading: bool = False  # the start-up scan is still indexing entries (they are served meanwhile)
 
 
 class CacheEntrySummary(BaseModel):

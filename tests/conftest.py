@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
@@ -11,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
+import llmpod.cache
+import llmpod.cache_files
 from tests.servers import LoopbackServer
 
 if TYPE_CHECKING:
@@ -184,3 +187,42 @@ def workdir(tmp_path: Path, fake_runpod: FakeRunPod) -> Iterator[Workdir]:
     work = Workdir(tmp_path, fake_runpod)
     yield work
     cleanup(work)
+
+
+# ------------------------------------------------------------------------------- the cache's start-up scan
+class HeldScan:
+    """Stands in for the start-up scan's thread work and holds its result until ``release``: what happens
+    meanwhile is what a proxy serving during its first second sees. The files are looked at first (the stats
+    predate what the test does next), or with ``look_late``, after the release. Scans started while ``armed``
+    is off are not held."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.scanning = threading.Event()
+        self.look_late = False
+        self.armed = True
+
+    def index_of(self, directory: str, names: list[str]) -> Any:
+        if not self.armed:
+            return llmpod.cache_files.index_of(directory, names)
+        found = None if self.look_late else llmpod.cache_files.index_of(directory, names)
+        self.scanning.set()
+        assert self.gate.wait(timeout=10), "the test never released the scan"
+        return llmpod.cache_files.index_of(directory, names) if found is None else found
+
+    def release(self) -> None:
+        self.gate.set()
+
+    async def start(self, cache: llmpod.cache.ResponseCache) -> asyncio.Task[None]:
+        """``cache.load_behind()``, returned once the scan has looked at the files."""
+        loading = cache.load_behind()
+        assert await asyncio.to_thread(self.scanning.wait, 10), "the scan never started"
+        return loading
+
+
+@pytest.fixture
+def held_scan(monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldScan]:
+    scan = HeldScan()
+    monkeypatch.setattr(llmpod.cache, "index_of", scan.index_of)  # the proxies of start_proxy too
+    yield scan
+    scan.release()  # a test that failed before its release leaves no thread waiting

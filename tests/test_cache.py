@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 import llmpod.cache
 from llmpod.cache import CachedAnswer, ResponseCache, cache_key
+from tests.conftest import HeldScan
 
 CHAT = "chat.completions"
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -771,3 +773,102 @@ async def test_write_behind_failure_stops_storing_and_keeps_serving(tmp_path: Pa
     await _settle()
     assert cache.store_disabled_reason is not None and cache.store_errors == 1
     assert key not in cache and cache.get(key) is None
+
+
+# ------------------------------------------------------------------------------- loading behind (the proxy's start)
+def on_disk(cache_dir: Path, *names: str) -> list[str]:
+    """Entries written by an earlier proxy, last used in the order given (the first the longest ago)."""
+    earlier = ResponseCache(cache_dir, max_entries=100, max_bytes=10**9)  # not loaded: the scan is held
+    keys = [key_for(name) for name in names]
+    for age, key in enumerate(keys):
+        earlier.put(key, answer_document(key[:8]))
+        set_last_use(cache_dir, key, 1_000_000 + age)
+    return keys
+
+
+async def test_entries_are_served_while_the_index_loads(cache_dir: Path, held_scan: HeldScan) -> None:
+    old, _, newest = on_disk(cache_dir, "old", "newer", "newest")
+    cache = ResponseCache(cache_dir, max_entries=3, max_bytes=10**9)
+
+    loading = await held_scan.start(cache)
+    assert cache.loading
+    answer = cache.get(old)  # not indexed yet: found on disk, and now the most recent use
+    assert answer is not None and answer.response == answer_document(old[:8])["response"]
+    held_scan.release()
+    await loading
+
+    assert not cache.loading and len(cache) == 3 and cache.total_bytes == disk_bytes(cache_dir)
+    cache.put(key_for("new"), answer_document("new"))  # over the limit: the least recently used goes
+    assert entry_files(cache_dir) == {f"{key}.json" for key in (old, newest, key_for("new"))}
+
+
+async def test_deletes_made_while_the_index_loads_stay_deleted(cache_dir: Path, held_scan: HeldScan) -> None:
+    kept, deleted = on_disk(cache_dir, "kept", "deleted")
+    cache = ResponseCache(cache_dir, max_entries=100, max_bytes=10**9)
+
+    loading = await held_scan.start(cache)
+    assert cache.get(deleted) is not None and cache.delete(deleted)
+    held_scan.release()
+    await loading
+
+    assert deleted not in cache and cache.get(deleted) is None
+    assert entry_files(cache_dir) == {f"{kept}.json"} and cache.total_bytes == disk_bytes(cache_dir)
+
+
+async def test_a_clear_while_the_index_loads_removes_what_it_has_not_reached(cache_dir: Path,
+                                                                            held_scan: HeldScan) -> None:
+    on_disk(cache_dir, "a", "b", "c")
+    cache = ResponseCache(cache_dir, max_entries=100, max_bytes=10**9)
+
+    loading = await held_scan.start(cache)
+    assert cache.clear() == 3
+    after = key_for("after the clear")
+    cache.put(after, answer_document("after"))
+    held_scan.release()
+    await loading
+
+    assert len(cache) == 1 and after in cache and entry_files(cache_dir) == {f"{after}.json"}
+
+
+async def test_the_limits_hold_once_the_index_has_loaded(cache_dir: Path, held_scan: HeldScan) -> None:
+    _, _, newest = on_disk(cache_dir, "oldest", "old", "newest")
+    cache = ResponseCache(cache_dir, max_entries=2, max_bytes=10**9)
+
+    loading = await held_scan.start(cache)
+    fresh = key_for("fresh")
+    cache.put(fresh, answer_document("fresh"))  # the oldest entries on disk are not known yet: nothing evicted
+    assert len(entry_files(cache_dir)) == 4
+    held_scan.release()
+    await loading
+
+    assert entry_files(cache_dir) == {f"{newest}.json", f"{fresh}.json"}
+    assert len(cache) == 2 and cache.evictions == 2
+
+
+async def test_loading_behind_removes_crash_leftovers_before_serving(cache_dir: Path, held_scan: HeldScan) -> None:
+    key = on_disk(cache_dir, "kept")[0]
+    leftover = cache_dir / f".tmp-{key}-1234-5678"
+    leftover.write_bytes(b'{"format": 1, "key": "')
+    cache = ResponseCache(cache_dir, max_entries=100, max_bytes=10**9)
+
+    loading = cache.load_behind()
+    assert not leftover.exists()  # gone before the first request, not whenever the scan gets there
+    held_scan.release()
+    await loading
+    assert entry_files(cache_dir) == {f"{key}.json"}
+
+
+async def test_a_directory_removed_while_the_index_loads_is_an_empty_cache(cache_dir: Path,
+                                                                          held_scan: HeldScan) -> None:
+    on_disk(cache_dir, "a", "b")
+    cache = ResponseCache(cache_dir, max_entries=100, max_bytes=10**9)
+    held_scan.look_late = True
+
+    loading = await held_scan.start(cache)
+    shutil.rmtree(cache_dir)  # the scan has its list of names, and neither the files nor the directory are there
+    held_scan.release()
+    await loading
+
+    assert len(cache) == 0 and cache.total_bytes == 0 and not cache.loading
+    key = key_for("stored again")
+    assert cache.put(key, answer_document("again")) and cache.get(key) is not None

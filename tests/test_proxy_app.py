@@ -9,7 +9,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import SERVED_MODEL, SHORT_MODEL, MockControl, ProxyFactory, wait_for_stored, wait_until
+from tests.conftest import (
+    SERVED_MODEL,
+    SHORT_MODEL,
+    HeldScan,
+    MockControl,
+    ProxyFactory,
+    wait_for_stored,
+    wait_until,
+)
 from tests.servers import LoopbackServer, free_port
 
 
@@ -333,6 +341,28 @@ def test_cache_survives_a_proxy_restart(start_proxy: ProxyFactory, mock_control:
     assert again.headers["x-cache"] == "HIT"
     assert again.json() == answer
     assert mock_control.generations() == 1
+
+
+def test_a_restarted_proxy_serves_its_cache_while_the_index_loads(start_proxy: ProxyFactory,
+                                                                   mock_control: MockControl,
+                                                                   held_scan: HeldScan) -> None:
+    held_scan.armed = False
+    first = start_proxy()
+    answers = [httpx.post(f"{first.url}/v1/chat/completions", json=chat(f"q{i}"), timeout=20).json()
+               for i in range(3)]
+    first.stop()
+    held_scan.armed = True
+    second = start_proxy()  # ready while the scan of the cache directory is held
+    with httpx.Client(base_url=second.url, timeout=20) as http:
+        assert http.get("/health").json()["cache_loading"] is True
+        again = http.post("/v1/chat/completions", json=chat("q1"))
+        assert (again.headers["x-cache"], again.json()) == ("HIT", answers[1])
+        held_scan.release()
+        wait_until(lambda: http.get("/health").json()["cache_loading"] is False, "the index loaded")
+        assert http.get("/metrics").json()["cache_entries"] == 3
+        assert [http.post("/v1/chat/completions", json=chat(f"q{i}")).headers["x-cache"] for i in (0, 2)] == [
+            "HIT", "HIT"]
+    assert mock_control.generations() == 3
 
 
 def test_corrupt_entry_is_a_miss_and_is_replaced(start_proxy: ProxyFactory, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ import orjson
 import pytest
 
 import llmpod.cache
+import llmpod.cache_files
 from tests.conftest import MockControl, ProxyFactory
 from tests.faults.answers import (
     HONEST_5XX,
@@ -277,9 +278,9 @@ async def test_clients_leaving_mid_answer_soak(start_proxy: ProxyFactory, mock_c
 
 # --------------------------------------------------------------------------------------------- a broken cache disk
 class BrokenDisk:
-    """Stands in for ``os`` inside ``llmpod.cache``: while ``broken``, opening a file in the cache directory for
-    writing fails with EROFS (a read-only mount: reading still works), or writing to one fails with ENOSPC (a full
-    disk), as the kernel would."""
+    """Stands in for ``os`` inside ``llmpod.cache`` and ``llmpod.cache_files``: while ``broken``, opening a file
+    in the cache directory for writing fails with EROFS (a read-only mount: reading still works), or writing to
+    one fails with ENOSPC (a full disk), as the kernel would."""
 
     def __init__(self, cache_dir: Path, error: int) -> None:
         self.prefix = str(cache_dir) + os.sep
@@ -342,6 +343,7 @@ async def run_disk_fault(kind: str, start_proxy: ProxyFactory, mock_control: Moc
     clock = Clock()
     mock_control.configure(chunk_count=CHUNKS)
     monkeypatch.setattr(llmpod.cache, "os", disk)
+    monkeypatch.setattr(llmpod.cache_files, "os", disk)
     monkeypatch.setattr(llmpod.cache, "time", clock)
     proxy = start_proxy(cache_dir=cache_dir)
     tally, problems, injected = Tally(), [], 0
