@@ -20,8 +20,9 @@ import httpx
 from llmpod import report
 from llmpod.catalog import DEFAULT_HF_API_BASE, Catalog, load_catalog, refresh_catalog, validate_config
 from llmpod.errors import ConfigError, LlmpodError
-from llmpod.lifecycle import Reporter, Session
+from llmpod.lifecycle import Session
 from llmpod.pod_config import PodConfig, load_pod_config
+from llmpod.progress import Reporter
 from llmpod.providers import LocalProvider, Provider, RunPodProvider
 from llmpod.runpod_api import DEFAULT_API_BASE, POD_URL_TEMPLATE, RunPodClient
 from llmpod.state import RuntimePaths, discard_damaged_state, load_state

@@ -11,10 +11,8 @@ Rules that keep users' bills safe (reference: lifecycle.md section 4, runpod.md 
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -24,9 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from rich.console import Console
-from rich.status import Status
-from rich.text import Text
 
 from llmpod import processes
 from llmpod.catalog import Catalog, GpuEntry, ModelEntry
@@ -44,7 +39,9 @@ from llmpod.errors import (
     RunPodUnavailable,
 )
 from llmpod.pod_config import PodConfig, check_port_free
-from llmpod.providers import REPO_ROOT, PodInfo, PodSpec, Provider
+from llmpod.progress import Reporter
+from llmpod.providers import PodInfo, PodSpec, Provider
+from llmpod.sidecars import Sidecars
 from llmpod.state import (
     POD_NAME_PREFIX,
     PodState,
@@ -56,12 +53,6 @@ from llmpod.state import (
     save_state,
 )
 
-PROXY_MARKER = "proxy_fastapi.py"
-WATCHDOG_MARKER = "--watchdog"
-# Every helper carries its directory in its environment, so one started by a run killed before it wrote the
-# pid file is still found (and stopped) by the next run instead of outliving --shutdown.
-PROXY_OF = "LLMPOD_PROXY_OF"
-WATCHDOG_OF = "LLMPOD_WATCHDOG_OF"
 CREATE_ATTEMPTS = 3  # per GPU type, for 5xx answers after which no pod was found by name
 TERMINATE_DEADLINE = 180.0
 # A create that never answered (timed out after the client's 30 s, or we were interrupted) may still make its
@@ -70,20 +61,6 @@ CREATE_SETTLE = 45.0
 ANSWERED_NOTHING_MADE = (NoCapacityError, RunPodAuthError, RunPodBalanceError, RunPodRequestError, RunPodNotFound,
                          RunPodRateLimited)
 LOCK_WAIT = 3600.0  # a second manage_pod.py waits for the first to finish creating, then reuses its pod
-HOLD_AT = "LLMPOD_HOLD_AT"  # tests only: see checkpoint()
-
-
-def checkpoint(phase: str) -> None:
-    """Fault injection for tests: when ``LLMPOD_HOLD_AT`` names ``phase``, say so on stderr and wait there (at
-    most 10 minutes) so a test can kill us exactly between two steps that no outside hold separates."""
-    if os.environ.get(HOLD_AT) != phase:
-        return
-    print(f"holding at {phase}", file=sys.stderr, flush=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        time.sleep(0.05)  # a signal's handler (KeyboardInterrupt) runs here
-
-
 @contextlib.contextmanager
 def _uninterruptible() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
@@ -97,47 +74,6 @@ def _uninterruptible() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-class Reporter:
-    """Progress on stderr. On a terminal, one live spinner line (rich) shows the current phase; otherwise
-    (logs, CI, scripts) a line per phase change and a heartbeat line while a phase lasts."""
-
-    def __init__(self, console: Console | None = None, heartbeat: float = 15.0) -> None:
-        self.console = console or Console(stderr=True, highlight=False)
-        self.heartbeat = heartbeat
-        self._phase = ""
-        self._last = 0.0
-        self._spinner: Status | None = None
-
-    def say(self, message: str) -> None:
-        self.console.print(message, markup=False, highlight=False, soft_wrap=True)
-
-    def phase(self, phase: str, detail: str = "") -> None:
-        text = f"[{phase}] {detail}".rstrip()
-        if self.console.is_terminal:
-            label = Text(text)  # not markup: "[loading model]" is text, not a style
-            if self._spinner is None:
-                self._spinner = self.console.status(label, spinner="dots")
-                self._spinner.start()
-            else:
-                self._spinner.update(label)
-            return
-        now = time.monotonic()
-        if phase != self._phase or now - self._last >= self.heartbeat:
-            self.say(text)
-            self._phase, self._last = phase, now
-
-    def done(self) -> None:
-        if self._spinner is not None:
-            self._spinner.stop()
-            self._spinner = None
-
-    def __enter__(self) -> Reporter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.done()  # never leave a spinner drawing over the summary or an error
-
-
 @dataclass
 class Session:
     config: PodConfig
@@ -149,6 +85,10 @@ class Session:
     gpus: list[GpuEntry]
     reporter: Reporter = field(default_factory=Reporter)
     sleep: Callable[[float], None] = time.sleep
+    sidecars: Sidecars = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sidecars = Sidecars(self.config, self.config_path, self.paths, self.reporter)
 
     # ----------------------------------------------------------------- reconcile
     def reconcile(self) -> tuple[PodState | None, PodInfo | None]:
@@ -160,7 +100,7 @@ class Session:
         if pod is None and state.phase != "creating":
             self.reporter.say(f"pod {state.pod_name} ({state.pod_id}) no longer exists (terminated or reclaimed "
                               "by RunPod); forgetting it")
-            self._stop_helpers()
+            self.sidecars.stop()
             record_last_session(self.paths, state, "pod disappeared", None)
             clear_state(self.paths)
             return None, None
@@ -190,7 +130,7 @@ class Session:
     # ----------------------------------------------------------------- up
     def up(self) -> PodState:
         """Reuse the recorded pod if it lives, else create one; then make sure proxy and watchdog run."""
-        checkpoint("config loaded")
+        processes.checkpoint("config loaded")
         waiting = "waiting for another manage_pod.py in this directory to finish…"
         with exclusive(self.paths, LOCK_WAIT, waiting), self.reporter:
             state, pod = self.reconcile()
@@ -205,9 +145,9 @@ class Session:
                 state = self._resume(state, pod)
             else:
                 state = self._create()
-            self.ensure_proxy(state)
-            self.ensure_watchdog()
-            checkpoint("ready")
+            self.sidecars.ensure_proxy(state)
+            self.sidecars.ensure_watchdog()
+            processes.checkpoint("ready")
             return state
 
     def _resume(self, state: PodState, pod: PodInfo | None) -> PodState:
@@ -223,7 +163,7 @@ class Session:
         return self._guarded(state, lambda: self._wait_ready(state, pod, deadline))
 
     def _create(self) -> PodState:
-        if self._proxy_pid() is None:
+        if self.sidecars.proxy_pid() is None:
             check_port_free(self.config.proxy_port)  # before anything is created or billed
         now = time.time()
         max_len = self.config.max_model_len or self.model.context_length
@@ -234,7 +174,7 @@ class Session:
             idle_timeout_seconds=self.config.idle_timeout_seconds, proxy_port=self.config.proxy_port,
         )
         save_state(self.paths, state)  # the intent, before anything can bill
-        checkpoint("intent written")
+        processes.checkpoint("intent written")
         spec = PodSpec(state.pod_name, None, self.model, state.served_model, max_len,
                        state.vllm_api_key.get_secret_value())
         return self._guarded(state, lambda: self._create_and_wait(state, spec))
@@ -283,7 +223,7 @@ class Session:
                         tried.append(f"{label}: {exc}")
                         self.sleep(min(2.0 ** attempt, 10.0))
                         continue
-                checkpoint("create answered")
+                processes.checkpoint("create answered")
                 self._record_created(state, pod)
                 if self.config.max_hourly_cost is not None and pod.cost_per_hour > self.config.max_hourly_cost:
                     self.reporter.say(f"{label} costs ${pod.cost_per_hour:.2f}/h, over max_hourly_cost: "
@@ -358,78 +298,6 @@ class Session:
         except (ValueError, AttributeError):
             return False
 
-    # ----------------------------------------------------------------- proxy and watchdog
-    def _proxy_pid(self) -> int | None:
-        return processes.running(self.paths.proxy_pid, PROXY_MARKER)
-
-    def proxy_url(self, state: PodState | None = None) -> str:
-        return f"http://127.0.0.1:{state.proxy_port if state else self.config.proxy_port}"
-
-    def proxy_health(self, state: PodState | None = None) -> dict[str, Any] | None:
-        try:
-            response = httpx.get(f"{self.proxy_url(state)}/health", timeout=3.0)
-            return response.json() if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            return None
-
-    def proxy_metrics(self, state: PodState | None = None) -> dict[str, Any] | None:
-        headers = {"Authorization": f"Bearer {os.environ['PROXY_API_KEY']}"} if os.environ.get("PROXY_API_KEY") else {}
-        try:
-            response = httpx.get(f"{self.proxy_url(state)}/metrics", headers=headers, timeout=3.0)
-            return response.json() if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            return None
-
-    def ensure_proxy(self, state: PodState) -> None:
-        pid = self._proxy_pid()
-        health = self.proxy_health(state) if pid else None
-        if pid and health and health.get("endpoint") == state.upstream_url:
-            return
-        if pid:
-            processes.stop_pidfile(self.paths.proxy_pid, PROXY_MARKER)
-        self._stop_strays(PROXY_OF)
-        check_port_free(state.proxy_port)
-        assert state.upstream_url is not None
-        # the watchdog restarts proxies too: its marker is not the proxy's
-        inherited = {k: v for k, v in os.environ.items() if k not in (WATCHDOG_OF, HOLD_AT)}
-        env = {**inherited, PROXY_OF: str(self.paths.root), "RUNPOD_ENDPOINT": state.upstream_url,
-               "UPSTREAM_API_KEY": state.vllm_api_key.get_secret_value(), "PROXY_HOST": "127.0.0.1",
-               "PROXY_PORT": str(state.proxy_port), "CACHE_DIR": self.config.cache_dir,
-               "MAX_CACHE_SIZE": str(self.config.max_cache_size), "CACHE_SIZE_BYTES": str(self.config.max_cache_bytes),
-               "ENABLE_PROFILING": "1" if self.config.enable_profiling else "0", "LOG_FILE": ""}
-        processes.spawn_detached([sys.executable, str(REPO_ROOT / "proxy_fastapi.py")], env=env,
-                                 log_path=self.paths.proxy_log, pid_path=self.paths.proxy_pid)
-        checkpoint("proxy starting")
-        deadline = time.monotonic() + 20
-        while self.proxy_health(state) is None or self._proxy_pid() is None:  # and it must be the one we started
-            if time.monotonic() > deadline or self._proxy_pid() is None:
-                raise PodError(f"the proxy did not start on port {state.proxy_port}; see {self.paths.proxy_log}")
-            time.sleep(0.1)
-
-    def ensure_watchdog(self) -> None:
-        if processes.running(self.paths.watchdog_pid, WATCHDOG_MARKER):
-            return
-        self._stop_strays(WATCHDOG_OF)
-        argv = [sys.executable, str(REPO_ROOT / "manage_pod.py"), WATCHDOG_MARKER, "--config", str(self.config_path)]
-        env = {**{k: v for k, v in os.environ.items() if k != HOLD_AT}, WATCHDOG_OF: str(self.paths.root)}
-        processes.spawn_detached(argv, env=env, log_path=self.paths.watchdog_log,
-                                 pid_path=self.paths.watchdog_pid, cwd=self.paths.root)
-
-    def _stop_helpers(self, keep_watchdog: bool = False) -> None:
-        if not keep_watchdog:
-            if not processes.stop_pidfile(self.paths.watchdog_pid, WATCHDOG_MARKER):
-                self.reporter.say("warning: the watchdog did not exit")
-            self._stop_strays(WATCHDOG_OF)
-        if not processes.stop_pidfile(self.paths.proxy_pid, PROXY_MARKER):
-            self.reporter.say("warning: the proxy did not exit")
-        self._stop_strays(PROXY_OF)
-
-    def _stop_strays(self, marker: str) -> None:
-        """Stop this directory's helpers of one kind that no pid file names (never this process)."""
-        for pid in processes.find_by_environ(marker, str(self.paths.root)):
-            if pid != os.getpid() and not processes.stop(pid, grace=5):
-                self.reporter.say(f"warning: process {pid} ({marker}) did not exit; kill it with `kill -9 {pid}`")
-
     # ----------------------------------------------------------------- shutdown
     def spend(self, state: PodState, pod: PodInfo | None = None) -> float:
         rate = pod.cost_per_hour if pod and pod.cost_per_hour else (state.cost_per_hour or 0.0)
@@ -456,18 +324,18 @@ class Session:
                     self._terminate_verified(pod.id)
                     removed.append(pod.id)
             if state is None:
-                self._stop_helpers(keep_watchdog=from_watchdog)
+                self.sidecars.stop(keep_watchdog=from_watchdog)
             return {"terminated": removed, "spend_usd": spend, "reason": reason, "had_state": state is not None}
 
     def _terminate_recorded(self, state: PodState, reason: str, keep_watchdog: bool = False) -> list[str]:
         state.phase = "terminating"
         save_state(self.paths, state)
-        checkpoint("terminating")
+        processes.checkpoint("terminating")
         removed = self._pods_of(state)
         spend = self.spend(state) if removed else 0.0
         for pod_id in removed:
             self._terminate_verified(pod_id)
-        self._stop_helpers(keep_watchdog=keep_watchdog)
+        self.sidecars.stop(keep_watchdog=keep_watchdog)
         record_last_session(self.paths, state, reason, spend)
         clear_state(self.paths)
         return removed

@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +19,19 @@ from pathlib import Path
 # Popen objects of the processes we started. Kept so that they are never garbage-collected while their
 # process runs on purpose (Popen warns about that); alive() reaps any that exit.
 _SPAWNED: list[subprocess.Popen[bytes]] = []
+
+HOLD_AT = "LLMPOD_HOLD_AT"  # tests only: see checkpoint()
+
+
+def checkpoint(phase: str) -> None:
+    """Fault injection for tests: when ``LLMPOD_HOLD_AT`` names ``phase``, say so on stderr and wait there (at
+    most 10 minutes) so a test can kill us exactly between two steps that no outside hold separates."""
+    if os.environ.get(HOLD_AT) != phase:
+        return
+    print(f"holding at {phase}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        time.sleep(0.05)  # a signal's handler (KeyboardInterrupt) runs here
 
 
 def spawn_detached(argv: Sequence[str], *, env: Mapping[str, str], log_path: Path, pid_path: Path | None,

@@ -33,8 +33,8 @@ def status(session: Session) -> dict[str, Any]:
         return {"pod": None, "last_session": read_last_session(session.paths)}
     now = time.time()
     pod = session.provider.get(state.pod_id) if state.pod_id else session.provider.find_by_name(state.pod_name)
-    metrics = session.proxy_metrics(state)
-    health = session.proxy_health(state)
+    metrics = session.sidecars.proxy_metrics(state)
+    health = session.sidecars.proxy_health(state)
     last_request = metrics.get("last_request_at") if metrics else None
     idle_since = max(filter(None, [state.ready_at, last_request])) if (state.ready_at or last_request) else None
     idle_left = (state.idle_timeout_seconds - (now - idle_since)) if state.idle_timeout_seconds and idle_since else None
@@ -47,7 +47,7 @@ def status(session: Session) -> dict[str, Any]:
             "expires_at": clock(state.expires_at), "expires_in_seconds": state.expires_at - now,
             "idle_shutdown_in_seconds": idle_left,
         },
-        "endpoint": f"{session.proxy_url(state)}/v1",
+        "endpoint": f"{session.sidecars.proxy_url(state)}/v1",
         "proxy": {
             "healthy": bool(health and health.get("status") == "healthy"),
             "status": health.get("status") if health else "not running",
@@ -89,7 +89,7 @@ def status_text(report: dict[str, Any]) -> str:
 
 
 def ready_text(session: Session, state: PodState) -> str:
-    endpoint = f"{session.proxy_url(state)}/v1"
+    endpoint = f"{session.sidecars.proxy_url(state)}/v1"
     return "\n".join([
         f"ready: {endpoint}",
         f"model:    {state.served_model}",

@@ -15,8 +15,9 @@ from datetime import datetime, timezone
 
 from llmpod import processes
 from llmpod.errors import ConfigError, LlmpodError, RunPodAuthError, RunPodError
-from llmpod.lifecycle import PROXY_MARKER, Session
+from llmpod.lifecycle import Session
 from llmpod.report import clock
+from llmpod.sidecars import PROXY_MARKER
 from llmpod.state import clear_state, exclusive, load_state, record_last_session
 
 
@@ -76,7 +77,7 @@ def check_once(session: Session, last_activity: float) -> str | float | None:
         result = session.shutdown(reason=f"expired: runtime_seconds reached at {clock(state.expires_at)}",
                                   from_watchdog=True)
         return f"pod expired: terminated {result['terminated']} (spend ${result['spend_usd'] or 0:.2f})"
-    metrics = session.proxy_metrics(state)
+    metrics = session.sidecars.proxy_metrics(state)
     if metrics is not None:
         if metrics.get("in_flight"):
             last_activity = now  # a long generation is activity too
@@ -100,7 +101,7 @@ def check_once(session: Session, last_activity: float) -> str | float | None:
                                 session.spend(state))
             clear_state(session.paths)
         return f"pod {state.pod_id} is gone ({pod.status if pod else 'not found'}): proxy stopped, state cleared"
-    if session.proxy_health(state) is None:
+    if session.sidecars.proxy_health(state) is None:
         log("the proxy is not answering: restarting it")
-        session.ensure_proxy(state)
+        session.sidecars.ensure_proxy(state)
     return last_activity

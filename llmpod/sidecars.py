@@ -1,0 +1,109 @@
+"""The session's two local processes: the caching proxy and the watchdog.
+
+Each is found by its pid file (trusted only while that pid runs a command line with the right marker) or, when
+a run was killed before it wrote the pid file, by the directory it carries in its environment.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from llmpod import processes
+from llmpod.errors import PodError
+from llmpod.pod_config import PodConfig, check_port_free
+from llmpod.progress import Reporter
+from llmpod.providers import REPO_ROOT
+from llmpod.state import PodState, RuntimePaths
+
+PROXY_MARKER = "proxy_fastapi.py"
+WATCHDOG_MARKER = "--watchdog"
+# Every helper carries its directory in its environment, so one started by a run killed before it wrote the
+# pid file is still found (and stopped) by the next run instead of outliving --shutdown.
+PROXY_OF = "LLMPOD_PROXY_OF"
+WATCHDOG_OF = "LLMPOD_WATCHDOG_OF"
+
+
+@dataclass
+class Sidecars:
+    config: PodConfig
+    config_path: Path
+    paths: RuntimePaths
+    reporter: Reporter
+
+    def proxy_pid(self) -> int | None:
+        return processes.running(self.paths.proxy_pid, PROXY_MARKER)
+
+    def proxy_url(self, state: PodState | None = None) -> str:
+        return f"http://127.0.0.1:{state.proxy_port if state else self.config.proxy_port}"
+
+    def proxy_health(self, state: PodState | None = None) -> dict[str, Any] | None:
+        try:
+            response = httpx.get(f"{self.proxy_url(state)}/health", timeout=3.0)
+            return response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def proxy_metrics(self, state: PodState | None = None) -> dict[str, Any] | None:
+        headers = {"Authorization": f"Bearer {os.environ['PROXY_API_KEY']}"} if os.environ.get("PROXY_API_KEY") else {}
+        try:
+            response = httpx.get(f"{self.proxy_url(state)}/metrics", headers=headers, timeout=3.0)
+            return response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def ensure_proxy(self, state: PodState) -> None:
+        pid = self.proxy_pid()
+        health = self.proxy_health(state) if pid else None
+        if pid and health and health.get("endpoint") == state.upstream_url:
+            return
+        if pid:
+            processes.stop_pidfile(self.paths.proxy_pid, PROXY_MARKER)
+        self._stop_strays(PROXY_OF)
+        check_port_free(state.proxy_port)
+        assert state.upstream_url is not None
+        # the watchdog restarts proxies too: its marker is not the proxy's
+        inherited = {k: v for k, v in os.environ.items() if k not in (WATCHDOG_OF, processes.HOLD_AT)}
+        env = {**inherited, PROXY_OF: str(self.paths.root), "RUNPOD_ENDPOINT": state.upstream_url,
+               "UPSTREAM_API_KEY": state.vllm_api_key.get_secret_value(), "PROXY_HOST": "127.0.0.1",
+               "PROXY_PORT": str(state.proxy_port), "CACHE_DIR": self.config.cache_dir,
+               "MAX_CACHE_SIZE": str(self.config.max_cache_size), "CACHE_SIZE_BYTES": str(self.config.max_cache_bytes),
+               "ENABLE_PROFILING": "1" if self.config.enable_profiling else "0", "LOG_FILE": ""}
+        processes.spawn_detached([sys.executable, str(REPO_ROOT / "proxy_fastapi.py")], env=env,
+                                 log_path=self.paths.proxy_log, pid_path=self.paths.proxy_pid)
+        processes.checkpoint("proxy starting")
+        deadline = time.monotonic() + 20
+        while self.proxy_health(state) is None or self.proxy_pid() is None:  # and it must be the one we started
+            if time.monotonic() > deadline or self.proxy_pid() is None:
+                raise PodError(f"the proxy did not start on port {state.proxy_port}; see {self.paths.proxy_log}")
+            time.sleep(0.1)
+
+    def ensure_watchdog(self) -> None:
+        if processes.running(self.paths.watchdog_pid, WATCHDOG_MARKER):
+            return
+        self._stop_strays(WATCHDOG_OF)
+        argv = [sys.executable, str(REPO_ROOT / "manage_pod.py"), WATCHDOG_MARKER, "--config", str(self.config_path)]
+        env = {**{k: v for k, v in os.environ.items() if k != processes.HOLD_AT}, WATCHDOG_OF: str(self.paths.root)}
+        processes.spawn_detached(argv, env=env, log_path=self.paths.watchdog_log,
+                                 pid_path=self.paths.watchdog_pid, cwd=self.paths.root)
+
+    def stop(self, keep_watchdog: bool = False) -> None:
+        if not keep_watchdog:
+            if not processes.stop_pidfile(self.paths.watchdog_pid, WATCHDOG_MARKER):
+                self.reporter.say("warning: the watchdog did not exit")
+            self._stop_strays(WATCHDOG_OF)
+        if not processes.stop_pidfile(self.paths.proxy_pid, PROXY_MARKER):
+            self.reporter.say("warning: the proxy did not exit")
+        self._stop_strays(PROXY_OF)
+
+    def _stop_strays(self, marker: str) -> None:
+        """Stop this directory's helpers of one kind that no pid file names (never this process)."""
+        for pid in processes.find_by_environ(marker, str(self.paths.root)):
+            if pid != os.getpid() and not processes.stop(pid, grace=5):
+                self.reporter.say(f"warning: process {pid} ({marker}) did not exit; kill it with `kill -9 {pid}`")
