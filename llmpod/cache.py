@@ -125,9 +125,7 @@ class ResponseCache:
     # ----------------------------------------------------------------- start-up
     def load(self) -> None:
         """Create the directory if needed and rebuild the index from what is on disk, before returning."""
-        names = self._list_directory()
-        self._loading = True
-        self._merge_scanned(*index_of(self._dir, names))
+        self._merge_scanned(*index_of(self._dir, self._begin_load()))
 
     def load_behind(self) -> asyncio.Task[None]:
         """``load``, with the stat of every entry done on a thread while the proxy already serves.
@@ -135,8 +133,7 @@ class ResponseCache:
         The directory is listed (and crash leftovers removed) before this returns; a request for an entry not
         yet indexed looks for its file. Deletes, writes and hits made meanwhile win over what the scan saw.
         """
-        names = self._list_directory()
-        self._loading = True
+        names = self._begin_load()
         return asyncio.get_running_loop().create_task(self._scan_behind(names), name="llmpod-cache-load")
 
     async def _scan_behind(self, names: list[str]) -> None:
@@ -150,8 +147,10 @@ class ResponseCache:
         log.info("cache index loaded: %d entries, %d bytes in %.2f s", len(self._index), self.total_bytes,
                  time.perf_counter() - started)
 
-    def _list_directory(self) -> list[str]:
-        """Every name in the directory; removes the temp files of interrupted writes (before ours start)."""
+    def _begin_load(self) -> list[str]:
+        """Empty the index and list the directory (every name), removing the temp files of interrupted writes
+        (before ours start); from here until ``_merge_scanned`` the cache is loading."""
+        self._loading = True
         self._index.clear()
         self._hot.clear()
         self._hot_bytes = 0
