@@ -4,8 +4,9 @@
     python3 bench/bench_proxy.py [--rounds 3] [--duration 3] [--quick] [--only hits,passthrough]
                                  [--entries 100000] [--json PATH]
 
-Starts its own servers on 127.0.0.1 and free ports (the proxy as users run it, the mock vLLM server, and a
-"ceiling" FastAPI app on the same server stack that answers fixed bytes), measures, prints one table of
+Starts its own servers on 127.0.0.1 and free ports (the proxy as users run it, the mock vLLM server, a
+"ceiling" FastAPI app on the same server stack that answers fixed bytes, and a "floor": the thinnest
+forwarder on that stack, what a miss could cost at best), measures, prints one table of
 absolute figures, ratios and targets (PASS/FAIL), and writes the same as JSON (default
 bench/results/bench-<UTC timestamp>.json). Comparisons are interleaved: every round runs each scenario
 being compared once, in rotating order, and the table shows the medians of the rounds (ratios and
@@ -52,7 +53,7 @@ import orjson  # noqa: E402
 from bench import cachefill, clients, loadgen, report  # noqa: E402
 from bench.loadgen import LoadResult, Workload  # noqa: E402
 from bench.report import Row, Target, median  # noqa: E402
-from bench.servers import ServerProcess, ceiling_server, mock_server, proxy_server  # noqa: E402
+from bench.servers import ServerProcess, ceiling_server, floor_server, mock_server, proxy_server  # noqa: E402
 
 SECTIONS = ("ceiling", "direct", "hits", "passthrough", "streaming", "coalescing", "memory", "scaling")
 HTTP_SECTIONS = ("ceiling", "direct", "hits", "passthrough")
@@ -288,6 +289,12 @@ class Bench:
             if seen != (200, "MISS", 200, "BYPASS"):
                 raise BenchError(f"passthrough: a unique body answered {seen[0]} X-Cache={seen[1]}, the no-cache "
                                  f"one {seen[2]} X-Cache={seen[3]} (expected 200 MISS, 200 BYPASS)")
+            # the miss floor: a bare forwarder on the same stack and upstream client (bench/floor_app.py)
+            assert mock is not None
+            floor = self.start(floor_server("floor", self.logs, mock))
+            if self.post(f"{floor.url}{CHAT}", chat_body("bench floor check")).status_code != 200:
+                raise BenchError("the floor forwarder did not answer 200")
+            scenarios.append(("passthrough", "floor", floor, lambda: unique_workload("bench floor")))
             scenarios.append(("passthrough", "miss", proxy, lambda: unique_workload("bench miss")))
             scenarios.append(("passthrough", "bypass", proxy, lambda: Workload.fixed(bypass_body, no_cache)))
 
@@ -384,6 +391,12 @@ class Bench:
                      f"{min(fractions, default=0):.1%} (min of runs)")
         if "passthrough" in names:
             derived = {}
+            basic("passthrough", "floor", "info: floor (bare forwarder)", "direct")
+            derived["floor"] = {"ratio_vs_direct": {str(c): per_round_ratio("floor", "direct", c) for c in CONNECTIONS},
+                                "added_p50_ms": {str(c): per_round_added("floor", "direct", c) for c in CONNECTIONS}}
+            self.row("passthrough", "info: floor added p50 (floor - direct)",
+                     report.signed_ms(derived["floor"]["added_p50_ms"]["1"]),
+                     report.signed_ms(derived["floor"]["added_p50_ms"]["16"]))
             for name, label in (("miss", "miss (unique, cache on)"), ("bypass", "bypass (no-cache)")):
                 basic("passthrough", name, label, "direct")
                 ratio16 = per_round_ratio(name, "direct", 16)
@@ -399,6 +412,10 @@ class Bench:
                                     "< 0.5 ms @1", added["1"], report.signed_ms(added["1"]), lambda v: v < 0.5, problem)
                     self.row("passthrough", "miss added p50 (proxy - direct)", report.signed_ms(added["1"]),
                              report.signed_ms(added["16"]), "", t)
+                    own = {str(c): per_round_added(name, "floor", c) for c in CONNECTIONS}
+                    derived[name]["added_over_floor_p50_ms"] = own
+                    self.row("passthrough", "info: miss added p50 over the floor",
+                             report.signed_ms(own["1"]), report.signed_ms(own["16"]))
                 else:
                     self.row("passthrough", "bypass added p50 (proxy - direct)", report.signed_ms(added["1"]),
                              report.signed_ms(added["16"]))

@@ -167,3 +167,8 @@ def proxy_server(name: str, log_dir: Path, upstream: ServerProcess, cache_dir: P
 def ceiling_server(name: str, log_dir: Path) -> ServerProcess:
     argv = [sys.executable, str(ROOT / "bench" / "ceiling_app.py"), "--port", "{port}"]
     return ServerProcess(name, argv, base_env({}), log_dir / f"{name}.log")
+
+
+def floor_server(name: str, log_dir: Path, upstream: ServerProcess) -> ServerProcess:
+    argv = [sys.executable, str(ROOT / "bench" / "floor_app.py"), "--port", "{port}", "--upstream", upstream.url]
+    return ServerProcess(name, argv, base_env({}), log_dir / f"{name}.log")

@@ -43,7 +43,7 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     env = {**os.environ, "TMPDIR": str(temp_root)}
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_proxy.py"), "--quick", "--duration", "0.5", "--rounds", "1",
-         "--only", "hits,coalescing", "--entries", "200", "--coalesce-clients", "20", "--json", str(out)],
+         "--only", "hits,passthrough,coalescing", "--entries", "200", "--coalesce-clients", "20", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -56,10 +56,15 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     for clients in ("1", "16"):
         assert hits[clients]["rps"] > 0
         assert hits[clients]["p50_ms"] > 0
+    # the miss floor (bench/floor_app.py) forwards to the mock and is measured beside the proxy's misses
+    passthrough = data["sections"]["passthrough"]
+    for scenario in ("floor", "miss", "bypass"):
+        assert passthrough["scenarios"][scenario]["median"]["1"]["rps"] > 0, scenario
+    assert passthrough["derived"]["miss"]["added_over_floor_p50_ms"]["1"] is not None
     coalescing = data["sections"]["coalescing"]["runs"]
     assert len(coalescing) == 1 and coalescing[0]["statuses"] == {"200": 20}
     assert isinstance(coalescing[0]["upstream_calls_mock"], int)
-    assert {t["section"] for t in data["targets"]} >= {"hits", "coalescing"}
+    assert {t["section"] for t in data["targets"]} >= {"hits", "passthrough", "coalescing"}
 
     # nothing left behind: no process, no listening port, no temp directory
     assert _processes_with(str(temp_root)) == []
