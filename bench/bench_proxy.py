@@ -431,15 +431,18 @@ class Bench:
     def run_streaming(self) -> None:
         smock = self.start(mock_server("mock-stream", self.logs, *STREAM_SWITCHES))
         sproxy = self.proxy("proxy-stream", smock, self.tmp / "stream-cache")
+        sfloor = self.start(floor_server("floor-stream", self.logs, smock))
         try:
-            data = asyncio.run(self._streaming(smock, sproxy))
+            data = asyncio.run(self._streaming(smock, sproxy, sfloor))
         finally:
+            self.stop(sfloor)
             self.stop(sproxy)
             self.stop(smock)
         self.sections["streaming"] = data
         s = data["summary"]
         self.notes.append(f"streaming: mock {' '.join(STREAM_SWITCHES)}; {data['requests']} sequential streamed "
-                          "requests per side (unique bodies: proxy MISSes), interleaved proxy/direct; httpx client")
+                          "requests per side (unique bodies: proxy MISSes), interleaved proxy/direct/floor; httpx "
+                          "client")
         for what, label in (("ttft", "time to first token"), ("gap", "inter-chunk gap")):
             for q in ("p50", "p90"):
                 self.row("streaming", f"{label} {q}: direct / proxy",
@@ -455,6 +458,8 @@ class Bench:
                         lambda x: x < 0.2, problem)
         self.row("streaming", "added inter-chunk gap p50", report.signed_ms(v), "", "", t)
         self.row("streaming", "added inter-chunk gap p90", report.signed_ms(s["gap"]["added"]["p90"]))
+        floor = (report.signed_ms(s["ttft"]["floor_added"]["p50"]), report.signed_ms(s["gap"]["floor_added"]["p50"]))
+        self.row("streaming", "info: floor (bare forwarder) added time to first token / gap p50", " / ".join(floor))
         hit = s["hit_ttfb"]
         self.row("streaming", f"streamed cache hit, time to first byte p50 / p90 (n={hit['n']})",
                  f"{report.ms(hit['p50'])} / {report.ms(hit['p90'])}")
@@ -462,27 +467,27 @@ class Bench:
             self.row("streaming", "problems", "yes (see notes)")
             self.notes.append(f"streaming problems: {problem}")
 
-    async def _streaming(self, smock: ServerProcess, sproxy: ServerProcess) -> dict[str, Any]:
+    async def _streaming(self, smock: ServerProcess, sproxy: ServerProcess, sfloor: ServerProcess) -> dict[str, Any]:
         n = self.args.stream_requests
         nonce = uuid.uuid4().hex[:12]
-        direct_url, proxy_url = f"{smock.url}{CHAT}", f"{sproxy.url}{CHAT}"
+        urls = {"direct": f"{smock.url}{CHAT}", "proxy": f"{sproxy.url}{CHAT}", "floor": f"{sfloor.url}{CHAT}"}
+        proxy_url = urls["proxy"]
 
         def body(side: str, i: int) -> bytes:
             return chat_body(f"bench stream {side} {nonce} {i}", max_tokens=64, stream=True,
                              stream_options={"include_usage": True})
 
-        samples: dict[str, list[clients.StreamSample]] = {"proxy": [], "direct": []}
+        sides = ("proxy", "direct", "floor")
+        samples: dict[str, list[clients.StreamSample]] = {side: [] for side in sides}
         problems: list[str] = []
         async with httpx.AsyncClient(timeout=30) as client:
             for i in range(3):  # warm-up: connections, the proxy's model list
-                await clients.timed_stream(client, proxy_url, body("warm", i))
-                await clients.timed_stream(client, direct_url, body("warm", i))
+                for side in sides:
+                    await clients.timed_stream(client, urls[side], body("warm", i))
             progress(f"streaming: {n} requests per side, interleaved")
             for i in range(n):
-                sides = ("proxy", "direct") if i % 2 == 0 else ("direct", "proxy")
-                for side in sides:
-                    url = proxy_url if side == "proxy" else direct_url
-                    sample = await clients.timed_stream(client, url, body("proxy", i))
+                for side in sides[i % 3:] + sides[:i % 3]:
+                    sample = await clients.timed_stream(client, urls[side], body("proxy", i))
                     samples[side].append(sample)
                     if sample.status != 200 or not sample.done or sample.content_events == 0:
                         problems.append(f"{side} #{i}: status {sample.status}, {sample.content_events} content "
@@ -503,16 +508,16 @@ class Bench:
         summary: dict[str, Any] = {}
         for what in ("ttft", "gap"):
             per_side = {}
-            for side in ("direct", "proxy"):
+            for side in sides:
                 if what == "ttft":
                     values = [s.ttft for s in samples[side] if s.ttft is not None]
                 else:
                     values = [g for s in samples[side] for g in s.gaps]
                 per_side[side] = {"n": len(values), "p50": pct(values, 50), "p90": pct(values, 90)}
-            added = {q: (per_side["proxy"][q] - per_side["direct"][q]
-                         if per_side["proxy"][q] is not None and per_side["direct"][q] is not None else None)
-                     for q in ("p50", "p90")}
-            summary[what] = {**per_side, "added": added}
+            added, floor_added = ({q: (per_side[side][q] - per_side["direct"][q]
+                                       if per_side[side][q] is not None and per_side["direct"][q] is not None
+                                       else None) for q in ("p50", "p90")} for side in ("proxy", "floor"))
+            summary[what] = {**per_side, "added": added, "floor_added": floor_added}
         ttfb = [s.ttfb for s in hits if s.ttfb is not None]
         summary["hit_ttfb"] = {"n": len(ttfb), "p50": pct(ttfb, 50), "p90": pct(ttfb, 90)}
         return {"requests": n, "mock_switches": list(STREAM_SWITCHES), "summary": summary,

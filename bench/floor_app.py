@@ -5,10 +5,11 @@
 
 A raw ASGI app on uvicorn, configured as ``proxy_fastapi.py`` runs it (uvloop and httptools when installed),
 whose ``POST /v1/chat/completions`` does only what every miss must: read the body, ask the upstream for a
-stream with the proxy's own upstream client (``llmpod.upstream_http.HTTPPool``), as the proxy does, read it
-to the end and answer with the last event's bytes. No cache, no coalescing, no parsing of the stream, no
-log, no metrics: what a miss through the proxy costs beyond this is the proxy's own work; what this costs
-beyond the mock answering directly is the second hop and the upstream streaming on this machine.
+stream with the proxy's own upstream client (``llmpod.upstream_http.HTTPPool``), as the proxy does, and
+either read it to the end and answer with the last event's bytes, or (``"stream": true``) pass each piece on
+as it arrives. No cache, no coalescing, no parsing of the stream, no log, no metrics: what a miss through
+the proxy costs beyond this is the proxy's own work; what this costs beyond the mock answering directly is
+the second hop and the upstream streaming on this machine (with three processes sharing its CPUs).
 """
 
 from __future__ import annotations
@@ -53,10 +54,19 @@ def create_app(upstream: str) -> Any:
             if not message.get("more_body"):
                 break
         body = orjson.loads(b"".join(parts))
+        streamed = body.get("stream") is True
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         assert pool is not None
         response = await pool.post(scope["path"], orjson.dumps(body), JSON_HEADERS)
+        if streamed:  # pass each piece on as it comes
+            await send({"type": "http.response.start", "status": response.status,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            while piece := await response.next_chunk():
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            response.release()
+            await send({"type": "http.response.body", "body": b""})
+            return
         data = await response.read()
         response.release()
         events = data.rstrip().split(b"\n\n")
