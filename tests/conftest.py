@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import threading
 import time
@@ -38,6 +39,19 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[N
     monkeypatch.setenv("CACHE_DIR", str(tmp_path / "default_cache"))
     monkeypatch.setenv("LOG_FILE", str(tmp_path / "default_proxy.log"))
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def interruptible_children() -> Iterator[None]:
+    """A shell that starts the suite in the background (``pytest &`` in a script) makes it ignore SIGINT, and
+    every manage_pod.py it starts would inherit that: the Ctrl-C tests would test the shell, not the product.
+    With a handler here instead, the children start with SIGINT's default, as from a terminal."""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------------------
