@@ -184,12 +184,20 @@ def silent_upstream() -> Iterator[str]:
 # manage_pod.py end to end: the fake RunPod API as a process, and a directory to run manage_pod.py in.
 
 
-@pytest.fixture
-def fake_runpod() -> Iterator[FakeRunPod]:
+@pytest.fixture(scope="session")
+def shared_fake_runpod() -> Iterator[FakeRunPod]:
     from tests.e2e_harness import running_fake_runpod
 
     with running_fake_runpod() as fake:
         yield fake
+
+
+@pytest.fixture
+def fake_runpod(shared_fake_runpod: FakeRunPod) -> FakeRunPod:
+    """One fake RunPod process for the run (starting one costs about a second), reset before each test to how
+    it started: its settings, no pods (their mock vLLM servers stopped), no calls."""
+    httpx.post(f"{shared_fake_runpod.url}/fake/reset", timeout=30).raise_for_status()
+    return shared_fake_runpod
 
 
 @pytest.fixture

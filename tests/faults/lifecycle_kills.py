@@ -26,8 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from llmpod import processes
 from tests.conftest import wait_until
 from tests.e2e_harness import ROOT, FakeRunPod, Workdir, pid_alive, port_free
@@ -100,11 +98,6 @@ class Started:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(timeout=30)
-
-
-def reset(fake: FakeRunPod) -> None:
-    """The fake as it started: one fake serves a whole module, each test starts with no pods and no calls."""
-    httpx.post(f"{fake.url}/fake/reset", timeout=30).raise_for_status()
 
 
 def live_pods(fake: FakeRunPod) -> list[dict[str, Any]]:

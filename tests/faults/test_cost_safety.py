@@ -12,13 +12,12 @@ run has three kills (a held create, a loading vLLM, the watchdog's held DELETE) 
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.conftest import wait_until
-from tests.e2e_harness import FakeRunPod, Workdir, running_fake_runpod
+from tests.e2e_harness import FakeRunPod, Workdir
 from tests.faults.ledger import FaultLedger
 from tests.faults.lifecycle_kills import (
     PHASES,
@@ -32,7 +31,6 @@ from tests.faults.lifecycle_kills import (
     live_pods,
     logs_clean,
     recorded,
-    reset,
     shutdown_and_count,
     user_checks,
 )
@@ -46,20 +44,6 @@ DEFAULT_RUN = {("create sent, no pod yet", signal.SIGINT), ("waiting for vLLM he
 MATRIX = [pytest.param(name, sig, id=f"{SIGNAL_NAMES[sig]}-{name.replace(' ', '_').replace(',', '')}",
                        marks=() if (name, sig) in DEFAULT_RUN else (pytest.mark.soak,))
           for name in PHASES for sig in (signal.SIGKILL, signal.SIGINT)]
-
-
-@pytest.fixture(scope="module")
-def shared_fake() -> Iterator[FakeRunPod]:
-    with running_fake_runpod() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake_runpod(shared_fake: FakeRunPod) -> FakeRunPod:
-    """One fake RunPod for the module (its start costs seconds per test), reset before each test; conftest's
-    ``workdir`` uses this one here."""
-    reset(shared_fake)
-    return shared_fake
 
 
 def record(ledger: FaultLedger, kind: str, tally: Tally) -> None:
