@@ -125,7 +125,7 @@ class ResponseCache:
     # ----------------------------------------------------------------- start-up
     def load(self) -> None:
         """Create the directory if needed and rebuild the index from what is on disk, before returning."""
-        self._merge_scanned(*index_of(self._dir, self._begin_load()))
+        self._merge_scanned(*self._scan(self._begin_load()))
 
     def load_behind(self) -> asyncio.Task[None]:
         """``load``, with the stat of every entry done on a thread while the proxy already serves.
@@ -138,14 +138,19 @@ class ResponseCache:
 
     async def _scan_behind(self, names: list[str]) -> None:
         started = time.perf_counter()
-        try:
-            scanned = await asyncio.to_thread(index_of, self._dir, names)
-        except OSError as exc:  # the directory went away meanwhile: what was written since is all there is
-            log.warning("cache: could not index %s: %s", self.directory, exc.strerror)
-            scanned = (OrderedDict(), 0)
-        self._merge_scanned(*scanned)
+        self._merge_scanned(*await asyncio.to_thread(self._scan, names))
         log.info("cache index loaded: %d entries, %d bytes in %.2f s", len(self._index), self.total_bytes,
                  time.perf_counter() - started)
+
+    def _scan(self, names: list[str]) -> tuple[OrderedDict[str, IndexEntry], int]:
+        """``index_of`` the listed names; nothing when there were none (the directory may not even exist)."""
+        if not names:
+            return OrderedDict(), 0
+        try:
+            return index_of(self._dir, names)
+        except OSError as exc:  # the directory went away meanwhile: what was written since is all there is
+            log.warning("cache: could not index %s: %s", self.directory, exc.strerror)
+            return OrderedDict(), 0
 
     def _begin_load(self) -> list[str]:
         """Empty the index and list the directory (every name), removing the temp files of interrupted writes

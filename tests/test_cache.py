@@ -660,6 +660,21 @@ async def test_a_full_or_read_only_disk_stops_storing_but_keeps_serving(
     assert entry_files(cache_dir) == {f"{stored}.json", f"{after}.json"}
 
 
+@pytest.mark.parametrize("start", ["load", "load_behind"])
+async def test_a_cache_directory_that_cannot_be_made_stops_storing_and_serves_nothing(tmp_path: Path,
+                                                                                      start: str) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    cache = ResponseCache(tmp_path / "a-file" / "cache", max_entries=10, max_bytes=10**6)
+    if start == "load":
+        cache.load()
+    else:
+        await cache.load_behind()
+
+    assert cache.loading is False
+    assert cache.store_disabled_reason is not None and "cannot create" in cache.store_disabled_reason
+    assert len(cache) == 0 and cache.get(key_for("anything")) is None
+
+
 async def test_a_full_disk_that_is_still_full_after_the_pause_stays_disabled(
     cache: ResponseCache, full_disk: FullDisk, fake_monotonic: FakeMonotonic
 ) -> None:
