@@ -390,19 +390,18 @@ class Bench:
             self.row("hits", "X-Cache HIT share during load (proxy /metrics)",
                      f"{min(fractions, default=0):.1%} (min of runs)")
         if "passthrough" in names:
-            derived = {}
+            derived: dict[str, dict[str, Any]] = {
+                name: {"ratio_vs_direct": {str(c): per_round_ratio(name, "direct", c) for c in CONNECTIONS},
+                       "added_p50_ms": {str(c): per_round_added(name, "direct", c) for c in CONNECTIONS}}
+                for name in ("floor", "miss", "bypass")}
             basic("passthrough", "floor", "info: floor (bare forwarder)", "direct")
-            derived["floor"] = {"ratio_vs_direct": {str(c): per_round_ratio("floor", "direct", c) for c in CONNECTIONS},
-                                "added_p50_ms": {str(c): per_round_added("floor", "direct", c) for c in CONNECTIONS}}
-            self.row("passthrough", "info: floor added p50 (floor - direct)",
-                     report.signed_ms(derived["floor"]["added_p50_ms"]["1"]),
-                     report.signed_ms(derived["floor"]["added_p50_ms"]["16"]))
+            floor_added = derived["floor"]["added_p50_ms"]
+            self.row("passthrough", "info: floor added p50 (floor - direct)", report.signed_ms(floor_added["1"]),
+                     report.signed_ms(floor_added["16"]))
             for name, label in (("miss", "miss (unique, cache on)"), ("bypass", "bypass (no-cache)")):
                 basic("passthrough", name, label, "direct")
                 ratio16 = per_round_ratio(name, "direct", 16)
-                added = {str(c): per_round_added(name, "direct", c) for c in CONNECTIONS}
-                derived[name] = {"ratio_vs_direct": {str(c): per_round_ratio(name, "direct", c) for c in CONNECTIONS},
-                                 "added_p50_ms": added}
+                added = derived[name]["added_p50_ms"]
                 problem = errors(name, "direct")
                 if name == "miss":
                     t = self.target("passthrough", "pass-through req/s at 16 clients vs direct",

@@ -44,16 +44,17 @@ class Sidecars:
         return f"http://127.0.0.1:{state.proxy_port if state else self.config.proxy_port}"
 
     def proxy_health(self, state: PodState | None = None) -> dict[str, Any] | None:
-        try:
-            response = httpx.get(f"{self.proxy_url(state)}/health", timeout=3.0)
-            return response.json() if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            return None
+        return self._proxy_json("/health", state)
 
     def proxy_metrics(self, state: PodState | None = None) -> dict[str, Any] | None:
         headers = {"Authorization": f"Bearer {os.environ['PROXY_API_KEY']}"} if os.environ.get("PROXY_API_KEY") else {}
+        return self._proxy_json("/metrics", state, headers)
+
+    def _proxy_json(self, route: str, state: PodState | None,
+                    headers: dict[str, str] | None = None) -> dict[str, Any] | None:
+        """The proxy's JSON answer on ``route``; None when it does not answer 200 with JSON."""
         try:
-            response = httpx.get(f"{self.proxy_url(state)}/metrics", headers=headers, timeout=3.0)
+            response = httpx.get(f"{self.proxy_url(state)}{route}", headers=headers, timeout=3.0)
             return response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             return None
