@@ -21,6 +21,7 @@ from llmpod.cache import CachedAnswer, UnkeyableRequest, cache_key
 from llmpod.errors import UpstreamError
 from llmpod.flights import Flight
 from llmpod.streaming import EventStream
+from llmpod.tool_calling import needs_tool_parser, refusal_message
 from llmpod.wire import error_body, json_response
 
 if TYPE_CHECKING:
@@ -159,6 +160,11 @@ class GenerationHandler:
                 raise RequestProblem(400, "'stream' must be a boolean", "stream")
             options = body.get("stream_options")
             include_usage = bool(stream) and isinstance(options, dict) and options.get("include_usage") is True
+            if service.settings.upstream_tool_calling is False and endpoint == "chat.completions" \
+                    and needs_tool_parser(body):
+                # before the cache and the flights, so never stored or joined; vLLM's own 400 names server flags
+                model = str(body.get("model") or "the served model")
+                raise RequestProblem(400, refusal_message(model, service.settings.tool_capable_models), "tools")
             if isinstance(body.get("model"), str):
                 exchange.model = body["model"]
             served = await service.upstream.resolve(body.get("model"))

@@ -36,6 +36,8 @@ ENV_NAMES: dict[str, str] = {
     "log_file": "LOG_FILE",
     "enable_profiling": "ENABLE_PROFILING",
     "max_body_bytes": "MAX_BODY_BYTES",
+    "upstream_tool_calling": "UPSTREAM_TOOL_CALLING",
+    "tool_capable_models": "TOOL_CAPABLE_MODELS",
 }
 SECRET_FIELDS = {"upstream_api_key", "proxy_api_key"}
 _TRUE = {"1", "true", "yes", "on"}
@@ -82,6 +84,10 @@ class ProxySettings(BaseModel):
     log_file: Path | None = Path("/tmp/proxy_fastapi.log")
     enable_profiling: bool = False
     max_body_bytes: int = Field(32 * MIB, ge=1024)
+    # set by manage_pod.py from the catalog: False = the upstream runs without a tool-call parser, so requests
+    # with tools get the proxy's one-line 400 naming tool_capable_models; None = unknown, everything is forwarded
+    upstream_tool_calling: bool | None = None
+    tool_capable_models: tuple[str, ...] = ()
 
     @field_validator("upstream_url")
     @classmethod
@@ -130,6 +136,11 @@ class ProxySettings(BaseModel):
             raw["enable_profiling"] = _parse_bool("ENABLE_PROFILING", raw["enable_profiling"])
         if raw.get("log_file") in ("", "-"):
             raw["log_file"] = None
+        if "upstream_tool_calling" in raw:
+            value = raw["upstream_tool_calling"].strip()
+            raw["upstream_tool_calling"] = _parse_bool("UPSTREAM_TOOL_CALLING", value) if value else None
+        if "tool_capable_models" in raw:
+            raw["tool_capable_models"] = tuple(n.strip() for n in raw["tool_capable_models"].split(",") if n.strip())
         raw.update({k: v for k, v in overrides.items() if v is not None})
         try:
             settings = cls(**raw)

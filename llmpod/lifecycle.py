@@ -88,7 +88,7 @@ class Session:
     sidecars: Sidecars = field(init=False)
 
     def __post_init__(self) -> None:
-        self.sidecars = Sidecars(self.config, self.config_path, self.paths, self.reporter)
+        self.sidecars = Sidecars(self.config, self.config_path, self.paths, self.reporter, self.catalog)
 
     # ----------------------------------------------------------------- reconcile
     def reconcile(self) -> tuple[PodState | None, PodInfo | None]:

@@ -34,6 +34,12 @@ RESERVED_VLLM_FLAGS = {
     "--model": "modelStoreId", "--host": None, "--port": None, "--api-key": None,
     "--served-model-name": None, "--max-model-len": "max_model_len",
 }
+# Tool calling: manage_pod.py adds --enable-auto-tool-choice --tool-call-parser P for models that have a parser
+# (llmpod.tool_calling). A user's --tool-call-parser or --chat-template replaces ours (vLLM has several parsers
+# for some families, and plugins), so each must carry a value and come once; turning tool calling off is refused
+# because the proxy is told the pod calls tools.
+VALUED_TOOL_FLAGS = ("--tool-call-parser", "--chat-template")
+REFUSED_TOOL_FLAG = "--no-enable-auto-tool-choice"
 # names people reach for that difflib cannot tie to ours
 KEY_ALIASES = {
     "model": "modelStoreId", "model_id": "modelStoreId", "model_store_id": "modelStoreId", "gpu": "gpu_type_id",
@@ -58,7 +64,7 @@ class PodConfig(BaseModel):
 
     # the original test plan's keys
     modelStoreId: str = Field(  # the test plan's spelling
-        "deepseek-coder-33b-instruct-awq", min_length=1,
+        "qwen2.5-coder-32b-instruct-awq", min_length=1,
         description="The model to serve: an id of our Model Store (llmpod.catalog), or its Hugging Face repo.")
     gpu_type_id: str = Field(
         "NVIDIA RTX A6000", min_length=1, description="The RunPod GPU type id tried first, e.g. 'NVIDIA L40S'.")
@@ -81,7 +87,7 @@ class PodConfig(BaseModel):
                     "(ones the model does not fit, or over max_hourly_cost, are skipped).")
     cloud_type: Literal["SECURE", "COMMUNITY"] = Field("SECURE", description="RunPod's Secure or Community cloud.")
     image: str = Field(
-        "vllm/vllm-openai:v0.27.1", min_length=1, description="The vLLM image, with a pinned tag (not ':latest').")
+        "vllm/vllm-openai:v0.33.0", min_length=1, description="The vLLM image, with a pinned tag (not ':latest').")
     container_disk_gb: int = Field(
         60, ge=10, le=2000, description="Container disk in GB: it holds the image and the downloaded weights.")
     max_model_len: int | None = Field(
@@ -144,9 +150,9 @@ class PodConfig(BaseModel):
             return value
         last = value.rsplit("/", 1)[-1]
         if ":" not in last:
-            raise ValueError("has no tag: pin a vLLM version such as vllm/vllm-openai:v0.27.1")
+            raise ValueError("has no tag: pin a vLLM version such as vllm/vllm-openai:v0.33.0")
         if last.rsplit(":", 1)[1] in ("", "latest"):
-            raise ValueError("must pin a version tag such as vllm/vllm-openai:v0.27.1, not ':latest'")
+            raise ValueError("must pin a version tag such as vllm/vllm-openai:v0.33.0, not ':latest'")
         return value
 
     @field_validator("hf_token_env")
@@ -169,6 +175,15 @@ class PodConfig(BaseModel):
                 instead = RESERVED_VLLM_FLAGS[flag]
                 hint = f"use the {instead} key instead" if instead else "manage_pod.py sets it itself"
                 raise ValueError(f"must not contain {flag}: {hint}")
+            if flag == REFUSED_TOOL_FLAG:
+                raise ValueError(f"must not contain {flag}: manage_pod.py turns tool calling on for models that have "
+                                 "it (agents send tools on every turn)")
+        for flag in VALUED_TOOL_FLAGS:
+            uses = [i for i, item in enumerate(value) if item == flag or item.startswith(flag + "=")]
+            if len(uses) > 1:
+                raise ValueError(f"gives {flag} more than once")
+            if uses and value[uses[0]] == flag and (uses[0] + 1 == len(value) or value[uses[0] + 1].startswith("-")):
+                raise ValueError(f"gives {flag} without a value: write the flag and its value as two items")
         return value
 
     @field_validator("command")

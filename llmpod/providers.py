@@ -23,6 +23,7 @@ from llmpod.errors import PodError
 from llmpod.pod_config import PodConfig
 from llmpod.runpod_api import CreatePodRequest, GpuRequest, Pod, RunPodClient
 from llmpod.state import POD_NAME_PREFIX
+from llmpod.tool_calling import serves_tools, tool_args
 
 VLLM_PORT = 8000
 LIVE_STATUSES = ("PROVISIONING", "STARTING", "RUNNING")
@@ -74,9 +75,23 @@ class Provider(Protocol):
 
 
 def vllm_args(spec: PodSpec, config: PodConfig, port: int = VLLM_PORT) -> list[str]:
-    """``vllm serve`` arguments: bind 0.0.0.0 (RunPod's proxy cannot reach 127.0.0.1), serve under our id."""
+    """``vllm serve`` arguments: bind 0.0.0.0 (RunPod's proxy cannot reach 127.0.0.1), serve under our id, with
+    the model's tool calling on (agents send tools on every turn), then the user's ``vllm_args``."""
     return ["--model", spec.model.hf_repo, "--host", "0.0.0.0", "--port", str(port),
-            "--served-model-name", spec.served_model, "--max-model-len", str(spec.max_model_len), *config.vllm_args]
+            "--served-model-name", spec.served_model, "--max-model-len", str(spec.max_model_len),
+            *model_tool_args(spec.model, config), *config.vllm_args]
+
+
+def model_tool_args(model: ModelEntry, config: PodConfig) -> list[str]:
+    """The tool-calling flags a pod (or the local stand-in) serving ``model`` gets (see llmpod.tool_calling)."""
+    return tool_args(model.tool_call_parser, model.chat_template, config.vllm_args)
+
+
+def upstream_tool_calling(model: ModelEntry, config: PodConfig) -> bool | None:
+    """Whether the pod answers requests with tools; None when we cannot know (a local command with its own args)."""
+    if config.provider == "local" and config.args:
+        return None
+    return serves_tools(model.tool_call_parser, config.vllm_args)
 
 
 class RunPodProvider:
@@ -161,8 +176,10 @@ class LocalProvider:
                                         "--max-model-len", "{max_model_len}"]
         values = {"port": port, "model": spec.model.hf_repo, "served_model_name": spec.served_model,
                   "max_model_len": spec.max_model_len}
+        # the default template is `vllm serve`'s own flags: it gets the tool flags a real pod would get
+        tools = [] if self.config.args else model_tool_args(spec.model, self.config)
         try:
-            return [*command, *(arg.format(**values) for arg in template)]
+            return [*command, *(arg.format(**values) for arg in template), *tools]
         except (KeyError, IndexError, ValueError) as exc:
             raise PodError(f"pod_config.json: bad placeholder in local args: {exc}") from None
 

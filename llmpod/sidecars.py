@@ -16,10 +16,11 @@ from typing import Any
 import httpx
 
 from llmpod import processes
-from llmpod.errors import PodError
+from llmpod.catalog import Catalog
+from llmpod.errors import ConfigError, PodError
 from llmpod.pod_config import PodConfig, check_port_free
 from llmpod.progress import Reporter
-from llmpod.providers import REPO_ROOT
+from llmpod.providers import REPO_ROOT, upstream_tool_calling
 from llmpod.state import PodState, RuntimePaths
 
 PROXY_MARKER = "proxy_fastapi.py"
@@ -28,6 +29,7 @@ WATCHDOG_MARKER = "--watchdog"
 # pid file is still found (and stopped) by the next run instead of outliving --shutdown.
 PROXY_OF = "LLMPOD_PROXY_OF"
 WATCHDOG_OF = "LLMPOD_WATCHDOG_OF"
+TOOL_SETTINGS = ("UPSTREAM_TOOL_CALLING", "TOOL_CAPABLE_MODELS")  # ours to set, never inherited from the shell
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Sidecars:
     config_path: Path
     paths: RuntimePaths
     reporter: Reporter
+    catalog: Catalog | None = None  # tells the proxy which models call tools
 
     def proxy_pid(self) -> int | None:
         return processes.running(self.paths.proxy_pid, PROXY_MARKER)
@@ -70,8 +73,10 @@ class Sidecars:
         check_port_free(state.proxy_port)
         assert state.upstream_url is not None
         # the watchdog restarts proxies too: its marker is not the proxy's
-        inherited = {k: v for k, v in os.environ.items() if k not in (WATCHDOG_OF, processes.HOLD_AT)}
-        env = {**inherited, PROXY_OF: str(self.paths.root), "RUNPOD_ENDPOINT": state.upstream_url,
+        inherited = {k: v for k, v in os.environ.items()
+                     if k not in (WATCHDOG_OF, processes.HOLD_AT, *TOOL_SETTINGS)}
+        env = {**inherited, **self.tool_env(state), PROXY_OF: str(self.paths.root),
+               "RUNPOD_ENDPOINT": state.upstream_url,
                "UPSTREAM_API_KEY": state.vllm_api_key.get_secret_value(), "PROXY_HOST": "127.0.0.1",
                "PROXY_PORT": str(state.proxy_port), "CACHE_DIR": self.config.cache_dir,
                "MAX_CACHE_SIZE": str(self.config.max_cache_size), "CACHE_SIZE_BYTES": str(self.config.max_cache_bytes),
@@ -84,6 +89,21 @@ class Sidecars:
             if time.monotonic() > deadline or self.proxy_pid() is None:
                 raise PodError(f"the proxy did not start on port {state.proxy_port}; see {self.paths.proxy_log}")
             time.sleep(0.1)
+
+    def tool_env(self, state: PodState) -> dict[str, str]:
+        """The proxy's UPSTREAM_TOOL_CALLING (does the pod call tools?) and TOOL_CAPABLE_MODELS (which catalog
+        models can), from the catalog entry of the model the pod serves; nothing when that is unknown."""
+        if self.catalog is None:
+            return {}
+        try:
+            model = self.catalog.model(state.model_id)
+        except ConfigError:
+            return {}
+        env = {"TOOL_CAPABLE_MODELS": ",".join(entry.id for entry in self.catalog.models if entry.tool_calling)}
+        serving = upstream_tool_calling(model, self.config)
+        if serving is not None:
+            env["UPSTREAM_TOOL_CALLING"] = "1" if serving else "0"
+        return env
 
     def ensure_watchdog(self) -> None:
         if processes.running(self.paths.watchdog_pid, WATCHDOG_MARKER):
