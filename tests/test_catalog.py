@@ -31,6 +31,7 @@ from llmpod.pod_config import PodConfig
 
 HUB = "http://hub.test"
 DS33 = "deepseek-coder-33b-instruct-awq"
+DEFAULT = "qwen2.5-coder-32b-instruct-awq"
 
 
 def error(call: Callable[[], Any]) -> str:
@@ -70,8 +71,43 @@ def test_every_builtin_model_fits_a_builtin_gpu_and_the_default_is_in_the_store(
         assert any(gpu.memory_gb >= model.min_gpu_memory_gb for gpu in BUILTIN_GPUS), model.id
         assert any(gpu.memory_gb == model.min_gpu_memory_gb for gpu in BUILTIN_GPUS), model.id
     model, gpus = validate_config(PodConfig(), builtin_catalog())
-    assert model.id == DS33 and model.hf_repo == "TheBloke/deepseek-coder-33B-instruct-AWQ"
+    assert model.id == DEFAULT and model.hf_repo == "Qwen/Qwen2.5-Coder-32B-Instruct-AWQ"
+    assert model.tool_calling  # the default serves an agent's turns
     assert [gpu.id for gpu in gpus] == ["NVIDIA RTX A6000", "NVIDIA L40S", "NVIDIA A40"]  # 48 GB fallbacks
+
+
+# vLLM 0.33.0's parser per family (vllm/tool_parsers/__init__.py and docs/features/tool_calling.md)
+TOOL_PARSERS = {
+    "deepseek-coder-33b-instruct-awq": None, "deepseek-coder-6.7b-instruct": None,
+    "deepseek-coder-v2-lite-instruct": None, "qwen2.5-coder-7b-instruct": "hermes",
+    "qwen2.5-coder-14b-instruct-awq": "hermes", "qwen2.5-coder-32b-instruct-awq": "hermes",
+    "qwen3-coder-30b-a3b-instruct-fp8": "qwen3_coder", "qwen3-coder-30b-a3b-instruct": "qwen3_coder",
+    "codellama-13b-instruct-awq": None,
+}
+
+
+def test_every_model_says_how_vllm_calls_tools_for_it_and_where_that_comes_from() -> None:
+    assert {model.id: model.tool_call_parser for model in BUILTIN_MODELS} == TOOL_PARSERS
+    for model in BUILTIN_MODELS:
+        assert model.tool_calling == (model.tool_call_parser is not None)
+        assert model.chat_template is None  # each renders tools with its own template, or has no tool calling
+        assert "vLLM" in model.tool_calling_source and "tool_calling.md" in model.tool_calling_source, model.id
+        if model.tool_calling:
+            assert model.tool_call_parser in model.tool_calling_source
+
+
+def test_a_cache_from_before_tool_calling_gets_the_builtin_facts(tmp_path: Path) -> None:
+    """Cached entries carry no tool-calling fields (or stale ones): the built-in facts win, the cache stays valid."""
+    path = tmp_path / "catalog.json"
+    old = [m.model_dump(exclude={"tool_call_parser", "chat_template", "tool_calling_source"}) for m in BUILTIN_MODELS]
+    old[0]["tool_call_parser"] = "pythonic"  # a stale fact
+    path.write_text(json.dumps({"version": 1, "models": old, "gpus": [], "models_source": "huggingface",
+                                "gpus_source": "built-in", "refreshed_at": 1.0}))
+
+    catalog = load_catalog(path)
+
+    assert catalog.models_source == "cache" and catalog.notes == []
+    assert {model.id: model.tool_call_parser for model in catalog.models} == TOOL_PARSERS
 
 
 def test_builtin_gpus_are_sane() -> None:
@@ -173,10 +209,10 @@ def test_validate_config_drops_fallbacks_that_do_not_fit_and_duplicates() -> Non
 
     model, gpus = validate_config(config, builtin_catalog(), notes)
 
-    assert model.id == DS33
+    assert model.id == DEFAULT
     assert [gpu.id for gpu in gpus] == ["NVIDIA RTX A6000", "NVIDIA L40S", "NVIDIA A100 80GB PCIe"]
-    assert notes == [f"fallback GPU NVIDIA GeForce RTX 4090 dropped: model {DS33} needs at least 48 GB of GPU memory; "
-                     "GPU NVIDIA GeForce RTX 4090 has 24 GB"]
+    assert notes == [f"fallback GPU NVIDIA GeForce RTX 4090 dropped: model {DEFAULT} needs at least 48 GB of GPU "
+                     "memory; GPU NVIDIA GeForce RTX 4090 has 24 GB"]
 
 
 def test_validate_config_applies_max_hourly_cost_where_prices_are_known() -> None:

@@ -75,11 +75,11 @@ def test_the_shipped_file_holds_every_key_with_its_default() -> None:
 def test_defaults() -> None:
     config = PodConfig()
 
-    assert config.modelStoreId == "deepseek-coder-33b-instruct-awq"
+    assert config.modelStoreId == "qwen2.5-coder-32b-instruct-awq"  # calls tools: agents work on the default
     assert config.gpu_type_id == "NVIDIA RTX A6000"
     assert (config.runtime_seconds, config.proxy_port, config.max_cache_size) == (28800, 8000, 1000)
     assert (config.cache_dir, config.max_cache_bytes, config.enable_profiling) == ("/tmp/llm_cache", 1 << 30, False)
-    assert (config.provider, config.cloud_type, config.image) == ("runpod", "SECURE", "vllm/vllm-openai:v0.27.1")
+    assert (config.provider, config.cloud_type, config.image) == ("runpod", "SECURE", "vllm/vllm-openai:v0.33.0")
     assert config.template_id is None and config.max_model_len is None and config.max_hourly_cost is None
     assert config.hf_token_env == "HF_TOKEN"
     assert config.local_command == [sys.executable, str(MOCK_SERVER)]
@@ -102,7 +102,7 @@ def test_the_original_test_plans_example_loads(tmp_path: Path) -> None:
     config = load_pod_config(write(tmp_path, example))
 
     assert config.model_dump(include=set(example)) == example
-    assert config.provider == "runpod" and config.image == "vllm/vllm-openai:v0.27.1"
+    assert config.provider == "runpod" and config.image == "vllm/vllm-openai:v0.33.0"
 
 
 def test_a_byte_order_mark_and_lower_case_cloud_are_accepted(tmp_path: Path) -> None:
@@ -206,6 +206,13 @@ BAD_FILES: list[tuple[str, str | bytes, str]] = [
     ("vllm_args len", '{"vllm_args": ["--max-model-len=8192"]}', "use the max_model_len key instead"),
     ("vllm_args port", '{"vllm_args": ["--port", "1"]}', "must not contain --port: manage_pod.py sets it itself"),
     ("vllm_args item", '{"vllm_args": [1]}', "vllm_args[0]=1 is not a string"),
+    ("vllm_args parser twice", '{"vllm_args": ["--tool-call-parser", "hermes", "--tool-call-parser=pythonic"]}',
+     "vllm_args gives --tool-call-parser more than once"),
+    ("vllm_args parser no value", '{"vllm_args": ["--tool-call-parser", "--enable-prefix-caching"]}',
+     "vllm_args gives --tool-call-parser without a value"),
+    ("vllm_args template last", '{"vllm_args": ["--chat-template"]}', "gives --chat-template without a value"),
+    ("vllm_args tools off", '{"vllm_args": ["--no-enable-auto-tool-choice"]}',
+     "must not contain --no-enable-auto-tool-choice: manage_pod.py turns tool calling on"),
     ("command empty", '{"command": []}', "command=[] must not be empty"),
     ("command string", '{"command": "python3 x.py"}', "command='python3 x.py' is not a list or null"),
     ("command blank item", '{"command": [""]}', "command must not contain blank items"),

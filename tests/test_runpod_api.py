@@ -91,7 +91,7 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> httpx.Respons
 
 def vllm_request() -> CreatePodRequest:
     return CreatePodRequest(
-        name="llmpod-ab12cd34", image="vllm/vllm-openai:v0.27.1", gpu=GpuRequest(id="NVIDIA L40S"),
+        name="llmpod-ab12cd34", image="vllm/vllm-openai:v0.33.0", gpu=GpuRequest(id="NVIDIA L40S"),
         disk=60, ports=["8000/http"], env={"VLLM_API_KEY": VLLM_KEY},
         args="--model Qwen/Qwen2.5-7B-Instruct --host 0.0.0.0 --port 8000",
     )
@@ -179,7 +179,7 @@ def test_create_pod_sends_exactly_the_vllm_body(client: RunPodClient, mocked_run
     assert request.headers["Content-Type"] == "application/json"
     assert request.headers["Authorization"] == f"Bearer {KEY}"
     assert json.loads(request.content) == {
-        "name": "llmpod-ab12cd34", "image": "vllm/vllm-openai:v0.27.1", "gpu": {"id": "NVIDIA L40S", "count": 1},
+        "name": "llmpod-ab12cd34", "image": "vllm/vllm-openai:v0.33.0", "gpu": {"id": "NVIDIA L40S", "count": 1},
         "cloud": "SECURE", "disk": 60, "ports": ["8000/http"], "env": {"VLLM_API_KEY": VLLM_KEY},
         "args": "--model Qwen/Qwen2.5-7B-Instruct --host 0.0.0.0 --port 8000",
     }

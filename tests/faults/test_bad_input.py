@@ -356,7 +356,7 @@ def _record_a_running_pod(workdir: Any, fake: Any) -> None:
     from tests.e2e_harness import API_KEY, MODEL
 
     name = f"llmpod-{os.urandom(4).hex()}"
-    body = {"name": name, "image": "vllm/vllm-openai:v0.27.1", "gpu": {"id": "NVIDIA L40S", "count": 1},
+    body = {"name": name, "image": "vllm/vllm-openai:v0.33.0", "gpu": {"id": "NVIDIA L40S", "count": 1},
             "ports": ["8000/http"]}
     created = httpx.post(f"{fake.url}/v2/pods", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
                          timeout=10)
