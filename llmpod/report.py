@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from datetime import datetime, timezone
 from typing import Any
 
-from llmpod.catalog import Catalog
+from llmpod.catalog import Catalog, ModelEntry
+from llmpod.errors import ConfigError
 from llmpod.lifecycle import Session
 from llmpod.state import PodState, load_state, read_last_session
 
@@ -88,16 +91,67 @@ def status_text(report: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+# Kilo Code 7.7.7 sends max_tokens = min(limit.output, 32000) (its ProviderTransform.maxOutputTokens): an output
+# limit of a quarter of the context leaves the prompt room and keeps clear of vLLM's max_tokens > max_model_len 400
+KILO_OUTPUT_SHARE = 4
+KILO_OUTPUT_MAX = 8192
+
+
+def kilo_config(endpoint: str, api_key: str, model: str, context: int | None, tool_call: bool) -> dict[str, Any]:
+    """A ``kilo.json`` (Kilo CLI and the current extension) with llmpod as an OpenAI-compatible provider; checked
+    with Kilo CLI 7.7.7's ``kilo config check`` (``limit`` needs both ``context`` and ``output``)."""
+    entry: dict[str, Any] = {"name": model, "tool_call": tool_call}
+    if context:
+        entry["limit"] = {"context": context, "output": min(KILO_OUTPUT_MAX, context // KILO_OUTPUT_SHARE)}
+    return {"$schema": "https://app.kilo.ai/config.json", "model": f"llmpod/{model}",
+            "provider": {"llmpod": {"npm": "@ai-sdk/openai-compatible", "name": "llmpod",
+                                    "options": {"baseURL": endpoint, "apiKey": api_key}, "models": {model: entry}}}}
+
+
+def kilo_json_text(config: dict[str, Any]) -> str:
+    """``config`` as JSON, one line per provider field: short enough to read in a terminal, and pasteable."""
+    (name, provider), = config["provider"].items()
+    fields = ",\n".join(f"    {json.dumps(key)}: {json.dumps(value)}" for key, value in provider.items())
+    top = "".join(f"  {json.dumps(key)}: {json.dumps(value)},\n" for key, value in config.items() if key != "provider")
+    return f"{{\n{top}  \"provider\": {{{json.dumps(name)}: {{\n{fields}\n  }}}}\n}}"
+
+
+def _served_entry(session: Session, state: PodState) -> ModelEntry | None:
+    if session.model.id == state.model_id:
+        return session.model
+    try:
+        return session.catalog.model(state.model_id)
+    except ConfigError:
+        return None
+
+
 def ready_text(session: Session, state: PodState) -> str:
     endpoint = f"{session.sidecars.proxy_url(state)}/v1"
+    model = state.served_model
+    entry = _served_entry(session, state)
+    # the proxy strips the key the same way; 'none' is what any value looks like when no key is set
+    key = os.environ.get("PROXY_API_KEY", "").strip()
+    api_key = key or "none"
+    context = (session.config.max_model_len or entry.context_length) if entry else None
+    tools = entry is not None and entry.tool_calling
+    if entry is None:
+        calls = ""
+    elif tools:
+        calls = f"; calls tools (vLLM parser {entry.tool_call_parser}): works as an agent"
+    else:
+        capable = ", ".join(m.id for m in session.catalog.models if m.tool_calling)
+        calls = f"; no tool calling: chat, edit and autocomplete only (agents need one of: {capable})"
     return "\n".join([
         f"ready: {endpoint}",
-        f"model:    {state.served_model}",
+        f"model:    {model}" + (f", {context} tokens of context" if context else "") + calls,
+        f"API key:  {key}" if key else "API key:  none set (PROXY_API_KEY): any value works",
         f"cost:     ${state.cost_per_hour or 0:.2f}/h, expires {clock(state.expires_at)}"
         + (f", idle shutdown after {state.idle_timeout_seconds // 60} min without a request"
            if state.idle_timeout_seconds else ""),
-        f"Kilo Code: provider 'OpenAI Compatible', Base URL {endpoint}, API key 'none', "
-        f"model '{state.served_model}'",
+        "Kilo Code (Kilo CLI and current extension): in ~/.config/kilo/kilo.json or ./kilo.json",
+        kilo_json_text(kilo_config(endpoint, api_key, model, context, tools)),
+        f"Kilo Code (legacy 5.x extension): provider 'OpenAI Compatible', Base URL {endpoint}, API key "
+        f"'{api_key}', model '{model}'",
         "stop it:  python3 manage_pod.py --shutdown",
     ])
 
