@@ -169,7 +169,8 @@ def catalog_text(catalog: Catalog, verbose: bool) -> str:
     for model in catalog.models:
         lines.append(f"  {model.id:<40} {model.name}" + (
             f"  [{model.parameters_b:g}B {model.quantization or 'bf16'}, >= {model.min_gpu_memory_gb} GB, "
-            f"ctx {model.context_length}{', gated' if model.gated else ''}]" if verbose else ""))
+            f"ctx {model.context_length}, tools {model.tool_call_parser or 'none'}{', gated' if model.gated else ''}]"
+            if verbose else ""))
     lines.append(f"GPUs ({catalog.gpus_source}):")
     for gpu in catalog.gpus:
         price = f"${gpu.price_secure:.2f}/h" if gpu.price_secure is not None else "price unknown"
