@@ -189,3 +189,23 @@ def test_a_tools_request_passes_through_when_the_pod_calls_tools_or_nobody_knows
 
     assert mock_control.generations() == 1  # forwarded: the pod's answer is what the client gets
     assert "served without tool calling" not in response.text
+
+
+# --------------------------------------------------------------------------------------------- manage_pod --local
+def test_local_pod_of_a_tool_less_model_refuses_agent_turns_in_one_line(tmp_path: Path) -> None:
+    from tests.e2e_harness import MODEL, Workdir, assert_no_survivors
+
+    work = Workdir(tmp_path, None)  # MODEL: DeepSeek Coder 33B, no tool calling in vLLM
+    try:
+        up = work.run("--local")
+        assert up.returncode == 0, up.stderr
+        assert "no tool calling: chat, edit and autocomplete only" in up.stdout
+
+        refused = work.chat(tools=TOOLS, stream=True)
+        assert refused.status_code == 400
+        assert refused.json()["error"]["message"] == refusal_message(MODEL, CAPABLE)
+        assert work.chat(tools=TOOLS, tool_choice="none").status_code == 200
+        assert work.chat().status_code == 200
+    finally:
+        work.run("--shutdown", timeout=60)
+        assert_no_survivors(work)
