@@ -92,7 +92,9 @@ class PodConfig(BaseModel):
         60, ge=10, le=2000, description="Container disk in GB: it holds the image and the downloaded weights.")
     max_model_len: int | None = Field(
         None, ge=128, description="vLLM --max-model-len; null for the Model Store's context length for the model.")
-    vllm_args: list[str] = Field([], description="Extra `vllm serve` flags, e.g. ['--enable-prefix-caching'].")
+    vllm_args: list[str] = Field(
+        [], description="Extra `vllm serve` flags, e.g. ['--enable-prefix-caching']; a --tool-call-parser or "
+                        "--chat-template here replaces the catalog's.")
     hf_token_env: str = Field(
         "HF_TOKEN", description="The NAME of the environment variable holding a Hugging Face token (gated models).")
     idle_timeout_seconds: int = Field(
