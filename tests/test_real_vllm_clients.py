@@ -3,8 +3,9 @@ own server, started with exactly the ``vllm serve`` arguments manage_pod.py buil
 
 The turns replayed are the recorded ones in tests/fixtures/clients/ (tools, Kilo's ``tool_choice: "auto"`` and
 ``max_tokens: 32000``, streamed with ``stream_options.include_usage``). The pod's arguments come from the real
-``llmpod.providers.vllm_args`` on a ``PodSpec`` built as ``Lifecycle._create`` builds it; the proxy is started by the
-real ``Sidecars.ensure_proxy`` (the same environment manage_pod.py gives it). vLLM is tests/real_vllm.py's stub
+``llmpod.providers.vllm_args`` on a ``PodSpec`` built as ``Session._create`` builds it; the proxy is started by the
+real ``Sidecars.ensure_proxy`` of a ``Session`` built as ``cli.build_session`` builds it (so with the environment
+manage_pod.py gives the proxy). vLLM is tests/real_vllm.py's stub
 server (vLLM 0.33.0's own API server, parsers and chat-template rendering on CPU; only the GPU engine is faked and
 the model is its tiny-llama stand-in), with its ``--stub-tool-calls`` so a prompt that lists tools is answered with
 a hermes-style tool call.
@@ -26,11 +27,11 @@ from typing import Any
 import httpx
 import pytest
 
-from llmpod.catalog import builtin_catalog, validate_config
+from llmpod.catalog import load_catalog, validate_config
+from llmpod.lifecycle import Session
 from llmpod.pod_config import load_pod_config
 from llmpod.progress import Reporter
-from llmpod.providers import REPO_ROOT, PodSpec, vllm_args
-from llmpod.sidecars import Sidecars
+from llmpod.providers import REPO_ROOT, LocalProvider, PodSpec, vllm_args
 from llmpod.state import POD_NAME_PREFIX, PodState, RuntimePaths
 from tests.real_vllm import PYTHON_ENV, real_vllm, vllm_available
 from tests.servers import free_port
@@ -58,27 +59,45 @@ class Pod:
     args: list[str]
 
 
-def default_pod_args(api_key: str) -> tuple[list[str], str]:
-    """``vllm serve`` arguments for the shipped pod_config.json, as manage_pod.py builds them (first GPU candidate),
-    and the served model name. Built by the real functions, so a change to the catalog or vllm_args shows here."""
-    config = load_pod_config(REPO_ROOT / "pod_config.json")
-    model, gpus = validate_config(config, builtin_catalog())
-    max_len = config.max_model_len or model.context_length  # as Lifecycle._create does
-    spec = PodSpec(f"{POD_NAME_PREFIX}clients", gpus[0], model, model.id, max_len, api_key)
-    return vllm_args(spec, config), spec.served_model
+def pod_session(root: Path) -> Session:
+    """The Session manage_pod.py builds (cli.build_session) for the shipped pod_config.json run from ``root``, a fresh
+    directory (so the built-in catalog), with its own proxy port and cache so nothing shared is touched."""
+    config = load_pod_config(REPO_ROOT / "pod_config.json").model_copy(
+        update={"proxy_port": free_port(), "cache_dir": str(root / "cache")}
+    )
+    paths = RuntimePaths(root)
+    paths.ensure()
+    catalog = load_catalog(paths.catalog)
+    model, gpus = validate_config(config, catalog)
+    return Session(
+        config=config,
+        config_path=root / "pod_config.json",
+        paths=paths,
+        provider=LocalProvider(config, paths.pod_log),
+        catalog=catalog,
+        model=model,
+        gpus=gpus,
+        reporter=Reporter(),
+    )
+
+
+def pod_args(session: Session, api_key: str) -> list[str]:
+    """``vllm serve`` arguments for the session's pod on its first GPU candidate, by the real ``vllm_args`` on a
+    PodSpec built as ``Session._create`` builds it: a catalog or vllm_args change shows here."""
+    max_len = session.config.max_model_len or session.model.context_length
+    spec = PodSpec(f"{POD_NAME_PREFIX}clients", session.gpus[0], session.model, session.model.id, max_len, api_key)
+    return vllm_args(spec, session.config)
 
 
 @pytest.fixture(scope="module")
 def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
     """One vLLM (about 15 s to start) and one proxy for every replayed turn: each turn is a different request."""
     api_key = secrets.token_urlsafe(32)
-    args, served = default_pod_args(api_key)
-    root = tmp_path_factory.mktemp("pod")
+    session = pod_session(tmp_path_factory.mktemp("pod"))
+    args = pod_args(session, api_key)
+    served = session.model.id
     # RunPodProvider.create hands the key to the pod as VLLM_API_KEY, not as an argument
     with real_vllm([*args, "--stub-tool-calls"], env={"VLLM_API_KEY": api_key}) as base:
-        config = load_pod_config(REPO_ROOT / "pod_config.json").model_copy(
-            update={"proxy_port": free_port(), "cache_dir": str(root / "cache")}
-        )
         now = time.time()
         state = PodState(
             provider="runpod",
@@ -93,16 +112,13 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
             ready_at=now,
             expires_at=now + 3600,
             idle_timeout_seconds=3600,
-            proxy_port=config.proxy_port,
+            proxy_port=session.config.proxy_port,
         )
-        paths = RuntimePaths(root)
-        paths.ensure()
-        sidecars = Sidecars(config, root / "pod_config.json", paths, Reporter())
-        sidecars.ensure_proxy(state)
+        session.sidecars.ensure_proxy(state)  # the proxy manage_pod.py starts, with the environment it gives it
         try:
-            yield Pod(sidecars.proxy_url(state), served, args)
+            yield Pod(session.sidecars.proxy_url(state), served, args)
         finally:
-            sidecars.stop(keep_watchdog=True)
+            session.sidecars.stop(keep_watchdog=True)
 
 
 def load_fixture(name: str) -> dict[str, Any]:
