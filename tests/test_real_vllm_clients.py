@@ -16,6 +16,7 @@ turns it on.
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 import time
@@ -121,6 +122,11 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
             session.sidecars.stop(keep_watchdog=True)
 
 
+def hermes_parser(args: list[str]) -> bool:
+    """Whether ``vllm serve`` ``args`` name the hermes tool-call parser (the shape of the stub's tool calls)."""
+    return "--tool-call-parser=hermes" in args or ("--tool-call-parser", "hermes") in itertools.pairwise(args)
+
+
 def load_fixture(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / f"{name}.json").read_text())  # type: ignore[no-any-return]
 
@@ -174,6 +180,8 @@ def test_recorded_agent_turn_gets_a_whole_streamed_answer(pod: Pod, turn: str) -
             slot["name"] += function.get("name") or ""
             slot["arguments"] += function.get("arguments") or ""
     assert calls or content, f"{turn}: neither content nor tool calls in {chunks}"
+    if hermes_parser(pod.args):  # the stub's tool call is hermes-shaped: this parser must turn it into tool_calls
+        assert calls, f"{turn}: the stub's <tool_call> did not come through as tool_calls: {content!r}"
     for call in calls.values():
         assert call["name"] in tool_names, f"{turn}: a call to {call['name']!r}, which the client did not offer"
         assert isinstance(json.loads(call["arguments"]), dict)
