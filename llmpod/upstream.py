@@ -2,7 +2,7 @@
 
 Two shared clients, both owned by the app's lifespan: an ``HTTPPool`` (``upstream_http``) for the
 generation streams, the hot path of every miss, and an ``httpx.AsyncClient`` for the rare calls (model list,
-``/tokenize``, health). Failures become ``UpstreamError`` with the status the proxy should answer and an
+``/version``, ``/tokenize``, health). Failures become ``UpstreamError`` with the status the proxy should answer and an
 OpenAI-shaped body that names the upstream: unreachable 502, timed out 504, vLLM's own 4xx/5xx passed through
 (old flat errors normalised).
 """
