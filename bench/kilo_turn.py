@@ -95,7 +95,10 @@ def session(turns: int, model: str, nonce: str) -> list[dict[str, Any]]:
     rng = random.Random(nonce)
     body = first_turn()
     body["model"] = model
-    body["messages"][0] = {**body["messages"][0], "content": f"[{nonce}]\n" + str(body["messages"][0]["content"])}
+    first, tag = body["messages"][0], f"[{nonce}]\n"
+    content = first.get("content")  # a string, or content parts (a recording may have either)
+    body["messages"][0] = {**first, "content": tag + content if isinstance(content, str)
+                           else [{"type": "text", "text": tag}, *(content or [])]}
     bodies = [body]
     for turn in range(1, turns):
         body = copy.deepcopy(body)
