@@ -35,7 +35,9 @@ CONTEXT = 32768  # a Kilo Code model's context (Qwen2.5-Coder-32B-Instruct serve
 DELAY = 0.08
 SESSIONS = 3
 TURNS = 8  # per session: 55 KB growing to about 75 KB
-MOCK_SWITCHES = ("--max-model-len", str(CONTEXT), "--chunk-count", "8")
+# a pod serving an agent: tool calling on (a mock that speaks vLLM 0.33 refuses tools without it, as vLLM does)
+MOCK_SWITCHES = ("--max-model-len", str(CONTEXT), "--chunk-count", "8", "--enable-auto-tool-choice",
+                 "--tool-call-parser", "hermes")
 CHAT = "/v1/chat/completions"
 
 
