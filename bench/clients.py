@@ -40,7 +40,7 @@ def _has_content(data: bytes) -> bool:
         delta = (choices[0].get("delta") or {}) if choices else {}
     except (orjson.JSONDecodeError, AttributeError, IndexError, TypeError):
         return False
-    return bool(delta.get("content"))
+    return bool(delta.get("content") or delta.get("tool_calls"))  # an agent's turn may start with a tool call
 
 
 async def timed_stream(client: httpx.AsyncClient, url: str, body: bytes,

@@ -49,8 +49,9 @@ class ServerProcess:
     """One server subprocess: ``argv_for(port)`` is its command line."""
 
     def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path,
-                 health_path: str = "/health", start_timeout: float = 60.0) -> None:
+                 health_path: str = "/health", start_timeout: float = 60.0, cwd: Path = ROOT) -> None:
         self.name = name
+        self.cwd = cwd
         self._argv = list(argv)
         self._env = dict(env)
         self.log_path = log_path
@@ -79,7 +80,7 @@ class ServerProcess:
             env = {k: v.replace("{port}", str(self.port)) for k, v in self._env.items()}
             with open(self.log_path, "ab") as log:
                 started = self.started_at = time.perf_counter()
-                self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                self.process = subprocess.Popen(argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                                 stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 self.startup_seconds = self._wait_healthy(started)
@@ -152,7 +153,8 @@ def mock_server(name: str, log_dir: Path, *switches: str) -> ServerProcess:
 
 
 def proxy_server(name: str, log_dir: Path, upstream: ServerProcess, cache_dir: Path,
-                 max_entries: int = 10_000_000, max_bytes: int = 1 << 40) -> ServerProcess:
+                 max_entries: int = 10_000_000, max_bytes: int = 1 << 40, root: Path = ROOT) -> ServerProcess:
+    """The proxy of the checkout at ``root`` (another one's, to compare before and after a change)."""
     env = base_env({
         "RUNPOD_ENDPOINT": f"{upstream.url}/v1",
         "CACHE_DIR": str(cache_dir),
@@ -160,8 +162,8 @@ def proxy_server(name: str, log_dir: Path, upstream: ServerProcess, cache_dir: P
         "MAX_CACHE_SIZE": str(max_entries),
         "CACHE_SIZE_BYTES": str(max_bytes),
     })
-    argv = [sys.executable, str(ROOT / "proxy_fastapi.py"), "--port", "{port}"]
-    return ServerProcess(name, argv, env, log_dir / f"{name}.log")
+    argv = [sys.executable, str(root / "proxy_fastapi.py"), "--port", "{port}"]
+    return ServerProcess(name, argv, env, log_dir / f"{name}.log", cwd=root)
 
 
 def ceiling_server(name: str, log_dir: Path) -> ServerProcess:

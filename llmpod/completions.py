@@ -171,8 +171,7 @@ class GenerationHandler:
             if served is not None:
                 body["model"] = exchange.model = served.id
                 exchange.resolved = True
-            body = await service.upstream.fit_context(endpoint, body, served, lambda: cache_key(endpoint, body),
-                                                      body_bytes)
+            body = await service.upstream.fit_context(body, served, body_bytes)
             lookup_start = time.perf_counter()
             exchange.key = key = cache_key(endpoint, body)
         except UnkeyableRequest as exc:

@@ -80,6 +80,7 @@ class ProxyService:
         })
 
     def _record_upstream(self, flight: Flight) -> None:
+        self.upstream.learn(flight.body, flight.assembler.usage)
         if flight.cancelled:
             return
         end = flight.finished_at or time.perf_counter()

@@ -2,7 +2,7 @@
 
 Two shared clients, both owned by the app's lifespan: an ``HTTPPool`` (``upstream_http``) for the
 generation streams, the hot path of every miss, and an ``httpx.AsyncClient`` for the rare calls (model list,
-``/tokenize``, health). Failures become ``UpstreamError`` with the status the proxy should answer and an
+``/version``, ``/tokenize``, health). Failures become ``UpstreamError`` with the status the proxy should answer and an
 OpenAI-shaped body that names the upstream: unreachable 502, timed out 504, vLLM's own 4xx/5xx passed through
 (old flat errors normalised).
 """
@@ -13,8 +13,7 @@ import asyncio
 import re
 import ssl
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,22 +23,22 @@ import httpx
 import orjson
 
 from llmpod.config import ProxySettings
+from llmpod.context_fit import (
+    PromptMemory,
+    cap_max_tokens,
+    fit,
+    is_int,
+    lowers_max_tokens_itself,
+    parse_version,
+    refusal_from_error,
+)
 from llmpod.errors import UpstreamError
 from llmpod.upstream_http import HTTPPool, UpstreamConnectionError, UpstreamReadTimeout, UpstreamResponse
 from llmpod.wire import error_body, normalise_error
 
 MODELS_TTL = 60.0  # seconds a /v1/models answer is trusted
 MODELS_RETRY = 5.0  # an unknown model name refreshes the list at most this often
-TOKEN_MARGIN = 256  # chat templates add tokens (default system prompts) that the JSON does not show
-FIT_MEMO_SIZE = 4096
 MAX_ERROR_BODY = 64 * 1024
-
-# vLLM's context-length 400s, current and older wording (reference: vllm_fluidmcp.md A.6)
-_MAX_LEN = re.compile(r"maximum context length is (\d+) tokens")
-_INPUT_TOKENS = (
-    re.compile(r"has (\d+) input tokens"),
-    re.compile(r"\((\d+) in the messages"),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,32 +72,6 @@ def match_model(requested: str, served: list[ServedModel]) -> ServedModel | None
     return None
 
 
-def context_limit_from_error(message: str) -> tuple[int, int] | None:
-    """``(max_model_len, prompt_tokens)`` from vLLM's context-length message, if it is one."""
-    limit = _MAX_LEN.search(message)
-    if limit is None:
-        return None
-    for pattern in _INPUT_TOKENS:
-        found = pattern.search(message)
-        if found:
-            return int(limit.group(1)), int(found.group(1))
-    return None
-
-
-def cap_max_tokens(body: dict[str, Any], allowed: int) -> dict[str, Any] | None:
-    """A copy of ``body`` whose max token fields are at most ``allowed``, or None if nothing changes."""
-    if allowed < 1:
-        return None  # the prompt alone is too long: let vLLM say so
-    fields = [f for f in ("max_tokens", "max_completion_tokens") if _int(body.get(f)) and body[f] > allowed]
-    if not fields:
-        return None
-    return {**body, **dict.fromkeys(fields, allowed)}
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def stream_pool(settings: ProxySettings) -> HTTPPool:
     """The connection pool for generation streams to ``settings.upstream_base``'s origin."""
     parts = urlsplit(settings.upstream_base)
@@ -127,7 +100,9 @@ class Upstream:
         self._models: list[ServedModel] | None = None
         self._models_at = 0.0
         self._models_fetch: asyncio.Future[list[ServedModel] | None] | None = None
-        self._fit_memo: OrderedDict[str, int | None] = OrderedDict()
+        self.version: str | None = None  # vLLM's, from GET /version, asked with the first model list
+        self.lowers_itself = False  # the release fits prompt + max_tokens itself (context_fit's doc)
+        self.prompts = PromptMemory()
 
     # ----------------------------------------------------------------- errors
     def unreachable(self, exc: BaseException) -> UpstreamError:
@@ -166,13 +141,16 @@ class Upstream:
         return await asyncio.shield(self._models_fetch)
 
     async def _fetch_models(self) -> list[ServedModel] | None:
+        listing = self.client.get(f"{self.base}/models", headers=self.headers, timeout=self.listing_timeout)
         try:
-            response = await self.client.get(f"{self.base}/models", headers=self.headers,
-                                             timeout=self.listing_timeout)
+            if self.version is None:  # asked once, beside the first list: it adds no wait of its own
+                response, _ = await asyncio.gather(listing, self._fetch_version())
+            else:
+                response = await listing
             response.raise_for_status()
             data = orjson.loads(response.content)["data"]
             self._models = [
-                ServedModel(str(card["id"]), card.get("max_model_len") if _int(card.get("max_model_len"))
+                ServedModel(str(card["id"]), card.get("max_model_len") if is_int(card.get("max_model_len"))
                             else None)
                 for card in data
             ]
@@ -180,6 +158,19 @@ class Upstream:
         except (httpx.HTTPError, orjson.JSONDecodeError, KeyError, TypeError):
             pass  # keep what we had; callers treat None as "unknown"
         return self._models
+
+    async def _fetch_version(self) -> None:
+        """vLLM's release, which decides how ``max_tokens`` is fitted. Unreachable: asked again with the next
+        list; any other answer is final (an upstream without /version is not assumed to lower max_tokens)."""
+        try:
+            response = await self.client.get(f"{self.root}/version", timeout=self.listing_timeout)
+            version = orjson.loads(response.content).get("version") if response.status_code == 200 else None
+        except httpx.HTTPError:
+            return
+        except (orjson.JSONDecodeError, AttributeError):
+            version = None
+        self.version = version if isinstance(version, str) else ""
+        self.lowers_itself = lowers_max_tokens_itself(parse_version(self.version))
 
     async def resolve(self, requested: Any) -> ServedModel | None:
         """The served model a request names; None when the upstream's list is unknown (forward as is).
@@ -205,40 +196,23 @@ class Upstream:
         return found
 
     # ----------------------------------------------------------------- context
-    async def fit_context(self, endpoint: str, body: dict[str, Any], model: ServedModel | None,
-                          digest: Callable[[], str], body_bytes: int) -> dict[str, Any]:
-        """Lower ``max_tokens`` so prompt + completion fit ``max_model_len`` (current Kilo Code asks
-        for 32000 by default and vLLM refuses with a 400 otherwise).
-
-        Cheap when it surely fits (the request's size in bytes bounds the prompt's token count, with no
-        work on the hot path: the body was measured as it was read); otherwise asks vLLM's
-        ``/tokenize`` once per distinct request (memoised by ``digest()``) so repeats cost nothing.
-        """
+    async def fit_context(self, body: dict[str, Any], model: ServedModel | None, body_bytes: int) -> dict[str, Any]:
+        """``body``, or a copy with ``max_tokens`` lowered so the upstream accepts it (Kilo Code asks for 32000
+        on every turn): capped at ``max_model_len`` for a vLLM that fits the rest itself, else bounded by what
+        vLLM counted for the conversation's earlier turns, asking ``/tokenize`` only when that bound is too
+        loose (``llmpod.context_fit``)."""
         limit = model.max_model_len if model else None
-        requested = max((body[f] for f in ("max_tokens", "max_completion_tokens") if _int(body.get(f))),
-                        default=None)
-        if limit is None or requested is None:
-            return body
-        if requested + body_bytes + TOKEN_MARGIN <= limit:
-            return body
-        key = digest()
-        if key in self._fit_memo:
-            self._fit_memo.move_to_end(key)
-            allowed = self._fit_memo[key]
-        else:
-            prompt_tokens = await self.count_tokens(endpoint, body)
-            allowed = None if prompt_tokens is None else limit - prompt_tokens
-            if prompt_tokens is not None:  # a failed count is not remembered: try again next time
-                self._fit_memo[key] = allowed
-                if len(self._fit_memo) > FIT_MEMO_SIZE:
-                    self._fit_memo.popitem(last=False)
-        if allowed is None:
-            return body
-        return cap_max_tokens(body, allowed) or body
+        return await fit(body, body_bytes, limit, self.lowers_itself, self.prompts, self.count_tokens)
 
-    async def count_tokens(self, endpoint: str, body: dict[str, Any]) -> int | None:
+    def learn(self, body: dict[str, Any], usage: dict[str, Any] | None) -> None:
+        """Remember the prompt tokens vLLM reported for a forwarded ``body`` (only an older vLLM needs it)."""
+        if not self.lowers_itself and usage is not None:
+            self.prompts.learn(body, usage.get("prompt_tokens"))
+
+    async def count_tokens(self, body: dict[str, Any]) -> int | None:
+        """The prompt's tokens by vLLM's ``/tokenize`` (a chat's messages and tools, or a completion's prompt)."""
         request: dict[str, Any] = {"model": body.get("model")}
-        if endpoint == "chat.completions":
+        if "messages" in body:
             request["messages"] = body.get("messages")
             if body.get("tools"):
                 request["tools"] = body["tools"]
@@ -252,20 +226,19 @@ class Upstream:
             count = orjson.loads(response.content).get("count")
         except (httpx.HTTPError, orjson.JSONDecodeError, AttributeError):
             return None
-        return count if _int(count) else None
+        return count if is_int(count) else None
 
     # ----------------------------------------------------------------- generation
     async def open_stream(self, path: str, body: dict[str, Any]) -> UpstreamResponse:
         """POST ``body`` as a stream; the 200 response with its body not yet read.
 
-        A context-length 400 is retried once with ``max_tokens`` lowered to what vLLM said fits.
+        A 400 about the context is retried once with ``max_tokens`` lowered to what vLLM says fits.
         """
         response = await self._post_stream(path, body)
         if response.status == 400:
             content = await self._read_closing(response)
             error = self.rejected(400, content, response.headers)
-            fit = context_limit_from_error(error.body["error"]["message"])
-            smaller = cap_max_tokens(body, fit[0] - fit[1]) if fit else None
+            smaller = await self._refit(body, error.body["error"]["message"])
             if smaller is None:
                 raise error
             response = await self._post_stream(path, smaller)
@@ -273,6 +246,18 @@ class Upstream:
             content = await self._read_closing(response)
             raise self.rejected(response.status, content, response.headers)
         return response
+
+    async def _refit(self, body: dict[str, Any], message: str) -> dict[str, Any] | None:
+        refusal = refusal_from_error(message)
+        if refusal is None:
+            return None
+        limit, prompt_tokens = refusal
+        if prompt_tokens is None and not self.lowers_itself:
+            prompt_tokens = await self.count_tokens(body)
+        if prompt_tokens is None:
+            return cap_max_tokens(body, limit) if self.lowers_itself else None
+        self.prompts.learn(body, prompt_tokens)
+        return cap_max_tokens(body, limit - prompt_tokens)
 
     async def _post_stream(self, path: str, body: dict[str, Any]) -> UpstreamResponse:
         assert self.pool is not None, "the app's lifespan opens the upstream pool"

@@ -218,7 +218,9 @@ def test_kilo_code_default_max_tokens_is_fitted_to_the_context(client: httpx.Cli
     assert response.status_code == 200, response.text
     wait_for_stored(client, 1)
     entry = client.get(f"/debug/cache/{response.headers['x-cache-key']}").json()
-    assert 0 < entry["request"]["max_tokens"] < 512  # the key describes what was forwarded
+    # the key describes what was forwarded: capped at the context (a vLLM >= 0.32 lowers the rest itself), or to
+    # what the prompt leaves (an older one)
+    assert 0 < entry["request"]["max_tokens"] <= 512
     assert client.post("/v1/chat/completions", json=chat(max_tokens=32000)).headers["x-cache"] == "HIT"
 
 

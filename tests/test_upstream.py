@@ -17,15 +17,16 @@ from starlette.routing import Route
 
 from llmpod.config import ProxySettings
 from llmpod.errors import UpstreamError
-from llmpod.upstream import (
-    ServedModel,
-    Upstream,
-    cap_max_tokens,
-    context_limit_from_error,
-    match_model,
-    stream_pool,
-)
+from llmpod.upstream import ServedModel, Upstream, match_model, stream_pool
 from tests.servers import LoopbackServer, free_port
+from tests.test_context_fit import (
+    PRE_RENDERER,
+    V0271_AT_LEAST,
+    V0271_MAX_TOKENS,
+    V0271_TOTAL,
+    V0330_MAX_TOKENS,
+    V0330_PROMPT_ALONE,
+)
 
 BASE = "http://vllm.test:8000"
 SERVED = "TheBloke/deepseek-coder-33B-instruct-AWQ"
@@ -48,6 +49,7 @@ async def upstream() -> AsyncIterator[Upstream]:
 @pytest.fixture
 def mocked_vllm() -> respx.MockRouter:
     with respx.mock(base_url=BASE, assert_all_called=False) as router:
+        router.get("/version").respond(404, json={"detail": "Not Found"})  # tests that need one set their own
         yield router
 
 
@@ -62,23 +64,6 @@ def test_match_model_accepts_full_id_basename_case_and_unique_parts() -> None:
     assert match_model("llama-3-70b", served) is None
     ambiguous = [ServedModel("a/coder-7b", None), ServedModel("b/coder-7b-instruct", None)]
     assert match_model("coder", ambiguous) is None
-
-
-def test_context_limit_parsed_from_current_and_older_vllm_messages() -> None:
-    current = ("'max_tokens' or 'max_completion_tokens' is too large: 32000. This model's maximum context "
-               "length is 16384 tokens and your request has 120 input tokens (32000 > 16384 - 120).")
-    older = ("This model's maximum context length is 2048 tokens. However, you requested 3000 tokens "
-             "(1000 in the messages, 2000 in the completion). Please reduce the length of the messages.")
-    assert context_limit_from_error(current) == (16384, 120)
-    assert context_limit_from_error(older) == (2048, 1000)
-    assert context_limit_from_error("The model `x` does not exist.") is None
-
-
-def test_cap_max_tokens_only_lowers() -> None:
-    body = {"max_tokens": 32000, "max_completion_tokens": 100, "messages": []}
-    assert cap_max_tokens(body, 1000) == {"max_tokens": 1000, "max_completion_tokens": 100, "messages": []}
-    assert cap_max_tokens({"max_tokens": 10}, 1000) is None
-    assert cap_max_tokens({"max_tokens": 32000}, 0) is None  # prompt alone too long: vLLM must say so
 
 
 async def test_resolve_rewrites_alias_and_404_lists_served_ids(upstream: Upstream,
@@ -120,38 +105,68 @@ async def test_an_expired_model_list_is_fetched_once_for_all_waiting_requests(
     assert route.call_count == 1
 
 
-async def test_fit_context_uses_tokenize_once_per_distinct_request(upstream: Upstream,
-                                                                   mocked_vllm: respx.MockRouter) -> None:
+KILO_TURN = {"model": SERVED, "messages": [{"role": "user", "content": "hi " * 8000}], "max_tokens": 32000}
+
+
+async def test_the_version_is_asked_once_and_a_vllm_that_lowers_max_tokens_gets_no_count(
+        upstream: Upstream, mocked_vllm: respx.MockRouter) -> None:
+    version = mocked_vllm.get("/version").respond(json={"version": "0.33.0"})
+    mocked_vllm.get("/v1/models").respond(json=models_body(SERVED))
+    tokenize = mocked_vllm.post("/tokenize").respond(json={"count": 5})
+    model = await upstream.resolve(SERVED)
+    await upstream.models(refresh=True)
+    for _ in range(3):
+        fitted = await upstream.fit_context(KILO_TURN, model, len(json.dumps(KILO_TURN)))
+        assert fitted["max_tokens"] == 16384  # vLLM 0.33 lowers it further itself
+    assert upstream.lowers_itself and upstream.version == "0.33.0"
+    assert version.call_count == 1
+    assert tokenize.call_count == 0
+    assert "/v1/" not in str(version.calls[0].request.url)  # vLLM serves /version at the root
+
+
+@pytest.mark.parametrize("answer", [
+    {"status_code": 404, "json": {"detail": "Not Found"}},  # not vLLM, or too old to say
+    {"status_code": 200, "json": {"version": "0.27.1"}},
+    {"status_code": 200, "content": b"<html>"},
+])
+async def test_an_upstream_that_does_not_say_it_lowers_max_tokens_is_counted(
+        upstream: Upstream, mocked_vllm: respx.MockRouter, answer: dict[str, Any]) -> None:
+    version = mocked_vllm.get("/version").respond(**answer)
+    mocked_vllm.get("/v1/models").respond(json=models_body(SERVED))
     tokenize = mocked_vllm.post("/tokenize").respond(json={"count": 384, "max_model_len": 16384,
                                                            "tokens": [], "token_strs": None})
-    model = ServedModel(SERVED, 16384)
-    body = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 32000}
-    fitted = await upstream.fit_context("chat.completions", body, model, lambda: "digest-1", len(json.dumps(body)))
+    model = await upstream.resolve(SERVED)
+    fitted = await upstream.fit_context(KILO_TURN, model, len(json.dumps(KILO_TURN)))
     assert fitted["max_tokens"] == 16384 - 384
-    assert body["max_tokens"] == 32000  # the caller's dict is not changed
-    again = await upstream.fit_context("chat.completions", body, model, lambda: "digest-1", len(json.dumps(body)))
-    assert again["max_tokens"] == 16384 - 384
+    assert KILO_TURN["max_tokens"] == 32000  # the caller's dict is not changed
+    assert not upstream.lowers_itself
     assert tokenize.call_count == 1
     sent = json.loads(tokenize.calls[0].request.content)
-    assert sent["messages"] == body["messages"]
+    assert sent["messages"] == KILO_TURN["messages"]
     assert "/v1/" not in str(tokenize.calls[0].request.url)  # vLLM serves /tokenize at the root
+    await upstream.models(refresh=True)
+    assert version.call_count == 1  # an answer, whatever it says, is final
 
 
-async def test_fit_context_skips_tokenize_when_it_surely_fits(upstream: Upstream,
-                                                              mocked_vllm: respx.MockRouter) -> None:
-    tokenize = mocked_vllm.post("/tokenize").respond(json={"count": 5})
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
-    model = ServedModel(SERVED, 16384)
-    assert await upstream.fit_context("chat.completions", body, model, lambda: "d", len(json.dumps(body))) is body
-    assert tokenize.call_count == 0
+async def test_an_unreachable_version_is_asked_again_with_the_next_model_list(
+        upstream: Upstream, mocked_vllm: respx.MockRouter) -> None:
+    version = mocked_vllm.get("/version").mock(side_effect=[httpx.ConnectError("refused"),
+                                                            httpx.Response(200, json={"version": "0.34.0"})])
+    mocked_vllm.get("/v1/models").respond(json=models_body(SERVED))
+    await upstream.models()
+    assert not upstream.lowers_itself
+    upstream._models_at = 0.0  # the list expired
+    await upstream.models()
+    assert upstream.lowers_itself
+    assert version.call_count == 2
 
 
 async def test_fit_context_leaves_body_when_tokenize_fails(upstream: Upstream,
                                                            mocked_vllm: respx.MockRouter) -> None:
     mocked_vllm.post("/tokenize").respond(404, json={"detail": "Not Found"})
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32000}
+    body = {"messages": [{"role": "user", "content": "hi " * 2000}], "max_tokens": 32000}
     model = ServedModel(SERVED, 4096)
-    assert await upstream.fit_context("chat.completions", body, model, lambda: "d", len(json.dumps(body))) is body
+    assert await upstream.fit_context(body, model, len(json.dumps(body))) is body
 
 
 def sse(*events: dict[str, Any]) -> bytes:
@@ -166,6 +181,8 @@ class ScriptedVllm:
         self.answers: list[Response] = []
         self.bodies: list[dict[str, Any]] = []
         self.headers: dict[str, str] = {}
+        self.prompt_tokens = 1000  # what its /tokenize counts
+        self.counted = 0
 
     def app(self) -> Starlette:
         async def generate(request: Request) -> Response:
@@ -173,7 +190,12 @@ class ScriptedVllm:
             self.headers = dict(request.headers)
             return self.answers.pop(0)
 
-        return Starlette(routes=[Route("/v1/chat/completions", generate, methods=["POST"])])
+        async def tokenize(request: Request) -> Response:
+            self.counted += 1
+            return JSONResponse({"count": self.prompt_tokens})
+
+        return Starlette(routes=[Route("/v1/chat/completions", generate, methods=["POST"]),
+                                 Route("/tokenize", tokenize, methods=["POST"])])
 
 
 @pytest.fixture
@@ -203,21 +225,45 @@ def problem(status: int, payload: Any, headers: dict[str, str] | None = None) ->
     return JSONResponse(payload, status_code=status, headers=headers)
 
 
-async def test_open_stream_retries_once_with_the_limit_a_context_400_names(
-        scripted_vllm: tuple[ScriptedVllm, str], stream_upstream: Upstream) -> None:
+# the exact wordings: tests/test_context_fit.py says which vLLM release says each
+@pytest.mark.parametrize(("message", "lowers_itself", "retried_with", "counted"), [
+    (V0271_TOTAL, False, 16384 - 12000, 0),  # the count is in the message
+    (PRE_RENDERER, False, 16384 - 120, 0),
+    (V0271_AT_LEAST, False, 16384 - 1000, 1),  # "at least": /tokenize says how many
+    (V0271_MAX_TOKENS, False, 16384 - 1000, 1),  # the context alone: the prompt must be counted
+    (V0330_MAX_TOKENS, True, 16384, 0),  # 0.32+ lowers the rest itself
+])
+async def test_open_stream_retries_once_with_what_a_context_400_says_fits(
+        scripted_vllm: tuple[ScriptedVllm, str], stream_upstream: Upstream, message: str, lowers_itself: bool,
+        retried_with: int, counted: int) -> None:
     script, _ = scripted_vllm
-    message = ("'max_tokens' or 'max_completion_tokens' is too large: 32000. This model's maximum context "
-               "length is 4096 tokens and your request has 96 input tokens (32000 > 4096 - 96).")
+    stream_upstream.lowers_itself = lowers_itself
     script.answers = [
         problem(400, {"error": {"message": message, "type": "BadRequestError", "param": "max_tokens", "code": 400}}),
         Response(sse({"choices": []}), media_type="text/event-stream"),
     ]
-    response = await stream_upstream.open_stream("/chat/completions", {"model": "m", "max_tokens": 32000})
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 32000}
+    response = await stream_upstream.open_stream("/chat/completions", body)
     assert response.status == 200
     response.release()
     await _close(stream_upstream)
-    assert [b["max_tokens"] for b in script.bodies] == [32000, 4000]
+    assert [b["max_tokens"] for b in script.bodies] == [32000, retried_with]
+    assert script.counted == counted
     assert script.headers["authorization"] == "Bearer upstream-secret"
+
+
+async def test_a_prompt_too_long_for_any_answer_is_refused_without_a_retry(
+        scripted_vllm: tuple[ScriptedVllm, str], stream_upstream: Upstream) -> None:
+    script, _ = scripted_vllm
+    stream_upstream.lowers_itself = True
+    script.answers = [problem(400, {"error": {"message": V0330_PROMPT_ALONE, "type": "BadRequestError",
+                                             "param": "input_tokens", "code": 400}})]
+    with pytest.raises(UpstreamError) as caught:
+        await stream_upstream.open_stream("/chat/completions", {"model": "m", "max_tokens": 100, "messages": []})
+    await _close(stream_upstream)
+    assert caught.value.status == 400
+    assert caught.value.body["error"]["message"] == V0330_PROMPT_ALONE
+    assert len(script.bodies) == 1
 
 
 @pytest.mark.parametrize(("status", "payload", "expected_type"), [
