@@ -1,8 +1,10 @@
 """A mock of vLLM's OpenAI-compatible HTTP server, for tests, benchmarks and ``manage_pod.py --local``.
 
 ``create_app(MockSettings(...))`` returns a FastAPI app with its own state and Prometheus registry. It
-answers like vLLM 0.11 (nested errors, ``reasoning``), or like v0.10.0 and older with
-``wire_format="legacy"`` (flat errors, ``reasoning_content``); see vllm_fluidmcp.md, Part A. Faults are
+answers like vLLM 0.33.0, the release the pods run (checked against vLLM's own server by the fidelity tier,
+tests/fidelity/), or like v0.10.0 and older with ``wire_format="legacy"`` (flat errors,
+``reasoning_content``). Tool calls need ``enable_auto_tool_choice`` and ``tool_call_parser``, as in vLLM
+(llmpod/mock_tools.py says which tool and which arguments). Faults are
 switches: latency, injected 500s and 429s, a connection cut mid-stream, a dead engine, and streams that break
 the protocol (an event that is not JSON, events run together, no ``[DONE]``, a stream that stalls), which a
 real vLLM should never send but a proxy in front of one must survive.
@@ -37,16 +39,17 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmpod import mock_generation as gen
 from llmpod import mock_shapes as shapes
+from llmpod import mock_tools
 from llmpod.streaming import EventStream
 
-VLLM_VERSION = "0.11.0"
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-ENGINE_DEAD_MESSAGE = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+VLLM_VERSION = shapes.VLLM_VERSION
+METRICS_CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"  # what vLLM 0.33's prometheus_client sends
+ENGINE_DEAD_MESSAGE = "The server had an error while processing your request."  # EngineDeadError.CLIENT_MESSAGE
 _MASK = "**********"  # how pydantic shows a SecretStr, and so how /mock/config shows the key
 _KV_CACHE_SEQUENCES = 16  # the mock's KV cache holds this many full-length sequences
 _KINDS = ("chat.completions", "completions", "models", "health", "tokenize", "version", "metrics")
@@ -81,7 +84,24 @@ class MockSettings(BaseModel):
     stream_fault_rate: float = Field(1.0, ge=0, le=1, description="fraction of streams stream_fault breaks")
     reasoning: bool = Field(False, description="chat answers think first (reasoning deltas)")
     dead: bool = Field(False, description="engine dead: /health 503, generations 500")
-    wire_format: gen.WireFormat = Field("modern", description="modern (vLLM >= 0.10.1) or legacy shapes")
+    wire_format: gen.WireFormat = Field("modern", description="modern (vLLM 0.33) or legacy (<= 0.10.0) shapes")
+    enable_auto_tool_choice: bool = Field(False, description="as vLLM's flag: with tool_call_parser, answer tools")
+    tool_call_parser: str | None = Field(None, min_length=1, description="as vLLM's flag (hermes, llama3_json, ...)")
+
+    @model_validator(mode="after")
+    def _parser_with_auto_choice(self) -> MockSettings:
+        # vllm/entrypoints/common/cli_args.py (0.33.0) refuses to start with the switch and no parser
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("Error: --enable-auto-tool-choice requires --tool-call-parser")
+        if self.enable_auto_tool_choice and self.tool_call_parser not in mock_tools.VLLM_TOOL_PARSERS:
+            raise ValueError(f"invalid tool call parser: {self.tool_call_parser} "
+                             f"(chose from {{ {','.join(mock_tools.VLLM_TOOL_PARSERS)} }})")
+        return self
+
+    @property
+    def tool_parser(self) -> str | None:
+        """The parser vLLM would use: it has one only with both flags (vllm/parser/parser_manager.py)."""
+        return self.tool_call_parser if self.enable_auto_tool_choice else None
 
     @property
     def served_name(self) -> str:
@@ -186,7 +206,10 @@ class _Mock:
     def check_model(self, requested: str | None) -> None:
         # A missing model means the served one (vLLM >= 0.8); the model path is not an alias for it.
         if requested is not None and requested != self.settings.served_name:
-            raise gen.APIError(404, "NotFoundError", f"The model `{requested}` does not exist.", "model")
+            message = f"The model `{requested}` does not exist."
+            if self.settings.wire_format == "modern":  # vllm/entrypoints/serve/engine/serving.py (0.33.0)
+                message += f" Valid aliases: {self.settings.served_name}."
+            raise gen.APIError(404, "NotFoundError", message, "model")
 
     def inject_fault(self) -> None:
         s = self.settings
@@ -246,13 +269,16 @@ def _authorized(scope: Scope, key: str) -> bool:
 
 async def _read_json(request: Request) -> Any:
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type != "application/json":
-        raise gen.bad_request("Unsupported Media Type: Only 'application/json' is allowed")
+    if media_type != "application/json":  # vllm/entrypoints/serve/utils/api_utils.py:validate_json_request
+        raise gen.request_validation_error(["Unsupported Media Type: Only 'application/json' is allowed"])
+    raw = await request.body()
     try:
         # The standard parser, as in vLLM: orjson would turn integers beyond 64 bits into floats.
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise gen.bad_request(f"JSON decode error: {exc}") from None
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise gen.json_decode_error(exc) from None
+    except UnicodeDecodeError:
+        raise gen.json_decode_error(json.JSONDecodeError("Invalid UTF-8", "", 0)) from None
 
 
 def _install_log_filter() -> None:
@@ -368,19 +394,21 @@ async def _generate(mock: _Mock, request: Request, kind: Literal["chat", "comple
         mock.last_request = {"path": request.url.path, "body": body, "headers": _safe_headers(request)}
         req = gen.parse_chat(body) if kind == "chat" else gen.parse_completion(body)
         mock.check_model(req.model)
-        gen.check_context(req, settings.max_model_len)
+        gen.check_render(req, max_model_len=settings.max_model_len, tool_parser=settings.tool_parser)
         mock.inject_fault()
     except gen.APIError as err:
         return mock.error_response(err)
     outputs = gen.generate(req, chunk_count=settings.chunk_count, reasoning=settings.reasoning,
-                           max_model_len=settings.max_model_len)
+                           max_model_len=settings.max_model_len, tool_parser=settings.tool_parser)
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     response_id = prefix + (request.headers.get("x-request-id") or secrets.token_hex(8))
     created = int(time.time())
+    fingerprint = shapes.system_fingerprint(settings.model, settings.max_model_len)
     if req.stream:
         mock.streams += 1
         steps, tail = shapes.stream_chunks(req, outputs, response_id=response_id, created=created,
-                                        model=settings.served_name, wire_format=settings.wire_format)
+                                        model=settings.served_name, wire_format=settings.wire_format,
+                                        fingerprint=fingerprint, parser=settings.tool_parser is not None)
         fault = mock.pick_stream_fault(settings)
         return EventStream(_stream(mock, settings, req, outputs, steps, tail, fault),
                            media_type="text/event-stream")
@@ -395,7 +423,8 @@ async def _generate(mock: _Mock, request: Request, kind: Literal["chat", "comple
         mock.metrics.success.labels(**mock.labels(), finished_reason="abort").inc()
         return Response(status_code=499)
     payload = orjson.dumps(shapes.response_body(req, outputs, response_id=response_id, created=created,
-                                             model=settings.served_name, wire_format=settings.wire_format))
+                                             model=settings.served_name, wire_format=settings.wire_format,
+                                             fingerprint=fingerprint))
     if settings.die_after_chunks is not None:
         mock.injected["cut"] += 1
         log.warning("mock vLLM: cutting a non-streaming response (die_after_chunks)")
