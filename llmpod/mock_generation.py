@@ -111,9 +111,9 @@ def json_decode_error(exc: json.JSONDecodeError) -> APIError:
 
 def error_body(err: APIError, wire_format: WireFormat) -> dict[str, Any]:
     """vLLM's error JSON: nested since v0.10.1 ("modern"), flat before ("legacy", where param was null)."""
-    if wire_format == "legacy":
-        return {"object": "error", "message": err.message, "type": err.err_type, "param": None,
-                "code": err.status}
+    if wire_format == "legacy":  # whose body validation errors were BadRequestError too
+        err_type = "BadRequestError" if err.err_type == "Bad Request" else err.err_type
+        return {"object": "error", "message": err.message, "type": err_type, "param": None, "code": err.status}
     return {"error": {"message": err.message, "type": err.err_type, "param": err.param, "code": err.status}}
 
 
