@@ -88,8 +88,8 @@ def request_validation_error(errors: list[Any]) -> APIError:
     ``N validation error(s):`` and one line per error, ``param`` the first error's dotted location."""
     lines, param = [], None
     for error in errors[:10]:
-        if isinstance(error, dict):
-            error = dict(error)
+        if isinstance(error, dict):  # in pydantic's key order, which the message shows
+            error = {k: error[k] for k in ("type", "loc", "msg", "input", "ctx") if k in error}
             if "input" in error:
                 error["input"] = _summarize_input(error["input"])
             error["loc"] = ".".join(str(p) for p in error.get("loc", ()))
@@ -353,15 +353,14 @@ def check_render(req: ParsedRequest, *, max_model_len: int, tool_parser: str | N
                               f"{max_model_len}. Please request fewer output tokens.", req.max_tokens_param,
                               req.max_tokens)
     for prompt in req.prompts:
-        if len(prompt.ids) >= max_model_len:
-            # vLLM tokenizes at most max_model_len + 1 tokens, hence "at least" (a prompt of exactly
-            # max_model_len leaves no room to answer: the mock refuses it with the same message)
-            count = min(len(prompt.ids), max_model_len + 1)
-            qualifier = "at least " if count == max_model_len + 1 else ""
+        if len(prompt.ids) > max_model_len:
+            # vLLM tokenizes at most max_model_len + 1 tokens, hence "at least" whatever the prompt's length
             raise vllm_validation(
                 f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains "
-                f"{qualifier}{count} input tokens, which exceeds this limit even without any output tokens. "
-                "Please reduce the length of the input prompt.", "input_tokens", count)
+                f"at least {max_model_len + 1} input tokens, which exceeds this limit even without any output "
+                "tokens. Please reduce the length of the input prompt.", "input_tokens", max_model_len + 1)
+        if len(prompt.ids) == max_model_len:  # no room left: get_max_tokens gives 0, which SamplingParams refuses
+            raise vllm_validation("max_tokens must be at least 1, got 0.", "max_tokens", 0)
     if tool_parser is not None and req.tools and choice not in (None, "none"):
         user = [m for m in req.messages or [] if m.get("role") == "user"]
         req.tool = mock_tools.pick_tool(req.tools, choice, req.messages or [], message_text(user[-1]) if user else "")

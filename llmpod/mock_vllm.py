@@ -337,8 +337,10 @@ def create_app(settings: MockSettings) -> FastAPI:
                 ids = gen.chat_prompt_ids(gen.validate_messages(body["messages"]))
             elif isinstance(body.get("prompt"), str):
                 ids = gen.text_ids(body["prompt"])
-            else:
-                raise gen.bad_request("prompt: Input should be a valid string (or give messages)", "prompt")
+            else:  # vLLM 0.33's TokenizeRequest is a union of the prompt and the messages form
+                missing = {"type": "missing", "msg": "Field required", "input": body}
+                raise gen.request_validation_error([{**missing, "loc": ("body", "prompt")},
+                                                    {**missing, "loc": ("body", "messages")}])
             mock.check_model(body.get("model"))
         except gen.APIError as err:
             return mock.error_response(err)

@@ -410,6 +410,12 @@ async def test_context_length_errors_match_vllm() -> None:
         rest = (await client.post(CHAT, json={"messages": HELLO})).json()
         assert rest["usage"]["total_tokens"] == 40 and rest["choices"][0]["finish_reason"] == "length"
         assert prompt < 40
+        # a prompt that fills the window leaves max_tokens 0, which vLLM's SamplingParams refuses
+        full = [{"role": "user", "content": "word " * (40 - await tokens_in(client, messages=[
+            {"role": "user", "content": ""}]))}]
+        assert await tokens_in(client, messages=full) == 40
+        assert nested(await client.post(CHAT, json={"messages": full}))["message"] == (
+            "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)")
         # a prompt beyond the window: vLLM tokenizes max_model_len + 1 tokens, so "at least 41"
         long_messages = [{"role": "user", "content": "word " * 40}]
         assert nested(await client.post(CHAT, json={"messages": long_messages})) == {

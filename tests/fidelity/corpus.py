@@ -101,6 +101,8 @@ CASES = [
     Case("models", "plain", "GET", "/v1/models"),
     Case("tokenize_prompt", "plain", "POST", "/tokenize", {"model": MODEL, "prompt": "Hello, world!"}),
     Case("tokenize_messages", "plain", "POST", "/tokenize", {"model": MODEL, "messages": HELLO}),
+    Case("tokenize_unknown_model", "plain", "POST", "/tokenize", {"model": "nope", "prompt": "x"}),
+    Case("tokenize_missing_prompt", "plain", "POST", "/tokenize", {"model": MODEL}),
     Case("route_not_found", "plain", "GET", "/v1/nope"),
     Case("chat_get_not_allowed", "plain", "GET", CHAT),
     # --- chat answers
