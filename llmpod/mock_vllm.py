@@ -211,7 +211,8 @@ def create_app(settings: MockSettings) -> FastAPI:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            return mock.error_response(errors.bad_request(f"{where}: {first['msg']}", where), counted=False)
+            message = f"{where}: {first['msg']}" if where else str(first["msg"]).removeprefix("Value error, ")
+            return mock.error_response(errors.bad_request(message, where or None), counted=False)
         if new.seed != mock.settings.seed:
             mock.rng.seed(new.seed)
         mock.settings = new

@@ -632,6 +632,10 @@ async def test_stats_config_and_reset(client: httpx.AsyncClient) -> None:
     assert answer["usage"]["completion_tokens"] == 3 and answer["model"] == "renamed"
     for bad in ({"chunk_count": 0}, {"no_such_setting": 1}, {"wire_format": "ancient"}):
         assert (await client.post("/mock/config", json=bad)).status_code == 400
+    half = await client.post("/mock/config", json={"enable_auto_tool_choice": True})
+    assert nested(half)["message"] == "Error: --enable-auto-tool-choice requires --tool-call-parser"
+    both = await client.post("/mock/config", json={"enable_auto_tool_choice": True, "tool_call_parser": "hermes"})
+    assert both.json()["tool_call_parser"] == "hermes"
 
     zeroed = (await client.post("/mock/reset")).json()
     assert set(zeroed["requests"].values()) == {0} and zeroed["streams"] == 0 and zeroed["errors"] == {}
