@@ -82,7 +82,8 @@ def _event(payload: dict[str, Any] | str) -> bytes:
 
 
 class _ApiKeyMiddleware:
-    """vLLM's ``--api-key`` check: only paths under /v1, 401 ``{"error":"Unauthorized"}`` otherwise."""
+    """vLLM's ``--api-key`` check (vllm/entrypoints/serve/middleware/authenticate.py, 0.33.0): only paths under
+    /v1, any-case "Bearer" and the key after one space exactly; 401 ``{"error":"Unauthorized"}`` otherwise."""
 
     def __init__(self, app: ASGIApp, mock: MockState) -> None:
         self.app = app
@@ -101,7 +102,7 @@ def _authorized(scope: Scope, key: str) -> bool:
     header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
     scheme, _, token = header.partition(" ")
     # Comparing digests keeps the time independent of where, and whether, the lengths differ.
-    expected, given = hashlib.sha256(key.encode()).digest(), hashlib.sha256(token.strip().encode()).digest()
+    expected, given = hashlib.sha256(key.encode()).digest(), hashlib.sha256(token.encode()).digest()
     return scheme.lower() == "bearer" and hmac.compare_digest(expected, given)
 
 
