@@ -14,7 +14,11 @@ class APIError(Exception):
     """A request the server refuses; rendered as vLLM's error body with ``status`` as the HTTP code."""
 
     def __init__(
-        self, status: int, err_type: str, message: str, param: str | None = None,
+        self,
+        status: int,
+        err_type: str,
+        message: str,
+        param: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -68,8 +72,17 @@ def request_validation_error(errors: list[Any]) -> APIError:
 
 def json_decode_error(exc: json.JSONDecodeError) -> APIError:
     """What FastAPI reports for a body that is not JSON (the position is where the parser gave up)."""
-    return request_validation_error([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
-                                      "input": {}, "ctx": {"error": exc.msg}}])
+    return request_validation_error(
+        [
+            {
+                "type": "json_invalid",
+                "loc": ("body", exc.pos),
+                "msg": "JSON decode error",
+                "input": {},
+                "ctx": {"error": exc.msg},
+            }
+        ]
+    )
 
 
 def error_body(err: APIError, wire_format: WireFormat) -> dict[str, Any]:

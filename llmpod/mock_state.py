@@ -40,9 +40,11 @@ class MockSettings(BaseModel):
     seed: int = Field(0, description="seeds the RNG that picks which requests get injected errors")
     die_after_chunks: int | None = Field(None, ge=0, description="cut each connection after N data events")
     stream_fault: StreamFault | None = Field(
-        None, description="break streams after stream_fault_after data events: invalid_json (a truncated event), "
+        None,
+        description="break streams after stream_fault_after data events: invalid_json (a truncated event), "
         "malformed_sse (an event runs into the next), no_done (ends without [DONE]), stall (goes quiet, "
-        "connection open)")
+        "connection open)",
+    )
     stream_fault_after: int = Field(3, ge=0, description="data events a broken stream sends before its fault")
     stream_fault_rate: float = Field(1.0, ge=0, le=1, description="fraction of streams stream_fault breaks")
     reasoning: bool = Field(False, description="chat answers think first (reasoning deltas)")
@@ -57,8 +59,10 @@ class MockSettings(BaseModel):
         if self.enable_auto_tool_choice and not self.tool_call_parser:
             raise ValueError("Error: --enable-auto-tool-choice requires --tool-call-parser")
         if self.enable_auto_tool_choice and self.tool_call_parser not in mock_tools.VLLM_TOOL_PARSERS:
-            raise ValueError(f"invalid tool call parser: {self.tool_call_parser} "
-                             f"(chose from {{ {','.join(mock_tools.VLLM_TOOL_PARSERS)} }})")
+            raise ValueError(
+                f"invalid tool call parser: {self.tool_call_parser} "
+                f"(chose from {{ {','.join(mock_tools.VLLM_TOOL_PARSERS)} }})"
+            )
         return self
 
     @property
@@ -75,16 +79,14 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = reg = CollectorRegistry()
         labels = ("model_name", "engine")
-        self.running = Gauge("vllm:num_requests_running", "Requests in model execution batches.", labels,
-                             registry=reg)
+        self.running = Gauge("vllm:num_requests_running", "Requests in model execution batches.", labels, registry=reg)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be processed.", labels, registry=reg)
-        self.kv_cache = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.", labels,
-                              registry=reg)
+        self.kv_cache = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.", labels, registry=reg)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", labels, registry=reg)
-        self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed.", labels,
-                                         registry=reg)
-        self.success = Counter("vllm:request_success", "Successfully processed requests.",
-                               (*labels, "finished_reason"), registry=reg)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed.", labels, registry=reg)
+        self.success = Counter(
+            "vllm:request_success", "Successfully processed requests.", (*labels, "finished_reason"), registry=reg
+        )
 
 
 class MockState:
@@ -108,9 +110,15 @@ class MockState:
         self.last_request: dict[str, Any] | None = None
 
     def stats(self) -> dict[str, Any]:
-        return {"requests": self.requests, "streams": self.streams, "injected": self.injected,
-                "errors": self.errors, "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
-                "last_request": self.last_request}
+        return {
+            "requests": self.requests,
+            "streams": self.streams,
+            "injected": self.injected,
+            "errors": self.errors,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "last_request": self.last_request,
+        }
 
     def labels(self) -> dict[str, str]:
         return {"model_name": self.settings.served_name, "engine": "0"}
@@ -160,8 +168,12 @@ class MockState:
         draw = self.rng.random()
         if draw < s.rate_limit_rate:
             self.injected["429"] += 1
-            raise errors.APIError(429, "RateLimitError", "Mock vLLM: injected rate limit (rate_limit_rate).",
-                               headers={"Retry-After": f"{s.retry_after:g}"})
+            raise errors.APIError(
+                429,
+                "RateLimitError",
+                "Mock vLLM: injected rate limit (rate_limit_rate).",
+                headers={"Retry-After": f"{s.retry_after:g}"},
+            )
         if draw < s.rate_limit_rate + s.error_rate:
             self.injected["500"] += 1
             raise errors.APIError(500, "InternalServerError", "Mock vLLM: injected failure (error_rate).")
