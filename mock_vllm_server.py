@@ -105,7 +105,7 @@ def parse(argv: Sequence[str], env: Mapping[str, str]) -> tuple[MockSettings, st
     except ValidationError as exc:
         first = exc.errors()[0]
         if not first["loc"]:  # a check across fields: its message names the flags (as vLLM's does)
-            raise UsageError(str(first["msg"]).removeprefix("Value error, ")) from None
+            raise UsageError(str(first["msg"]).removeprefix("Value error, ").removeprefix("Error: ")) from None
         field = str(first["loc"][0])
         raise UsageError(f"{source.get(field, field)}: {first['msg']}") from None
     return settings, host, port, slow_start

@@ -323,7 +323,7 @@ def test_tool_flags_are_checked_as_vllm_checks_them() -> None:
                                        "--chat-template", "/x/tool_chat_template.jinja"], {})[0]
     assert (settings.enable_auto_tool_choice, settings.tool_call_parser) == (True, "qwen3_coder")
     assert mock_vllm_server.parse(["--tool-call-parser", "hermes"], {})[0].tool_parser is None
-    with pytest.raises(mock_vllm_server.UsageError, match=r"^Error: --enable-auto-tool-choice requires"):
+    with pytest.raises(mock_vllm_server.UsageError, match=r"^--enable-auto-tool-choice requires --tool-call-parser$"):
         mock_vllm_server.parse(["--enable-auto-tool-choice"], {})
 
 
