@@ -41,6 +41,8 @@ FLAGS: dict[str, tuple[str | None, str | None]] = {
     "--stream-fault-rate": ("stream_fault_rate", "MOCK_STREAM_FAULT_RATE"),
     "--reasoning": ("reasoning", "MOCK_REASONING"),
     "--wire-format": ("wire_format", "MOCK_WIRE_FORMAT"),
+    "--enable-auto-tool-choice": ("enable_auto_tool_choice", None),
+    "--tool-call-parser": ("tool_call_parser", None),
     "--host": (None, None),
     "--port": (None, "PORT"),
     "--slow-start": (None, "MOCK_SLOW_START"),
@@ -48,9 +50,9 @@ FLAGS: dict[str, tuple[str | None, str | None]] = {
 
 # `vllm serve` options that mean nothing to the mock: accepted and ignored, so a pod's command line runs here.
 IGNORED_OPTIONS = ("--dtype", "--quantization", "--gpu-memory-utilization", "--tensor-parallel-size",
-                   "--max-num-seqs", "--kv-cache-dtype", "--tool-call-parser", "--reasoning-parser",
+                   "--max-num-seqs", "--kv-cache-dtype", "--reasoning-parser",
                    "--chat-template", "--download-dir", "--tokenizer", "--revision")
-IGNORED_SWITCHES = ("--enable-auto-tool-choice", "--trust-remote-code", "--enforce-eager",
+IGNORED_SWITCHES = ("--trust-remote-code", "--enforce-eager",
                     "--enable-prefix-caching", "--disable-log-requests", "--disable-log-stats")
 
 
@@ -73,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     for flag, (field, env_name) in FLAGS.items():
         about = MockSettings.model_fields[field].description if field else _SERVER_HELP[flag]
         about = f"{about} [env {env_name}]" if env_name else about
-        if flag == "--reasoning":
+        if flag in ("--reasoning", "--enable-auto-tool-choice"):
             parser.add_argument(flag, action="store_const", const="true", help=about)
         else:
             parser.add_argument(flag, metavar=flag[2:].replace("-", "_").upper(), help=about)
@@ -102,7 +104,9 @@ def parse(argv: Sequence[str], env: Mapping[str, str]) -> tuple[MockSettings, st
         settings = MockSettings.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
+        if not first["loc"]:  # a check across fields: its message names the flags (as vLLM's does)
+            raise UsageError(str(first["msg"]).removeprefix("Value error, ").removeprefix("Error: ")) from None
+        field = str(first["loc"][0])
         raise UsageError(f"{source.get(field, field)}: {first['msg']}") from None
     return settings, host, port, slow_start
 

@@ -1,5 +1,7 @@
-"""What the mock vLLM server says: request validation, a toy tokenizer and deterministic answers
-(see vllm_fluidmcp.md, A.3 to A.8).
+"""What the mock vLLM server says: request validation, a toy tokenizer and deterministic answers, in vLLM 0.33.0's
+words (checked against its wheel: vllm/renderers/params.py, vllm/entrypoints/serve/exception_handling/,
+vllm/entrypoints/openai/chat_completion/protocol.py, vllm/renderers/online_renderer.py, vllm/sampling_params.py,
+and against its running server: tests/fidelity/golden/).
 
 Everything here is pure and synchronous; ``llmpod.mock_shapes`` turns answers into vLLM's JSON and
 ``llmpod.mock_vllm`` adds HTTP, timing and fault injection.
@@ -16,14 +18,15 @@ import hashlib
 import json
 import random
 import re
-import secrets
 import zlib
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-WireFormat = Literal["modern", "legacy"]
+from llmpod import mock_tools
+from llmpod.mock_errors import bad_request, request_validation_error, vllm_validation
+
 _R = TypeVar("_R", bound="_Request")
 
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
@@ -42,34 +45,6 @@ _CHAT_PREFIX = ("Mock", " answer", " to", ":")
 _REASONING_PREFIX = ("Thinking", " about", ":")
 _COMPLETION_PREFIX = (" Mock", " completion", " of", ":")
 _SEED_IGNORED_KEYS = frozenset({"stream", "stream_options", "user"})
-
-
-class APIError(Exception):
-    """A request the server refuses; rendered as vLLM's error body with ``status`` as the HTTP code."""
-
-    def __init__(
-        self, status: int, err_type: str, message: str, param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.err_type = err_type
-        self.message = message
-        self.param = param
-        self.headers = headers or {}
-
-
-def bad_request(message: str, param: str | None = None) -> APIError:
-    """A 400 ``BadRequestError``, the status vLLM uses for every validation failure."""
-    return APIError(400, "BadRequestError", message, param)
-
-
-def error_body(err: APIError, wire_format: WireFormat) -> dict[str, Any]:
-    """vLLM's error JSON: nested since v0.10.1 ("modern"), flat before ("legacy", where param was null)."""
-    if wire_format == "legacy":
-        return {"object": "error", "message": err.message, "type": err.err_type, "param": None,
-                "code": err.status}
-    return {"error": {"message": err.message, "type": err.err_type, "param": err.param, "code": err.status}}
 
 
 # ---------------------------------------------------------------------------------------------- tokens
@@ -180,26 +155,69 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     digest: bytes
-    tool: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    messages: list[dict[str, Any]] | None = None
+    tool: dict[str, Any] | None = None  # set by check_render: the tool the answer calls
+
+
+def _check_tool_usage(body: dict[str, Any]) -> None:
+    """ChatCompletionRequest.check_tool_usage (vllm/entrypoints/openai/chat_completion/protocol.py, 0.33.0)."""
+    if body.get("tools") == []:
+        raise vllm_validation("`tools` must not be an empty array. Either provide at least one tool or omit the "
+                              "field entirely.", "tools")
+    choice = body.get("tool_choice", "auto" if body.get("tools") else None)
+    if choice is None or choice == "none":
+        return
+    if body.get("tools") is None:
+        raise vllm_validation("When using `tool_choice`, `tools` must be set.", "tool_choice")
+    if choice not in ("auto", "required") and not isinstance(choice, dict):
+        raise vllm_validation(f"Invalid value for `tool_choice`: {choice}! Only named tools, \"none\", \"auto\" or "
+                              "\"required\" are supported.", "tool_choice")
+    if isinstance(choice, dict):
+        usage = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+        function = choice.get("function")
+        if not isinstance(function, dict):
+            raise vllm_validation(f"Invalid value for `function`: `{function}` in `tool_choice`! {usage}",
+                                  "tool_choice.function")
+        if "name" not in function:
+            raise vllm_validation(f"Expected field `name` in `function` in `tool_choice`! {usage}",
+                                  "tool_choice.function.name")
+        name = function["name"]
+        if not isinstance(name, str) or not name:
+            raise vllm_validation(f"Invalid `name` in `function`: `{name}` in `tool_choice`! {usage}",
+                                  "tool_choice.function.name")
+        tools = body["tools"] if isinstance(body["tools"], list) else []
+        if not any(isinstance(t, dict) and isinstance(t.get("function"), dict) and t["function"].get("name") == name
+                   for t in tools):
+            raise vllm_validation("The tool specified in `tool_choice` does not match any of the specified `tools`",
+                                  "tool_choice")
 
 
 def _validate(model: type[_R], body: Any) -> _R:
-    if isinstance(body, dict) and body.get("stream_options") and not body.get("stream"):
-        raise bad_request("Stream options can only be defined when `stream=True`.", "stream_options")
+    if not isinstance(body, dict):  # what FastAPI says of a JSON body that is not an object
+        raise request_validation_error([{
+            "type": "model_attributes_type", "loc": ("body",),
+            "msg": "Input should be a valid dictionary or object to extract fields from", "input": body}])
+    # vLLM's "before" model validators run ahead of the field checks
+    if model is ChatCompletionRequest:
+        _check_tool_usage(body)
+    if body.get("stream_options") and not body.get("stream"):
+        raise vllm_validation("Stream options can only be defined when `stream=True`.", "stream_options")
     try:
         req = model.model_validate(body)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"])
-        raise bad_request(f"{where}: {error['msg']}" if where else error["msg"],
-                          str(error["loc"][0]) if error["loc"] else None) from None
-    # vLLM's SamplingParams checks, with its wording
-    for name, value, low in (("n", req.n, 1), ("max_tokens", req.max_tokens, 1),
-                             ("max_completion_tokens", getattr(req, "max_completion_tokens", None), 1)):
-        if value is not None and value < low:
-            raise bad_request(f"{name} must be at least {low}, got {value}.", name)
+        errors = exc.errors(include_url=False)
+        raise request_validation_error([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+    # vLLM's SamplingParams checks, with its wording (vllm/sampling_params.py)
+    if req.n is not None and req.n < 1:
+        raise vllm_validation(f"n must be at least 1, got {req.n}.")
+    for value in (req.max_tokens, getattr(req, "max_completion_tokens", None)):  # both are SamplingParams' max_tokens
+        if value is not None and value < 1:
+            raise vllm_validation(f"max_tokens must be at least 1, got {value}.", "max_tokens", value)
     if req.temperature is not None and req.temperature < 0:
-        raise bad_request(f"temperature must be non-negative, got {req.temperature}.", "temperature")
+        raise vllm_validation(f"temperature must be non-negative, got {req.temperature}.", "temperature",
+                              req.temperature)
     return req
 
 
@@ -212,23 +230,24 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
     """Check a chat ``messages`` list (also for ``/tokenize``); the raw dicts are returned."""
     _validate(ChatCompletionRequest, {"messages": messages})
     if not messages:
-        raise bad_request("messages: List should have at least 1 item after validation, not 0", "messages")
+        raise bad_request("Cannot apply chat template to an empty conversation. Provide at least one message.")
     return list(messages)
 
 
 def parse_chat(body: Any) -> ParsedRequest:
-    """Validate a ``/v1/chat/completions`` body."""
+    """Validate a ``/v1/chat/completions`` body (the checks vLLM makes before it looks at the model name)."""
     req = _validate(ChatCompletionRequest, body)
-    messages = validate_messages(body["messages"])
+    messages = list(body["messages"])
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     user = [m for m in messages if m["role"] == "user"]
+    tools = body.get("tools")
     return ParsedRequest(
         kind="chat", model=req.model, n=req.n or 1, stream=bool(req.stream), digest=_digest(body),
         include_usage=bool((req.stream_options or {}).get("include_usage")),
         prompts=[Prompt(chat_prompt_ids(messages), message_text(user[-1]) if user else "")],
         max_tokens=max_tokens,
         max_tokens_param="max_tokens" if req.max_completion_tokens is None else "max_completion_tokens",
-        tool=_pick_tool(body, messages),
+        tools=tools, tool_choice=body.get("tool_choice", "auto" if tools else "none"), messages=messages,
     )
 
 
@@ -236,7 +255,7 @@ def parse_completion(body: Any) -> ParsedRequest:
     """Validate a ``/v1/completions`` body; a list of prompts is a batch, as in vLLM."""
     req = _validate(CompletionRequest, body)
     if req.prompt in (None, "", []):
-        raise bad_request("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+        raise vllm_validation("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
     batch = req.prompt if isinstance(req.prompt, list) and not isinstance(req.prompt[0], int) else [req.prompt]
     prompts = [Prompt(text_ids(p), p) if isinstance(p, str) else Prompt(list(p), "") for p in batch]
     return ParsedRequest(
@@ -246,49 +265,35 @@ def parse_completion(body: Any) -> ParsedRequest:
     )
 
 
-def _pick_tool(body: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The tool the mock model calls, or None for a text answer (vLLM's tool_choice rules, then a heuristic)."""
-    tools, choice = body.get("tools"), body.get("tool_choice", "auto" if body.get("tools") else "none")
-    if choice in ("none", None):
-        return None
-    if tools is None:
-        raise bad_request("When using `tool_choice`, `tools` must be set.", "tool_choice")
-    if not tools:
-        return None  # "required" with an empty list means "none", as at OpenAI
-    if isinstance(choice, dict):
-        function = choice.get("function")
-        name = function.get("name") if isinstance(function, dict) else None
-        for tool in tools:
-            if tool["function"]["name"] == name:
-                return dict(tool)
-        raise bad_request("The tool specified in `tool_choice` does not match any of the specified `tools`",
-                          "tool_choice")
-    if choice not in ("auto", "required"):
-        raise bad_request(f"Invalid value for `tool_choice`: {choice}! Only named tools, \"none\", \"auto\" or "
-                          "\"required\" are supported.", "tool_choice")
-    if choice == "auto" and messages[-1]["role"] != "user":
-        return None  # after a tool result the model answers in words
-    user = [m for m in messages if m["role"] == "user"]
-    text = message_text(user[-1]).lower() if user else ""
-    for tool in tools:
-        if re.search(rf"(?<!\w){re.escape(tool['function']['name'].lower())}(?!\w)", text):
-            return dict(tool)
-    return dict(tools[0]) if choice == "required" or re.search(r"\b(call|use)\b", text) else None
-
-
-def check_context(req: ParsedRequest, max_model_len: int) -> None:
-    """Refuse prompts that do not fit, with vLLM's current messages."""
+def check_render(req: ParsedRequest, *, max_model_len: int, tool_parser: str | None) -> None:
+    """The checks vLLM 0.33 makes after the model name, in its order: tool calling needs a parser
+    (vllm/renderers/online_renderer.py), an empty conversation has no template, ``max_tokens`` may not exceed
+    the context and the prompt must fit in it (vllm/renderers/params.py). Picks the tool the answer calls.
+    ``tool_parser`` is None unless the server has both --enable-auto-tool-choice and --tool-call-parser."""
+    choice = req.tool_choice
+    if req.kind == "chat" and tool_parser is None and choice not in (None, "none"):
+        if choice == "auto":
+            raise bad_request('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set')
+        what = f'function "{choice["function"]["name"]}"' if isinstance(choice, dict) else f'"{choice}"'
+        raise bad_request(f"tool_choice={what} requires --tool-call-parser to be set")
+    if req.kind == "chat" and not req.messages:
+        raise bad_request("Cannot apply chat template to an empty conversation. Provide at least one message.")
+    if req.max_tokens is not None and req.max_tokens > max_model_len:
+        raise vllm_validation(f"{req.max_tokens_param}={req.max_tokens} cannot be greater than max_model_len="
+                              f"{max_model_len}. Please request fewer output tokens.", req.max_tokens_param,
+                              req.max_tokens)
     for prompt in req.prompts:
-        used = len(prompt.ids)
-        if used >= max_model_len:
-            raise bad_request(
-                f"This model's maximum context length is {max_model_len} tokens. However, your request has "
-                f"{used} input tokens. Please reduce the length of the input messages.", "input_tokens")
-        if req.max_tokens is not None and used + req.max_tokens > max_model_len:
-            raise bad_request(
-                f"'max_tokens' or 'max_completion_tokens' is too large: {req.max_tokens}. This model's maximum "
-                f"context length is {max_model_len} tokens and your request has {used} input tokens "
-                f"({req.max_tokens} > {max_model_len} - {used}).", req.max_tokens_param)
+        if len(prompt.ids) > max_model_len:
+            # vLLM tokenizes at most max_model_len + 1 tokens, hence "at least" whatever the prompt's length
+            raise vllm_validation(
+                f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains "
+                f"at least {max_model_len + 1} input tokens, which exceeds this limit even without any output "
+                "tokens. Please reduce the length of the input prompt.", "input_tokens", max_model_len + 1)
+        if len(prompt.ids) == max_model_len:  # no room left: get_max_tokens gives 0, which SamplingParams refuses
+            raise vllm_validation("max_tokens must be at least 1, got 0.", "max_tokens", 0)
+    if tool_parser is not None and req.tools and choice not in (None, "none"):
+        user = [m for m in req.messages or [] if m.get("role") == "user"]
+        req.tool = mock_tools.pick_tool(req.tools, choice, req.messages or [], message_text(user[-1]) if user else "")
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -320,6 +325,7 @@ class Output:
     content: list[str]
     tool_call: ToolCall | None
     finish_reason: str
+    forced_tool: bool = False  # tool_choice "required" or named: vLLM answers content "" rather than null
 
     @property
     def completion_tokens(self) -> int:
@@ -343,28 +349,17 @@ def _pieces(prefix: tuple[str, ...], quote: str, rng: random.Random, count: int)
     return out
 
 
-def _arguments(tool: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-    params = tool["function"].get("parameters") or {}
-    props = params.get("properties") or {}
-    args: dict[str, Any] = {}
-    for name in params.get("required") or []:
-        schema = props.get(name) or {}
-        kind = schema.get("type", "string")
-        if schema.get("enum"):
-            args[name] = schema["enum"][0]
-        elif kind in ("integer", "number"):
-            args[name] = rng.randint(1, 100)
-        else:
-            args[name] = {"boolean": True, "array": [], "object": {}}.get(
-                kind, f"{rng.choice(_VOCAB)} {rng.choice(_VOCAB)}")
-    return args
+def generate(req: ParsedRequest, *, chunk_count: int, reasoning: bool, max_model_len: int,
+             tool_parser: str | None = None) -> list[Output]:
+    """The deterministic answer to a request: one Output per choice (prompt-major, then ``n``).
 
-
-def generate(req: ParsedRequest, *, chunk_count: int, reasoning: bool, max_model_len: int) -> list[Output]:
-    """The deterministic answer to a request: one Output per choice (prompt-major, then ``n``)."""
+    Like vLLM 0.33, a ``max_tokens`` that does not fit beside the prompt is lowered to what is left of the
+    context (vllm/entrypoints/serve/utils/api_utils.py:get_max_tokens), not refused."""
     outputs = []
+    forced = req.tool_choice == "required" or isinstance(req.tool_choice, dict)
     for p, prompt in enumerate(req.prompts):
-        budget = req.max_tokens if req.max_tokens is not None else max_model_len - len(prompt.ids)
+        room = max_model_len - len(prompt.ids)
+        budget = min(req.max_tokens, room) if req.max_tokens is not None else room
         for i in range(req.n):
             index = p * req.n + i
             rng = random.Random(hashlib.sha256(req.digest + str(index).encode()).digest())
@@ -373,30 +368,19 @@ def generate(req: ParsedRequest, *, chunk_count: int, reasoning: bool, max_model
             left = budget - len(thoughts)
             call = None
             if req.tool is not None:
-                args = json.dumps(_arguments(req.tool, rng), ensure_ascii=False)
-                call = ToolCall(f"chatcmpl-tool-{secrets.token_hex(8)}", req.tool["function"]["name"], args)
+                name = req.tool["function"]["name"]
+                args = json.dumps(mock_tools.arguments(req.tool), ensure_ascii=False)
+                call = ToolCall(mock_tools.call_id(tool_parser, name), name, args)
                 if call.tokens > left:
                     call = None  # cut off mid-call: vLLM's parser gives up and returns the raw text
             if call is not None:
-                outputs.append(Output(index, thoughts, [], call, "tool_calls"))
+                # vllm/entrypoints/serve/utils/tool_calls_utils.py:resolve_finish_reason: a named tool is "stop"
+                finish = "stop" if isinstance(req.tool_choice, dict) else "tool_calls"
+                outputs.append(Output(index, thoughts, [], call, finish, forced))
                 continue
             prefix = _CHAT_PREFIX if req.kind == "chat" else _COMPLETION_PREFIX
             content = _pieces(prefix, prompt.quote, rng, max(0, min(chunk_count, left)))
             # A tool call that did not fit means the model was cut off mid-call.
             truncated = len(thoughts) < wanted_reasoning or len(content) < chunk_count or req.tool is not None
-            outputs.append(Output(index, thoughts, content, None, "length" if truncated else "stop"))
+            outputs.append(Output(index, thoughts, content, None, "length" if truncated else "stop", forced))
     return outputs
-
-
-# ---------------------------------------------------------------------------------------------- shapes
-
-
-def usage(req: ParsedRequest, outputs: list[Output], *, stream: bool) -> dict[str, Any]:
-    """``UsageInfo`` in vLLM's field order; the stream's usage chunk omits the null details."""
-    prompt = sum(len(p.ids) for p in req.prompts)
-    completion = sum(o.completion_tokens for o in outputs)
-    body: dict[str, Any] = {"prompt_tokens": prompt, "total_tokens": prompt + completion,
-                            "completion_tokens": completion}
-    if not stream:
-        body["prompt_tokens_details"] = None
-    return body

@@ -1,8 +1,10 @@
 """A mock of vLLM's OpenAI-compatible HTTP server, for tests, benchmarks and ``manage_pod.py --local``.
 
 ``create_app(MockSettings(...))`` returns a FastAPI app with its own state and Prometheus registry. It
-answers like vLLM 0.11 (nested errors, ``reasoning``), or like v0.10.0 and older with
-``wire_format="legacy"`` (flat errors, ``reasoning_content``); see vllm_fluidmcp.md, Part A. Faults are
+answers like vLLM 0.33.0, the release the pods run (checked against vLLM's own server by the fidelity tier,
+tests/fidelity/), or like v0.10.0 and older with ``wire_format="legacy"`` (flat errors,
+``reasoning_content``). Tool calls need ``enable_auto_tool_choice`` and ``tool_call_parser``, as in vLLM
+(llmpod/mock_tools.py says which tool and which arguments). Faults are
 switches: latency, injected 500s and 429s, a connection cut mid-stream, a dead engine, and streams that break
 the protocol (an event that is not JSON, events run together, no ``[DONE]``, a stream that stalls), which a
 real vLLM should never send but a proxy in front of one must survive.
@@ -26,7 +28,6 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 import secrets
 import time
 from collections.abc import AsyncGenerator
@@ -36,56 +37,22 @@ import httpx
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from prometheus_client import generate_latest
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from llmpod import mock_errors as errors
 from llmpod import mock_generation as gen
 from llmpod import mock_shapes as shapes
+from llmpod.mock_state import MockSettings, MockState, StreamFault
+from llmpod.mock_state import json_response as _json
 from llmpod.streaming import EventStream
 
-VLLM_VERSION = "0.11.0"
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-ENGINE_DEAD_MESSAGE = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+VLLM_VERSION = shapes.VLLM_VERSION
+METRICS_CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"  # what vLLM 0.33's prometheus_client sends
 _MASK = "**********"  # how pydantic shows a SecretStr, and so how /mock/config shows the key
-_KV_CACHE_SEQUENCES = 16  # the mock's KV cache holds this many full-length sequences
-_KINDS = ("chat.completions", "completions", "models", "health", "tokenize", "version", "metrics")
-StreamFault = Literal["invalid_json", "malformed_sse", "no_done", "stall"]
-STREAM_FAULTS: tuple[StreamFault, ...] = ("invalid_json", "malformed_sse", "no_done", "stall")
 STALL_SECONDS = 300.0  # a stalled stream goes quiet this long (a client or proxy timeout ends it sooner)
 log = logging.getLogger("llmpod.mock_vllm")
-
-
-class MockSettings(BaseModel):
-    """How the mock behaves; every field can also be changed live through ``POST /mock/config``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field("mock-model", min_length=1, description="the model path (`root` in /v1/models)")
-    served_model_name: str | None = Field(None, min_length=1, description="the id clients use; default: model")
-    max_model_len: int = Field(4096, ge=1, description="the context window, in tokens")
-    api_key: SecretStr | None = Field(None, description="when set, /v1/* needs `Authorization: Bearer <key>`")
-    first_token_delay: float = Field(0.0, ge=0, description="seconds before the first token")
-    chunk_delay: float = Field(0.0, ge=0, description="seconds between tokens")
-    chunk_count: int = Field(12, ge=1, description="content tokens per answer (fewer if max_tokens says so)")
-    error_rate: float = Field(0.0, ge=0, le=1, description="fraction of generations answered 500")
-    rate_limit_rate: float = Field(0.0, ge=0, le=1, description="fraction of generations answered 429")
-    retry_after: float = Field(1.0, ge=0, description="Retry-After seconds on injected 429s")
-    seed: int = Field(0, description="seeds the RNG that picks which requests get injected errors")
-    die_after_chunks: int | None = Field(None, ge=0, description="cut each connection after N data events")
-    stream_fault: StreamFault | None = Field(
-        None, description="break streams after stream_fault_after data events: invalid_json (a truncated event), "
-        "malformed_sse (an event runs into the next), no_done (ends without [DONE]), stall (goes quiet, "
-        "connection open)")
-    stream_fault_after: int = Field(3, ge=0, description="data events a broken stream sends before its fault")
-    stream_fault_rate: float = Field(1.0, ge=0, le=1, description="fraction of streams stream_fault breaks")
-    reasoning: bool = Field(False, description="chat answers think first (reasoning deltas)")
-    dead: bool = Field(False, description="engine dead: /health 503, generations 500")
-    wire_format: gen.WireFormat = Field("modern", description="modern (vLLM >= 0.10.1) or legacy shapes")
-
-    @property
-    def served_name(self) -> str:
-        return self.served_model_name or self.model
 
 
 class ConnectionCut(httpx.RemoteProtocolError):
@@ -109,121 +76,16 @@ class _HideCuts(logging.Filter):
         return True
 
 
-class _Metrics:
-    def __init__(self) -> None:
-        self.registry = reg = CollectorRegistry()
-        labels = ("model_name", "engine")
-        self.running = Gauge("vllm:num_requests_running", "Requests in model execution batches.", labels,
-                             registry=reg)
-        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be processed.", labels, registry=reg)
-        self.kv_cache = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.", labels,
-                              registry=reg)
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", labels, registry=reg)
-        self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed.", labels,
-                                         registry=reg)
-        self.success = Counter("vllm:request_success", "Successfully processed requests.",
-                               (*labels, "finished_reason"), registry=reg)
-
-
-class _Mock:
-    """One app's mutable state: settings, statistics, metrics and the fault-injection RNG."""
-
-    def __init__(self, settings: MockSettings) -> None:
-        self.settings = settings
-        self.rng = random.Random(settings.seed)
-        self.metrics = _Metrics()
-        self.in_flight = 0
-        self._kv_tokens = 0
-        self.reset()
-
-    def reset(self) -> None:
-        self.rng.seed(self.settings.seed)
-        self.requests = dict.fromkeys(_KINDS, 0)
-        self.streams = 0
-        self.injected = {"500": 0, "429": 0, "cut": 0, **dict.fromkeys(STREAM_FAULTS, 0)}
-        self.errors: dict[str, int] = {}
-        self.max_in_flight = self.in_flight
-        self.last_request: dict[str, Any] | None = None
-
-    def stats(self) -> dict[str, Any]:
-        return {"requests": self.requests, "streams": self.streams, "injected": self.injected,
-                "errors": self.errors, "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
-                "last_request": self.last_request}
-
-    def labels(self) -> dict[str, str]:
-        return {"model_name": self.settings.served_name, "engine": "0"}
-
-    def begin(self, tokens: int) -> None:
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        self._kv_tokens += tokens
-        self.update_gauges()
-
-    def end(self, tokens: int) -> None:
-        self.in_flight -= 1
-        self._kv_tokens -= tokens
-        self.update_gauges()
-
-    def update_gauges(self) -> None:
-        self.metrics.running.labels(**self.labels()).set(self.in_flight)
-        self.metrics.waiting.labels(**self.labels()).set(0)
-        capacity = _KV_CACHE_SEQUENCES * self.settings.max_model_len
-        self.metrics.kv_cache.labels(**self.labels()).set(min(1.0, self._kv_tokens / capacity))
-
-    def finished(self, req: gen.ParsedRequest, outputs: list[gen.Output]) -> None:
-        m, labels = self.metrics, self.labels()
-        m.prompt_tokens.labels(**labels).inc(sum(len(p.ids) for p in req.prompts))
-        m.generation_tokens.labels(**labels).inc(sum(o.completion_tokens for o in outputs))
-        for out in outputs:
-            m.success.labels(**labels, finished_reason=out.finish_reason).inc()
-
-    def error_response(self, err: gen.APIError, *, counted: bool = True) -> Response:
-        if counted:
-            self.errors[str(err.status)] = self.errors.get(str(err.status), 0) + 1
-        body = gen.error_body(err, self.settings.wire_format)
-        return _json(body, status=err.status, headers=err.headers)
-
-    def check_model(self, requested: str | None) -> None:
-        # A missing model means the served one (vLLM >= 0.8); the model path is not an alias for it.
-        if requested is not None and requested != self.settings.served_name:
-            raise gen.APIError(404, "NotFoundError", f"The model `{requested}` does not exist.", "model")
-
-    def inject_fault(self) -> None:
-        s = self.settings
-        if s.dead:
-            raise gen.APIError(500, "InternalServerError", ENGINE_DEAD_MESSAGE)
-        draw = self.rng.random()
-        if draw < s.rate_limit_rate:
-            self.injected["429"] += 1
-            raise gen.APIError(429, "RateLimitError", "Mock vLLM: injected rate limit (rate_limit_rate).",
-                               headers={"Retry-After": f"{s.retry_after:g}"})
-        if draw < s.rate_limit_rate + s.error_rate:
-            self.injected["500"] += 1
-            raise gen.APIError(500, "InternalServerError", "Mock vLLM: injected failure (error_rate).")
-
-    def pick_stream_fault(self, settings: MockSettings) -> StreamFault | None:
-        if settings.stream_fault is None or self.rng.random() >= settings.stream_fault_rate:
-            return None
-        return settings.stream_fault
-
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    try:
-        content = orjson.dumps(body)
-    except TypeError:  # an integer beyond 64 bits, say in /mock/stats' last_request
-        content = json.dumps(body).encode()
-    return Response(content, status_code=status, headers=headers, media_type="application/json")
-
-
 def _event(payload: dict[str, Any] | str) -> bytes:
     data = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
     return b"data: " + data + b"\n\n"
 
 
 class _ApiKeyMiddleware:
-    """vLLM's ``--api-key`` check: only paths under /v1, 401 ``{"error":"Unauthorized"}`` otherwise."""
+    """vLLM's ``--api-key`` check (vllm/entrypoints/serve/middleware/authenticate.py, 0.33.0): only paths under
+    /v1, any-case "Bearer" and the key after one space exactly; 401 ``{"error":"Unauthorized"}`` otherwise."""
 
-    def __init__(self, app: ASGIApp, mock: _Mock) -> None:
+    def __init__(self, app: ASGIApp, mock: MockState) -> None:
         self.app = app
         self.mock = mock
 
@@ -240,19 +102,22 @@ def _authorized(scope: Scope, key: str) -> bool:
     header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
     scheme, _, token = header.partition(" ")
     # Comparing digests keeps the time independent of where, and whether, the lengths differ.
-    expected, given = hashlib.sha256(key.encode()).digest(), hashlib.sha256(token.strip().encode()).digest()
+    expected, given = hashlib.sha256(key.encode()).digest(), hashlib.sha256(token.encode()).digest()
     return scheme.lower() == "bearer" and hmac.compare_digest(expected, given)
 
 
 async def _read_json(request: Request) -> Any:
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type != "application/json":
-        raise gen.bad_request("Unsupported Media Type: Only 'application/json' is allowed")
+    if media_type != "application/json":  # vllm/entrypoints/serve/utils/api_utils.py:validate_json_request
+        raise errors.request_validation_error(["Unsupported Media Type: Only 'application/json' is allowed"])
+    raw = await request.body()
     try:
         # The standard parser, as in vLLM: orjson would turn integers beyond 64 bits into floats.
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise gen.bad_request(f"JSON decode error: {exc}") from None
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise errors.json_decode_error(exc) from None
+    except UnicodeDecodeError:
+        raise errors.json_decode_error(json.JSONDecodeError("Invalid UTF-8", "", 0)) from None
 
 
 def _install_log_filter() -> None:
@@ -264,7 +129,7 @@ def _install_log_filter() -> None:
 def create_app(settings: MockSettings) -> FastAPI:
     """A FastAPI app that behaves like vLLM's OpenAI-compatible server, with its own state and metrics."""
     _install_log_filter()
-    mock = _Mock(settings)
+    mock = MockState(settings)
     app = FastAPI(title="vLLM mock", version=VLLM_VERSION)
     app.add_middleware(_ApiKeyMiddleware, mock=mock)
     app.state.mock = mock
@@ -306,15 +171,17 @@ def create_app(settings: MockSettings) -> FastAPI:
         try:
             body = await _read_json(request)
             if not isinstance(body, dict):
-                raise gen.bad_request("Input should be a valid dictionary or object to extract fields from")
+                raise errors.bad_request("Input should be a valid dictionary or object to extract fields from")
             if "messages" in body:
                 ids = gen.chat_prompt_ids(gen.validate_messages(body["messages"]))
             elif isinstance(body.get("prompt"), str):
                 ids = gen.text_ids(body["prompt"])
-            else:
-                raise gen.bad_request("prompt: Input should be a valid string (or give messages)", "prompt")
+            else:  # vLLM 0.33's TokenizeRequest is a union of the prompt and the messages form
+                missing = {"type": "missing", "msg": "Field required", "input": body}
+                raise errors.request_validation_error([{**missing, "loc": ("body", "prompt")},
+                                                    {**missing, "loc": ("body", "messages")}])
             mock.check_model(body.get("model"))
-        except gen.APIError as err:
+        except errors.APIError as err:
             return mock.error_response(err)
         return _json({"count": len(ids), "max_model_len": mock.settings.max_model_len, "tokens": ids,
                       "token_strs": None})
@@ -336,16 +203,17 @@ def create_app(settings: MockSettings) -> FastAPI:
         try:
             patch = await _read_json(request)
             if not isinstance(patch, dict):
-                raise gen.bad_request("expected a JSON object of settings")
+                raise errors.bad_request("expected a JSON object of settings")
             if patch.get("api_key") == _MASK:  # our own answer posted back: keep the key
                 del patch["api_key"]
             new = MockSettings.model_validate({**mock.settings.model_dump(), **patch})
-        except gen.APIError as err:
+        except errors.APIError as err:
             return mock.error_response(err, counted=False)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            return mock.error_response(gen.bad_request(f"{where}: {first['msg']}", where), counted=False)
+            message = f"{where}: {first['msg']}" if where else str(first["msg"]).removeprefix("Value error, ")
+            return mock.error_response(errors.bad_request(message, where or None), counted=False)
         if new.seed != mock.settings.seed:
             mock.rng.seed(new.seed)
         mock.settings = new
@@ -360,7 +228,7 @@ def create_app(settings: MockSettings) -> FastAPI:
     return app
 
 
-async def _generate(mock: _Mock, request: Request, kind: Literal["chat", "completion"]) -> Response:
+async def _generate(mock: MockState, request: Request, kind: Literal["chat", "completion"]) -> Response:
     settings = mock.settings  # one request sees one configuration, even if /mock/config changes it
     mock.requests["chat.completions" if kind == "chat" else "completions"] += 1
     try:
@@ -368,19 +236,21 @@ async def _generate(mock: _Mock, request: Request, kind: Literal["chat", "comple
         mock.last_request = {"path": request.url.path, "body": body, "headers": _safe_headers(request)}
         req = gen.parse_chat(body) if kind == "chat" else gen.parse_completion(body)
         mock.check_model(req.model)
-        gen.check_context(req, settings.max_model_len)
+        gen.check_render(req, max_model_len=settings.max_model_len, tool_parser=settings.tool_parser)
         mock.inject_fault()
-    except gen.APIError as err:
+    except errors.APIError as err:
         return mock.error_response(err)
     outputs = gen.generate(req, chunk_count=settings.chunk_count, reasoning=settings.reasoning,
-                           max_model_len=settings.max_model_len)
+                           max_model_len=settings.max_model_len, tool_parser=settings.tool_parser)
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     response_id = prefix + (request.headers.get("x-request-id") or secrets.token_hex(8))
     created = int(time.time())
+    fingerprint = shapes.system_fingerprint(settings.model, settings.max_model_len)
     if req.stream:
         mock.streams += 1
         steps, tail = shapes.stream_chunks(req, outputs, response_id=response_id, created=created,
-                                        model=settings.served_name, wire_format=settings.wire_format)
+                                        model=settings.served_name, wire_format=settings.wire_format,
+                                        fingerprint=fingerprint, parser=settings.tool_parser is not None)
         fault = mock.pick_stream_fault(settings)
         return EventStream(_stream(mock, settings, req, outputs, steps, tail, fault),
                            media_type="text/event-stream")
@@ -395,7 +265,8 @@ async def _generate(mock: _Mock, request: Request, kind: Literal["chat", "comple
         mock.metrics.success.labels(**mock.labels(), finished_reason="abort").inc()
         return Response(status_code=499)
     payload = orjson.dumps(shapes.response_body(req, outputs, response_id=response_id, created=created,
-                                             model=settings.served_name, wire_format=settings.wire_format))
+                                             model=settings.served_name, wire_format=settings.wire_format,
+                                             fingerprint=fingerprint))
     if settings.die_after_chunks is not None:
         mock.injected["cut"] += 1
         log.warning("mock vLLM: cutting a non-streaming response (die_after_chunks)")
@@ -406,7 +277,7 @@ async def _generate(mock: _Mock, request: Request, kind: Literal["chat", "comple
 
 
 async def _stream(
-    mock: _Mock, settings: MockSettings, req: gen.ParsedRequest, outputs: list[gen.Output],
+    mock: MockState, settings: MockSettings, req: gen.ParsedRequest, outputs: list[gen.Output],
     steps: list[list[dict[str, Any]]], tail: list[dict[str, Any]], fault: StreamFault | None = None,
 ) -> AsyncGenerator[bytes, None]:
     events = [[_event(chunk) for chunk in step] for step in steps]

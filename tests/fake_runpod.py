@@ -55,6 +55,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmpod.mock_tools import VLLM_TOOL_PARSERS
 from llmpod.mock_vllm import MockSettings
 from llmpod.mock_vllm import create_app as create_mock_app
 from tests import fake_runpod_pods as fake_pods
@@ -148,9 +149,13 @@ class FakeRunPod:
         pod = FakePod(req, gpu, data_center, cuda, settings.provisioning_seconds, settings.starting_seconds,
                       settings.vllm_load_seconds)
         launch = pod.launch
+        # vLLM parses tool calls only with both flags and a parser it knows (it would not start otherwise)
+        tools = launch.enable_auto_tool_choice and launch.tool_call_parser in VLLM_TOOL_PARSERS
         mock = MockSettings(**{**settings.mock_overrides, "model": launch.model, "api_key": launch.api_key,
                                "served_model_name": launch.served_model_name,
-                               **({"max_model_len": launch.max_model_len} if launch.max_model_len else {})})
+                               **({"max_model_len": launch.max_model_len} if launch.max_model_len else {}),
+                               **({"enable_auto_tool_choice": True, "tool_call_parser": launch.tool_call_parser}
+                                  if tools else {})})
         server = LoopbackServer(create_mock_app(mock))  # its port is bound now; nothing listens until start()
         self.pods[pod.id], self.servers[pod.id], pod.mock_port = pod, server, server.port
         task = asyncio.get_running_loop().create_task(self._serve_when_ready(pod, server))

@@ -277,11 +277,14 @@ class VllmLaunch:
     api_key: str | None = None
     host: str = "0.0.0.0"
     port: int = 8000
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
 
 def parse_vllm_args(args: str, env: dict[str, str]) -> VllmLaunch:
     """Read ``--model`` (or a positional model), ``--served-model-name``, ``--max-model-len``, ``--api-key``
-    (else ``env["VLLM_API_KEY"]``), ``--host`` and ``--port``; vLLM's other flags are ignored."""
+    (else ``env["VLLM_API_KEY"]``), ``--host``, ``--port``, ``--enable-auto-tool-choice`` and
+    ``--tool-call-parser``; vLLM's other flags are ignored."""
     try:
         tokens = shlex.split(args)
     except ValueError:
@@ -316,6 +319,8 @@ def parse_vllm_args(args: str, env: dict[str, str]) -> VllmLaunch:
         api_key=first("api-key") or env.get("VLLM_API_KEY"),
         host=first("host") or "0.0.0.0",
         port=int(port) if port.isdigit() else 8000,
+        enable_auto_tool_choice="enable-auto-tool-choice" in options,
+        tool_call_parser=first("tool-call-parser"),
     )
 
 

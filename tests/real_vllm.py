@@ -145,20 +145,29 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _exited(pid: int) -> bool:
+    """Whether our child ``pid`` has exited, WITHOUT reaping it: while it is an unreaped zombie its pid, and so
+    its process group id, cannot be reused, so signalling the group can only reach what we started."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's own process group (it runs in a new session we created), then SIGKILL; always reap."""
-    if proc.poll() is None:
+    """SIGTERM the server's own process group (it runs in a new session we created), SIGKILL after STOP_TIMEOUT,
+    then SIGKILL whatever of the group outlived the leader (a tokenizer worker, say), and only then reap."""
+    for sig, patience in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, STOP_TIMEOUT)):
+        if _exited(proc.pid):
+            break
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    # Children that outlived their parent (a tokenizer worker, say) go with the group too.
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + patience
+        while not _exited(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 @contextlib.contextmanager

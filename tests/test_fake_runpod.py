@@ -247,6 +247,23 @@ def test_vllm_flags_are_read_like_vllm_reads_them() -> None:
     assert (launch.model, launch.max_model_len, launch.api_key, launch.port) == ("org/with space", None, "k2", 8000)
 
 
+@pytest.mark.parametrize(("flags", "status"), [("--enable-auto-tool-choice --tool-call-parser hermes", 200),
+                                               ("--tool-call-parser hermes", 400), ("", 400)])
+def test_a_pods_vllm_calls_tools_only_with_both_tool_flags(fake: Fake, flags: str, status: int) -> None:
+    assert parse_vllm_args(f"--model m {flags}", {}).enable_auto_tool_choice == ("--enable" in flags)
+    pod = fake.ready(args=f"--model {MODEL} {flags}")
+    tool = {"type": "function", "function": {"name": "read_file", "parameters": {
+        "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "use read_file"}], "tools": [tool]}
+    answer = httpx.post(fake.pod_url(pod["id"]) + "/v1/chat/completions", json=body, timeout=10,
+                        headers={"Authorization": f"Bearer {POD_KEY}"})
+    assert answer.status_code == status
+    if status == 200:
+        assert answer.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "read_file"
+    else:
+        assert "--enable-auto-tool-choice and --tool-call-parser" in answer.json()["error"]["message"]
+
+
 def test_list_get_delete(fake: Fake) -> None:
     first, second = fake.ready(name="one"), fake.create(name="two")
     port = fake.mock_port(first["id"])

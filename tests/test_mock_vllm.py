@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -70,7 +71,7 @@ async def test_health_version_and_ping(client: httpx.AsyncClient) -> None:
     health = await client.get("/health")
     assert (health.status_code, health.content) == (200, b"")
     assert (await client.get("/ping")).status_code == 200
-    assert (await client.get("/version")).json() == {"version": "0.11.0"}
+    assert (await client.get("/version")).json() == {"version": "0.33.0"}
 
 
 async def test_models_lists_the_served_name_with_the_model_path_as_root() -> None:
@@ -110,7 +111,7 @@ async def test_metrics_exposes_vllm_series_per_app() -> None:
     async with client_for(busy) as client:
         usage = (await client.post(CHAT, json={"messages": HELLO})).json()["usage"]
         response = await client.get("/metrics")
-    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert response.headers["content-type"] == "text/plain; version=1.0.0; charset=utf-8"
     text, labels = response.text, 'engine="0",model_name="mock-model"'
     assert f"vllm:prompt_tokens_total{{{labels}}} {usage['prompt_tokens']}.0" in text
     assert f"vllm:generation_tokens_total{{{labels}}} {usage['completion_tokens']}.0" in text
@@ -132,14 +133,17 @@ async def test_chat_answer_has_every_vllm_field(client: httpx.AsyncClient) -> No
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
     assert isinstance(body["created"], int) and body["model"] == "mock-model"
     assert body["prompt_logprobs"] is None and body["kv_transfer_params"] is None
+    assert body["system_fingerprint"].startswith("vllm-0.33.0-")
     [choice] = body["choices"]
     assert choice["index"] == 0 and choice["logprobs"] is None and choice["stop_reason"] is None
     assert choice["finish_reason"] == "stop"
     message = choice["message"]
+    # vLLM 0.33 leaves out an empty tool_calls list
     assert message == {"role": "assistant", "content": message["content"], "refusal": None, "annotations": None,
-                       "audio": None, "function_call": None, "tool_calls": [], "reasoning": None}
+                       "audio": None, "function_call": None, "reasoning": None}
     assert message["content"].startswith("Mock answer to: What is the capital")
-    assert list(body["usage"]) == ["prompt_tokens", "total_tokens", "completion_tokens", "prompt_tokens_details"]
+    assert list(body["usage"]) == ["prompt_tokens", "total_tokens", "completion_tokens", "prompt_tokens_details",
+                                   "completion_tokens_details"]
     assert body["usage"]["completion_tokens"] == 12
 
 
@@ -160,11 +164,15 @@ async def test_chat_stream_order(client: httpx.AsyncClient, include_usage: bool)
         assert usage_chunk["choices"] == []
         assert usage_chunk["usage"] == {k: whole["usage"][k] for k in ("prompt_tokens", "total_tokens",
                                                                         "completion_tokens")}
-    content = chunks[1:]
+        assert usage_chunk["system_fingerprint"] == whole["system_fingerprint"]
+    content, final = chunks[1:-1], chunks[-1]
     assert all("usage" not in c for c in content)
     assert len(content) == whole["usage"]["completion_tokens"]  # one token per chunk
-    assert [c["choices"][0]["finish_reason"] for c in content] == [None] * (len(content) - 1) + ["stop"]
-    assert content[-1]["choices"][0]["stop_reason"] is None and content[-1]["choices"][0]["delta"]["content"]
+    assert all(c["choices"][0]["finish_reason"] is None and c["choices"][0]["delta"]["content"] for c in content)
+    # vLLM 0.33 ends an answer that stopped on its own with a chunk of its own, without a tool parser {"content": ""}
+    assert final["choices"] == [{"index": 0, "delta": {"content": ""}, "logprobs": None, "finish_reason": "stop",
+                                 "stop_reason": None, "token_ids": None, "weight_versions": None}]
+    assert ("system_fingerprint" in final) is not include_usage
     text = "".join(c["choices"][0]["delta"]["content"] for c in content)
     assert text == whole["choices"][0]["message"]["content"]
 
@@ -185,6 +193,7 @@ async def test_completions_in_both_modes(client: httpx.AsyncClient) -> None:
     assert {c["object"] for c in chunks} == {"text_completion"}
     assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
     assert [c["choices"][0]["finish_reason"] for c in chunks][-2:] == [None, "stop"]
+    assert chunks[-1]["choices"][0]["text"] == ""
 
 
 async def test_n_choices_differ_and_each_stream_choice_finishes(client: httpx.AsyncClient) -> None:
@@ -198,7 +207,7 @@ async def test_n_choices_differ_and_each_stream_choice_finishes(client: httpx.As
         mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
         assert mine[0]["delta"] == {"role": "assistant", "content": ""}
         assert "".join(c["delta"]["content"] for c in mine) == text
-        assert [c["finish_reason"] for c in mine][-2:] == [None, "stop"]
+        assert [c["finish_reason"] for c in mine][-2:] == [None, "stop"] and mine[-1]["delta"] == {"content": ""}
 
 
 async def test_answers_are_deterministic_and_ids_are_not(client: httpx.AsyncClient) -> None:
@@ -235,29 +244,34 @@ async def test_max_tokens_caps_the_answer(client: httpx.AsyncClient) -> None:
 # ----------------------------------------------------------------------------------- tools, reasoning
 
 
-async def test_tool_call_in_both_modes(client: httpx.AsyncClient) -> None:
+TOOLS_ON = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
+
+
+async def test_tool_call_in_both_modes() -> None:
     request = {"messages": [{"role": "user", "content": "Please call get_weather for Paris"}],
                "tools": [WEATHER_TOOL]}
-    body = (await client.post(CHAT, json=request)).json()
+    async with client_for(create_app(MockSettings(**TOOLS_ON))) as client:
+        body = (await client.post(CHAT, json=request)).json()
+        chunks = sse(await client.post(CHAT, json={**request, "stream": True}))[:-1]
     [choice] = body["choices"]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     [call] = choice["message"]["tool_calls"]
-    assert call["id"].startswith("chatcmpl-tool-") and call["type"] == "function"
+    assert re.fullmatch(r"chatcmpl-tool-[0-9a-f]{16}", call["id"]) and call["type"] == "function"
     assert call["function"]["name"] == "get_weather"
-    arguments = json.loads(call["function"]["arguments"])
-    assert set(arguments) == {"city"} and isinstance(arguments["city"], str) and arguments["city"]
+    assert json.loads(call["function"]["arguments"]) == {"city": "mock"}  # required fields only
 
-    chunks = sse(await client.post(CHAT, json={**request, "stream": True}))[:-1]
-    head = chunks[1]["choices"][0]["delta"]["tool_calls"][0]
-    assert head == {"index": 0, "id": head["id"], "type": "function",
-                    "function": {"name": "get_weather", "arguments": ""}}
-    pieces = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks[2:]]
+    # as vLLM 0.33's hermes parser streams it: id, type and name first (no arguments key), then fragments
+    head = chunks[1]["choices"][0]["delta"]
+    assert head == {"content": None, "tool_calls": [{"id": head["tool_calls"][0]["id"], "type": "function",
+                                                     "index": 0, "function": {"name": "get_weather"}}]}
+    pieces = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks[2:-1]]
     assert len(pieces) > 1 and all(set(p) == {"index", "function"} for p in pieces)
     assert "".join(p["function"]["arguments"] for p in pieces) == call["function"]["arguments"]
-    assert [c["choices"][0]["finish_reason"] for c in chunks][-2:] == [None, "tool_calls"]
+    final = chunks[-1]["choices"][0]
+    assert final["delta"] == {} and final["finish_reason"] == "tool_calls"  # {} with a tool parser
 
 
-async def test_no_tool_call_when_not_asked_for(client: httpx.AsyncClient) -> None:
+async def test_no_tool_call_when_not_asked_for() -> None:
     unasked = {"messages": HELLO, "tools": [WEATHER_TOOL]}
     refused = {"messages": [{"role": "user", "content": "use get_weather"}], "tools": [WEATHER_TOOL],
                "tool_choice": "none"}
@@ -267,11 +281,50 @@ async def test_no_tool_call_when_not_asked_for(client: httpx.AsyncClient) -> Non
                                   "function": {"name": "get_weather", "arguments": "{}"}}]},
                              {"role": "tool", "tool_call_id": "t1", "content": "Sunny"}],
                 "tools": [WEATHER_TOOL]}
-    for request in (unasked, refused, answered):
-        choice = (await client.post(CHAT, json=request)).json()["choices"][0]
-        assert choice["finish_reason"] == "stop" and choice["message"]["tool_calls"] == []
-    named = {**unasked, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
-    assert (await client.post(CHAT, json=named)).json()["choices"][0]["finish_reason"] == "tool_calls"
+    async with client_for(create_app(MockSettings(**TOOLS_ON))) as client:
+        for request in (unasked, refused, answered):
+            choice = (await client.post(CHAT, json=request)).json()["choices"][0]
+            assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"]
+        named = {**unasked, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+        choice = (await client.post(CHAT, json=named)).json()["choices"][0]
+        # a forced named tool finishes "stop" in vLLM 0.33 (resolve_finish_reason), with content "" not null
+        assert choice["finish_reason"] == "stop" and choice["message"]["tool_calls"]
+        assert choice["message"]["content"] == ""
+        required = (await client.post(CHAT, json={**unasked, "tool_choice": "required"})).json()["choices"][0]
+        assert required["finish_reason"] == "tool_calls" and required["message"]["content"] == ""
+
+
+@pytest.mark.parametrize(("choice", "message"), [
+    (None, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'),
+    ("auto", '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'),
+    ("required", 'tool_choice="required" requires --tool-call-parser to be set'),
+    ({"type": "function", "function": {"name": "get_weather"}},
+     'tool_choice=function "get_weather" requires --tool-call-parser to be set'),
+])
+@pytest.mark.parametrize("settings", [{}, {"tool_call_parser": "hermes"}])
+async def test_tools_need_both_flags_as_in_vllm(choice: Any, message: str, settings: dict[str, Any]) -> None:
+    request: dict[str, Any] = {"messages": HELLO, "tools": [WEATHER_TOOL]}
+    if choice is not None:
+        request["tool_choice"] = choice
+    async with client_for(create_app(MockSettings(**settings))) as client:
+        error = nested(await client.post(CHAT, json=request))
+        assert error == {"message": message, "type": "BadRequestError", "param": None, "code": 400}
+        # "none" needs no parser: the tools are only shown to the model
+        plain = await client.post(CHAT, json={**request, "tool_choice": "none"})
+        assert plain.status_code == 200 and plain.json()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_tool_flags_are_checked_as_vllm_checks_them() -> None:
+    with pytest.raises(ValueError, match="--enable-auto-tool-choice requires --tool-call-parser"):
+        MockSettings(enable_auto_tool_choice=True)
+    with pytest.raises(ValueError, match="invalid tool call parser: nope"):
+        MockSettings(enable_auto_tool_choice=True, tool_call_parser="nope")
+    settings = mock_vllm_server.parse(["--enable-auto-tool-choice", "--tool-call-parser", "qwen3_coder",
+                                       "--chat-template", "/x/tool_chat_template.jinja"], {})[0]
+    assert (settings.enable_auto_tool_choice, settings.tool_call_parser) == (True, "qwen3_coder")
+    assert mock_vllm_server.parse(["--tool-call-parser", "hermes"], {})[0].tool_parser is None
+    with pytest.raises(mock_vllm_server.UsageError, match=r"^--enable-auto-tool-choice requires --tool-call-parser$"):
+        mock_vllm_server.parse(["--enable-auto-tool-choice"], {})
 
 
 @pytest.mark.parametrize(("wire_format", "key", "absent"), [("modern", "reasoning", "reasoning_content"),
@@ -283,7 +336,8 @@ async def test_reasoning_comes_before_the_content(wire_format: str, key: str, ab
         assert message["content"].startswith("Mock answer to:")
         chunks = sse(await client.post(CHAT, json={"messages": HELLO, "stream": True}))[1:-1]
         kinds = [next(iter(c["choices"][0]["delta"])) for c in chunks]
-        assert kinds == [key] * 6 + ["content"] * 12
+        final = [] if wire_format == "legacy" else ["content"]  # 0.33's {"content": ""} finish chunk
+        assert kinds == [key] * 6 + ["content"] * 12 + final
         assert "".join(c["choices"][0]["delta"].get(key, "") for c in chunks) == message[key]
         usage = (await client.post(CHAT, json={"messages": HELLO})).json()["usage"]
         assert usage["completion_tokens"] == 18
@@ -324,13 +378,14 @@ async def test_bad_requests_are_400(client: httpx.AsyncClient, path: str, body: 
     else:
         response = await client.post(path, json=body)
     assert response.status_code == 400
-    assert nested(response)["type"] == "BadRequestError"
+    # vLLM 0.33: its own checks say BadRequestError, FastAPI's body validation (JSON, types) "Bad Request"
+    assert nested(response)["type"] in ("BadRequestError", "Bad Request")
 
 
 async def test_unknown_model_is_404_and_a_missing_model_is_the_served_one(client: httpx.AsyncClient) -> None:
     error = nested(await client.post(CHAT, json={"model": "gpt-4", "messages": HELLO}))
-    assert error == {"message": "The model `gpt-4` does not exist.", "type": "NotFoundError", "param": "model",
-                     "code": 404}
+    assert error == {"message": "The model `gpt-4` does not exist. Valid aliases: mock-model.",
+                     "type": "NotFoundError", "param": "model", "code": 404}
     assert (await client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"})).status_code == 404
     assert (await client.post(CHAT, json={"messages": HELLO})).json()["model"] == "mock-model"
 
@@ -338,25 +393,35 @@ async def test_unknown_model_is_404_and_a_missing_model_is_the_served_one(client
 async def test_context_length_errors_match_vllm() -> None:
     async with client_for(create_app(MockSettings(max_model_len=40))) as client:
         prompt = await tokens_in(client, messages=HELLO)
-        too_long = nested(await client.post(CHAT, json={"messages": HELLO, "max_tokens": 100}))
-        assert too_long == {
-            "message": f"'max_tokens' or 'max_completion_tokens' is too large: 100. This model's maximum context "
-                       f"length is 40 tokens and your request has {prompt} input tokens (100 > 40 - {prompt}).",
-            "type": "BadRequestError", "param": "max_tokens", "code": 400}
-        huge = nested(await client.post(CHAT, json={"messages": HELLO, "max_tokens": 10**20}))
-        assert huge["message"].startswith("'max_tokens' or 'max_completion_tokens' is too large: 10000000000000")
-        assert (await client.get("/mock/stats")).json()["last_request"]["body"]["max_tokens"] == 10**20
-        fits = await client.post(CHAT, json={"messages": HELLO, "max_tokens": 40 - prompt})
-        assert fits.status_code == 200
-        # without max_tokens the answer gets what is left of the window
+        # vLLM 0.33 (vllm/renderers/params.py): max_tokens beyond the context is refused...
+        assert nested(await client.post(CHAT, json={"messages": HELLO, "max_tokens": 41})) == {
+            "message": "max_tokens=41 cannot be greater than max_model_len=40. Please request fewer output tokens. "
+                       "(parameter=max_tokens, value=41)", "type": "BadRequestError", "param": "max_tokens",
+            "code": 400}
+        huge = nested(await client.post(CHAT, json={"messages": HELLO, "max_completion_tokens": 10**20}))
+        assert huge["message"].startswith("max_completion_tokens=100000000000000000000 cannot be greater")
+        assert huge["param"] == "max_completion_tokens"
+        assert (await client.get("/mock/stats")).json()["last_request"]["body"]["max_completion_tokens"] == 10**20
+        # ...but a max_tokens that only fails to fit beside the prompt is lowered to what is left
         await client.post("/mock/config", json={"chunk_count": 100})
+        lowered = (await client.post(CHAT, json={"messages": HELLO, "max_tokens": 40})).json()
+        assert lowered["usage"]["total_tokens"] == 40 and lowered["choices"][0]["finish_reason"] == "length"
+        # without max_tokens the answer gets what is left of the window too
         rest = (await client.post(CHAT, json={"messages": HELLO})).json()
         assert rest["usage"]["total_tokens"] == 40 and rest["choices"][0]["finish_reason"] == "length"
+        assert prompt < 40
+        # a prompt that fills the window leaves max_tokens 0, which vLLM's SamplingParams refuses
+        full = [{"role": "user", "content": "word " * (40 - await tokens_in(client, messages=[
+            {"role": "user", "content": ""}]))}]
+        assert await tokens_in(client, messages=full) == 40
+        assert nested(await client.post(CHAT, json={"messages": full}))["message"] == (
+            "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)")
+        # a prompt beyond the window: vLLM tokenizes max_model_len + 1 tokens, so "at least 41"
         long_messages = [{"role": "user", "content": "word " * 40}]
-        count = await tokens_in(client, messages=long_messages)
         assert nested(await client.post(CHAT, json={"messages": long_messages})) == {
-            "message": f"This model's maximum context length is 40 tokens. However, your request has {count} "
-                       "input tokens. Please reduce the length of the input messages.",
+            "message": "This model's maximum context length is 40 tokens. However, your prompt contains at least 41 "
+                       "input tokens, which exceeds this limit even without any output tokens. Please reduce the "
+                       "length of the input prompt. (parameter=input_tokens, value=41)",
             "type": "BadRequestError", "param": "input_tokens", "code": 400}
 
 
@@ -431,15 +496,16 @@ async def test_stream_faults_break_a_stream_after_n_events(fault: str) -> None:
         await client.post("/mock/config", json={"stream_fault_rate": 0})
         whole = blocks(await client.post(CHAT, json={"messages": HELLO, "stream": True}))
         stats = (await client.get("/mock/stats")).json()
-    assert len(whole) == 8 and all(map(parses, whole)) and whole[-1] == "data: [DONE]"  # role, 6 tokens, [DONE]
+    # role, 6 tokens, the finish chunk, [DONE]
+    assert len(whole) == 9 and all(map(parses, whole)) and whole[-1] == "data: [DONE]"
     assert plain.status_code == 200 and plain.json()["choices"][0]["message"]["content"]  # plain answers are whole
     if fault == "no_done":
         assert len(broken) == 2 and all(map(parses, broken))
     elif fault == "invalid_json":
-        assert len(broken) == 8 and [parses(b) for b in broken] == [True, True, False, True, True, True, True, True]
+        assert len(broken) == 9 and [parses(b) for b in broken] == [True, True, False] + [True] * 6
         assert broken[-1] == "data: [DONE]"
     else:  # the third event runs into the fourth: one event with two data lines
-        assert len(broken) == 7 and not parses(broken[2]) and broken[2].count("data: ") == 2
+        assert len(broken) == 8 and not parses(broken[2]) and broken[2].count("data: ") == 2
         assert broken[-1] == "data: [DONE]"
     assert stats["injected"][fault] == 1 and stats["in_flight"] == 0
 
@@ -566,6 +632,10 @@ async def test_stats_config_and_reset(client: httpx.AsyncClient) -> None:
     assert answer["usage"]["completion_tokens"] == 3 and answer["model"] == "renamed"
     for bad in ({"chunk_count": 0}, {"no_such_setting": 1}, {"wire_format": "ancient"}):
         assert (await client.post("/mock/config", json=bad)).status_code == 400
+    half = await client.post("/mock/config", json={"enable_auto_tool_choice": True})
+    assert nested(half)["message"] == "Error: --enable-auto-tool-choice requires --tool-call-parser"
+    both = await client.post("/mock/config", json={"enable_auto_tool_choice": True, "tool_call_parser": "hermes"})
+    assert both.json()["tool_call_parser"] == "hermes"
 
     zeroed = (await client.post("/mock/reset")).json()
     assert set(zeroed["requests"].values()) == {0} and zeroed["streams"] == 0 and zeroed["errors"] == {}

@@ -128,7 +128,8 @@ def test_completions_endpoint_stream_and_plain(client: httpx.Client, mock_contro
     assert mock_control.generations() == 2
 
 
-def test_tool_calls_pass_through_in_both_modes(client: httpx.Client) -> None:
+@pytest.mark.parametrize("mock_vllm_settings", [{"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}])
+def test_tool_calls_pass_through_in_both_modes(client: httpx.Client, mock_vllm_settings: dict[str, Any]) -> None:
     tools = [{"type": "function", "function": {
         "name": "read_file", "description": "Read a file",
         "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]

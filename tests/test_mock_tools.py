@@ -1,0 +1,203 @@
+"""The mock's tool calls: the arguments fit the tool's JSON schema, and an agent that runs them harms nothing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import jsonschema_rs
+import pytest
+
+from llmpod.mock_tools import arguments, call_id, pick_tool
+from llmpod.mock_vllm import MockSettings, create_app
+
+
+def tool(name: str, properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    wanted = required if required is not None else list(properties)
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": name,
+            "parameters": {"type": "object", "properties": properties, "required": wanted},
+        },
+    }
+
+
+# Shaped like the tools an agent (Kilo Code, Continue) sends on every turn.
+AGENT_TOOLS = [
+    tool("execute_command", {"command": {"type": "string"}, "cwd": {"type": ["string", "null"]}}),
+    tool(
+        "write_to_file",
+        {"path": {"type": "string"}, "content": {"type": "string"}, "line_count": {"type": "integer", "minimum": 0}},
+    ),
+    tool("apply_diff", {"path": {"type": "string"}, "diff": {"type": "string"}}),
+    tool(
+        "read_file",
+        {
+            "files": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "path": {"type": "string"},
+                        "line_ranges": {"type": "array", "items": {"type": "string"}},
+                    },
+                    "required": ["path"],
+                    "additionalProperties": False,
+                },
+            }
+        },
+    ),
+    tool("list_files", {"path": {"type": "string"}, "recursive": {"type": "boolean"}}),
+    tool(
+        "search_files",
+        {
+            "path": {"type": "string"},
+            "regex": {"type": "string", "minLength": 1},
+            "file_pattern": {"type": ["string", "null"]},
+        },
+    ),
+    tool(
+        "ask_followup_question",
+        {
+            "question": {"type": "string"},
+            "follow_up": {
+                "type": "array",
+                "minItems": 2,
+                "maxItems": 4,
+                "items": {
+                    "type": "object",
+                    "properties": {"text": {"type": "string"}, "mode": {"type": ["string", "null"]}},
+                    "required": ["text", "mode"],
+                },
+            },
+        },
+    ),
+    tool("attempt_completion", {"result": {"type": "string"}}),
+    tool(
+        "switch_mode",
+        {"mode_slug": {"type": "string", "enum": ["code", "architect", "ask"]}, "reason": {"type": "string"}},
+    ),
+]
+
+ODD_SCHEMAS = [
+    tool(
+        "nested",
+        {
+            "config": {
+                "type": "object",
+                "properties": {
+                    "depth": {"type": "integer", "minimum": 3, "maximum": 9},
+                    "ratio": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                    "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}},
+                    "unit": {"const": "cm"},
+                },
+                "required": ["depth", "ratio", "tags", "unit"],
+            }
+        },
+    ),
+    tool(
+        "defaults",
+        {
+            "limit": {"type": "integer", "default": 50},
+            "verbose": {"type": "boolean", "default": True},
+            "name": {"type": "string", "minLength": 12},
+        },
+        required=["name"],
+    ),
+    tool(
+        "unions",
+        {
+            "target": {"anyOf": [{"type": "null"}, {"type": "string", "format": "uri"}]},
+            "when": {"type": "string", "format": "date-time"},
+            "choice": {"oneOf": [{"type": "integer", "maximum": -5}, {"type": "string"}]},
+        },
+    ),
+    tool("no_parameters", {}, required=[]),
+]
+
+
+@pytest.mark.parametrize("candidate", AGENT_TOOLS + ODD_SCHEMAS, ids=lambda t: t["function"]["name"])
+def test_arguments_are_valid_against_the_schema(candidate: dict[str, Any]) -> None:
+    args = arguments(candidate)
+    schema = candidate["function"]["parameters"]
+    assert jsonschema_rs.validator_for(schema).is_valid(args), (args, schema)
+    assert set(schema.get("required", [])) <= set(args)
+
+
+def test_defaults_are_used_and_optional_fields_left_out() -> None:
+    assert arguments(ODD_SCHEMAS[1]) == {"name": "mockmockmock", "limit": 50, "verbose": True}
+    assert arguments(tool("opt", {"path": {"type": "string"}}, required=[])) == {}
+
+
+def test_arguments_are_harmless() -> None:
+    by_name = {t["function"]["name"]: arguments(t) for t in AGENT_TOOLS}
+    assert by_name["read_file"] == {"files": [{"path": "README.md"}]}
+    assert by_name["list_files"] == {"path": ".", "recursive": False}
+    assert by_name["search_files"]["path"] == "." and by_name["execute_command"]["command"].startswith("echo ")
+    # no new file with a made-up name: a write goes to the file every repository has
+    assert by_name["write_to_file"]["path"] == "README.md"
+    assert by_name["switch_mode"]["mode_slug"] == "code"
+
+
+USER = [{"role": "user", "content": "Fix the bug in main.py"}]
+
+
+@pytest.mark.parametrize(
+    ("text", "choice", "expected"),
+    [
+        ("Fix the bug in main.py", "auto", None),  # nothing says to call a tool: words
+        ("Use a tool to look around", "auto", "read_file"),  # the first read-only tool, never a write
+        ("Please call attempt_completion when done", "auto", "attempt_completion"),
+        ("use write_to_file or read_file", "auto", "read_file"),  # of the named ones, the safest
+        ("Fix the bug", "required", "read_file"),
+        ("Fix the bug", {"type": "function", "function": {"name": "execute_command"}}, "execute_command"),
+        ("use read_file", "none", None),
+    ],
+)
+def test_the_mock_prefers_read_only_tools(text: str, choice: Any, expected: str | None) -> None:
+    messages = [{"role": "user", "content": text}]
+    picked = pick_tool(AGENT_TOOLS, choice, messages, text)
+    assert (picked["function"]["name"] if picked else None) == expected
+
+
+def test_after_a_tool_result_the_model_answers_in_words() -> None:
+    messages = [*USER, {"role": "tool", "tool_call_id": "x", "content": "file contents"}]
+    assert pick_tool(AGENT_TOOLS, "auto", messages, "use read_file") is None
+
+
+def test_a_tool_set_without_a_safe_tool_gets_words_unless_named() -> None:
+    risky = AGENT_TOOLS[:3]
+    assert pick_tool(risky, "auto", [{"role": "user", "content": "use a tool"}], "use a tool") is None
+    assert pick_tool(risky, "required", USER, "x")["function"]["name"] == "execute_command"
+
+
+def test_call_ids_follow_the_parser() -> None:
+    assert call_id("hermes", "f").startswith("chatcmpl-tool-") and len(call_id(None, "f")) == 30
+    assert call_id("kimi_k2", "read_file") == "functions.read_file:0"
+    mistral = call_id("mistral", "f")
+    assert len(mistral) == 9 and mistral.isalnum()
+
+
+async def test_an_agent_turn_gets_a_valid_harmless_call_through_the_server() -> None:
+    settings = MockSettings(enable_auto_tool_choice=True, tool_call_parser="hermes")
+    body = {
+        "messages": [{"role": "user", "content": "Use your tools to explore the repository"}],
+        "tools": AGENT_TOOLS,
+        "tool_choice": "auto",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 4096,
+    }
+    transport = httpx.ASGITransport(app=create_app(settings))
+    async with httpx.AsyncClient(transport=transport, base_url="http://mock") as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    calls = [c for e in events for ch in e["choices"] for c in ch["delta"].get("tool_calls") or []]
+    assert calls[0]["function"] == {"name": "read_file"}
+    args = json.loads("".join(c["function"].get("arguments", "") for c in calls))
+    assert args == {"files": [{"path": "README.md"}]}
+    assert [ch["finish_reason"] for e in events for ch in e["choices"]][-1] == "tool_calls"
