@@ -95,6 +95,7 @@ def status_text(report: dict[str, Any]) -> str:
 # limit of a quarter of the context leaves the prompt room and keeps clear of vLLM's max_tokens > max_model_len 400
 KILO_OUTPUT_SHARE = 4
 KILO_OUTPUT_MAX = 8192
+KILO_ENV_KEY = "{env:PROXY_API_KEY}"  # Kilo substitutes the variable when it reads its global config
 
 
 def kilo_config(endpoint: str, api_key: str, model: str, context: int | None, tool_call: bool) -> dict[str, Any]:
@@ -129,9 +130,12 @@ def ready_text(session: Session, state: PodState) -> str:
     endpoint = f"{session.sidecars.proxy_url(state)}/v1"
     model = state.served_model
     entry = _served_entry(session, state)
-    # the proxy strips the key the same way; 'none' is what any value looks like when no key is set
-    key = os.environ.get("PROXY_API_KEY", "").strip()
-    api_key = key or "none"
+    # the proxy strips the key the same way. The key itself is never printed (terminal scrollback, screen shares and
+    # CI logs keep stdout): kilo.json refers to it, and Kilo CLI 7.7.7 resolves {env:PROXY_API_KEY} in the user's
+    # global config (~/.config/kilo/kilo.json; a project's kilo.json may not read the environment)
+    key_set = bool(os.environ.get("PROXY_API_KEY", "").strip())
+    api_key = KILO_ENV_KEY if key_set else "none"
+    legacy_key = "your PROXY_API_KEY (echo \"$PROXY_API_KEY\")" if key_set else "'none'"
     context = (session.config.max_model_len or entry.context_length) if entry else None
     tools = entry is not None and entry.tool_calling
     if entry is None:
@@ -144,14 +148,16 @@ def ready_text(session: Session, state: PodState) -> str:
     return "\n".join([
         f"ready: {endpoint}",
         f"model:    {model}" + (f", {context} tokens of context" if context else "") + calls,
-        f"API key:  {key}" if key else "API key:  none set (PROXY_API_KEY): any value works",
+        "API key:  the value of PROXY_API_KEY in your environment (not shown here)" if key_set
+        else "API key:  none set (PROXY_API_KEY): any value works",
         f"cost:     ${state.cost_per_hour or 0:.2f}/h, expires {clock(state.expires_at)}"
         + (f", idle shutdown after {state.idle_timeout_seconds // 60} min without a request"
            if state.idle_timeout_seconds else ""),
-        "Kilo Code (Kilo CLI and current extension): in ~/.config/kilo/kilo.json or ./kilo.json",
+        "Kilo Code (Kilo CLI and current extension): in ~/.config/kilo/kilo.json"
+        + (" (run Kilo where PROXY_API_KEY is exported)" if key_set else " or ./kilo.json"),
         kilo_json_text(kilo_config(endpoint, api_key, model, context, tools)),
         f"Kilo Code (legacy 5.x extension): provider 'OpenAI Compatible', Base URL {endpoint}, API key "
-        f"'{api_key}', model '{model}'",
+        f"{legacy_key}, model '{model}'",
         "stop it:  python3 manage_pod.py --shutdown",
     ])
 

@@ -53,14 +53,18 @@ def test_the_kilo_json_block_configures_the_proxy_as_a_provider(tmp_path: Path) 
     assert "API key:  none set (PROXY_API_KEY): any value works" in text
 
 
-def test_the_real_proxy_key_is_shown_when_one_is_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PROXY_API_KEY", "sk-llmpod-test-key\n")  # the proxy strips it too
+def test_a_proxy_key_is_referred_to_never_printed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 'none' would get a 401, and the key itself must not land in scrollback or a CI log: kilo.json names the
+    # variable (Kilo CLI 7.7.7 sent "Bearer <key>" for {env:PROXY_API_KEY} in ~/.config/kilo/kilo.json)
+    monkeypatch.setenv("PROXY_API_KEY", "sk-llmpod-test-key\n")
 
     text = ready(tmp_path, "qwen2.5-coder-32b-instruct-awq")
 
-    assert "API key:  sk-llmpod-test-key\n" in text
-    assert kilo_json(text)["provider"]["llmpod"]["options"]["apiKey"] == "sk-llmpod-test-key"
-    assert "API key 'sk-llmpod-test-key'" in text and "'none'" not in text
+    assert "sk-llmpod-test-key" not in text
+    assert kilo_json(text)["provider"]["llmpod"]["options"]["apiKey"] == "{env:PROXY_API_KEY}"
+    assert "in ~/.config/kilo/kilo.json (run Kilo where PROXY_API_KEY is exported)" in text
+    assert "API key:  the value of PROXY_API_KEY in your environment" in text
+    assert "API key your PROXY_API_KEY" in text and "'none'" not in text
 
 
 def test_a_model_without_tool_calling_says_what_it_is_good_for(tmp_path: Path) -> None:
