@@ -163,12 +163,13 @@ class Assembler:
         message: dict[str, Any] = {
             "role": choice.role,
             "content": text if (text or not choice.tool_calls) else None,
-            "tool_calls": [
+        }
+        if choice.tool_calls:  # vLLM 0.33 leaves an empty list out of its answers (ChatMessage), so do we
+            message["tool_calls"] = [
                 {"id": call["id"], "type": call["type"],
                  "function": {"name": call["name"], "arguments": "".join(call["arguments"])}}
                 for _, call in sorted(choice.tool_calls.items())
-            ],
-        }
+            ]
         for field, parts in choice.reasoning.items():
             message[field] = "".join(parts)
         return {"index": index, "message": message, **common}
