@@ -57,13 +57,7 @@ def vllm_available() -> str | None:
     if not script.is_file():
         return f"the real-vLLM tool is not at {script} (set {STUB_ENV})"
     try:
-        probe = subprocess.run(
-            [python, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        probe = _version_probe(python)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{python} cannot be run: {exc}"
     if probe.returncode != 0:
@@ -71,16 +65,15 @@ def vllm_available() -> str | None:
     return None
 
 
+def _version_probe(python: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
 def vllm_version() -> str:
     """The version of vllm installed for $LLMPOD_VLLM_PYTHON (call vllm_available() first)."""
-    python = os.environ[PYTHON_ENV]
-    probe = subprocess.run(
-        [python, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    probe = _version_probe(os.environ[PYTHON_ENV])
+    probe.check_returncode()
     return probe.stdout.strip()
 
 
