@@ -204,7 +204,7 @@ def test_chat_content_is_joined_into_one_message() -> None:
     assert choice["index"] == 0
     assert choice["message"]["role"] == "assistant"
     assert choice["message"]["content"] == "Hello, world"
-    assert "tool_calls" not in choice["message"]  # vLLM 0.33 leaves an empty list out (tests/fidelity golden chat_plain)
+    assert "tool_calls" not in choice["message"]  # vLLM 0.33 leaves an empty list out (golden chat_plain)
     assert choice["finish_reason"] == "stop"
     assert choice["stop_reason"] == "###"
     assert assembler.complete is True
