@@ -34,15 +34,8 @@ _ID_RE = re.compile(r"^(chatcmpl-tool-|chatcmpl-|cmpl-|modelperm-)(.*)$")
 
 async def capture(client: httpx.AsyncClient, case: Case) -> dict[str, Any]:
     """The answer to ``case`` as a golden file stores it: status, recorded headers, JSON body or SSE events."""
-    headers = dict(case.headers)
-    content: bytes | None = None
-    if case.raw is not None:
-        content = case.raw
-        headers["content-type"] = case.content_type
-    elif case.body is not None:
-        content = json.dumps(case.body).encode()
-        headers["content-type"] = case.content_type
-    response = await client.request(case.method, case.path, content=content, headers=headers)
+    content = case.raw if case.raw is not None else None if case.body is None else json.dumps(case.body).encode()
+    response = await client.request(case.method, case.path, content=content, headers=case.request_headers())
     out: dict[str, Any] = {
         "status": response.status_code,
         "headers": {k: response.headers[k] for k in RECORDED_HEADERS if k in response.headers},

@@ -68,6 +68,26 @@ class Case:
     # The message quotes the prompt's token count, which depends on the tokenizer: numbers in it are masked.
     counts_in_message: bool = False
 
+    def request_headers(self) -> dict[str, str]:
+        """The headers the corpus sets (httpx adds its own host, accept, user-agent and content-length)."""
+        if self.raw is None and self.body is None:
+            return dict(self.headers)
+        return {**self.headers, "content-type": self.content_type}
+
+    def request(self) -> dict[str, Any]:
+        """The request as a golden file records it, so a corpus entry changed without re-recording is caught."""
+        out: dict[str, Any] = {
+            "server": self.server,
+            "method": self.method,
+            "path": self.path,
+            "headers": self.request_headers(),
+        }
+        if self.body is not None:
+            out["body"] = self.body
+        if self.raw is not None:
+            out["raw"] = self.raw.decode()
+        return out
+
 
 HELLO = [{"role": "user", "content": "What is the capital of France?"}]
 LONG = [{"role": "user", "content": "word " * 1500}]
