@@ -6,11 +6,16 @@ order-insensitive presence, value types, nulls, error types, messages and params
   ``modelperm-``) and the tool call id's length.
 - generated text (``content``, ``text``, ``reasoning`` and tool call ``arguments``, whole or streamed): the stub
   engine answers hash words, the mock echoes the prompt. Empty strings are NOT masked (the final chunk's
-  ``{"content": ""}`` is a shape), and non-streamed arguments must still be a JSON object.
-- token counts (``usage`` numbers, ``/tokenize`` ids and count, numbers in a message that quotes the prompt's
-  length): the stub's tokenizer is not the mock's.
-- how many content chunks a stream has: consecutive events that are equal once text is masked count as one,
-  since the number of pieces depends on the tokenizer too.
+  ``{"content": ""}`` is a shape). Arguments must still be a JSON object: whole ones as they are, streamed ones
+  once their pieces are joined per choice and tool call index (``streamed arguments`` in the normalized answer).
+- token counts (``/tokenize`` ids and count, the values of ``usage`` numbers): the stub's tokenizer is not the
+  mock's. What does not depend on it is kept: every usage key and nested shape (``prompt_tokens_details``: null
+  or an object), which counts are 0 and which above, and ``total_tokens == prompt_tokens + completion_tokens``.
+  Numbers in error messages are NOT masked: vLLM states them exactly (see ``LONG`` in corpus.py).
+- how many text pieces a stream has (it depends on the tokenizer too): consecutive events that are equal once text
+  is masked count as one, but only pieces: events with no ``usage`` whose choices all have a null
+  ``finish_reason`` and a delta with no ``role`` and no tool call header (id, type, name). A repeated first, finish
+  or usage chunk is a difference.
 - ``root`` in ``/v1/models``: the model path (the stub's local folder there, a name here).
 - the hash in ``system_fingerprint`` (``vllm-0.33.0-<hash8>``): vLLM hashes its whole engine config
   (``vllm/entrypoints/serve/utils/fingerprint.py``); the version before it must match.
@@ -75,11 +80,7 @@ def _mask_id(value: Any) -> Any:
     )
 
 
-def _mask_arguments(value: Any, *, whole: bool) -> Any:
-    if not isinstance(value, str) or value == "":
-        return value
-    if not whole:
-        return "<arguments piece>"
+def _arguments_kind(value: str) -> str:
     try:
         decoded = json.loads(value)
     except json.JSONDecodeError:
@@ -87,12 +88,40 @@ def _mask_arguments(value: Any, *, whole: bool) -> Any:
     return "<arguments: JSON object>" if isinstance(decoded, dict) else "<arguments: not an object>"
 
 
-def _walk(node: Any, *, streamed: bool, in_usage: bool = False) -> Any:
+def _mask_arguments(value: Any, *, whole: bool) -> Any:
+    if not isinstance(value, str) or value == "":
+        return value
+    return _arguments_kind(value) if whole else "<arguments piece>"
+
+
+def _mask_count(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {key: _mask_count(value) for key, value in node.items()}
+    if isinstance(node, int) and not isinstance(node, bool) and node > 0:
+        return "<int > 0>"
+    return node
+
+
+def _mask_usage(usage: Any) -> Any:
+    """Counts become 0 or "<int > 0>"; ``total_tokens`` says whether it is the sum of the two others."""
+    if not isinstance(usage, dict):
+        return usage
+    out = _mask_count(usage)
+    counts: list[Any] = [usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
+    if all(isinstance(n, int) and not isinstance(n, bool) for n in counts):
+        prompt, completion, total = counts
+        out["total_tokens"] = (
+            "<prompt + completion>"
+            if total == prompt + completion
+            else f"<{total}: not prompt + completion ({prompt} + {completion})>"
+        )
+    return out
+
+
+def _walk(node: Any, *, streamed: bool) -> Any:
     if isinstance(node, list):
-        return [_walk(item, streamed=streamed, in_usage=in_usage) for item in node]
+        return [_walk(item, streamed=streamed) for item in node]
     if not isinstance(node, dict):
-        if in_usage and isinstance(node, int) and not isinstance(node, bool):
-            return "<int>"
         return node
     out: dict[str, Any] = {}
     for key, value in node.items():
@@ -107,10 +136,46 @@ def _walk(node: Any, *, streamed: bool, in_usage: bool = False) -> Any:
         elif key == "arguments":
             out[key] = _mask_arguments(value, whole=not streamed)
         elif key == "usage":
-            out[key] = _walk(value, streamed=streamed, in_usage=True)
+            out[key] = _mask_usage(value)
         else:
-            out[key] = _walk(value, streamed=streamed, in_usage=in_usage)
+            out[key] = _walk(value, streamed=streamed)
     return out
+
+
+def _is_piece(event: Any) -> bool:
+    """A chunk of generated text or arguments only, which a different tokenizer would cut differently."""
+    if not isinstance(event, dict) or event.get("usage") is not None:
+        return False
+    choices = event.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict) or choice.get("finish_reason") is not None:
+            return False
+        delta = choice.get("delta", {})
+        if not isinstance(delta, dict) or "role" in delta:
+            return False
+        for call in delta.get("tool_calls") or []:
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or set(call) - {"index", "function"} or set(function) - {"arguments"}:
+                return False
+    return True
+
+
+def _streamed_arguments(events: list[Any]) -> dict[str, str]:
+    """Each streamed tool call's argument pieces joined (per choice and call index) and checked as a whole."""
+    joined: dict[str, str] = {}
+    for event in events:
+        for choice in event.get("choices") or [] if isinstance(event, dict) else []:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            for call in delta.get("tool_calls") or [] if isinstance(delta, dict) else []:
+                if not isinstance(call, dict):
+                    continue
+                function = call.get("function")
+                piece = function.get("arguments") if isinstance(function, dict) else None
+                key = f"choice {choice.get('index')} call {call.get('index')}"
+                joined[key] = joined.get(key, "") + (piece if isinstance(piece, str) else "")
+    return {key: _arguments_kind(text) for key, text in joined.items()}
 
 
 def normalize(recording: dict[str, Any], case: Case) -> dict[str, Any]:
@@ -123,16 +188,16 @@ def normalize(recording: dict[str, Any], case: Case) -> dict[str, Any]:
         if case.path == "/v1/models" and isinstance(body, dict):
             for card in body.get("data") or []:
                 card["root"] = "<model path>"
-        error = body.get("error") if isinstance(body, dict) else None
-        if case.counts_in_message and isinstance(error, dict) and isinstance(error.get("message"), str):
-            error["message"] = re.sub(r"\d+", "<n>", error["message"])
         out["json"] = body
     if "events" in recording:
         events: list[Any] = []
         for event in _walk(recording["events"], streamed=True):
-            if not events or events[-1] != event:
+            if not (events and events[-1] == event and _is_piece(event)):
                 events.append(event)
         out["events"] = events
+        arguments = _streamed_arguments(recording["events"])
+        if arguments:
+            out["streamed arguments"] = arguments
     if "text" in recording:
         out["text"] = recording["text"]
     return out
