@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmpod.errors import ConfigError
+from llmpod.tool_calling import AUTO_TOOL_CHOICE, CHAT_TEMPLATE, TOOL_CALL_PARSER
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MOCK_SERVER = REPO_ROOT / "mock_vllm_server.py"
@@ -38,8 +39,8 @@ RESERVED_VLLM_FLAGS = {
 # (llmpod.tool_calling). A user's --tool-call-parser or --chat-template replaces ours (vLLM has several parsers
 # for some families, and plugins), so each must carry a value and come once; turning tool calling off is refused
 # because the proxy is told the pod calls tools.
-VALUED_TOOL_FLAGS = ("--tool-call-parser", "--chat-template")
-REFUSED_TOOL_FLAG = "--no-enable-auto-tool-choice"
+VALUED_TOOL_FLAGS = (TOOL_CALL_PARSER, CHAT_TEMPLATE)
+REFUSED_TOOL_FLAG = "--no" + AUTO_TOOL_CHOICE[1:]  # argparse's BooleanOptionalAction spelling
 # names people reach for that difflib cannot tie to ours
 KEY_ALIASES = {
     "model": "modelStoreId", "model_id": "modelStoreId", "model_store_id": "modelStoreId", "gpu": "gpu_type_id",

@@ -23,7 +23,7 @@ from llmpod.errors import PodError
 from llmpod.pod_config import PodConfig
 from llmpod.runpod_api import CreatePodRequest, GpuRequest, Pod, RunPodClient
 from llmpod.state import POD_NAME_PREFIX
-from llmpod.tool_calling import serves_tools, tool_args
+from llmpod.tool_calling import CHAT_TEMPLATE, TOOL_CALL_PARSER, flag_value, serves_tools, tool_args
 
 VLLM_PORT = 8000
 LIVE_STATUSES = ("PROVISIONING", "STARTING", "RUNNING")
@@ -85,6 +85,14 @@ def vllm_args(spec: PodSpec, config: PodConfig, port: int = VLLM_PORT) -> list[s
 def model_tool_args(model: ModelEntry, config: PodConfig) -> list[str]:
     """The tool-calling flags a pod (or the local stand-in) serving ``model`` gets (see llmpod.tool_calling)."""
     return tool_args(model.tool_call_parser, model.chat_template, config.vllm_args)
+
+
+def local_tool_args(model: ModelEntry, config: PodConfig) -> list[str]:
+    """The tool-calling flags of a pod serving ``model`` with ``config.vllm_args``, whole, for the local mock
+    (which gets no ``vllm_args``): the user's parser and template win over the catalog's, as on a pod."""
+    parser = flag_value(config.vllm_args, TOOL_CALL_PARSER) or model.tool_call_parser
+    template = flag_value(config.vllm_args, CHAT_TEMPLATE) or model.chat_template
+    return tool_args(parser, template)
 
 
 def upstream_tool_calling(model: ModelEntry, config: PodConfig) -> bool | None:
@@ -176,8 +184,9 @@ class LocalProvider:
                                         "--max-model-len", "{max_model_len}"]
         values = {"port": port, "model": spec.model.hf_repo, "served_model_name": spec.served_model,
                   "max_model_len": spec.max_model_len}
-        # the default template is `vllm serve`'s own flags: it gets the tool flags a real pod would get
-        tools = [] if self.config.args else model_tool_args(spec.model, self.config)
+        # the default template is `vllm serve`'s own flags: it gets the tool flags a real pod would get. The mock
+        # never sees vllm_args, so a parser or template named there goes in here, not beside them as on a pod
+        tools = [] if self.config.args else local_tool_args(spec.model, self.config)
         try:
             return [*command, *(arg.format(**values) for arg in template), *tools]
         except (KeyError, IndexError, ValueError) as exc:

@@ -18,6 +18,7 @@ from llmpod.providers import LocalProvider, PodSpec, upstream_tool_calling, vllm
 from llmpod.sidecars import Sidecars
 from llmpod.state import PodState, RuntimePaths
 from llmpod.tool_calling import needs_tool_parser, refusal_message, serves_tools, tool_args
+from mock_vllm_server import parse as parse_mock_argv
 from tests.conftest import SHORT_MODEL, MockControl, ProxyFactory
 from tests.test_proxy_app import chat
 
@@ -90,6 +91,23 @@ def test_the_local_mock_gets_the_same_tool_flags_as_a_pod(tmp_path: Path) -> Non
     assert "--tool-call-parser" not in provider._argv(spec("codellama-13b-instruct-awq", 8192), 4321)
     custom = LocalProvider(PodConfig(provider="local", args=["--port", "{port}"]), tmp_path / "pod.log")
     assert custom._argv(spec("qwen2.5-coder-7b-instruct"), 4321)[-2:] == ["--port", "4321"]
+
+
+@pytest.mark.parametrize(("vllm_extra", "parser"), [
+    (["--tool-call-parser", "qwen3_xml"], "qwen3_xml"),  # the user's parser replaces the catalog's, as on a pod
+    (["--enable-auto-tool-choice"], "hermes"),  # the user's switch alone: the catalog's parser still comes along
+    (["--tool-call-parser=qwen3_xml", "--enable-prefix-caching"], "qwen3_xml"),
+])
+def test_the_local_mock_gets_the_tool_flags_vllm_args_give_a_pod(tmp_path: Path, vllm_extra: list[str],
+                                                                   parser: str) -> None:
+    # the mock never sees vllm_args: a flag taken from them must not leave it with half of the pair
+    config = PodConfig(provider="local", vllm_args=vllm_extra)
+    argv = LocalProvider(config, tmp_path / "pod.log")._argv(spec("qwen2.5-coder-7b-instruct"), 4321)
+
+    settings, *_ = parse_mock_argv(argv[2:], {})
+
+    assert settings.enable_auto_tool_choice and settings.tool_call_parser == parser
+    assert upstream_tool_calling(CATALOG.model("qwen2.5-coder-7b-instruct"), config) is True
 
 
 # --------------------------------------------------------------------------------------------- manage_pod -> proxy
