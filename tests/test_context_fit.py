@@ -209,6 +209,7 @@ class FakeVllm:
         self.max_model_len = max_model_len
         self.tokenized = 0
         self.forwarded: list[int] = []
+        self.refused = 0  # a 400 the proxy had to retry: the round trip fitting is there to save
 
     def refusal(self, max_tokens: int, prompt: int) -> str | None:
         raise NotImplementedError
@@ -233,6 +234,7 @@ class FakeVllm:
             prompt = count(body)
             refused = self.refusal(body["max_tokens"], prompt)
             if refused is not None:
+                self.refused += 1
                 return JSONResponse({"error": {"message": refused, "type": "BadRequestError", "param": "max_tokens",
                                                "code": 400}}, status_code=400)
             self.forwarded.append(body["max_tokens"])
@@ -309,6 +311,7 @@ def test_a_kilo_session_on_vllm_0_33_never_asks_tokenize(tmp_path: Path) -> None
     fake = FakeVllm0330(max_model_len=16384)
     run_session(fake, tmp_path)
     assert fake.tokenized == 0
+    assert fake.refused == 0
     assert fake.forwarded == [16384] * 5  # capped at the context; the server lowers the rest
 
 
@@ -316,5 +319,5 @@ def test_a_kilo_session_on_vllm_0_27_asks_tokenize_on_its_first_turn_only(tmp_pa
     fake = FakeVllm0271(max_model_len=32768)
     run_session(fake, tmp_path)
     assert fake.tokenized == 1
-    assert len(fake.forwarded) == 5  # every turn fitted: no 400 reached the client, none was retried
+    assert fake.refused == 0 and len(fake.forwarded) == 5  # every turn fitted: none was refused and retried
     assert all(0 < tokens < 32000 for tokens in fake.forwarded)
