@@ -39,6 +39,10 @@ from llmpod.wire import error_body, normalise_error
 MODELS_TTL = 60.0  # seconds a /v1/models answer is trusted
 MODELS_RETRY = 5.0  # an unknown model name refreshes the list at most this often
 MAX_ERROR_BODY = 64 * 1024
+# a chat request's fields that shape the rendered prompt, which vLLM 0.33's /tokenize also takes
+# (vllm/entrypoints/serve/tokenize/protocol.py, TokenizeChatRequest)
+PROMPT_SHAPING_FIELDS = ("tools", "add_generation_prompt", "continue_final_message", "add_special_tokens",
+                         "chat_template", "chat_template_kwargs", "mm_processor_kwargs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,14 +164,18 @@ class Upstream:
         return self._models
 
     async def _fetch_version(self) -> None:
-        """vLLM's release, which decides how ``max_tokens`` is fitted. Unreachable: asked again with the next
-        list; any other answer is final (an upstream without /version is not assumed to lower max_tokens)."""
+        """vLLM's release, which decides how ``max_tokens`` is fitted. Unreachable, a 5xx (RunPod's edge while
+        a pod restarts), a 401/403 or an answer that is not JSON: asked again with the next list. A JSON answer
+        is final, and so is a 404 (an upstream without /version is not assumed to lower max_tokens)."""
         try:
-            response = await self.client.get(f"{self.root}/version", timeout=self.listing_timeout)
+            response = await self.client.get(f"{self.root}/version", headers=self.headers,
+                                              timeout=self.listing_timeout)
+            if response.status_code >= 500 or response.status_code in (401, 403):
+                return
             version = orjson.loads(response.content).get("version") if response.status_code == 200 else None
-        except httpx.HTTPError:
+        except (httpx.HTTPError, orjson.JSONDecodeError):
             return
-        except (orjson.JSONDecodeError, AttributeError):
+        except AttributeError:
             version = None
         self.version = version if isinstance(version, str) else ""
         self.lowers_itself = lowers_max_tokens_itself(parse_version(self.version))
@@ -214,8 +222,8 @@ class Upstream:
         request: dict[str, Any] = {"model": body.get("model")}
         if "messages" in body:
             request["messages"] = body.get("messages")
-            if body.get("tools"):
-                request["tools"] = body["tools"]
+            # everything vLLM's chat template renders into the prompt (TokenizeChatRequest takes the same fields)
+            request.update({field: body[field] for field in PROMPT_SHAPING_FIELDS if body.get(field) is not None})
         else:
             request["prompt"] = body.get("prompt")
         try:

@@ -127,7 +127,7 @@ async def test_the_version_is_asked_once_and_a_vllm_that_lowers_max_tokens_gets_
 @pytest.mark.parametrize("answer", [
     {"status_code": 404, "json": {"detail": "Not Found"}},  # not vLLM, or too old to say
     {"status_code": 200, "json": {"version": "0.27.1"}},
-    {"status_code": 200, "content": b"<html>"},
+    {"status_code": 200, "json": ["not", "an", "object"]},
 ])
 async def test_an_upstream_that_does_not_say_it_lowers_max_tokens_is_counted(
         upstream: Upstream, mocked_vllm: respx.MockRouter, answer: dict[str, Any]) -> None:
@@ -148,10 +148,16 @@ async def test_an_upstream_that_does_not_say_it_lowers_max_tokens_is_counted(
     assert version.call_count == 1  # an answer, whatever it says, is final
 
 
-async def test_an_unreachable_version_is_asked_again_with_the_next_model_list(
-        upstream: Upstream, mocked_vllm: respx.MockRouter) -> None:
-    version = mocked_vllm.get("/version").mock(side_effect=[httpx.ConnectError("refused"),
-                                                            httpx.Response(200, json={"version": "0.34.0"})])
+@pytest.mark.parametrize("first", [
+    httpx.ConnectError("refused"),
+    httpx.Response(502, content=b"<html>Bad Gateway</html>"),  # RunPod's edge while the pod restarts
+    httpx.Response(200, content=b"<html>"),  # a captive page or proxy, not vLLM's JSON
+    httpx.Response(401, json={"error": "Unauthorized"}),
+])
+async def test_a_version_not_answered_is_asked_again_with_the_next_model_list(
+        upstream: Upstream, mocked_vllm: respx.MockRouter, first: Exception | httpx.Response) -> None:
+    # a 0.33 pod taken for an old server would pay a /tokenize round trip per session until the proxy restarts
+    version = mocked_vllm.get("/version").mock(side_effect=[first, httpx.Response(200, json={"version": "0.34.0"})])
     mocked_vllm.get("/v1/models").respond(json=models_body(SERVED))
     await upstream.models()
     assert not upstream.lowers_itself
@@ -159,6 +165,19 @@ async def test_an_unreachable_version_is_asked_again_with_the_next_model_list(
     await upstream.models()
     assert upstream.lowers_itself
     assert version.call_count == 2
+    assert version.calls[0].request.headers["authorization"] == "Bearer upstream-secret"
+
+
+async def test_tokenize_gets_what_the_chat_template_renders(upstream: Upstream, mocked_vllm: respx.MockRouter) -> None:
+    # a thinking switch or a template of the request's own changes the prompt's count (vLLM 0.33's
+    # TokenizeChatRequest takes these fields); the sampling fields do not belong there
+    tokenize = mocked_vllm.post("/tokenize").respond(json={"count": 384})
+    body = {**KILO_TURN, "tools": [{"type": "function", "function": {"name": "read"}}],
+            "chat_template_kwargs": {"enable_thinking": False}, "add_generation_prompt": True, "temperature": 0.2}
+    assert await upstream.count_tokens(body) == 384
+    sent = json.loads(tokenize.calls[0].request.content)
+    assert sent == {"model": SERVED, "messages": body["messages"], "tools": body["tools"],
+                    "chat_template_kwargs": {"enable_thinking": False}, "add_generation_prompt": True}
 
 
 async def test_fit_context_leaves_body_when_tokenize_fails(upstream: Upstream,
