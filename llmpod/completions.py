@@ -1,8 +1,10 @@
 """``POST /v1/chat/completions`` and ``POST /v1/completions``: cache, coalesce, forward.
 
 Order of work for one request: read and check the body; take out the per-request cache controls; resolve
-the model alias and fit ``max_tokens`` to the context (so the key describes what is forwarded); key; then
-a hit is answered from disk, an identical request in flight is joined, or a new upstream stream starts.
+the model alias; key (the request as the client asked it, model resolved); then a hit is answered from disk, an
+identical request in flight is joined, or ``max_tokens`` is fitted to the context and a new upstream stream starts.
+Fitting comes after the key because on an older vLLM it depends on what the proxy has learned of the session (a
+repeat must not get a new key, nor a /tokenize round trip before its hit).
 """
 
 from __future__ import annotations
@@ -171,7 +173,6 @@ class GenerationHandler:
             if served is not None:
                 body["model"] = exchange.model = served.id
                 exchange.resolved = True
-            body = await service.upstream.fit_context(body, served, body_bytes)
             lookup_start = time.perf_counter()
             exchange.key = key = cache_key(endpoint, body)
         except UnkeyableRequest as exc:
@@ -182,12 +183,15 @@ class GenerationHandler:
         except UpstreamError as exc:
             return self._error(exchange, exc.status, exc.body, exc.headers), False
 
-        answer = None if no_cache else service.cache.get(key)
+        answer, flight = (None, None) if no_cache else self._lookup(key)
         exchange.lookup_s = time.perf_counter() - lookup_start
+        if answer is None and flight is None:
+            # never raises (what cannot be fitted goes as is). On an older vLLM it may ask /tokenize: an identical
+            # request may have launched, or even finished, meanwhile; join it or take its answer, not generate twice
+            body = await service.upstream.fit_context(body, served, body_bytes)
+            answer, flight = (None, None) if no_cache else self._lookup(key)
         if answer is not None:
             return self._hit(exchange, answer, bool(stream), include_usage), False
-
-        flight = None if no_cache else service.flights.join(key)
         if flight is not None:
             # a finished flight whose answer is still being written to disk is as good as a hit
             exchange.cache = "HIT" if flight.succeeded else "COALESCED"
@@ -202,6 +206,11 @@ class GenerationHandler:
         if stream:
             return await self._stream(request, exchange, flight, include_usage)
         return await self._wait(request, exchange, flight), False
+
+    def _lookup(self, key: str) -> tuple[CachedAnswer | None, Flight | None]:
+        """The cached answer for ``key``, else the flight generating it, else neither."""
+        answer = self.service.cache.get(key)
+        return (answer, None) if answer is not None else (None, self.service.flights.join(key))
 
     def _hit(self, exchange: Exchange, answer: CachedAnswer, stream: bool, include_usage: bool) -> Response:
         exchange.cache = "HIT"

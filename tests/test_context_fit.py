@@ -4,6 +4,10 @@ prompt bound learned from earlier turns, and the decision of when to ask /tokeni
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +214,8 @@ class FakeVllm:
         self.tokenized = 0
         self.forwarded: list[int] = []
         self.refused = 0  # a 400 the proxy had to retry: the round trip fitting is there to save
+        self.hold_tokenize = 0  # hold /tokenize answers until this many requests are being counted
+        self.all_counting = asyncio.Event()
 
     def refusal(self, max_tokens: int, prompt: int) -> str | None:
         raise NotImplementedError
@@ -227,6 +233,9 @@ class FakeVllm:
 
         async def tokenize(request: Request) -> Response:
             self.tokenized += 1
+            if self.tokenized <= self.hold_tokenize:  # answer none until that many are waiting (bounded)
+                self.all_counting.set() if self.tokenized == self.hold_tokenize else None
+                await asyncio.wait_for(self.all_counting.wait(), 10)
             return JSONResponse({"count": count(await request.json()), "max_model_len": self.max_model_len})
 
         async def chat(request: Request) -> Response:
@@ -294,10 +303,16 @@ def kilo_session(turns: int) -> list[dict[str, Any]]:
     return bodies
 
 
-def run_session(fake: FakeVllm, tmp_path: Path, turns: int = 5) -> None:
+@contextlib.contextmanager
+def proxy_to(fake: FakeVllm, tmp_path: Path) -> Iterator[httpx.Client]:
     with LoopbackServer(fake.app()) as upstream, LoopbackServer(create_app(ProxySettings(
             upstream_url=f"{upstream.url}/v1", cache_dir=tmp_path / "cache", log_file=tmp_path / "proxy.log",
             upstream_timeout=10.0))) as proxy, httpx.Client(base_url=proxy.url, timeout=20) as client:
+        yield client
+
+
+def run_session(fake: FakeVllm, tmp_path: Path, turns: int = 5) -> None:
+    with proxy_to(fake, tmp_path) as client:
         for number, body in enumerate(kilo_session(turns), 1):
             response = client.post("/v1/chat/completions", json=body)
             assert response.status_code == 200, response.text
@@ -321,3 +336,31 @@ def test_a_kilo_session_on_vllm_0_27_asks_tokenize_on_its_first_turn_only(tmp_pa
     assert fake.tokenized == 1
     assert fake.refused == 0 and len(fake.forwarded) == 5  # every turn fitted: none was refused and retried
     assert all(0 < tokens < 32000 for tokens in fake.forwarded)
+
+
+def test_a_repeated_turn_on_vllm_0_27_is_a_hit_whatever_the_proxy_learned_meanwhile(tmp_path: Path) -> None:
+    # turn 2 is first fitted by the bound from turn 1's count; its own answer then teaches the proxy its exact
+    # count, so the same request fits differently the second time: a key on the fitted body missed and generated
+    # again (and on a cold proxy would have asked /tokenize before the lookup)
+    fake = FakeVllm0271(max_model_len=32768)
+    first, second = kilo_session(2)
+    with proxy_to(fake, tmp_path) as client:
+        answers = []
+        for number, body in enumerate((first, second, second), 1):
+            answers.append(client.post("/v1/chat/completions", json=body))
+            wait_for_stored(client, min(number, 2))
+    assert [a.headers["x-cache"] for a in answers] == ["MISS", "MISS", "HIT"]
+    assert len(fake.forwarded) == 2 and fake.tokenized == 1  # and the hit asked nothing upstream
+
+
+def test_identical_turns_that_arrive_while_one_is_counted_share_one_generation(tmp_path: Path) -> None:
+    # on an older vLLM a turn may wait for /tokenize before it launches; an identical one that came meanwhile
+    # (a client's retry, two editor windows) must join it, not generate again
+    fake = FakeVllm0271(max_model_len=32768)
+    fake.hold_tokenize = 2  # both are being counted before either is answered
+    first, *_ = kilo_session(1)
+    with proxy_to(fake, tmp_path) as client, ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: client.post("/v1/chat/completions", json=first), range(2)))
+    assert [a.status_code for a in answers] == [200, 200]
+    assert sorted(a.headers["x-cache"] for a in answers) in (["COALESCED", "MISS"], ["HIT", "MISS"])
+    assert len(fake.forwarded) == 1
