@@ -3,17 +3,19 @@
 vLLM 0.33 only parses tool calls when started with ``--enable-auto-tool-choice --tool-call-parser NAME``; the
 refusals without them live in ``mock_generation``. With them, the mock calls at most one tool per answer:
 
-- ``tool_choice`` naming a function: that one. ``"required"``: a tool the user's last message names, else the
-  safest tool (see below). ``"auto"`` (or absent): only when the conversation ends with a user message that names
-  a tool (the safest of those it names) or says "call" or "use" (then the safest tool, if one is read-only);
-  otherwise, and after a tool result, the model answers in words.
+- ``tool_choice`` naming a function: that one. ``"required"``: a read-only tool (one the user's last message names
+  first), else a tool it names, else the first. ``"auto"`` (or absent): only a READ-ONLY tool, and only when the
+  conversation ends with a user message that names one or says "call" or "use" (then the safest read-only tool);
+  otherwise (a message asking for a change, such as Kilo's "write hello.py", included), and after a tool result,
+  the model answers in words.
 
 The arguments are VALID against the tool's JSON schema (types, ``enum``/``const``, ``required``, ``default``,
 nested objects and arrays, string and number bounds) and HARMLESS, because an agent in ``manage_pod.py --local``
-mode executes them in the user's repository: read-only tools are preferred (``read_file``, ``list_files``,
-``search_files``, ``ask_followup_question``, ``attempt_completion`` ...), paths are ``.`` or ``README.md`` (never
-a new file with a made-up name), commands are ``echo``, booleans are false (no ``recursive``, ``force``), and
-optional fields are left out unless they have a default.
+mode executes them in the user's repository: paths are ``.``, or ``README.md`` for a read-only tool (never a new
+file with a made-up name), commands are ``echo``, booleans are false (no ``recursive``, ``force``), and optional
+fields are left out unless they have a default. A tool that changes things, called only when forced, gets
+arguments that fail or do nothing: path ``.`` (a directory, which no write or edit tool can overwrite as a file),
+empty text, as few array items as the schema allows.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import re
 import secrets
 import string
+from dataclasses import dataclass
 from typing import Any
 
 # `ToolParserManager.list_registered()` of vLLM 0.33.0: what --tool-call-parser accepts
@@ -158,22 +161,26 @@ def pick_tool(
     messages: list[dict[str, Any]],
     user_text: str,
 ) -> dict[str, Any] | None:
-    """The tool the mock model calls (``tools`` and ``choice`` already validated), or None to answer in words."""
+    """The tool the mock model calls (``tools`` and ``choice`` already validated), or None to answer in words.
+
+    On its own (``"auto"``) the mock calls only read-only tools: an agent in ``manage_pod.py --local`` runs the
+    call in the user's repository, so "write hello.py" must not get back a write (or edit, or bash)."""
     if isinstance(choice, dict):
         name = choice["function"]["name"]
         return next(dict(t) for t in tools if t["function"]["name"] == name)
     text = user_text.lower()
     named = sorted(_named_in(text, tools), key=_safety)
     safest = sorted(tools, key=_safety)
-    if choice == "required":
-        return dict(named[0] if named else safest[0])
+    looking = [t for t in named + safest if _safety(t) == 0]
+    if choice == "required":  # a read-only tool if there is one, named ones first; else what the user named
+        return dict((looking or named or safest)[0])
     if choice != "auto" or not messages or messages[-1].get("role") != "user":
         return None  # "none", or after a tool result: the model answers in words
-    if named:
+    if named and _safety(named[0]) == 0:
         return dict(named[0])
-    if _ASK_TO_CALL.search(text) and _safety(safest[0]) == 0:
-        return dict(safest[0])
-    return None
+    if _ASK_TO_CALL.search(text) and looking:
+        return dict(looking[0])
+    return None  # asked for a change ("write hello.py"): words, never a tool that changes things
 
 
 def call_id(parser: str | None, name: str, index: int = 0) -> str:
@@ -195,16 +202,26 @@ def call_id(parser: str | None, name: str, index: int = 0) -> str:
 
 
 def arguments(tool: dict[str, Any]) -> dict[str, Any]:
-    """Harmless arguments for ``tool`` that its parameters' JSON schema accepts."""
+    """Harmless arguments for ``tool`` that its parameters' JSON schema accepts.
+
+    A tool that is not read-only (it writes, edits, runs, or we cannot tell) is called only when forced, and then
+    with arguments that fail or do nothing: every path is ``.`` (no tool can write or edit a directory as a file),
+    free text is empty, arrays have as few items as the schema allows."""
     function = tool["function"]
     params = function.get("parameters") or {}
     value = _value(
         params if params.get("type") or params.get("properties") else {"type": "object"},
         key="",
-        tool_name=str(function["name"]).lower(),
+        tool=_Tool(str(function["name"]).lower(), _safety(tool) == 0),
         depth=0,
     )
     return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class _Tool:
+    name: str
+    read_only: bool
 
 
 def _first_type(schema: dict[str, Any]) -> str | None:
@@ -217,7 +234,7 @@ def _first_type(schema: dict[str, Any]) -> str | None:
     return str(kind) if kind is not None else None
 
 
-def _value(schema: Any, *, key: str, tool_name: str, depth: int) -> Any:
+def _value(schema: Any, *, key: str, tool: _Tool, depth: int) -> Any:
     if not isinstance(schema, dict):
         return "mock"
     if "const" in schema:
@@ -233,35 +250,35 @@ def _value(schema: Any, *, key: str, tool_name: str, depth: int) -> Any:
             return _value(
                 {**{k: v for k, v in schema.items() if k != combinator}, **real[0]},
                 key=key,
-                tool_name=tool_name,
+                tool=tool,
                 depth=depth,
             )
     kind = _first_type(schema)
     if kind == "object":
-        return _object(schema, tool_name=tool_name, depth=depth)
+        return _object(schema, tool=tool, depth=depth)
     if kind == "array":
-        low = int(schema.get("minItems", 1))
+        low = int(schema.get("minItems", 0))
         high = schema.get("maxItems")
         count = min(max(low, 1), int(high)) if high is not None else max(low, 1)
-        if depth >= _MAX_DEPTH or "items" not in schema:
+        if depth >= _MAX_DEPTH or "items" not in schema or not tool.read_only:
             count = low
-        return [_value(schema.get("items", {}), key=key, tool_name=tool_name, depth=depth + 1) for _ in range(count)]
+        return [_value(schema.get("items", {}), key=key, tool=tool, depth=depth + 1) for _ in range(count)]
     if kind in ("integer", "number"):
         return _number(schema, integer=kind == "integer")
     if kind == "boolean":
         return False
     if kind == "null":
         return None
-    return _string(schema, key=key, tool_name=tool_name)
+    return _string(schema, key=key, tool=tool)
 
 
-def _object(schema: dict[str, Any], *, tool_name: str, depth: int) -> dict[str, Any]:
+def _object(schema: dict[str, Any], *, tool: _Tool, depth: int) -> dict[str, Any]:
     props = schema.get("properties") or {}
     out: dict[str, Any] = {}
     if depth >= _MAX_DEPTH:
         return out
     for name in schema.get("required") or []:
-        out[name] = _value(props.get(name, {"type": "string"}), key=name, tool_name=tool_name, depth=depth + 1)
+        out[name] = _value(props.get(name, {"type": "string"}), key=name, tool=tool, depth=depth + 1)
     for name, prop in props.items():  # optional fields only when the schema says what they default to
         if name not in out and isinstance(prop, dict) and "default" in prop:
             out[name] = prop["default"]
@@ -281,7 +298,7 @@ def _number(schema: dict[str, Any], *, integer: bool) -> int | float:
     return int(value) if integer else value
 
 
-def _string(schema: dict[str, Any], *, key: str, tool_name: str) -> str:
+def _string(schema: dict[str, Any], *, key: str, tool: _Tool) -> str:
     name = key.lower()
     fmt = schema.get("format")
     if fmt in ("uri", "url") or name in ("url", "uri"):
@@ -292,11 +309,11 @@ def _string(schema: dict[str, Any], *, key: str, tool_name: str) -> str:
         text = "2024-01-01"
     elif any(w in name for w in ("dir", "folder", "cwd")) or (
         any(w in name for w in ("path", "file"))
-        and any(w in tool_name for w in ("list", "search", "glob", "find", "grep", "dir"))
+        and (not tool.read_only or any(w in tool.name for w in ("list", "search", "glob", "find", "grep", "dir")))
     ):
-        text = "."
+        text = "."  # a directory: what a listing wants, and what no write or edit can overwrite
     elif any(w in name for w in ("path", "file")):
-        text = "README.md"
+        text = "README.md"  # a read-only tool reads the file every repository has
     elif any(w in name for w in ("command", "cmd", "shell", "script")):
         text = "echo llmpod mock"
     elif any(w in name for w in ("regex", "pattern", "query", "search", "keyword", "term")):
@@ -306,10 +323,10 @@ def _string(schema: dict[str, Any], *, key: str, tool_name: str) -> str:
     elif any(w in name for w in ("result", "summary", "answer", "message", "reason")):
         text = "Done (an answer from the mock vLLM server)."
     else:
-        text = "mock"
+        text = "mock" if tool.read_only else ""  # nothing to write, post or launch
     low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
     if len(text) < low:
-        text = (text * (low // max(len(text), 1) + 1))[:low]
+        text = ((text or "mock") * (low // max(len(text or "mock"), 1) + 1))[:low]
     if high is not None:
         text = text[: int(high)]
     return text
