@@ -144,7 +144,7 @@ def test_arguments_are_harmless() -> None:
     # a forced write goes to ".", which no tool can write as a file, with nothing to write: it fails harmlessly
     assert by_name["write_to_file"]["path"] == "." and by_name["write_to_file"]["content"] == ""
     assert by_name["apply_diff"] == {"path": ".", "diff": ""}
-    assert by_name["switch_mode"]["mode_slug"] == "code"
+    assert by_name["switch_mode"]["mode_slug"] == "ask"  # of its enum, the value that only looks
 
 
 USER = [{"role": "user", "content": "Fix the bug in main.py"}]
@@ -245,7 +245,7 @@ LOOKING = {
     "Skills",
 }
 READS = {"read", "Read"}  # may be given an existing file to read
-MESSAGES = ["write hello.py", "edit the config", "use bash to run tests", "call write"]
+MESSAGES = ["write hello.py", "edit the config", "use bash to run tests", "call write", "use task", "use Checklist"]
 
 
 def recorded_tool_sets() -> dict[str, list[dict[str, Any]]]:
@@ -333,3 +333,96 @@ async def test_a_recorded_agent_turn_asking_for_a_file_gets_words_not_a_write(st
         if c.get("function", {}).get("name")
     ]
     assert response.status_code == 200 and not set(names) & CHANGING, names
+
+
+# ------------------------------------------------------------------------ names and schemas read by their parts
+
+
+@pytest.mark.parametrize(
+    ("name", "looks_only"),
+    [
+        ("task", False),  # Kilo's: launches a subagent (it merely ends in "ask")
+        ("update_todo_list", False),  # "list" does not make a change harmless
+        ("search_and_replace", False),
+        ("todowrite", False),
+        ("writeFile", False),
+        ("Checklist", False),  # Continue's: replaces the checklist
+        ("Exit", False),  # Continue's: ends the session
+        ("background_process", False),
+        ("skill", False),  # cannot tell (not "kill"): not called on its own either
+        ("readFile", True),
+        ("webfetch", True),
+        ("CheckBackgroundJob", True),
+        ("ask_followup_question", True),
+        ("attempt_completion", True),
+        ("get_weather", True),
+    ],
+)
+def test_a_tool_is_called_on_its_own_only_when_every_part_of_its_name_only_looks(name: str, looks_only: bool) -> None:
+    tools = [tool(name, {}), tool("list_files", {})]
+    text = f"use {name.lower()} now"
+    picked = pick_tool(tools, "auto", [{"role": "user", "content": text}], text)
+    assert picked is not None and picked["function"]["name"] == (name if looks_only else "list_files")
+
+
+def test_field_names_are_read_by_whole_parts() -> None:
+    args = arguments(tool("lookup", {"description": {"type": "string"}, "file_pattern": {"type": "string"}}))
+    assert args == {"description": "mock", "file_pattern": "TODO"}  # not a command ("script"), not a path
+    args = arguments(tool("read_thing", {"filePath": {"type": "string"}, "workDir": {"type": "string"}}))
+    assert args == {"filePath": "README.md", "workDir": "."}
+
+
+NUMBERS = [
+    {"type": "integer", "minimum": 1.5},
+    {"type": "integer", "exclusiveMinimum": 1.5},
+    {"type": "integer", "exclusiveMaximum": 1},
+    {"type": "integer", "minimum": -3, "maximum": -1},
+    {"type": "integer", "minimum": 7, "multipleOf": 5},
+    {"type": "number", "minimum": 1.5},
+    {"type": "number", "exclusiveMinimum": 1, "exclusiveMaximum": 1.5},
+    {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 0.5},
+    {"type": "number", "exclusiveMaximum": -2},
+]
+
+
+@pytest.mark.parametrize("schema", NUMBERS, ids=json.dumps)
+def test_numbers_stay_within_their_bounds(schema: dict[str, Any]) -> None:
+    candidate = tool("get_number", {"n": schema})
+    args = arguments(candidate)
+    assert jsonschema_rs.validator_for(candidate["function"]["parameters"]).is_valid(args), args
+
+
+def test_all_of_merges_every_branch() -> None:
+    candidate = tool(
+        "get_merged",
+        {
+            "spec": {
+                "allOf": [
+                    {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+                    {"properties": {"b": {"type": "integer", "minimum": 3}}, "required": ["b"]},
+                    {"properties": {"a": {"minLength": 6}}},
+                ]
+            }
+        },
+    )
+    args = arguments(candidate)
+    assert jsonschema_rs.validator_for(candidate["function"]["parameters"]).is_valid(args), args
+    assert set(args["spec"]) == {"a", "b"}
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        {"type": "string"},
+        {"type": "string", "maxLength": 1},
+        {"type": "string", "enum": ["x", "y", "z"]},
+        {"type": "integer", "minimum": 0, "maximum": 5},
+        {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+    ],
+    ids=json.dumps,
+)
+def test_arrays_of_unique_items_get_distinct_items(items: dict[str, Any]) -> None:
+    candidate = tool("ask_user", {"options": {"type": "array", "items": items, "minItems": 3, "uniqueItems": True}})
+    args = arguments(candidate)
+    assert jsonschema_rs.validator_for(candidate["function"]["parameters"]).is_valid(args), args
+    assert len(args["options"]) == 3
