@@ -4,7 +4,9 @@ It follows the contract in /work/shared/reference/runpod.md (sections 1b, 3 and 
 ``CreatePodRequest`` validation with ``unevaluatedProperties: false``, the ``Pod`` and ``GpuType`` shapes,
 PROVISIONING -> STARTING -> RUNNING by the clock, SSE logs. Each pod runs ``llmpod.mock_vllm`` on 127.0.0.1
 and a free port, configured from the pod's ``args`` and ``env["VLLM_API_KEY"]``; it listens only once the
-pod is RUNNING plus ``vllm_load_seconds``, and until then the proxy answers 502, as RunPod's does.
+pod is RUNNING plus ``vllm_load_seconds``, and until then the proxy answers 502, as RunPod's does. Arguments
+vLLM refuses at start (``--enable-auto-tool-choice`` without a parser, or with one it does not know: the checks
+``MockSettings`` makes) crash the container as soon as it runs: ERROR, "Container exited with status 1".
 
 In-process::
 
@@ -42,7 +44,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any, Literal
@@ -55,7 +57,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmpod.mock_tools import VLLM_TOOL_PARSERS
 from llmpod.mock_vllm import MockSettings
 from llmpod.mock_vllm import create_app as create_mock_app
 from tests import fake_runpod_pods as fake_pods
@@ -149,20 +150,37 @@ class FakeRunPod:
         pod = FakePod(req, gpu, data_center, cuda, settings.provisioning_seconds, settings.starting_seconds,
                       settings.vllm_load_seconds)
         launch = pod.launch
-        # vLLM parses tool calls only with both flags and a parser it knows (it would not start otherwise)
-        tools = launch.enable_auto_tool_choice and launch.tool_call_parser in VLLM_TOOL_PARSERS
-        mock = MockSettings(**{**settings.mock_overrides, "model": launch.model, "api_key": launch.api_key,
-                               "served_model_name": launch.served_model_name,
-                               **({"max_model_len": launch.max_model_len} if launch.max_model_len else {}),
-                               **({"enable_auto_tool_choice": True, "tool_call_parser": launch.tool_call_parser}
-                                  if tools else {})})
+        try:  # vLLM's own checks of its tool flags (MockSettings makes them), before it loads anything
+            mock = MockSettings(**{**settings.mock_overrides, "model": launch.model, "api_key": launch.api_key,
+                                   "served_model_name": launch.served_model_name,
+                                   **({"max_model_len": launch.max_model_len} if launch.max_model_len else {}),
+                                   "enable_auto_tool_choice": launch.enable_auto_tool_choice,
+                                   **({"tool_call_parser": launch.tool_call_parser} if launch.tool_call_parser
+                                      else {})})
+        except ValidationError as exc:
+            pod.exit_line = "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())
+            self.pods[pod.id] = pod
+            self._spawn(self._exit_at_start(pod))
+            log.info("created pod %s, whose vLLM will refuse its arguments: %s", pod.id, pod.exit_line)
+            return pod
         server = LoopbackServer(create_mock_app(mock))  # its port is bound now; nothing listens until start()
         self.pods[pod.id], self.servers[pod.id], pod.mock_port = pod, server, server.port
-        task = asyncio.get_running_loop().create_task(self._serve_when_ready(pod, server))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._serve_when_ready(pod, server))
         log.info("created pod %s (%s x%d in %s)", pod.id, gpu.id, req.gpu.count, data_center)
         return pod
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _exit_at_start(self, pod: FakePod) -> None:
+        """vLLM refuses its arguments first thing (vLLM 0.33: vllm/entrypoints/common/cli_args.py:554 and :620,
+        exit status 1): the container crashes as soon as it runs, as ``POST /fake/pods/{id}/die`` makes it."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), max(0.0, pod.running_at - time.monotonic()))
+        if not self._closing.is_set() and not pod.events:
+            await self.end(pod, "ERROR")
 
     async def _serve_when_ready(self, pod: FakePod, server: LoopbackServer) -> None:
         with contextlib.suppress(asyncio.TimeoutError):

@@ -365,6 +365,7 @@ class FakePod:
     mock_port: int | None = None
     public_ports: dict[int, int] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    exit_line: str | None = None  # why its vLLM refused to start, when it did
 
     def __post_init__(self) -> None:
         self.launch = parse_vllm_args(self.request.args or "", self.request.env or {})
@@ -466,7 +467,8 @@ class FakePod:
         lines = [item for item in timed if item[0] <= cutoff]
         for status, at in self.events:
             if status in ("ERROR", "EXITED"):
-                lines.append((at, "container", "(EngineCore_DP0 pid=212) ERROR EngineCore encountered a fatal error."))
+                crash = self.exit_line or "(EngineCore_DP0 pid=212) ERROR EngineCore encountered a fatal error."
+                lines.append((at, "container", crash))
                 lines.append((at, "system", "Container exited with status 1"))
             elif not self.vanished:
                 lines.append((at, "system", "Pod terminated"))

@@ -138,18 +138,39 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _exit_status(pid: int) -> int | None:
+    """Our child ``pid``'s return code once it has exited (negative: the signal that killed it), None while it runs,
+    WITHOUT reaping it: while it is an unreaped zombie its pid, and so its process group id, cannot be reused, so
+    signalling the group can only reach what we started. (Popen.poll() would reap it.)"""
+    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    if info is None:
+        return None
+    return -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
+
+
 def _exited(pid: int) -> bool:
-    """Whether our child ``pid`` has exited, WITHOUT reaping it: while it is an unreaped zombie its pid, and so
-    its process group id, cannot be reused, so signalling the group can only reach what we started."""
+    """Whether our child ``pid`` has exited (reaped or not), without reaping it."""
     try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        return _exit_status(pid) is not None
     except ChildProcessError:
         return True
 
 
+def _reaped(pid: int) -> bool:
+    try:
+        _exit_status(pid)
+    except ChildProcessError:
+        return True
+    return False
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the server's own process group (it runs in a new session we created), SIGKILL after STOP_TIMEOUT,
-    then SIGKILL whatever of the group outlived the leader (a tokenizer worker, say), and only then reap."""
+    then SIGKILL whatever of the group outlived the leader (a tokenizer worker, say), and only then reap. A leader
+    already reaped gets no signal at all: its group id may be another process's by now."""
+    if _reaped(proc.pid):
+        proc.wait()
+        return
     for sig, patience in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, STOP_TIMEOUT)):
         if _exited(proc.pid):
             break
@@ -159,7 +180,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         while not _exited(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the leader is still our unreaped child here: the group is ours
     proc.wait()
 
 
@@ -190,10 +211,11 @@ def real_vllm(args: list[str], *, env: dict[str, str] | None = None) -> Iterator
         try:
             deadline = time.monotonic() + STARTUP_TIMEOUT
             while not _healthy(url):
-                if proc.poll() is not None or time.monotonic() > deadline:
+                status = _exit_status(proc.pid)  # not proc.poll(): _stop must signal the group before reaping
+                if status is not None or time.monotonic() > deadline:
                     log.seek(0)
                     tail = log.read().decode(errors="replace").strip().splitlines()[-15:]
-                    state = f"exited with {proc.returncode}" if proc.poll() is not None else "is not healthy"
+                    state = f"exited with {status}" if status is not None else "is not healthy"
                     raise RuntimeError(f"real vLLM {state} ({' '.join(argv[1:])}):\n" + "\n".join(tail))
                 time.sleep(0.25)
             yield url

@@ -463,3 +463,28 @@ def test_runs_as_a_process_and_stops_cleanly_on_sigterm() -> None:
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [
+        ("--enable-auto-tool-choice", "--enable-auto-tool-choice requires --tool-call-parser"),
+        ("--enable-auto-tool-choice --tool-call-parser nope", "invalid tool call parser: nope"),
+    ],
+)
+def test_a_pod_whose_vllm_refuses_its_tool_flags_exits_at_start(fake: Fake, flags: str, reason: str) -> None:
+    # vLLM 0.33 checks these flags before loading anything and exits 1 (vllm/entrypoints/common/cli_args.py:554,
+    # :620; seen on its real server): the pod never serves, whatever the mock would have accepted
+    pod = fake.create(args=f"--model {MODEL} {flags}")
+    wait_until(lambda: fake.api.get(f"/v2/pods/{pod['id']}").json()["status"] == "ERROR", "the container exits")
+    logs = fake.api.get(f"/v2/pods/{pod['id']}/logs").text
+    assert reason in logs and "Container exited with status 1" in logs and "startup complete" not in logs
+    assert fake.proxy_get(pod["id"], "/health").status_code == 502
+    [state] = fake.fake_state()["pods"]
+    assert not state["mockListening"] and [h["status"] for h in state["history"]][-1] == "ERROR"
+    assert fake.api.delete(f"/v2/pods/{pod['id']}").status_code == 204
+
+
+def test_an_unknown_parser_without_auto_tool_choice_is_not_checked(fake: Fake) -> None:
+    pod = fake.ready(args=f"--model {MODEL} --tool-call-parser nope")  # vLLM reads the parser only with the switch
+    assert fake.api.get(f"/v2/pods/{pod['id']}").json()["status"] == "RUNNING"

@@ -16,6 +16,7 @@ turns it on.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import secrets
@@ -27,12 +28,15 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from llmpod.catalog import load_catalog, validate_config
+from llmpod.errors import PodError
 from llmpod.lifecycle import Session
 from llmpod.pod_config import load_pod_config
 from llmpod.progress import Reporter
 from llmpod.providers import REPO_ROOT, LocalProvider, PodSpec, vllm_args
+from llmpod.sidecars import Sidecars
 from llmpod.state import POD_NAME_PREFIX, PodState, RuntimePaths
 from tests.real_vllm import PYTHON_ENV, real_vllm, vllm_available
 from tests.servers import free_port
@@ -41,14 +45,11 @@ FIXTURES = Path(__file__).parent / "fixtures" / "clients"
 AGENT_TURNS = ["kilo_turn", "kilo_turn_after_tool", "continue_turn", "continue_turn_after_tool"]
 
 _UNAVAILABLE = vllm_available()
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        _UNAVAILABLE is not None,
-        reason=f"needs vLLM's own server, which cannot start here: {_UNAVAILABLE}; "
-        f"{PYTHON_ENV}=/tmp/vllm-venv/bin/python turns it on",
-    ),
-]
+needs_vllm = pytest.mark.skipif(
+    _UNAVAILABLE is not None,
+    reason=f"needs vLLM's own server, which cannot start here: {_UNAVAILABLE}; "
+    f"{PYTHON_ENV}=/tmp/vllm-venv/bin/python turns it on",
+)
 
 
 @dataclass(frozen=True)
@@ -115,11 +116,20 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
             idle_timeout_seconds=3600,
             proxy_port=session.config.proxy_port,
         )
-        session.sidecars.ensure_proxy(state)  # the proxy manage_pod.py starts, with the environment it gives it
-        try:
-            yield Pod(session.sidecars.proxy_url(state), served, args)
-        finally:
-            session.sidecars.stop(keep_watchdog=True)
+        with running_proxy(session.sidecars, state) as proxy_url:
+            yield Pod(proxy_url, served, args)
+
+
+@contextlib.contextmanager
+def running_proxy(sidecars: Sidecars, state: PodState) -> Iterator[str]:
+    """The proxy manage_pod.py starts (with the environment it gives it) in front of ``state``'s upstream; its URL.
+    Stopped on the way out, even when starting it failed: ensure_proxy spawns the detached proxy before it waits
+    for its health, so a proxy that came up too late would outlive the test."""
+    try:
+        sidecars.ensure_proxy(state)
+        yield sidecars.proxy_url(state)
+    finally:
+        sidecars.stop(keep_watchdog=True)
 
 
 def hermes_parser(args: list[str]) -> bool:
@@ -148,6 +158,8 @@ def sse_events(text: str) -> list[str]:
     return events
 
 
+@pytest.mark.slow
+@needs_vllm
 @pytest.mark.parametrize("turn", AGENT_TURNS)
 def test_recorded_agent_turn_gets_a_whole_streamed_answer(pod: Pod, turn: str) -> None:
     fixture = load_fixture(turn)
@@ -194,3 +206,39 @@ def test_recorded_agent_turn_gets_a_whole_streamed_answer(pod: Pod, turn: str) -
         f"{turn}: the last chunk is not the usage chunk include_usage asks for: {usage}"
     )
     assert usage["usage"]["total_tokens"] == usage["usage"]["prompt_tokens"] + usage["usage"]["completion_tokens"]
+
+
+class SidecarsTooSlow:
+    """Sidecars whose proxy is spawned but not healthy in time: ensure_proxy raises after starting it."""
+
+    def __init__(self) -> None:
+        self.running = False
+
+    def ensure_proxy(self, state: PodState) -> None:
+        self.running = True
+        raise PodError(f"the proxy did not start on port {state.proxy_port}")
+
+    def proxy_url(self, state: PodState) -> str:
+        return f"http://127.0.0.1:{state.proxy_port}"
+
+    def stop(self, keep_watchdog: bool = False) -> None:
+        self.running = False
+
+
+def test_a_proxy_that_starts_too_late_is_stopped_all_the_same() -> None:
+    sidecars = SidecarsTooSlow()
+    state = PodState(
+        provider="runpod",
+        phase="ready",
+        pod_name="p",
+        model_id="m",
+        served_model="m",
+        vllm_api_key=SecretStr("k"),
+        created_at=0,
+        expires_at=1,
+        idle_timeout_seconds=1,
+        proxy_port=1,
+    )
+    with pytest.raises(PodError), running_proxy(sidecars, state):  # type: ignore[arg-type]
+        pass
+    assert not sidecars.running
