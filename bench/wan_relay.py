@@ -60,8 +60,15 @@ def create_app(upstream: str, delay: float, release: str, max_model_len: int) ->
         if counted.status_code != 200:
             return Response(counted.content, counted.status_code, media_type="application/json")
         prompt = int(counted.json()["count"])
-        if lowers_itself:
-            return {**body, field: max(1, min(wanted, max_model_len - prompt))}
+        if lowers_itself:  # vLLM 0.33: a prompt alone over the context is refused, the rest is lowered
+            if prompt > max_model_len:
+                return refused(f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+                               f"contains at least {max_model_len + 1} input tokens, which exceeds this limit even "
+                               "without any output tokens. Please reduce the length of the input prompt. "
+                               f"(parameter=input_tokens, value={max_model_len + 1})", "input_tokens")
+            if prompt == max_model_len:  # get_max_tokens gives 0, which SamplingParams refuses
+                return refused("max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)", "max_tokens")
+            return {**body, field: min(wanted, max_model_len - prompt)}
         if prompt + wanted > max_model_len:
             return refused(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
                            f"{wanted} output tokens and your prompt contains {prompt} input tokens, for a total of "
