@@ -31,6 +31,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from llmpod.tool_calling import flag_value
+
 PYTHON_ENV = "LLMPOD_VLLM_PYTHON"
 STUB_ENV = "LLMPOD_REAL_VLLM_STUB"
 STARTUP_TIMEOUT = 60.0  # about 13 s on two idle cores (importing torch and vllm); slack for a busy machine
@@ -83,16 +85,6 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _flag_value(args: list[str], flag: str) -> tuple[int, str] | None:
-    """(index, value) of ``flag V`` or ``flag=V`` in args."""
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            return i, args[i + 1]
-        if arg.startswith(flag + "="):
-            return i, arg.split("=", 1)[1]
-    return None
-
-
 def _without(args: list[str], flag: str) -> list[str]:
     out: list[str] = []
     skip = False
@@ -117,13 +109,13 @@ def server_argv(args: list[str], port: int, script: Path) -> list[str]:
     model: str | None = None
     if args and not args[0].startswith("-"):  # positional `vllm serve MODEL`
         model = args.pop(0)
-    found = _flag_value(args, "--model")
-    if found is not None:
-        model = found[1]
+    named = flag_value(args, "--model")  # the last one, as vLLM's argparse takes it
+    if named is not None:
+        model = named
         args = _without(args, "--model")
     tiny = str(script.parent / "tiny-llama")
     if model is None or not Path(model).is_dir():
-        if model is not None and _flag_value(args, "--served-model-name") is None:
+        if model is not None and flag_value(args, "--served-model-name") is None:
             args += ["--served-model-name", model]
         model = tiny
     args = _without(_without(args, "--host"), "--port")
