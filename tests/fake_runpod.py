@@ -101,6 +101,9 @@ class FakeRunPodSettings(BaseModel):
     revoked: bool = Field(False, description="every /v2 request answers 401, as with a revoked key")
     proxy_timeout: float = Field(100.0, gt=0, description="seconds the proxy waits on a pod before a 524")
     mock_overrides: dict[str, Any] = Field({}, description="MockSettings fields for new pods' vLLM (chunk_delay…)")
+    crash_loop: list[str] = Field([], description="new pods' containers print these lines and die, again and again "
+                                                  "(RunPod restarts them): RUNNING and billed, never serving")
+    crash_after_seconds: float = Field(2.0, gt=0, description="how long each of those containers lives")
 
     @field_validator("mock_overrides")
     @classmethod
@@ -162,6 +165,15 @@ class FakeRunPod:
             self.pods[pod.id] = pod
             self._spawn(self._exit_at_start(pod))
             log.info("created pod %s, whose vLLM will refuse its arguments: %s", pod.id, pod.exit_line)
+            return pod
+        need = fake_pods.image_cuda_need(req.image)
+        if need is not None and fake_pods.version(need) > fake_pods.version(cuda):
+            pod.crash = fake_pods.driver_too_old(cuda, req.image)
+        elif settings.crash_loop:
+            pod.crash = fake_pods.CrashLoop(tuple(settings.crash_loop), settings.crash_after_seconds)
+        if pod.crash is not None:  # its vLLM never listens: the proxy answers 502 for as long as it lives
+            self.pods[pod.id] = pod
+            log.info("created pod %s, whose container crash-loops on a CUDA %s host", pod.id, cuda)
             return pod
         server = LoopbackServer(create_mock_app(mock))  # its port is bound now; nothing listens until start()
         self.pods[pod.id], self.servers[pod.id], pod.mock_port = pod, server, server.port

@@ -24,7 +24,9 @@ TITLES = {
     409: "Conflict", 422: "Unprocessable Entity", 429: "Too Many Requests", 500: "Internal Server Error",
 }
 NO_CAPACITY = "this GPU and data center combination could not be placed"
-CUDA_VERSIONS = ("12.8", "12.6", "12.4")  # what the fake's hosts report, newest first
+# What the fake's hosts report as cudaVersion (their driver's CUDA), newest first. A create without a CUDA floor
+# lands on the oldest (place): RunPod promises only what the request constrains, and the fake is never kinder.
+CUDA_VERSIONS = ("13.0", "12.8", "12.4")
 DATA_CENTERS = {"US-KS-2": "US Kansas 2", "EU-RO-1": "EU Romania 1", "CA-MTL-1": "CA Montreal 1"}
 ACTIONS = {
     "PROVISIONING": ["stop", "terminate"], "STARTING": ["stop", "terminate"],
@@ -33,6 +35,10 @@ ACTIONS = {
 }
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"  # vLLM's own default when no model is given
 VLLM_PREFIX = "(APIServer pid=1) INFO"
+# The CUDA an image's binaries need of the host's driver. The fake's own knowledge, kept apart from llmpod's
+# table on purpose (a fake that shared it could never disagree): vllm/vllm-openai from v0.27 on is built against
+# CUDA 13 (libcudart.so.13; issue 14), earlier tags against 12.x, which every fake host has.
+CUDA13_FROM = (0, 27)
 
 
 class Problem(Exception):
@@ -252,16 +258,49 @@ def parse_create(body: Any) -> CreatePodRequest:
 def place(req: CreatePodRequest, gpu: GpuType) -> tuple[str, str]:
     """The data centre and CUDA version for a GPU pod, or the no-capacity 400."""
     assert req.gpu is not None
-    cudas = [v for v in CUDA_VERSIONS if _version(v) >= _version(req.gpu.minCudaVersion or "0.0")]
+    cudas = [v for v in CUDA_VERSIONS if version(v) >= version(req.gpu.minCudaVersion or "0.0")]
     if req.gpu.allowedCudaVersions:
         cudas = [v for v in cudas if v in req.gpu.allowedCudaVersions]
     centers = [dc for dc in gpu.data_centers if not req.dataCenterIds or dc in req.dataCenterIds]
     if not cudas or not centers or not gpu.offered(req.cloud, req.gpu.count):
         raise Problem(400, NO_CAPACITY)
-    return centers[0], cudas[0]
+    return centers[0], cudas[-1]  # the oldest host the request allows: see CUDA_VERSIONS
 
 
-def _version(text: str) -> tuple[int, ...]:
+def image_cuda_need(image: str | None) -> str | None:
+    """The host CUDA an image needs to start, when the fake knows it (vllm/vllm-openai tags only)."""
+    repo, _, tag = (image or "").rpartition(":")
+    parts = tag.removeprefix("v").split(".")
+    if repo != "vllm/vllm-openai" or len(parts) < 2 or not all(p.isdigit() for p in parts[:2]):
+        return None
+    return "13.0" if (int(parts[0]), int(parts[1])) >= CUDA13_FROM else "12.8"
+
+
+def driver_too_old(host_cuda: str, image: str | None) -> CrashLoop:
+    """What vLLM prints on a host whose driver is older than its CUDA, every time RunPod restarts it: PyTorch's
+    warning (c10/cuda/CUDAFunctions.cpp, torch 2.14.1: cudaDriverGetVersion's number, 1000 x major + 10 x minor),
+    then vLLM finds no device and exits 1."""
+    major, minor = version(host_cuda)[:2]
+    return CrashLoop((
+        "/usr/local/lib/python3.12/dist-packages/torch/cuda/__init__.py:182: UserWarning: CUDA initialization: "
+        f"The NVIDIA driver on your system is too old (found version {major * 1000 + minor * 10}). Please update "
+        "your GPU driver by downloading and installing a new version from the URL: "
+        "http://www.nvidia.com/Download/index.aspx Alternatively, go to: https://pytorch.org to install a PyTorch "
+        "version that has been compiled with your version of the CUDA driver. (Triggered internally at "
+        "/pytorch/c10/cuda/CUDAFunctions.cpp:119.)",
+        "Traceback (most recent call last):",
+        '  File "/usr/local/bin/vllm", line 10, in <module>',
+        "    sys.exit(main())",
+        "RuntimeError: Failed to infer device type",
+    ), version=_image_tag_version(image))
+
+
+def _image_tag_version(image: str | None) -> str:
+    tag = (image or "").rpartition(":")[2].removeprefix("v")
+    return tag if tag and tag[0].isdigit() else "0.33.0"
+
+
+def version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split("."))
 
 
@@ -337,6 +376,16 @@ def _context_length(text: str | None) -> int | None:
 # Pods
 
 
+@dataclass(frozen=True)
+class CrashLoop:
+    """A container that dies at start, again and again: RunPod restarts it, so the pod stays RUNNING and billed,
+    its uptime goes back to zero at each restart, and its log repeats vLLM's banner and the fatal lines."""
+
+    lines: tuple[str, ...]  # what the container prints just before it dies, every time
+    after: float = 2.0  # seconds from a container's start to its death (then the next one starts)
+    version: str = "0.33.0"  # the vLLM version its banner shows
+
+
 def new_pod_id() -> str:
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(10))
@@ -366,6 +415,7 @@ class FakePod:
     public_ports: dict[int, int] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     exit_line: str | None = None  # why its vLLM refused to start, when it did
+    crash: CrashLoop | None = None  # its container crash-loops: RUNNING, never serving
 
     def __post_init__(self) -> None:
         self.launch = parse_vllm_args(self.request.args or "", self.request.env or {})
@@ -434,8 +484,9 @@ class FakePod:
         ports = [{"private": p, "public": None, "type": "http", "ip": None} for p in self.exposed("http")]
         ports += [{"private": p, "public": public, "type": "tcp", "ip": "203.0.113.17"}
                   for p, public in self.public_ports.items()]
+        up = now - self.running_at
         return {
-            "uptime": int(now - self.running_at), "ports": ports,
+            "uptime": int(up % self.crash.after if self.crash else up), "ports": ports,
             "gpus": [{"util": 0, "memoryUtil": 90 if loaded else 0} for _ in range(self.request.gpu.count)],
             "cpu": {"util": 3}, "memory": {"util": 12 if loaded else 4},
         }
@@ -464,6 +515,8 @@ class FakePod:
                                  "(Press CTRL+C to quit)"),
             (ready, "container", "(APIServer pid=1) INFO:     Application startup complete."),
         ]
+        if self.crash is not None:
+            timed = timed[:3] + self._crash_cycles(cutoff)
         lines = [item for item in timed if item[0] <= cutoff]
         for status, at in self.events:
             if status in ("ERROR", "EXITED"):
@@ -472,8 +525,26 @@ class FakePod:
                 lines.append((at, "system", "Container exited with status 1"))
             elif not self.vanished:
                 lines.append((at, "system", "Pod terminated"))
+        lines.sort(key=lambda item: item[0])
         logged = []
         for seq, (at, source, line) in enumerate(lines, start=1):
             ts = rfc3339(self.wall(at))
             logged.append({"id": f"{ts}/{seq:012d}", "ts": ts, "source": source, "line": line})
         return logged
+
+    def _crash_cycles(self, cutoff: float, limit: int = 500) -> list[tuple[float, str, str]]:
+        """Each start of a crash-looping container until ``cutoff``: banner, fatal lines, exit (bounded)."""
+        assert self.crash is not None
+        crash, launch, lines = self.crash, self.launch, []
+        start = self.running_at
+        for _ in range(limit):
+            if start > cutoff:
+                break
+            banner = f"{VLLM_PREFIX} [api_server.py:1839] vLLM API server version {crash.version}"
+            args = f"{VLLM_PREFIX} [utils.py:233] non-default args: {{'model': '{launch.model}'}}"
+            lines += [(start, "container", banner), (start, "container", args)]
+            died = start + crash.after * 0.9
+            lines += [(died, "container", line) for line in crash.lines]
+            lines.append((died, "system", "Container exited with status 1"))
+            start += crash.after
+        return lines

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import fake_runpod_pods as fake_pods
 from tests.conftest import wait_until
 from tests.fake_runpod import FakeRunPod, FakeRunPodSettings, create_app, pod_url_template
 from tests.fake_runpod_pods import parse_vllm_args
@@ -37,8 +38,9 @@ POD_FIELDS = {"id", "name", "status", "actions", "image", "args", "disk", "mount
 
 
 def vllm_body(**overrides: Any) -> dict[str, Any]:
-    """The create body llmpod sends (runpod.md 1b, "v2 vLLM create body")."""
-    return {"name": "llmpod-test", "image": "vllm/vllm-openai:v0.11.0", "gpu": {"id": "NVIDIA RTX A6000", "count": 1},
+    """The create body llmpod sends (runpod.md 1b, "v2 vLLM create body"), with the image's CUDA floor."""
+    return {"name": "llmpod-test", "image": "vllm/vllm-openai:v0.11.0",
+            "gpu": {"id": "NVIDIA RTX A6000", "count": 1, "minCudaVersion": "12.8"},
             "cloud": "SECURE", "disk": 60, "ports": ["8000/http"], "env": {"VLLM_API_KEY": POD_KEY, "HF_TOKEN": "hf_x"},
             "args": f"--model {MODEL} --host 0.0.0.0 --port 8000 --max-model-len 8192", **overrides}
 
@@ -488,3 +490,45 @@ def test_a_pod_whose_vllm_refuses_its_tool_flags_exits_at_start(fake: Fake, flag
 def test_an_unknown_parser_without_auto_tool_choice_is_not_checked(fake: Fake) -> None:
     pod = fake.ready(args=f"--model {MODEL} --tool-call-parser nope")  # vLLM reads the parser only with the switch
     assert fake.api.get(f"/v2/pods/{pod['id']}").json()["status"] == "RUNNING"
+
+
+# ------------------------------------------------------------------------------------- hosts and crash loops
+def test_an_image_on_a_host_too_old_for_it_crash_loops_while_running(fake: Fake) -> None:
+    # no floor: the fake places the pod on its oldest host, as RunPod may; vLLM 0.33's image needs CUDA 13
+    pod = fake.create(image="vllm/vllm-openai:v0.33.0", gpu={"id": "NVIDIA RTX A6000", "count": 1})
+    assert pod["cudaVersion"] == "12.4"
+    wait_until(lambda: "Failed to infer device type" in fake.api.get(f"/v2/pods/{pod['id']}/logs").text,
+               "the container dies at start")
+    now = fake.api.get(f"/v2/pods/{pod['id']}").json()
+    assert now["status"] == "RUNNING" and now["cost"] > 0  # billed, and it reads as if all were well
+    assert fake.proxy_get(pod["id"], "/health").status_code == 502
+    assert "driver on your system is too old (found version 12040)" in fake.api.get(f"/v2/pods/{pod['id']}/logs").text
+
+
+def test_a_cuda_floor_keeps_the_pod_on_a_host_that_can_start_it(fake: Fake) -> None:
+    pod = fake.create(image="vllm/vllm-openai:v0.33.0",
+                      gpu={"id": "NVIDIA RTX A6000", "count": 1, "minCudaVersion": "13.0"})
+    assert pod["cudaVersion"] == "13.0"
+    wait_until(lambda: fake.proxy_get(pod["id"], "/health").status_code == 200, "vLLM answers /health")
+
+
+def test_a_crash_looping_container_restarts_with_its_uptime_from_zero() -> None:
+    body = vllm_body(image="vllm/vllm-openai:v0.33.0")
+    pod = fake_pods.FakePod(fake_pods.parse_create(body), fake_pods.GPUS["NVIDIA RTX A6000"], "US-KS-2", "12.4",
+                            0.0, 0.0, 0.0)
+    pod.crash = fake_pods.CrashLoop(("torch.OutOfMemoryError: CUDA out of memory.",), after=3.0)
+    assert [pod.view(pod.running_at + t)["runtime"]["uptime"] for t in (1.0, 2.5, 3.5, 6.2)] == [1, 2, 0, 0]
+    lines = [item["line"] for item in pod.logs(pod.running_at + 7.0)]
+    assert sum("vLLM API server version 0.33.0" in line for line in lines) == 3  # three starts so far
+    assert lines.count("torch.OutOfMemoryError: CUDA out of memory.") == 2
+    assert lines.count("Container exited with status 1") == 2
+    assert pod.view(pod.running_at + 7.0)["status"] == "RUNNING"
+
+
+@pytest.mark.parametrize("fake_settings", [{**FAST, "crash_loop": ["OSError: gated repo"], "crash_after_seconds": 0.5}])
+def test_the_crash_loop_switch(fake: Fake) -> None:
+    pod = fake.create()
+    wait_until(lambda: fake.api.get(f"/v2/pods/{pod['id']}/logs").text.count("OSError: gated repo") >= 2,
+               "the container dies twice")
+    assert fake.api.get(f"/v2/pods/{pod['id']}").json()["status"] == "RUNNING"
+    assert fake.proxy_get(pod["id"], "/health").status_code == 502
