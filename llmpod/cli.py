@@ -20,6 +20,7 @@ import httpx
 from llmpod import report
 from llmpod.catalog import DEFAULT_HF_API_BASE, Catalog, load_catalog, refresh_catalog, validate_config
 from llmpod.errors import ConfigError, LlmpodError
+from llmpod.images import cuda_floor
 from llmpod.lifecycle import Session
 from llmpod.pod_config import PodConfig, load_pod_config
 from llmpod.progress import Reporter
@@ -68,6 +69,9 @@ def build_session(args: argparse.Namespace, reporter: Reporter) -> Session:
     if args.local or _recorded_provider(paths) == "local":
         # `--shutdown` or `--status` after `--local` act on the local pod without asking for --local again
         config = config.model_copy(update={"provider": "local"})
+    if config.provider == "runpod" and not (args.status or args.shutdown or args.logs or args.watchdog
+                                            or args.extend is not None):
+        cuda_floor(config.image, config.min_cuda_version, str(config_path))  # unknown: exit 2, before any network
     paths.ensure()
     catalog = load_catalog(paths.catalog)
     provider = make_provider(config, paths)
@@ -108,7 +112,8 @@ def refresh(session: Session) -> Catalog:
     if isinstance(session.provider, RunPodProvider):
         client = session.provider.client
         cloud = session.config.cloud_type
-        gpu_source = lambda: client.gpu_types(cloud)  # noqa: E731
+        floor = cuda_floor(session.config.image, session.config.min_cuda_version)
+        gpu_source = lambda: client.gpu_types(cloud, min_cuda_version=floor)  # noqa: E731
     with httpx.Client(timeout=10.0) as hub:
         catalog, notes = refresh_catalog(session.paths.catalog, gpu_source=gpu_source, hub=hub,
                                          hf_api_base=os.environ.get("HF_API_BASE") or DEFAULT_HF_API_BASE)

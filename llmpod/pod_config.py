@@ -89,6 +89,9 @@ class PodConfig(BaseModel):
     cloud_type: Literal["SECURE", "COMMUNITY"] = Field("SECURE", description="RunPod's Secure or Community cloud.")
     image: str = Field(
         "vllm/vllm-openai:v0.33.0", min_length=1, description="The vLLM image, with a pinned tag (not ':latest').")
+    min_cuda_version: str | None = Field(
+        None, description="The CUDA (major.minor) the image is built for: RunPod places the pod only on a host whose "
+                          "driver runs it. null = known from the image's tag (llmpod.images); needed for other images.")
     container_disk_gb: int = Field(
         60, ge=10, le=2000, description="Container disk in GB: it holds the image and the downloaded weights.")
     max_model_len: int | None = Field(
@@ -156,6 +159,14 @@ class PodConfig(BaseModel):
             raise ValueError("has no tag: pin a vLLM version such as vllm/vllm-openai:v0.33.0")
         if last.rsplit(":", 1)[1] in ("", "latest"):
             raise ValueError("must pin a version tag such as vllm/vllm-openai:v0.33.0, not ':latest'")
+        return value
+
+    @field_validator("min_cuda_version")
+    @classmethod
+    def _cuda_version(cls, value: str | None) -> str | None:
+        # RunPod's CreateGpuConfig.minCudaVersion pattern; a bare major ("13") is refused there
+        if value is not None and not re.fullmatch(r"\d+\.\d+", value):
+            raise ValueError('must be a CUDA version as major.minor, e.g. "12.9"')
         return value
 
     @field_validator("hf_token_env")
@@ -332,7 +343,7 @@ def _describe(error: Any) -> str:
     ctx = error.get("ctx") or {}
     if kind.split("_")[0] in _TYPE_WORDS and kind.endswith(("_type", "_parsing", "_from_float")):
         what = _TYPE_WORDS[kind.split("_")[0]]
-        if key in ("template_id", "max_model_len", "max_hourly_cost", "command"):
+        if key in ("template_id", "max_model_len", "max_hourly_cost", "command", "min_cuda_version"):
             what += " or null"
     elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         limit = next(iter(ctx.values()))

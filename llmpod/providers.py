@@ -20,7 +20,7 @@ from typing import Protocol
 from llmpod import processes
 from llmpod.catalog import GpuEntry, ModelEntry
 from llmpod.errors import PodError
-from llmpod.images import image_cuda_floor
+from llmpod.images import cuda_floor
 from llmpod.pod_config import PodConfig
 from llmpod.runpod_api import CreatePodRequest, GpuRequest, Pod, RunPodClient
 from llmpod.state import POD_NAME_PREFIX
@@ -131,7 +131,8 @@ class RunPodProvider:
             name=spec.name, image=self.config.image, templateId=self.config.template_id,
             args=shlex.join(vllm_args(spec, self.config)), disk=self.config.container_disk_gb, env=env,
             ports=[f"{VLLM_PORT}/http"], cloud=self.config.cloud_type,
-            gpu=GpuRequest(id=spec.gpu.id, count=1, minCudaVersion=image_cuda_floor(self.config.image)),
+            gpu=GpuRequest(id=spec.gpu.id, count=1,
+                           minCudaVersion=cuda_floor(self.config.image, self.config.min_cuda_version)),
         )
         return self._info(self.client.create_pod(request))
 

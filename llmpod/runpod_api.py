@@ -276,10 +276,14 @@ class RunPodClient:
             finally:
                 response.close()
 
-    def gpu_types(self, cloud: str = "SECURE", *, availability: bool = True) -> list[GpuType]:
-        """The GPU catalog, with pod availability on ``cloud`` unless ``availability`` is False."""
-        # include=AVAILABILITY requires product, and product/cloud are valid only with it (400 otherwise)
+    def gpu_types(self, cloud: str = "SECURE", *, availability: bool = True,
+                  min_cuda_version: str | None = None) -> list[GpuType]:
+        """The GPU catalog, with pod availability on ``cloud`` unless ``availability`` is False; with
+        ``min_cuda_version``, availability counts only hosts whose CUDA is at least that (the image's floor)."""
+        # include=AVAILABILITY requires product, and product/cloud/minCudaVersion are valid only with it (400 otherwise)
         params = [("include", "AVAILABILITY"), ("product", "POD"), ("cloud", cloud)] if availability else []
+        if availability and min_cuda_version is not None:
+            params.append(("minCudaVersion", min_cuda_version))
         data = self._json(self._request("GET", "/v2/catalog/gpus", params=params))
         gpus = data.get("gpus") if isinstance(data, dict) else None
         if not isinstance(gpus, list):

@@ -32,6 +32,7 @@ EVERY_KEY: dict[str, Any] = {
     "gpu_type_ids": ["NVIDIA A40", "NVIDIA RTX A6000"],
     "cloud_type": "COMMUNITY",
     "image": "registry.example.com:5000/vllm/vllm-openai:v0.26.0",
+    "min_cuda_version": "13.0",
     "container_disk_gb": 80,
     "max_model_len": 4096,
     "vllm_args": ["--enable-prefix-caching", "--gpu-memory-utilization", "0.85"],
