@@ -411,8 +411,8 @@ def _v2_routes(fake: FakeRunPod) -> APIRouter:
     @v2.get("/catalog/gpus")
     async def list_gpus(request: Request) -> dict[str, Any]:
         availability = fake_pods.availability_query(request.query_params)
-        no_capacity = fake.settings.no_capacity_gpu_ids
-        return {"gpus": [gpu.to_json(availability, gpu.id in no_capacity) for gpu in fake_pods.GPU_TYPES]}
+        no_capacity, floor = fake.settings.no_capacity_gpu_ids, fake_pods.min_cuda_query(request.query_params)
+        return {"gpus": [gpu.to_json(availability, gpu.id in no_capacity, floor) for gpu in fake_pods.GPU_TYPES]}
 
     @v2.get("/catalog/gpus/{gpu_id}")
     async def get_gpu(gpu_id: str, request: Request) -> dict[str, Any]:
@@ -420,7 +420,8 @@ def _v2_routes(fake: FakeRunPod) -> APIRouter:
         gpu = fake_pods.GPUS.get(gpu_id)
         if gpu is None:
             raise Problem(404, "gpu type not found")
-        return gpu.to_json(availability, gpu.id in fake.settings.no_capacity_gpu_ids)
+        floor = fake_pods.min_cuda_query(request.query_params)
+        return gpu.to_json(availability, gpu.id in fake.settings.no_capacity_gpu_ids, floor)
 
     return v2
 

@@ -8,6 +8,7 @@ follow from the time since it was created. See /work/shared/reference/runpod.md,
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import shlex
 import string
@@ -35,10 +36,11 @@ ACTIONS = {
 }
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"  # vLLM's own default when no model is given
 VLLM_PREFIX = "(APIServer pid=1) INFO"
-# The CUDA an image's binaries need of the host's driver. The fake's own knowledge, kept apart from llmpod's
-# table on purpose (a fake that shared it could never disagree): vllm/vllm-openai from v0.27 on is built against
-# CUDA 13 (libcudart.so.13; issue 14), earlier tags against 12.x, which every fake host has.
-CUDA13_FROM = (0, 27)
+# The CUDA an image's binaries need of the host's driver, by vllm/vllm-openai release (major, minor) from, newest
+# first. The fake's own knowledge, kept apart from llmpod's table on purpose (a fake that shared it could never
+# disagree). From the wheels on PyPI: 0.20.0 and 0.34.0 link libcudart.so.13 (nvcc 13.0), 0.12.0 and 0.19.1
+# libcudart.so.12 (nvcc 12.9), 0.9.2 nvcc 12.8, 0.8.5 torch 2.6.0 (cu124). 0.10/0.11 unknown: no need stated.
+IMAGE_CUDA = (((0, 20), "13.0"), ((0, 12), "12.9"), ((0, 10), None), ((0, 9), "12.8"), ((0, 8), "12.4"))
 
 
 class Problem(Exception):
@@ -71,6 +73,7 @@ class GpuType:
     serverless_price: float | None
     max_count: tuple[int, int]  # secure, community
     data_centers: tuple[str, ...]
+    cudas: tuple[str, ...] = CUDA_VERSIONS  # its hosts' CUDA versions, newest first
 
     def price(self, cloud: str) -> float:
         return self.secure_price if cloud == "SECURE" else self.community_price
@@ -78,8 +81,11 @@ class GpuType:
     def offered(self, cloud: str, count: int) -> bool:
         return count <= self.max_count[0 if cloud == "SECURE" else 1]
 
-    def to_json(self, availability: tuple[int, str] | None = None, no_capacity: bool = False) -> dict[str, Any]:
-        """The v2 ``GpuType``; ``availability`` = (count, cloud) when ``include=AVAILABILITY`` was asked."""
+    def to_json(self, availability: tuple[int, str] | None = None, no_capacity: bool = False,
+                min_cuda: str | None = None) -> dict[str, Any]:
+        """The v2 ``GpuType``; ``availability`` = (count, cloud) when ``include=AVAILABILITY`` was asked. The spec's
+        ``minCudaVersion`` scopes availability rather than the list (unlike a ``countryCodes`` list): a type with no
+        host at or above ``min_cuda`` is still listed, with availability NONE, no dataCenters and no cudaVersions."""
         price: dict[str, float] = {"secure": self.secure_price, "community": self.community_price}
         if self.serverless_price is not None:
             price["serverless"] = self.serverless_price
@@ -89,19 +95,22 @@ class GpuType:
             "maxCount": {"secure": self.max_count[0], "community": self.max_count[1]},
         }
         if availability is not None:
-            free = self.offered(availability[1], availability[0]) and not no_capacity
+            cudas = [v for v in self.cudas if version(v) >= version(min_cuda or "0")]
+            free = self.offered(availability[1], availability[0]) and not no_capacity and bool(cudas)
             body["availability"] = "HIGH" if free else "NONE"
             if free:
                 body["dataCenters"] = [{"id": dc, "name": DATA_CENTERS[dc], "availability": "HIGH"}
                                        for dc in self.data_centers]
-            body["cudaVersions"] = [{"version": v, "available": free} for v in CUDA_VERSIONS]
+            if cudas:  # "absent entirely for a GPU type with none"
+                body["cudaVersions"] = [{"version": v, "available": free} for v in cudas]
         return body
 
 
 GPU_TYPES = (
     GpuType("NVIDIA RTX A6000", "RTX A6000", "AMPERE_48", 48, 0.49, 0.33, 1.22, (8, 8), ("US-KS-2", "EU-RO-1")),
     GpuType("NVIDIA L40S", "L40S", "ADA_48_PRO", 48, 0.86, 0.79, 1.90, (8, 8), ("US-KS-2", "CA-MTL-1")),
-    GpuType("NVIDIA GeForce RTX 4090", "RTX 4090", "ADA_24", 24, 0.44, 0.31, 1.1, (8, 4), ("US-KS-2", "EU-RO-1")),
+    GpuType("NVIDIA GeForce RTX 4090", "RTX 4090", "ADA_24", 24, 0.44, 0.31, 1.1, (8, 4), ("US-KS-2", "EU-RO-1"),
+            ("12.8", "12.4")),  # only older drivers: an image needing CUDA 13 finds no host for it
     GpuType("NVIDIA A100 80GB PCIe", "A100 PCIe", "AMPERE_80", 80, 1.64, 1.19, 2.72, (8, 8), ("CA-MTL-1",)),
     GpuType("NVIDIA H100 80GB HBM3", "H100 SXM", "ADA_80_PRO", 80, 2.69, 2.39, 4.18, (8, 8), ("US-KS-2",)),
 )
@@ -129,6 +138,20 @@ def availability_query(params: Mapping[str, str]) -> tuple[int, str] | None:
     if not include and filters:
         raise Problem(400, f"{filters[0]} is valid only with include=AVAILABILITY")
     return (int(count), cloud) if include else None
+
+
+def min_cuda_query(params: Mapping[str, str]) -> str | None:
+    """The ``minCudaVersion`` floor of a catalog read (major or major.minor: a bare major is allowed there), or
+    None; 422 if malformed, 400 with ``cudaVersions`` (the spec's MinCudaVersionFilter)."""
+    floor = params.get("minCudaVersion")
+    if floor is None:
+        return None
+    if not re.fullmatch(r"\d+(\.\d+)?", floor):
+        raise Problem(422, "Request validation failed.",
+                      errors=[f"minCudaVersion: {floor!r} is not a major or major.minor version"])
+    if "cudaVersions" in params:
+        raise Problem(400, "cudaVersions and minCudaVersion are mutually exclusive")
+    return floor
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,7 +281,7 @@ def parse_create(body: Any) -> CreatePodRequest:
 def place(req: CreatePodRequest, gpu: GpuType) -> tuple[str, str]:
     """The data centre and CUDA version for a GPU pod, or the no-capacity 400."""
     assert req.gpu is not None
-    cudas = [v for v in CUDA_VERSIONS if version(v) >= version(req.gpu.minCudaVersion or "0.0")]
+    cudas = [v for v in gpu.cudas if version(v) >= version(req.gpu.minCudaVersion or "0.0")]
     if req.gpu.allowedCudaVersions:
         cudas = [v for v in cudas if v in req.gpu.allowedCudaVersions]
     centers = [dc for dc in gpu.data_centers if not req.dataCenterIds or dc in req.dataCenterIds]
@@ -273,7 +296,8 @@ def image_cuda_need(image: str | None) -> str | None:
     parts = tag.removeprefix("v").split(".")
     if repo != "vllm/vllm-openai" or len(parts) < 2 or not all(p.isdigit() for p in parts[:2]):
         return None
-    return "13.0" if (int(parts[0]), int(parts[1])) >= CUDA13_FROM else "12.8"
+    release = (int(parts[0]), int(parts[1]))
+    return next((cuda for first, cuda in IMAGE_CUDA if release >= first), None)
 
 
 def driver_too_old(host_cuda: str, image: str | None) -> CrashLoop:
