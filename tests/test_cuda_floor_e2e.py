@@ -51,6 +51,8 @@ def test_an_image_of_unknown_floor_needs_min_cuda_version(workdir: Workdir, fake
     assert "min_cuda_version" in refused.stderr and image in refused.stderr and refused.stderr.count("\n") == 1
     assert fake_runpod.state()["calls"] == {}  # not even the key check: nothing reached RunPod
     assert not workdir.state_file.exists()
+    for command in ("--status", "--shutdown"):  # these create nothing: they work whatever the image
+        assert workdir.run(command).returncode == 0
 
     workdir.write_config(image=image, min_cuda_version="13.0", ready_timeout_seconds=20)
     up = workdir.run()

@@ -12,10 +12,11 @@ import httpx
 import pytest
 
 from llmpod.catalog import builtin_catalog
-from llmpod.cli import main
+from llmpod.cli import build_session, main, parse_args
 from llmpod.errors import ConfigError
 from llmpod.images import KNOWN_TAGS, cuda_floor, image_cuda_floor
 from llmpod.pod_config import PodConfig, pod_config_from_dict
+from llmpod.progress import Reporter
 from llmpod.providers import PodSpec, RunPodProvider
 from llmpod.runpod_api import CreatePodRequest, Pod, RunPodClient
 
@@ -121,6 +122,16 @@ def test_an_unknown_image_without_the_key_exits_2_before_any_network_call(
     config.write_text(json.dumps({"image": "ghcr.io/acme/vllm:dev", "min_cuda_version": "12.9"}))
     with pytest.raises(AssertionError, match="a network call was made"):
         main(["--config", str(config)])
+
+
+def test_local_runs_need_no_floor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --local runs no image (--shutdown and --status are in tests/test_cuda_floor_e2e.py)
+    monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
+    config = tmp_path / "pod_config.json"
+    config.write_text(json.dumps({"image": "ghcr.io/acme/vllm:dev"}))
+    session = build_session(parse_args(["--config", str(config), "--local"]), Reporter())
+    session.provider.close()
+    assert session.provider.kind == "local"
 
 
 # --------------------------------------------------------------------------------------- what is sent
