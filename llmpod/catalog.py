@@ -307,7 +307,7 @@ def _refresh_gpus(gpu_source: Callable[[], list[Any]] | None, current: Catalog,
     try:
         items = list(gpu_source())
     except Exception as exc:  # the RunPod client's errors, or anything else it raises: keep what we have
-        notes.append(f"RunPod did not list its GPU types ({_oneline(exc)}): {keep}")
+        notes.append(f"warning: RunPod did not list its GPU types ({_oneline(exc)}): {keep}")
         return current.gpus, current.gpus_source
     gpus: list[GpuEntry] = []
     for item in items:

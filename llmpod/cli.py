@@ -17,8 +17,16 @@ from types import FrameType
 
 import httpx
 
-from llmpod import report
-from llmpod.catalog import DEFAULT_HF_API_BASE, Catalog, load_catalog, refresh_catalog, validate_config
+from llmpod import fit, report
+from llmpod.catalog import (
+    DEFAULT_HF_API_BASE,
+    Catalog,
+    GpuEntry,
+    ModelEntry,
+    load_catalog,
+    refresh_catalog,
+    validate_config,
+)
 from llmpod.errors import ConfigError, LlmpodError
 from llmpod.images import cuda_floor
 from llmpod.lifecycle import Session
@@ -69,23 +77,46 @@ def build_session(args: argparse.Namespace, reporter: Reporter) -> Session:
     if args.local or _recorded_provider(paths) == "local":
         # `--shutdown` or `--status` after `--local` act on the local pod without asking for --local again
         config = config.model_copy(update={"provider": "local"})
-    if config.provider == "runpod" and not (args.status or args.shutdown or args.logs or args.watchdog
-                                            or args.extend is not None):
+    if config.provider == "runpod" and (creates_pod(args) or args.refresh_catalog):
         cuda_floor(config.image, config.min_cuda_version, str(config_path))  # unknown: exit 2, before any network
     paths.ensure()
     catalog = load_catalog(paths.catalog)
+    model, gpus = check_config(config, catalog, creates_pod(args), reporter)  # before any network call
     provider = make_provider(config, paths)
-    if not args.watchdog:
+    if not (args.watchdog or args.refresh_catalog):  # a refresh falls back to built-in data instead (README)
         provider.check_access()  # a missing or revoked key is one line and exit 2, before anything else
-    if config.provider == "local":
-        model, gpus = catalog.model(config.modelStoreId), []
-    else:
-        model, gpus = validate_config(config, catalog)
-        if args.verbose and catalog.gpus_source == "built-in" and not args.refresh_catalog:
-            reporter.say(f"note: GPU catalog from {catalog.gpus_source} data "
-                         "(run `python3 manage_pod.py --refresh-catalog` for RunPod's prices and stock)")
+    if config.provider != "local" and args.verbose and catalog.gpus_source == "built-in" and not args.refresh_catalog:
+        reporter.say(f"note: GPU catalog from {catalog.gpus_source} data "
+                     "(run `python3 manage_pod.py --refresh-catalog` for RunPod's prices and stock)")
     return Session(config=config, config_path=config_path, paths=paths, provider=provider, catalog=catalog,
                    model=model, gpus=gpus, reporter=reporter)
+
+
+def creates_pod(args: argparse.Namespace) -> bool:
+    """The plain run (no action flag) is the only one that may create a pod."""
+    return not (args.status or args.shutdown or args.refresh_catalog or args.extend is not None or args.logs
+                or args.watchdog)
+
+
+def check_config(config: PodConfig, catalog: Catalog, creating: bool,
+                 reporter: Reporter) -> tuple[ModelEntry, list[GpuEntry]]:
+    """The model and the GPU candidates it fits (llmpod.fit), each skipped one said with its reason. Offline, so
+    a bad modelStoreId is exit 2 at once even when RunPod cannot be reached. Only a run that may create a pod
+    refuses: --status, --shutdown and the others act on the recorded pod (which may be billing) whatever the
+    catalog thinks of the config now."""
+    if not creating:
+        try:
+            return catalog.model(config.modelStoreId), []
+        except ConfigError:
+            return catalog.models[0], []  # never used to create; reports name the recorded pod's own model
+    if config.provider == "local":
+        return catalog.model(config.modelStoreId), []
+    notes: list[str] = []
+    model, gpus = validate_config(config, catalog, notes)
+    fit.check_disk(model, config)  # no GPU can help with that: alone, before the candidates' notes
+    for note in notes:
+        reporter.say(note)
+    return model, fit.usable_gpus(config, model, gpus, reporter.say)
 
 
 def _recorded_provider(paths: RuntimePaths) -> str | None:
@@ -113,7 +144,8 @@ def refresh(session: Session) -> Catalog:
         client = session.provider.client
         cloud = session.config.cloud_type
         floor = cuda_floor(session.config.image, session.config.min_cuda_version)
-        gpu_source = lambda: client.gpu_types(cloud, min_cuda_version=floor)  # noqa: E731
+        # one try, then the data we have (README)
+        gpu_source = lambda: client.gpu_types(cloud, min_cuda_version=floor, retries=0)  # noqa: E731
     with httpx.Client(timeout=10.0) as hub:
         catalog, notes = refresh_catalog(session.paths.catalog, gpu_source=gpu_source, hub=hub,
                                          hf_api_base=os.environ.get("HF_API_BASE") or DEFAULT_HF_API_BASE)

@@ -10,6 +10,7 @@
         ├── RunPodAuthError     401/403: missing, wrong or revoked key (2)
         ├── RunPodBalanceError  402: not enough credit (2)
         ├── NoCapacityError     400 "could not be placed": try another GPU type
+        ├── PoolForbiddenError  403 on create: the key works but cannot use that GPU type's pool: try another
         ├── RunPodRequestError  400/422: our request is wrong (a bug, or a bad config value)
         ├── RunPodNotFound      404
         ├── RunPodRateLimited   429 after backing off as told; ``retry_after`` seconds
@@ -83,6 +84,11 @@ class RunPodBalanceError(RunPodError):
 
 class NoCapacityError(RunPodError):
     pass
+
+
+class PoolForbiddenError(RunPodError):
+    """A create answered 403: the account may not use that GPU type's pool (the spec: skip it, keep going).
+    Elsewhere a 403 is a ``RunPodAuthError``: a key that lacks access."""
 
 
 class RunPodRequestError(RunPodError):

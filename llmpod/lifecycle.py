@@ -30,6 +30,7 @@ from llmpod.errors import (
     ConfigError,
     NoCapacityError,
     PodError,
+    PoolForbiddenError,
     RunPodAuthError,
     RunPodBalanceError,
     RunPodError,
@@ -38,6 +39,7 @@ from llmpod.errors import (
     RunPodRequestError,
     RunPodUnavailable,
 )
+from llmpod.fit import gpu_note
 from llmpod.pod_config import PodConfig, check_port_free
 from llmpod.progress import Reporter
 from llmpod.providers import PodInfo, PodSpec, Provider
@@ -59,7 +61,10 @@ TERMINATE_DEADLINE = 180.0
 # pod: until this long after it was sent, a record without a pod id is looked for by name, not forgotten.
 CREATE_SETTLE = 45.0
 ANSWERED_NOTHING_MADE = (NoCapacityError, RunPodAuthError, RunPodBalanceError, RunPodRequestError, RunPodNotFound,
-                         RunPodRateLimited)
+                         RunPodRateLimited, PoolForbiddenError)
+# answers after which the spec's create table says to try the next candidate: no capacity (400), no access to
+# that GPU type's pool (403); any other refusal would fail the same way on every candidate
+NEXT_CANDIDATE = (NoCapacityError, PoolForbiddenError)
 LOCK_WAIT = 3600.0  # a second manage_pod.py waits for the first to finish creating, then reuses its pod
 @contextlib.contextmanager
 def _uninterruptible() -> Iterator[None]:
@@ -203,6 +208,9 @@ class Session:
         for gpu in self.gpus if self.provider.kind == "runpod" else [None]:
             gpu_spec = PodSpec(spec.name, gpu, spec.model, spec.served_model, spec.max_model_len, spec.api_key)
             label = gpu.id if gpu else "local process"
+            note = gpu_note(spec.model, gpu) if gpu else None
+            if note:
+                self.reporter.say(note)
             for attempt in range(1, CREATE_ATTEMPTS + 1):
                 self.reporter.phase("create", f"asking for {label} (attempt {attempt})")
                 state.create_sent_at = time.time()
@@ -212,8 +220,11 @@ class Session:
                 except ANSWERED_NOTHING_MADE as exc:
                     state.create_sent_at = None  # RunPod said no: no pod of this create can appear later
                     save_state(self.paths, state)
-                    if not isinstance(exc, NoCapacityError):
+                    if not isinstance(exc, NEXT_CANDIDATE):
                         raise
+                    if isinstance(exc, PoolForbiddenError):
+                        self.reporter.say(f"{label}: RunPod answered 403, this account has no access to that GPU "
+                                          "pool: trying the next GPU type")
                     tried.append(f"{label}: {exc}")
                     break
                 except RunPodUnavailable as exc:

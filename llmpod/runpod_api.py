@@ -10,7 +10,10 @@ Retries happen here, so callers see only final outcomes:
 - ``create_pod`` never retries a 5xx or a timeout: the pod may exist anyway (a v1 500 after creating a
   billed pod: transformerlab-app#2305). The caller looks the pod up by name before trying again. A
   connect error or connect timeout is still retried there, since no request reached RunPod.
-- 400, 401, 402, 403, 404, 409 and 422 are never retried.
+- 400, 401, 402, 403, 404, 409 and 422 are never retried. A 403 on create is ``PoolForbiddenError`` (no access
+  to that GPU type's pool: the caller tries the next one); anywhere else it is ``RunPodAuthError``.
+- A network failure's message names the API address and the reason ("cannot reach https://api.runpod.io:
+  connection refused"), never the key.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmpod.errors import (
     NoCapacityError,
+    PoolForbiddenError,
     RunPodAuthError,
     RunPodBalanceError,
     RunPodError,
@@ -39,6 +43,7 @@ from llmpod.errors import (
     RunPodRequestError,
     RunPodUnavailable,
 )
+from llmpod.network import network_reason
 
 DEFAULT_API_BASE = "https://api.runpod.io"
 POD_URL_TEMPLATE = "https://{pod_id}-{port}.proxy.runpod.net"
@@ -205,8 +210,14 @@ class RunPodClient:
         return None if response.status_code == 404 else Pod.from_json(self._json(response))
 
     def create_pod(self, request: CreatePodRequest) -> Pod:
-        """Create a pod (``POST /v2/pods``). A 5xx or timeout is not retried: look the pod up by name first."""
-        response = self._request("POST", "/v2/pods", json_body=request.body(), idempotent=False)
+        """Create a pod (``POST /v2/pods``). A 5xx or timeout is not retried: look the pod up by name first.
+        A 403 is ``PoolForbiddenError``: the spec's create table says the account cannot use that pool."""
+        try:
+            response = self._request("POST", "/v2/pods", json_body=request.body(), idempotent=False)
+        except RunPodAuthError as exc:
+            if exc.status != 403:
+                raise
+            raise PoolForbiddenError(f"{exc} (this account has no access to the {request.gpu.id} pool)", 403) from None
         return Pod.from_json(self._json(response))
 
     def delete_pod(self, pod_id: str) -> bool:
@@ -277,14 +288,15 @@ class RunPodClient:
                 response.close()
 
     def gpu_types(self, cloud: str = "SECURE", *, availability: bool = True,
-                  min_cuda_version: str | None = None) -> list[GpuType]:
+                  min_cuda_version: str | None = None, retries: int | None = None) -> list[GpuType]:
         """The GPU catalog, with pod availability on ``cloud`` unless ``availability`` is False; with
-        ``min_cuda_version``, availability counts only hosts whose CUDA is at least that (the image's floor)."""
+        ``min_cuda_version``, availability counts only hosts whose CUDA is at least that (the image's floor).
+        ``retries`` overrides the client's (a refresh tries once, then keeps the data it has)."""
         # include=AVAILABILITY requires product, and product/cloud/minCudaVersion are valid only with it (400 otherwise)
         params = [("include", "AVAILABILITY"), ("product", "POD"), ("cloud", cloud)] if availability else []
         if availability and min_cuda_version is not None:
             params.append(("minCudaVersion", min_cuda_version))
-        data = self._json(self._request("GET", "/v2/catalog/gpus", params=params))
+        data = self._json(self._request("GET", "/v2/catalog/gpus", params=params, retries=retries))
         gpus = data.get("gpus") if isinstance(data, dict) else None
         if not isinstance(gpus, list):
             raise RunPodError(f"RunPod GET /v2/catalog/gpus: unexpected body ({_shape(data)})")
@@ -305,11 +317,11 @@ class RunPodClient:
             try:
                 response = self._client.send(request, stream=stream)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing reached RunPod: always safe
-                failure, retryable = f"could not connect ({_exc_text(exc)})", True
+                failure, retryable = f"cannot reach {self._address()}: {network_reason(exc)}", True
             except httpx.TimeoutException as exc:
-                failure, retryable = f"timed out ({_exc_text(exc)})", idempotent
+                failure, retryable = f"{self._address()} did not answer: {network_reason(exc)}", idempotent
             except httpx.TransportError as exc:
-                failure, retryable = f"connection failed ({_exc_text(exc)})", idempotent
+                failure, retryable = f"connection to {self._address()} failed: {network_reason(exc)}", idempotent
             else:
                 status = response.status_code
                 if status < 400 or status in allow:
@@ -356,6 +368,13 @@ class RunPodClient:
             where = f"RunPod {response.request.method} {response.request.url.path}"
             raise RunPodError(self._redact(f"{where}: not JSON: {_snippet(response.text)}"),
                               response.status_code) from None
+
+    def _address(self) -> str:
+        """The API base as the user set it (``RUNPOD_API_BASE``), without any user:password in it."""
+        try:
+            return str(httpx.URL(self._base).copy_with(username=None, password=None))
+        except (httpx.InvalidURL, TypeError, ValueError):
+            return "the RunPod API"
 
     def _redact(self, message: str) -> str:
         # RunPod could echo the token back in a detail; keep it out of every message we raise

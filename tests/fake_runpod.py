@@ -88,6 +88,8 @@ class FakeRunPodSettings(BaseModel):
     starting_seconds: float = Field(0.3, ge=0, description="then STARTING this long, then RUNNING")
     vllm_load_seconds: float = Field(0.3, ge=0, description="after RUNNING, vLLM listens after this long")
     no_capacity_gpu_ids: list[str] = Field([], description="creates with these GPU types fail on capacity (400)")
+    forbidden_gpu_ids: list[str] = Field([], description="creates with these GPU types answer 403: the account "
+                                                         "has no access to their pool (the spec's create table)")
     rate_limit_next: int = Field(0, ge=0, description="the next N authenticated /v2 requests answer 429")
     retry_after: int = Field(1, ge=0, description="Retry-After seconds on those 429s")
     create_500_after_create: int = Field(0, ge=0, description="the next N creates make the pod, then answer 500")
@@ -145,6 +147,8 @@ class FakeRunPod:
         gpu = fake_pods.GPUS.get(req.gpu.id)
         if gpu is None:
             raise Problem(404, "gpu type not found")
+        if gpu.id in settings.forbidden_gpu_ids:  # the spec's ForbiddenError example body
+            raise Problem(403, fake_pods.POOL_FORBIDDEN)
         if settings.balance_exhausted:
             raise Problem(402, "insufficient balance: add funds to deploy this pod")
         if gpu.id in settings.no_capacity_gpu_ids:

@@ -25,6 +25,7 @@ TITLES = {
     409: "Conflict", 422: "Unprocessable Entity", 429: "Too Many Requests", 500: "Internal Server Error",
 }
 NO_CAPACITY = "this GPU and data center combination could not be placed"
+POOL_FORBIDDEN = "access denied"  # the spec's ForbiddenError example ("token is valid, but ... no access")
 # What the fake's hosts report as cudaVersion (their driver's CUDA), newest first. A create without a CUDA floor
 # lands on the oldest (place): RunPod promises only what the request constrains, and the fake is never kinder.
 CUDA_VERSIONS = ("13.0", "12.8", "12.4")

@@ -366,8 +366,8 @@ def test_a_silent_network_keeps_the_cache_and_says_so(tmp_path: Path) -> None:
     assert (catalog.models_source, catalog.gpus_source) == ("cache", "cache")
     assert catalog.models == first.models and catalog.gpus == first.gpus
     assert catalog.refreshed_at == first.refreshed_at
-    assert notes[0].startswith("RunPod did not list its GPU types (RunPodAuthError: RUNPOD_API_KEY was refused (401)): "
-                               "using the cached GPU list from ")
+    assert notes[0].startswith("warning: RunPod did not list its GPU types (RunPodAuthError: RUNPOD_API_KEY was "
+                               "refused (401)): using the cached GPU list from ")
     assert notes[1].startswith("Hugging Face did not answer (ConnectError: Name or service not known): "
                                "using the cached model figures from ")
     assert load_catalog(path).models == first.models

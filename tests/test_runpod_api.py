@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from email.utils import formatdate
@@ -15,6 +16,7 @@ import respx
 
 from llmpod.errors import (
     NoCapacityError,
+    PoolForbiddenError,
     RunPodAuthError,
     RunPodBalanceError,
     RunPodError,
@@ -257,7 +259,8 @@ def test_constants_and_repr() -> None:
 
 @pytest.mark.parametrize(("response", "error", "words"), [
     (problem(401, "Unauthorized", "missing bearer token"), RunPodAuthError, "401 Unauthorized: missing bearer token"),
-    (problem(403, "Forbidden", "access denied"), RunPodAuthError, "403 Forbidden: access denied"),
+    (problem(403, "Forbidden", "access denied"), PoolForbiddenError,
+     "403 Forbidden: access denied (this account has no access to the NVIDIA L40S pool)"),
     (problem(402, "Payment Required", "insufficient balance"), RunPodBalanceError, "insufficient balance"),
     (problem(404, "Not Found", "template not found"), RunPodNotFound, "404 Not Found: template not found"),
     (problem(409, "Conflict", "Action not valid for current pod status"), RunPodRequestError, "409 Conflict"),
@@ -272,7 +275,7 @@ def test_constants_and_repr() -> None:
      NoCapacityError, "no longer any instances"),
     (problem(400, "Bad Request", "allowedCudaVersions and minCudaVersion are mutually exclusive"),
      RunPodRequestError, "400 Bad Request: allowedCudaVersions"),
-    (httpx.Response(403, text="error code: 1010\n<html>\n  blocked  </html>"), RunPodAuthError,
+    (httpx.Response(403, text="error code: 1010\n<html>\n  blocked  </html>"), PoolForbiddenError,
      "403 Forbidden: error code: 1010 <html> blocked </html>"),
 ], ids=["401", "403", "402", "404", "409", "422", "400-capacity", "400-no-instances", "400-other", "403-not-json"])
 def test_client_errors_are_raised_at_once(client: RunPodClient, mocked_runpod: respx.MockRouter, sleeps: list[float],
@@ -285,6 +288,19 @@ def test_client_errors_are_raised_at_once(client: RunPodClient, mocked_runpod: r
     assert caught.value.status == response.status_code
     assert route.call_count == 1 and sleeps == []
     assert_no_key(caught.value)
+
+
+def test_a_403_is_a_pool_on_create_and_the_key_elsewhere(client: RunPodClient, mocked_runpod: respx.MockRouter) -> None:
+    """The spec's create table: 403 = "Your account cannot access the requested pool. Skip this candidate, keep
+    going" (exit 1 at worst, after the others). On the key check a 403 is still a key that lacks access (exit 2)."""
+    mocked_runpod.post("/v2/pods").mock(return_value=problem(403, "Forbidden", "access denied"))
+    mocked_runpod.get("/v2/pods").mock(return_value=problem(403, "Forbidden", "access denied"))
+    with pytest.raises(PoolForbiddenError) as pool:
+        client.create_pod(vllm_request())
+    assert not isinstance(pool.value, RunPodAuthError) and pool.value.exit_code == 1
+    with pytest.raises(RunPodAuthError, match="403 Forbidden: access denied") as key:
+        client.check_key()
+    assert type(key.value) is RunPodAuthError and key.value.exit_code == 2
 
 
 def test_an_echoed_key_is_redacted(client: RunPodClient, mocked_runpod: respx.MockRouter) -> None:
@@ -385,9 +401,42 @@ def test_network_failures_are_retried_on_get(client: RunPodClient, mocked_runpod
 
 def test_connect_error_exhausted(client: RunPodClient, mocked_runpod: respx.MockRouter, sleeps: list[float]) -> None:
     mocked_runpod.get("/v2/pods").mock(side_effect=httpx.ConnectError("[Errno 111] Connection refused"))
-    with pytest.raises(RunPodUnavailable, match=r"could not connect .*Connection refused") as caught:
+    with pytest.raises(RunPodUnavailable, match=rf"cannot reach {BASE}: connection refused \(gave up") as caught:
         client.list_pods()
     assert caught.value.status is None and len(sleeps) == 4
+    assert_no_key(caught.value)
+
+
+@pytest.mark.parametrize(("failure", "words"), [
+    (httpx.ConnectError("[Errno 111] Connection refused"), f"cannot reach {BASE}: connection refused"),
+    (httpx.ConnectError("[Errno -2] Name or service not known"), f"cannot reach {BASE}: host name not found (DNS)"),
+    (httpx.ConnectError("[Errno 101] Network is unreachable"), f"cannot reach {BASE}: network unreachable"),
+    (httpx.ConnectTimeout, f"cannot reach {BASE}: timed out after 10 s"),
+    (httpx.ReadTimeout, f"{BASE} did not answer: timed out after 30 s"),
+    (httpx.RemoteProtocolError("Server disconnected without sending a response."),
+     f"connection to {BASE} failed: the server closed the connection"),
+], ids=["refused", "dns", "unreachable", "connect-timeout", "read-timeout", "disconnected"])
+def test_network_failures_name_the_address_and_the_reason(mocked_runpod: respx.MockRouter, sleeps: list[float],
+                                                          failure: Any, words: str) -> None:
+    mocked_runpod.get("/v2/pods").mock(side_effect=failure)
+    with RunPodClient(KEY, BASE, transport=httpx.MockTransport(mocked_runpod.handler), sleep=sleeps.append,
+                      max_retries=0) as runpod, pytest.raises(RunPodUnavailable) as caught:
+        runpod.list_pods()
+    assert str(caught.value) == f"RunPod GET /v2/pods: {words}"
+    assert_no_key(caught.value)
+
+
+def test_a_refused_connection_is_named_as_the_os_reports_it(sleeps: list[float]) -> None:
+    """A real socket: nothing listens on the port (bound, never listening), so the OS refuses at once.
+    A password in the API address is never shown."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        with RunPodClient(KEY, f"http://user:{KEY}@127.0.0.1:{port}", sleep=sleeps.append,
+                          max_retries=1) as runpod, pytest.raises(RunPodUnavailable) as caught:
+            runpod.list_pods()
+    assert str(caught.value) == (f"RunPod GET /v2/pods: cannot reach http://127.0.0.1:{port}: connection refused "
+                                 "(gave up after 2 attempts)")
     assert_no_key(caught.value)
 
 

@@ -97,6 +97,32 @@ def test_create_times_out_and_runpod_makes_the_pod_later(workdir: Workdir, fake_
     record(fault_ledger, "create times out; RunPod makes the pod later", tally)
 
 
+def test_a_gpu_pool_answers_403(workdir: Workdir, fake_runpod: FakeRunPod, fault_ledger: FaultLedger) -> None:
+    """The spec's create table: a 403 is a pool this account cannot use: skip that GPU type and go on. Then every
+    pool refuses: one line, exit 1, nothing created."""
+    fake_runpod.configure(forbidden_gpu_ids=["NVIDIA RTX A6000"])
+    tally = Tally(injected=2)
+    up = workdir.run()
+    tally.check_run("manage_pod.py with the first GPU's pool closed", up.returncode, up.stdout + up.stderr, 0)
+    state = recorded(workdir) or {}
+    if state.get("gpu_type_id") != "NVIDIA L40S" or len(live_pods(fake_runpod)) != 1:
+        tally.pods_left_running += max(0, len(live_pods(fake_runpod)) - 1)
+        tally.dirty(f"not one pod on the next GPU type: {state.get('gpu_type_id')}, {len(live_pods(fake_runpod))} "
+                    "live pods")
+    user_checks(workdir, fake_runpod, tally)
+    fake_runpod.configure(forbidden_gpu_ids=["NVIDIA RTX A6000", "NVIDIA L40S"])
+    refused = workdir.run()
+    tally.check_run("manage_pod.py with every pool closed", refused.returncode, refused.stdout + refused.stderr, 1)
+    if len(refused.stderr.strip().splitlines()[-1:]) != 1 or "403" not in refused.stderr.strip().splitlines()[-1]:
+        tally.dirty(f"every pool closed: the last line does not say why: {refused.stderr.strip()[-200:]}")
+    tally.pods_left_running += len(live_pods(fake_runpod))
+    if recorded(workdir) is not None:
+        tally.dirty("every pool closed: pod_state.json left behind though nothing was created")
+    user_checks(workdir, fake_runpod, tally)
+    logs_clean(workdir, tally)
+    record(fault_ledger, "create answers 403 on a GPU pool (no access), then on every pool", tally)
+
+
 def test_delete_answers_500_twice_then_works(workdir: Workdir, fake_runpod: FakeRunPod,
                                              fault_ledger: FaultLedger) -> None:
     assert workdir.run().returncode == 0
