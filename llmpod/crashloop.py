@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["RESTARTS_ALONE", "CrashLoopDetector", "Verdict", "best_line", "clean", "redact"]
+__all__ = ["RESTARTS_ALONE", "CrashLoopDetector", "Verdict", "best_line", "billed", "clean", "progress_line", "redact"]
 
 RESTARTS_ALONE = 3  # restarts that are evidence enough without any fatal line (the container dies silently)
 SHOWN = 240  # characters of the explaining line shown to the user
@@ -224,3 +224,16 @@ def best_line(lines: Sequence[str], secrets: Iterable[str] = ()) -> str | None:
     detector = CrashLoopDetector(secrets)
     detector.window(lines)
     return detector.explanation()
+
+
+def progress_line(lines: Sequence[str], secrets: Iterable[str] = ()) -> str | None:
+    """The newest line of a log window worth showing beside the progress (not a bare traceback header)."""
+    shown = [clean(line) for line in lines]
+    shown = [text for text in shown if text and not text.startswith("Traceback (most recent call last)")]
+    return redact(shown[-1], secrets) if shown else None
+
+
+def billed(seconds: float, dollars: float) -> str:
+    """How long a pod billed and about how much, for a one-line message: "12s, under $0.01 billed"."""
+    money = f"about ${dollars:.2f}" if dollars >= 0.005 else "under $0.01"
+    return f"{seconds:.0f}s, {money} billed"
