@@ -163,7 +163,8 @@ class CrashLoopDetector:
         """A ``runtime.uptime`` sample. Seconds since the container started only grow, but for a restart."""
         if seconds is None:
             return  # no runtime (between containers, or not reported): neither evidence nor a new baseline
-        if self._uptime is not None and seconds < self._uptime:
+        # a second less could be two clocks disagreeing; a new container is back near zero or clearly lower
+        if self._uptime is not None and seconds < self._uptime and (seconds < 5 or self._uptime - seconds > 1):
             self.resets += 1
         self._uptime = seconds
 

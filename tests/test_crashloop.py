@@ -120,6 +120,16 @@ def test_the_driver_warning_alone_is_no_verdict_while_the_container_lives() -> N
     assert detector.verdict() is None
 
 
+def test_an_uptime_a_second_behind_is_no_restart() -> None:
+    detector = CrashLoopDetector()
+    for uptime in (600, 599, 605, 604):  # one sample a second behind the last: clocks, not a new container
+        detector.uptime(uptime)
+        detector.window(cycle("cuda_oom")[:-1])  # a fatal line in the log, one life only
+    assert detector.restarts == 0 and detector.verdict() is None
+    detector.uptime(2)
+    assert detector.restarts == 1 and detector.verdict() is not None
+
+
 def test_restarts_alone_are_a_verdict_only_when_repeated() -> None:
     detector = CrashLoopDetector()
     quiet = cycle("healthy_slow_load")[:12]
