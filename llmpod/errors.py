@@ -5,6 +5,8 @@
     ├── UpstreamError           the model server failed; carries an HTTP status and an OpenAI error body
     ├── LockBusyError           another manage_pod.py holds the lock (3)
     ├── PodError                the pod could not be made ready, or could not be removed (1)
+    │   ├── CrashLoopError      its container died at start (and on RunPod restarts forever): the pod was
+    │   │                       terminated; the message quotes the log line that explains it (1)
     │   └── CleanupFailedError  a pod may still be billing: the message says how to remove it by hand (4)
     └── RunPodError             the RunPod API refused or failed; ``status`` is its HTTP status (1)
         ├── RunPodAuthError     401/403: missing, wrong or revoked key (2)
@@ -58,6 +60,11 @@ class LockBusyError(LlmpodError):
 
 class PodError(LlmpodError):
     """The pod did not become ready, or something about it needs the user's attention."""
+
+
+class CrashLoopError(PodError):
+    """The pod's container dies at every start (a bad flag, out of memory, a gated model, a full disk, a CUDA
+    mismatch); the message names the log line that says why."""
 
 
 class CleanupFailedError(PodError):

@@ -165,6 +165,7 @@ class LocalProvider:
     kind = "local"
     NAME_VAR = "LLMPOD_POD_NAME"
     PORT_VAR = "LLMPOD_POD_PORT"
+    START_MARK = "llmpod: starting local pod "  # written to the shared log before each process: logs() start there
 
     def __init__(self, config: PodConfig, log_path: Path) -> None:
         self.config = config
@@ -177,7 +178,11 @@ class LocalProvider:
         port = _free_port()
         env = {**os.environ, **self.config.env, "VLLM_API_KEY": spec.api_key, self.NAME_VAR: spec.name,
                self.PORT_VAR: str(port)}
-        pid = processes.spawn_detached(self._argv(spec, port), env=env, log_path=self.log_path, pid_path=None)
+        argv = self._argv(spec, port)
+        self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as log:
+            log.write(f"{self.START_MARK}{spec.name}\n")
+        pid = processes.spawn_detached(argv, env=env, log_path=self.log_path, pid_path=None)
         return PodInfo(f"local-{pid}-{port}", spec.name, "RUNNING", 0.0, None, None, f"http://127.0.0.1:{port}/v1")
 
     def _argv(self, spec: PodSpec, port: int) -> list[str]:
@@ -226,10 +231,12 @@ class LocalProvider:
         return True
 
     def logs(self, pod_id: str, tail: int) -> list[str]:
+        """The newest pod's lines: the log file is kept across pods, and an older one's error must not be shown."""
         try:
-            return self.log_path.read_text(errors="replace").splitlines()[-tail:]
+            text = self.log_path.read_text(errors="replace")
         except OSError:
             return []
+        return text[max(text.rfind(self.START_MARK), 0):].splitlines()[-tail:]
 
     def follow_logs(self, pod_id: str) -> Iterator[str]:
         with open(self.log_path, errors="replace") as handle:

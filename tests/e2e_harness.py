@@ -115,6 +115,13 @@ class Workdir:
                                 "max_tokens": 32000, **extra})
 
 
+def vllm_crash_lines(name: str) -> list[str]:
+    """What one life of a crashing vLLM container prints after its banner (tests/fixtures/vllm_logs/NAME.log), for
+    the fake RunPod's ``crash_loop`` switch (the fake prints a banner of its own at each start)."""
+    lines = (ROOT / "tests" / "fixtures" / "vllm_logs" / f"{name}.log").read_text().splitlines()
+    return lines[next((i + 1 for i, line in enumerate(lines) if "non-default args" in line), 0):]
+
+
 def pid_alive(pid: int | None) -> bool:
     if pid is None:
         return False

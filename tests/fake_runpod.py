@@ -106,6 +106,10 @@ class FakeRunPodSettings(BaseModel):
     crash_loop: list[str] = Field([], description="new pods' containers print these lines and die, again and again "
                                                   "(RunPod restarts them): RUNNING and billed, never serving")
     crash_after_seconds: float = Field(2.0, gt=0, description="how long each of those containers lives")
+    host_cuda: str = Field("", pattern=r"^(\d+\.\d+)?$",
+                           description="new pods land on a host whose driver runs this CUDA (e.g. '12.4'), whatever "
+                                       "gpu.minCudaVersion asks: a host that misreports its driver, or a floor "
+                                       "llmpod got wrong; an image that needs more crash-loops there")
 
     @field_validator("mock_overrides")
     @classmethod
@@ -154,6 +158,7 @@ class FakeRunPod:
         if gpu.id in settings.no_capacity_gpu_ids:
             raise Problem(400, fake_pods.NO_CAPACITY)
         data_center, cuda = fake_pods.place(req, gpu)
+        cuda = settings.host_cuda or cuda
         pod = FakePod(req, gpu, data_center, cuda, settings.provisioning_seconds, settings.starting_seconds,
                       settings.vllm_load_seconds)
         launch = pod.launch

@@ -316,7 +316,9 @@ def driver_too_old(host_cuda: str, image: str | None) -> CrashLoop:
         "Traceback (most recent call last):",
         '  File "/usr/local/bin/vllm", line 10, in <module>',
         "    sys.exit(main())",
-        "RuntimeError: Failed to infer device type",
+        # vLLM 0.33.0 vllm/config/device.py:56
+        "RuntimeError: Failed to infer device type, please set the environment variable `VLLM_LOGGING_LEVEL=DEBUG` "
+        "to turn on verbose logging to help debug the issue.",
     ), version=_image_tag_version(image))
 
 

@@ -525,6 +525,16 @@ def test_a_crash_looping_container_restarts_with_its_uptime_from_zero() -> None:
     assert pod.view(pod.running_at + 7.0)["status"] == "RUNNING"
 
 
+@pytest.mark.parametrize("fake_settings", [{**FAST, "host_cuda": "12.4"}])
+def test_the_host_cuda_switch_places_a_pod_below_its_floor(fake: Fake) -> None:
+    pod = fake.create(image="vllm/vllm-openai:v0.33.0",
+                      gpu={"id": "NVIDIA RTX A6000", "count": 1, "minCudaVersion": "13.0"})
+    assert pod["cudaVersion"] == "12.4"  # whatever the request asked
+    wait_until(lambda: "found version 12040" in fake.api.get(f"/v2/pods/{pod['id']}/logs").text,
+               "the container dies at start")
+    assert fake.api.get(f"/v2/pods/{pod['id']}").json()["status"] == "RUNNING"
+
+
 @pytest.mark.parametrize("fake_settings", [{**FAST, "crash_loop": ["OSError: gated repo"], "crash_after_seconds": 0.5}])
 def test_the_crash_loop_switch(fake: Fake) -> None:
     pod = fake.create()

@@ -11,13 +11,14 @@ run has three kills (a held create, a loading vLLM, the watchdog's held DELETE) 
 
 from __future__ import annotations
 
+import re
 import signal
 
 import httpx
 import pytest
 
 from tests.conftest import wait_until
-from tests.e2e_harness import FakeRunPod, Workdir
+from tests.e2e_harness import FakeRunPod, Workdir, vllm_crash_lines
 from tests.faults.ledger import FaultLedger
 from tests.faults.lifecycle_kills import (
     PHASES,
@@ -248,3 +249,39 @@ def test_sigkill_then_the_next_run_adopts_the_pod(workdir: Workdir, fake_runpod:
     logs_clean(workdir, tally)
     record(fault_ledger, f"SIGKILL manage_pod.py while {phase}, then run it again", tally)
 
+
+
+# ------------------------------------------------------------------------ a container that dies at every start
+# RunPod restarts it: the pod reads RUNNING and bills while vLLM never answers. ready_timeout_seconds is set far
+# past the run's own 120 s, so waiting for it (as before crash loops were recognised) fails the test.
+CRASH_LOOPS = {
+    "a container crash-loops (gated model, no HF token)": (
+        lambda: {"crash_loop": vllm_crash_lines("gated_model_no_token"), "crash_after_seconds": 3},
+        "Access to model meta-llama/Llama-3.1-8B-Instruct is restricted"),
+    "CUDA mismatch: the vLLM 0.33 image on a host whose driver runs CUDA 12.4": (
+        lambda: {"host_cuda": "12.4"}, "driver on your system is too old (found version 12040)"),
+}
+CRASH_BILLED_LIMIT = 180  # seconds a crash-looping pod may bill before it is terminated: "a few minutes"
+
+
+@pytest.mark.parametrize("kind", list(CRASH_LOOPS))
+def test_a_container_that_never_starts_is_given_up_on(workdir: Workdir, fake_runpod: FakeRunPod,
+                                                      fault_ledger: FaultLedger, kind: str) -> None:
+    """Exit 1 with one line quoting the log line that says why, the pod terminated, within minutes of billing."""
+    switches, says = CRASH_LOOPS[kind]
+    fake_runpod.configure(**switches())
+    workdir.write_config(ready_timeout_seconds=900)
+    tally = Tally(injected=1)
+    up = workdir.run()
+    tally.check_run("manage_pod.py", up.returncode, up.stdout + up.stderr, 1)
+    last = (up.stderr.strip().splitlines() or [""])[-1]
+    billed = re.search(r"crash-loops: .* \(terminated after (\d+)s, .* billed\)$", last)
+    if says not in last or billed is None:
+        tally.dirty(f"not one line quoting the log line that explains it: {last[:300]}")
+    elif int(billed.group(1)) > CRASH_BILLED_LIMIT:
+        tally.dirty(f"billed {billed.group(1)} s before it was terminated (limit {CRASH_BILLED_LIMIT} s)")
+    else:
+        tally.notes.append(f"terminated after {billed.group(1)} s of billing")
+    user_checks(workdir, fake_runpod, tally)
+    logs_clean(workdir, tally)
+    record(fault_ledger, kind, tally)
