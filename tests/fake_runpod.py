@@ -28,6 +28,9 @@ Test-only, no auth: ``POST /fake/config`` (partial settings, applied live; answe
 ``POST /fake/reset`` (back to the start: settings, no pods, no calls),
 ``POST /fake/pods/{id}/die[?status=EXITED]`` (crash: ERROR, cost 0, mock stopped) and
 ``POST /fake/pods/{id}/vanish`` (RunPod reclaimed the pod: 404 from then on).
+
+Every ``/v2`` request and answer is checked against the official spec (tests/runpod_spec_asgi.py); what breaks
+it is kept in ``FakeRunPod.spec_violations`` (``specViolations`` in ``/fake/state``), for tests to fail on.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from llmpod.mock_vllm import MockSettings
 from llmpod.mock_vllm import create_app as create_mock_app
 from tests import fake_runpod_pods as fake_pods
 from tests.fake_runpod_pods import FakePod, Problem
+from tests.runpod_spec_asgi import SpecCheck
 from tests.servers import LoopbackServer
 
 log = logging.getLogger("tests.fake_runpod")
@@ -125,6 +129,11 @@ class FakeRunPod:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
         self.held = 0  # requests waiting in hold()
+        self.spec_violations: list[str] = []  # what broke the official spec (tests/runpod_spec_asgi.py)
+
+    def take_violations(self) -> list[str]:
+        taken, self.spec_violations[:] = list(self.spec_violations), []
+        return taken
 
     def configure(self, patch: dict[str, Any]) -> FakeRunPodSettings:
         if patch.get("api_key") == _MASK:  # our own answer posted back: keep the key
@@ -230,6 +239,7 @@ class FakeRunPod:
                 await self.end(pod, "TERMINATED")
         self.pods.clear()
         self.calls.clear()
+        self.spec_violations.clear()
 
     async def end(self, pod: FakePod, status: str, *, vanish: bool = False) -> None:
         """The pod becomes ``status`` (ERROR, EXITED or TERMINATED) now, and its mock vLLM stops."""
@@ -262,7 +272,8 @@ class FakeRunPod:
             history = [{"status": status, "at": pod.wall(at).isoformat()} for status, at in pod.history(now)]
             listed.append({**pod.view(now), "deleted": pod.gone, "vanished": pod.vanished, "mockPort": pod.mock_port,
                          "mockListening": pod.id in self.listening, "history": history})
-        return {"settings": self.settings.model_dump(mode="json"), "pods": listed, "calls": dict(self.calls)}
+        return {"settings": self.settings.model_dump(mode="json"), "pods": listed, "calls": dict(self.calls),
+                "specViolations": list(self.spec_violations)}
 
 
 _DYING: set[str] = set()  # threads of pods' mock vLLM servers being killed: their dying noise is expected
@@ -328,6 +339,7 @@ def create_app(settings: FakeRunPodSettings | None = None) -> FastAPI:
     app.include_router(_v2_routes(fake))
     app.include_router(_fake_routes(fake))
     _add_proxy(app, fake)
+    app.add_middleware(SpecCheck, record=fake.spec_violations.append)
     return app
 
 

@@ -100,6 +100,9 @@ def running_fake(settings: dict[str, Any]) -> Iterator[Fake]:
         with handle.api:
             yield handle
     ports = [pod.mock_port for pod in handle.state.pods.values()]
+    # tests here send bad requests on purpose; the fake's answers to them must still keep the spec
+    answers = [v for v in handle.state.spec_violations if v.startswith("response")]
+    assert not answers, answers
     assert not set(threading.enumerate()) - before, "a server thread leaked"
     assert all(refused(port) for port in ports if port), "a pod's mock vLLM still listens"
 

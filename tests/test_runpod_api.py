@@ -32,10 +32,12 @@ from llmpod.runpod_api import (
     Pod,
     RunPodClient,
 )
+from tests.runpod_spec_asgi import shared_spec
 
 BASE = "https://api.runpod.test"
 KEY = "rpa_FAKE-test-key-0123456789-never-shown"  # obviously fake
 VLLM_KEY = "sk-vllm-secret-in-env"
+SPEC = shared_spec()
 
 # The spec's POST /v2/pods 201 example (runpod.md 8.2): PROVISIONING with "runtime": {}
 PROVISIONING_POD: dict[str, Any] = {
@@ -99,10 +101,14 @@ def vllm_request() -> CreatePodRequest:
 
 @pytest.fixture
 def mocked_runpod() -> Iterator[respx.MockRouter]:
-    """A fake RunPod v2 API; a request to a route no test declared fails the test."""
+    """A fake RunPod v2 API; a request to a route no test declared fails the test, and so does any request the
+    client sent that breaks the official spec (tests/runpod_spec.py)."""
     router = respx.MockRouter(base_url=BASE, assert_all_mocked=True, assert_all_called=False)
     yield router
     router.assert_all_called()
+    sent = [call.request for call in router.calls]
+    assert [error for r in sent for error in SPEC.request_errors(
+        r.method, r.url.raw_path.split(b"?")[0].decode(), r.url.query, r.content, r.headers.get("content-type"))] == []
 
 
 @pytest.fixture
