@@ -29,6 +29,7 @@ Test-only, no auth: ``POST /fake/config`` (partial settings, applied live; answe
 ``POST /fake/pods/{id}/die[?status=EXITED]`` (crash: ERROR, cost 0, mock stopped) and
 ``POST /fake/pods/{id}/vanish`` (RunPod reclaimed the pod: 404 from then on).
 
+A pod's log stream stays open and sends new lines as they come, as RunPod's does (tests/fake_runpod_logs.py).
 Every ``/v2`` request and answer is checked against the official spec (tests/runpod_spec_asgi.py); what breaks
 it is kept in ``FakeRunPod.spec_violations`` (``specViolations`` in ``/fake/state``), for tests to fail on.
 """
@@ -45,6 +46,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -62,6 +64,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmpod.mock_vllm import MockSettings
 from llmpod.mock_vllm import create_app as create_mock_app
+from tests import fake_runpod_logs as fake_logs
 from tests import fake_runpod_pods as fake_pods
 from tests.fake_runpod_pods import FakePod, Problem
 from tests.runpod_spec_asgi import SpecCheck
@@ -108,6 +111,8 @@ class FakeRunPodSettings(BaseModel):
     crash_loop: list[str] = Field([], description="new pods' containers print these lines and die, again and again "
                                                   "(RunPod restarts them): RUNNING and billed, never serving")
     crash_after_seconds: float = Field(2.0, gt=0, description="how long each of those containers lives")
+    log_stream_seconds: float = Field(300.0, ge=0, description="a log stream ends after this long at the latest "
+                                                                "(0: the backlog, then the end)")
 
     @field_validator("mock_overrides")
     @classmethod
@@ -129,6 +134,7 @@ class FakeRunPod:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
         self.held = 0  # requests waiting in hold()
+        self.stopping = threading.Event()  # set as the server stops: open log streams end, or they would hold it
         self.spec_violations: list[str] = []  # what broke the official spec (tests/runpod_spec_asgi.py)
 
     def take_violations(self) -> list[str]:
@@ -258,6 +264,7 @@ class FakeRunPod:
 
     async def close(self) -> None:
         self._closing.set()
+        self.stopping.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         servers, self.servers = list(self.servers.values()), {}
         self.listening.clear()
@@ -402,23 +409,7 @@ def _v2_routes(fake: FakeRunPod) -> APIRouter:
 
     @v2.get("/pods/{pod_id}/logs")
     async def pod_logs(pod_id: str, request: Request) -> Response:
-        pod, params = fake.pod(pod_id), request.query_params
-        tail = params.get("tail", "100")
-        if not tail.isdigit() or int(tail) > 5000:
-            raise Problem(422, "Request validation failed.", errors=[f"tail: must be an integer 0-5000, got {tail!r}"])
-        source = params.get("source")
-        if source not in (None, "container", "system"):
-            raise Problem(422, "Request validation failed.", errors=["source: value must be one of container, system"])
-        lines = [line for line in pod.logs() if source in (None, line["source"])]
-        last_id = request.headers.get("last-event-id")
-        if last_id:  # takes precedence over tail: everything after that event
-            lines = [line for line in lines if line["id"].rsplit("/", 1)[-1] > last_id.rsplit("/", 1)[-1]]
-        else:
-            lines = lines[len(lines) - int(tail):] if int(tail) else []
-        events = "".join(f"id: {line['id']}\ndata: {json.dumps({k: line[k] for k in ('ts', 'source', 'line')})}\n\n"
-                         for line in lines)
-        return Response(events, media_type="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return fake_logs.logs_response(fake, fake.pod(pod_id), request.query_params, request.headers)
 
     @v2.get("/catalog/gpus")
     async def list_gpus(request: Request) -> dict[str, Any]:
@@ -529,6 +520,10 @@ class _Server(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started:
             print(f"fake RunPod listening on http://127.0.0.1:{self.config.port}", file=sys.stderr, flush=True)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.config.app.state.fake.stopping.set()  # open log streams end now, not after the graceful timeout
+        await super().shutdown(sockets=sockets)
 
 
 def _exit_quietly(signum: int, frame: FrameType | None) -> None:

@@ -30,8 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "rpa_fake_test_key"
 POD_KEY = "sk-pod-vllm-key"
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
-FAST = {"provisioning_seconds": 0.05, "starting_seconds": 0.05, "vllm_load_seconds": 0.05}
-IDLE = {"provisioning_seconds": 60.0}  # pods stay PROVISIONING: no mock vLLM to start or stop
+# log streams end after their backlog here, so a test can read a log as one body (tests/test_fake_runpod_logs.py
+# reads them open, as RunPod sends them)
+FAST = {"provisioning_seconds": 0.05, "starting_seconds": 0.05, "vllm_load_seconds": 0.05, "log_stream_seconds": 0}
+IDLE = {"provisioning_seconds": 60.0, "log_stream_seconds": 0}  # pods stay PROVISIONING: no mock vLLM to start or stop
 POD_FIELDS = {"id", "name", "status", "actions", "image", "args", "disk", "mounts", "ports", "env", "registry",
               "cloud", "dataCenterId", "cudaVersion", "ssh", "template", "cost", "locked", "runtime", "createdAt",
               "startedAt", "globalNetworking", "gpu"}
@@ -97,8 +99,11 @@ def running_fake(settings: dict[str, Any]) -> Iterator[Fake]:
     app = create_app(FakeRunPodSettings(api_key=API_KEY, **settings))
     with LoopbackServer(app) as server:
         handle = Fake(server, app.state.fake)
-        with handle.api:
-            yield handle
+        try:
+            with handle.api:
+                yield handle
+        finally:
+            handle.state.stopping.set()  # what the fake's own server does as it stops: open log streams end
     ports = [pod.mock_port for pod in handle.state.pods.values()]
     # tests here send bad requests on purpose; the fake's answers to them must still keep the spec
     answers = [v for v in handle.state.spec_violations if v.startswith("response")]

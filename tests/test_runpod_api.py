@@ -517,6 +517,18 @@ def test_follow_logs_raises_http_errors(client: RunPodClient, mocked_runpod: res
         next(client.follow_logs("p1"))
 
 
+def test_follow_logs_ends_quietly_when_the_pod_is_gone_on_reopening(
+        client: RunPodClient, mocked_runpod: respx.MockRouter, sleeps: list[float]) -> None:
+    def then_silence() -> Iterator[bytes]:
+        yield sse(LOG_EVENTS[:2])
+        raise httpx.ReadTimeout("idle for follow_idle seconds")
+
+    route = mocked_runpod.get("/v2/pods/p1/logs").mock(side_effect=[
+        httpx.Response(200, content=then_silence()), problem(404, "Not Found", "pod not found")])
+    assert list(client.follow_logs("p1")) == [line for _, line in LOG_EVENTS[:2]]  # terminated meanwhile: the end
+    assert route.call_count == 2 and route.calls.last.request.headers["Last-Event-ID"] == LOG_EVENTS[1][0]
+
+
 def test_follow_logs_reopens_a_silent_stream_without_counting_it(
         client: RunPodClient, mocked_runpod: respx.MockRouter, sleeps: list[float]) -> None:
     def then_silence() -> Iterator[bytes]:
