@@ -9,7 +9,7 @@
     └── RunPodError             the RunPod API refused or failed; ``status`` is its HTTP status (1)
         ├── RunPodAuthError     401/403: missing, wrong or revoked key (2)
         ├── RunPodBalanceError  402: not enough credit (2)
-        ├── NoCapacityError     400 "could not be placed": try another GPU type
+        ├── NoCapacityError     400 "no longer any instances" (live) or "could not be placed" (spec): try another GPU
         ├── RunPodRequestError  400/422: our request is wrong (a bug, or a bad config value)
         ├── RunPodNotFound      404
         ├── RunPodRateLimited   429 after backing off as told; ``retry_after`` seconds

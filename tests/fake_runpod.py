@@ -111,6 +111,8 @@ class FakeRunPodSettings(BaseModel):
     crash_loop: list[str] = Field([], description="new pods' containers print these lines and die, again and again "
                                                   "(RunPod restarts them): RUNNING and billed, never serving")
     crash_after_seconds: float = Field(2.0, gt=0, description="how long each of those containers lives")
+    capacity_wording: Literal["live", "spec"] = Field(
+        "live", description="the no-capacity 400's detail: RunPod's live message, or the spec's description")
     log_stream_seconds: float = Field(300.0, ge=0, description="a log stream ends after this long at the latest "
                                                                 "(0: the backlog, then the end)")
 
@@ -332,6 +334,8 @@ def create_app(settings: FakeRunPodSettings | None = None) -> FastAPI:
 
     @app.exception_handler(Problem)
     async def on_problem(request: Request, exc: Problem) -> Response:
+        if exc.detail == fake_pods.NO_CAPACITY and fake.settings.capacity_wording == "live":
+            exc = Problem(400, fake_pods.NO_CAPACITY_LIVE, headers=exc.headers)
         return problem_response(exc)
 
     @app.exception_handler(StarletteHTTPException)

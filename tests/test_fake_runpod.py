@@ -342,8 +342,14 @@ def test_gpu_catalog(idle_fake: Fake) -> None:
 def test_no_capacity(idle_fake: Fake) -> None:
     fake = idle_fake
     fake.configure(no_capacity_gpu_ids=["NVIDIA RTX A6000"])
+    live = fake_pods.NO_CAPACITY_LIVE  # "There are no longer any instances available with the requested ..."
     assert problem(fake.api.post("/v2/pods", json=vllm_body()), 400) == {
-        "title": "Bad Request", "status": 400, "detail": "this GPU and data center combination could not be placed"}
+        "title": "Bad Request", "status": 400, "detail": live}  # RunPod's words in practice (runpod.md 7)
+    too_many = vllm_body(cloud="COMMUNITY", gpu={"id": "NVIDIA GeForce RTX 4090", "count": 8})  # 4 at most there
+    assert problem(fake.api.post("/v2/pods", json=too_many), 400)["detail"] == live
+    fake.configure(capacity_wording="spec")
+    assert problem(fake.api.post("/v2/pods", json=vllm_body()), 400)["detail"] == (
+        "this GPU and data center combination could not be placed")  # the spec's own description of that 400
     assert fake.create(gpu={"id": "NVIDIA L40S", "count": 2})["cost"] == 1.72
 
 

@@ -293,6 +293,22 @@ def test_client_errors_are_raised_at_once(client: RunPodClient, mocked_runpod: r
     assert_no_key(caught.value)
 
 
+@pytest.mark.parametrize("wording", ["live", "spec"])
+def test_no_capacity_in_either_wording_through_the_fake(wording: str) -> None:
+    from tests.fake_runpod import FakeRunPodSettings, create_app
+    from tests.servers import LoopbackServer
+
+    app = create_app(FakeRunPodSettings(api_key=KEY, no_capacity_gpu_ids=["NVIDIA L40S"], capacity_wording=wording))
+    with LoopbackServer(app) as server, RunPodClient(KEY, server.url) as runpod, \
+            pytest.raises(NoCapacityError) as caught:
+        runpod.create_pod(vllm_request())
+    assert str(caught.value) == "RunPod POST /v2/pods: 400 Bad Request: " + {
+        "live": "There are no longer any instances available with the requested specifications. "
+                "Please refresh and try again.",  # what RunPod answers (runpod.md 7)
+        "spec": "this GPU and data center combination could not be placed"}[wording]  # the spec's createPod text
+    assert app.state.fake.spec_violations == []
+
+
 def test_an_echoed_key_is_redacted(client: RunPodClient, mocked_runpod: respx.MockRouter) -> None:
     mocked_runpod.get("/v2/pods").mock(return_value=problem(401, "Unauthorized", f"token {KEY} is revoked"))
     with pytest.raises(RunPodAuthError, match=r"token \*\*\* is revoked") as caught:
