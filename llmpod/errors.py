@@ -11,7 +11,7 @@
     └── RunPodError             the RunPod API refused or failed; ``status`` is its HTTP status (1)
         ├── RunPodAuthError     401/403: missing, wrong or revoked key (2)
         ├── RunPodBalanceError  402: not enough credit (2)
-        ├── NoCapacityError     400 "could not be placed": try another GPU type
+        ├── NoCapacityError     400 "no longer any instances" (live) or "could not be placed" (spec): try another GPU
         ├── PoolForbiddenError  403 on create: the key works but cannot use that GPU type's pool: try another
         ├── RunPodRequestError  400/422: our request is wrong (a bug, or a bad config value)
         ├── RunPodNotFound      404

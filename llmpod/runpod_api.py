@@ -174,11 +174,12 @@ class RunPodClient:
     """RunPod REST v2: pods, their logs and the GPU catalog. Use as a context manager, or call ``close``."""
 
     def __init__(self, api_key: str, base_url: str = DEFAULT_API_BASE, *, transport: httpx.BaseTransport | None = None,
-                 timeout: float = 30.0, max_retries: int = 4, sleep: Callable[[float], None] = time.sleep) -> None:
+                 timeout: float = 30.0, max_retries: int = 4, sleep: Callable[[float], None] = time.sleep,
+                 follow_idle: float = FOLLOW_IDLE) -> None:
         self._key = api_key
         self._base = base_url.rstrip("/")
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
-        self._follow_timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0), read=FOLLOW_IDLE)
+        self._follow_timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0), read=follow_idle)
         self._max_retries = max_retries
         self._sleep = sleep
         headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
@@ -259,17 +260,23 @@ class RunPodClient:
 
         A reconnect sends the last event ``id:`` back as ``Last-Event-ID`` exactly as received (the
         spec's ids carry a sequence suffix, so they are not rebuilt from ``ts``). Drops with no line
-        in between count against ``max_retries``; a stream that was merely silent for ``FOLLOW_IDLE``
-        seconds is reopened without counting. HTTP errors raise as elsewhere.
+        in between count against ``max_retries``; a stream that was merely silent for ``follow_idle``
+        seconds is reopened without counting. A 404 on reopening means the pod has gone meanwhile: its
+        log is over, and the lines simply end. Other HTTP errors raise as elsewhere.
         """
         path = _pod_path(pod_id) + "/logs"
         last_id: str | None = None
         failures = 0
+        opened = False
         while True:
             # the server ignores tail once Last-Event-ID is sent
             headers, params = (_SSE, {"tail": tail}) if last_id is None else ({**_SSE, "Last-Event-ID": last_id}, {})
             response = self._request("GET", path, params=params, headers=headers, stream=True,
-                                     timeout=self._follow_timeout)
+                                     timeout=self._follow_timeout, allow=(404,) if opened else ())
+            if response.status_code == 404:
+                response.close()
+                return
+            opened = True
             try:
                 for event_id, line in _sse_lines(response.iter_lines()):
                     last_id = event_id if event_id is not None else last_id

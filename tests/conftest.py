@@ -193,11 +193,13 @@ def shared_fake_runpod() -> Iterator[FakeRunPod]:
 
 
 @pytest.fixture
-def fake_runpod(shared_fake_runpod: FakeRunPod) -> FakeRunPod:
+def fake_runpod(shared_fake_runpod: FakeRunPod) -> Iterator[FakeRunPod]:
     """One fake RunPod process for the run (starting one costs about a second), reset before each test to how
-    it started: its settings, no pods (their mock vLLM servers stopped), no calls."""
+    it started: its settings, no pods (their mock vLLM servers stopped), no calls. The test fails if any request
+    to it, or any answer from it, broke the official RunPod spec (tests/runpod_spec.py)."""
     httpx.post(f"{shared_fake_runpod.url}/fake/reset", timeout=30).raise_for_status()
-    return shared_fake_runpod
+    yield shared_fake_runpod
+    shared_fake_runpod.assert_spec_kept()
 
 
 @pytest.fixture

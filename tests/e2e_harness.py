@@ -45,6 +45,14 @@ class FakeRunPod:
     def creates(self) -> int:
         return int(self.state()["calls"].get("POST /v2/pods", 0))
 
+    def spec_violations(self) -> list[str]:
+        """What broke the official RunPod spec since the last reset: llmpod's requests or the fake's answers."""
+        return list(self.state()["specViolations"])
+
+    def assert_spec_kept(self) -> None:
+        violations = list(dict.fromkeys(self.spec_violations()))  # each once: a poll repeats its request
+        assert not violations, "the RunPod API spec was broken:\n" + "\n".join(violations)
+
 
 @contextlib.contextmanager
 def running_fake_runpod(*extra_args: str) -> Iterator[FakeRunPod]:

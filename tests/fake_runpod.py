@@ -28,6 +28,10 @@ Test-only, no auth: ``POST /fake/config`` (partial settings, applied live; answe
 ``POST /fake/reset`` (back to the start: settings, no pods, no calls),
 ``POST /fake/pods/{id}/die[?status=EXITED]`` (crash: ERROR, cost 0, mock stopped) and
 ``POST /fake/pods/{id}/vanish`` (RunPod reclaimed the pod: 404 from then on).
+
+A pod's log stream stays open and sends new lines as they come, as RunPod's does (tests/fake_runpod_logs.py).
+Every ``/v2`` request and answer is checked against the official spec (tests/runpod_spec_asgi.py); what breaks
+it is kept in ``FakeRunPod.spec_violations`` (``specViolations`` in ``/fake/state``), for tests to fail on.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -59,8 +64,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmpod.mock_vllm import MockSettings
 from llmpod.mock_vllm import create_app as create_mock_app
+from tests import fake_runpod_logs as fake_logs
 from tests import fake_runpod_pods as fake_pods
 from tests.fake_runpod_pods import FakePod, Problem
+from tests.runpod_spec_asgi import SpecCheck
 from tests.servers import LoopbackServer
 
 log = logging.getLogger("tests.fake_runpod")
@@ -110,6 +117,10 @@ class FakeRunPodSettings(BaseModel):
                            description="new pods land on a host whose driver runs this CUDA (e.g. '12.4'), whatever "
                                        "gpu.minCudaVersion asks: a host that misreports its driver, or a floor "
                                        "llmpod got wrong; an image that needs more crash-loops there")
+    capacity_wording: Literal["live", "spec"] = Field(
+        "live", description="the no-capacity 400's detail: RunPod's live message, or the spec's description")
+    log_stream_seconds: float = Field(300.0, ge=0, description="a log stream ends after this long at the latest "
+                                                                "(0: the backlog, then the end)")
 
     @field_validator("mock_overrides")
     @classmethod
@@ -131,6 +142,12 @@ class FakeRunPod:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
         self.held = 0  # requests waiting in hold()
+        self.stopping = threading.Event()  # set as the server stops: open log streams end, or they would hold it
+        self.spec_violations: list[str] = []  # what broke the official spec (tests/runpod_spec_asgi.py)
+
+    def take_violations(self) -> list[str]:
+        taken, self.spec_violations[:] = list(self.spec_violations), []
+        return taken
 
     def configure(self, patch: dict[str, Any]) -> FakeRunPodSettings:
         if patch.get("api_key") == _MASK:  # our own answer posted back: keep the key
@@ -239,6 +256,7 @@ class FakeRunPod:
                 await self.end(pod, "TERMINATED")
         self.pods.clear()
         self.calls.clear()
+        self.spec_violations.clear()
 
     async def end(self, pod: FakePod, status: str, *, vanish: bool = False) -> None:
         """The pod becomes ``status`` (ERROR, EXITED or TERMINATED) now, and its mock vLLM stops."""
@@ -257,6 +275,7 @@ class FakeRunPod:
 
     async def close(self) -> None:
         self._closing.set()
+        self.stopping.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         servers, self.servers = list(self.servers.values()), {}
         self.listening.clear()
@@ -271,7 +290,8 @@ class FakeRunPod:
             history = [{"status": status, "at": pod.wall(at).isoformat()} for status, at in pod.history(now)]
             listed.append({**pod.view(now), "deleted": pod.gone, "vanished": pod.vanished, "mockPort": pod.mock_port,
                          "mockListening": pod.id in self.listening, "history": history})
-        return {"settings": self.settings.model_dump(mode="json"), "pods": listed, "calls": dict(self.calls)}
+        return {"settings": self.settings.model_dump(mode="json"), "pods": listed, "calls": dict(self.calls),
+                "specViolations": list(self.spec_violations)}
 
 
 _DYING: set[str] = set()  # threads of pods' mock vLLM servers being killed: their dying noise is expected
@@ -323,6 +343,8 @@ def create_app(settings: FakeRunPodSettings | None = None) -> FastAPI:
 
     @app.exception_handler(Problem)
     async def on_problem(request: Request, exc: Problem) -> Response:
+        if exc.detail == fake_pods.NO_CAPACITY and fake.settings.capacity_wording == "live":
+            exc = Problem(400, fake_pods.NO_CAPACITY_LIVE, headers=exc.headers)
         return problem_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
@@ -337,6 +359,7 @@ def create_app(settings: FakeRunPodSettings | None = None) -> FastAPI:
     app.include_router(_v2_routes(fake))
     app.include_router(_fake_routes(fake))
     _add_proxy(app, fake)
+    app.add_middleware(SpecCheck, record=fake.spec_violations.append)
     return app
 
 
@@ -399,23 +422,7 @@ def _v2_routes(fake: FakeRunPod) -> APIRouter:
 
     @v2.get("/pods/{pod_id}/logs")
     async def pod_logs(pod_id: str, request: Request) -> Response:
-        pod, params = fake.pod(pod_id), request.query_params
-        tail = params.get("tail", "100")
-        if not tail.isdigit() or int(tail) > 5000:
-            raise Problem(422, "Request validation failed.", errors=[f"tail: must be an integer 0-5000, got {tail!r}"])
-        source = params.get("source")
-        if source not in (None, "container", "system"):
-            raise Problem(422, "Request validation failed.", errors=["source: value must be one of container, system"])
-        lines = [line for line in pod.logs() if source in (None, line["source"])]
-        last_id = request.headers.get("last-event-id")
-        if last_id:  # takes precedence over tail: everything after that event
-            lines = [line for line in lines if line["id"].rsplit("/", 1)[-1] > last_id.rsplit("/", 1)[-1]]
-        else:
-            lines = lines[len(lines) - int(tail):] if int(tail) else []
-        events = "".join(f"id: {line['id']}\ndata: {json.dumps({k: line[k] for k in ('ts', 'source', 'line')})}\n\n"
-                         for line in lines)
-        return Response(events, media_type="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return fake_logs.logs_response(fake, fake.pod(pod_id), request.query_params, request.headers)
 
     @v2.get("/catalog/gpus")
     async def list_gpus(request: Request) -> dict[str, Any]:
@@ -527,6 +534,10 @@ class _Server(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started:
             print(f"fake RunPod listening on http://127.0.0.1:{self.config.port}", file=sys.stderr, flush=True)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.config.app.state.fake.stopping.set()  # open log streams end now, not after the graceful timeout
+        await super().shutdown(sockets=sockets)
 
 
 def _exit_quietly(signum: int, frame: FrameType | None) -> None:

@@ -24,7 +24,10 @@ TITLES = {
     400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden", 404: "Not Found",
     409: "Conflict", 422: "Unprocessable Entity", 429: "Too Many Requests", 500: "Internal Server Error",
 }
-NO_CAPACITY = "this GPU and data center combination could not be placed"
+NO_CAPACITY = "this GPU and data center combination could not be placed"  # the spec's words for it (createPod)
+# what RunPod answers in practice (runpod.md 7; mlabonne/llm-autoeval#3); the fake's default (capacity_wording)
+NO_CAPACITY_LIVE = ("There are no longer any instances available with the requested specifications. "
+                    "Please refresh and try again.")
 POOL_FORBIDDEN = "access denied"  # the spec's ForbiddenError example ("token is valid, but ... no access")
 # What the fake's hosts report as cudaVersion (their driver's CUDA), newest first. A create without a CUDA floor
 # lands on the oldest (place): RunPod promises only what the request constrains, and the fake is never kinder.

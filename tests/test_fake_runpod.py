@@ -30,8 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "rpa_fake_test_key"
 POD_KEY = "sk-pod-vllm-key"
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
-FAST = {"provisioning_seconds": 0.05, "starting_seconds": 0.05, "vllm_load_seconds": 0.05}
-IDLE = {"provisioning_seconds": 60.0}  # pods stay PROVISIONING: no mock vLLM to start or stop
+# log streams end after their backlog here, so a test can read a log as one body (tests/test_fake_runpod_logs.py
+# reads them open, as RunPod sends them)
+FAST = {"provisioning_seconds": 0.05, "starting_seconds": 0.05, "vllm_load_seconds": 0.05, "log_stream_seconds": 0}
+IDLE = {"provisioning_seconds": 60.0, "log_stream_seconds": 0}  # pods stay PROVISIONING: no mock vLLM to start or stop
 POD_FIELDS = {"id", "name", "status", "actions", "image", "args", "disk", "mounts", "ports", "env", "registry",
               "cloud", "dataCenterId", "cudaVersion", "ssh", "template", "cost", "locked", "runtime", "createdAt",
               "startedAt", "globalNetworking", "gpu"}
@@ -97,9 +99,15 @@ def running_fake(settings: dict[str, Any]) -> Iterator[Fake]:
     app = create_app(FakeRunPodSettings(api_key=API_KEY, **settings))
     with LoopbackServer(app) as server:
         handle = Fake(server, app.state.fake)
-        with handle.api:
-            yield handle
+        try:
+            with handle.api:
+                yield handle
+        finally:
+            handle.state.stopping.set()  # what the fake's own server does as it stops: open log streams end
     ports = [pod.mock_port for pod in handle.state.pods.values()]
+    # tests here send bad requests on purpose; the fake's answers to them must still keep the spec
+    answers = [v for v in handle.state.spec_violations if v.startswith("response")]
+    assert not answers, answers
     assert not set(threading.enumerate()) - before, "a server thread leaked"
     assert all(refused(port) for port in ports if port), "a pod's mock vLLM still listens"
 
@@ -334,8 +342,14 @@ def test_gpu_catalog(idle_fake: Fake) -> None:
 def test_no_capacity(idle_fake: Fake) -> None:
     fake = idle_fake
     fake.configure(no_capacity_gpu_ids=["NVIDIA RTX A6000"])
+    live = fake_pods.NO_CAPACITY_LIVE  # "There are no longer any instances available with the requested ..."
     assert problem(fake.api.post("/v2/pods", json=vllm_body()), 400) == {
-        "title": "Bad Request", "status": 400, "detail": "this GPU and data center combination could not be placed"}
+        "title": "Bad Request", "status": 400, "detail": live}  # RunPod's words in practice (runpod.md 7)
+    too_many = vllm_body(cloud="COMMUNITY", gpu={"id": "NVIDIA GeForce RTX 4090", "count": 8})  # 4 at most there
+    assert problem(fake.api.post("/v2/pods", json=too_many), 400)["detail"] == live
+    fake.configure(capacity_wording="spec")
+    assert problem(fake.api.post("/v2/pods", json=vllm_body()), 400)["detail"] == (
+        "this GPU and data center combination could not be placed")  # the spec's own description of that 400
     assert fake.create(gpu={"id": "NVIDIA L40S", "count": 2})["cost"] == 1.72
 
 

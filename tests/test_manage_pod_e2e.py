@@ -111,7 +111,7 @@ def test_no_capacity_anywhere_creates_nothing(workdir: Workdir, fake_runpod: Fak
     fake_runpod.configure(no_capacity_gpu_ids=["NVIDIA RTX A6000", "NVIDIA L40S"])
     up = workdir.run()
     assert up.returncode == 1
-    assert "could not be placed" in up.stderr
+    assert "There are no longer any instances available" in up.stderr  # RunPod's words, told to the user
     assert_nothing_left(workdir, fake_runpod)
 
 

@@ -34,10 +34,12 @@ from llmpod.runpod_api import (
     Pod,
     RunPodClient,
 )
+from tests.runpod_spec_asgi import shared_spec
 
 BASE = "https://api.runpod.test"
 KEY = "rpa_FAKE-test-key-0123456789-never-shown"  # obviously fake
 VLLM_KEY = "sk-vllm-secret-in-env"
+SPEC = shared_spec()
 
 # The spec's POST /v2/pods 201 example (runpod.md 8.2): PROVISIONING with "runtime": {}
 PROVISIONING_POD: dict[str, Any] = {
@@ -101,10 +103,14 @@ def vllm_request() -> CreatePodRequest:
 
 @pytest.fixture
 def mocked_runpod() -> Iterator[respx.MockRouter]:
-    """A fake RunPod v2 API; a request to a route no test declared fails the test."""
+    """A fake RunPod v2 API; a request to a route no test declared fails the test, and so does any request the
+    client sent that breaks the official spec (tests/runpod_spec.py)."""
     router = respx.MockRouter(base_url=BASE, assert_all_mocked=True, assert_all_called=False)
     yield router
     router.assert_all_called()
+    sent = [call.request for call in router.calls]
+    assert [error for r in sent for error in SPEC.request_errors(
+        r.method, r.url.raw_path.split(b"?")[0].decode(), r.url.query, r.content, r.headers.get("content-type"))] == []
 
 
 @pytest.fixture
@@ -301,6 +307,22 @@ def test_a_403_is_a_pool_on_create_and_the_key_elsewhere(client: RunPodClient, m
     with pytest.raises(RunPodAuthError, match="403 Forbidden: access denied") as key:
         client.check_key()
     assert type(key.value) is RunPodAuthError and key.value.exit_code == 2
+
+
+@pytest.mark.parametrize("wording", ["live", "spec"])
+def test_no_capacity_in_either_wording_through_the_fake(wording: str) -> None:
+    from tests.fake_runpod import FakeRunPodSettings, create_app
+    from tests.servers import LoopbackServer
+
+    app = create_app(FakeRunPodSettings(api_key=KEY, no_capacity_gpu_ids=["NVIDIA L40S"], capacity_wording=wording))
+    with LoopbackServer(app) as server, RunPodClient(KEY, server.url) as runpod, \
+            pytest.raises(NoCapacityError) as caught:
+        runpod.create_pod(vllm_request())
+    assert str(caught.value) == "RunPod POST /v2/pods: 400 Bad Request: " + {
+        "live": "There are no longer any instances available with the requested specifications. "
+                "Please refresh and try again.",  # what RunPod answers (runpod.md 7)
+        "spec": "this GPU and data center combination could not be placed"}[wording]  # the spec's createPod text
+    assert app.state.fake.spec_violations == []
 
 
 def test_an_echoed_key_is_redacted(client: RunPodClient, mocked_runpod: respx.MockRouter) -> None:
@@ -558,6 +580,18 @@ def test_follow_logs_raises_http_errors(client: RunPodClient, mocked_runpod: res
     mocked_runpod.get("/v2/pods/p1/logs").mock(return_value=problem(404, "Not Found", "pod not found"))
     with pytest.raises(RunPodNotFound):
         next(client.follow_logs("p1"))
+
+
+def test_follow_logs_ends_quietly_when_the_pod_is_gone_on_reopening(
+        client: RunPodClient, mocked_runpod: respx.MockRouter, sleeps: list[float]) -> None:
+    def then_silence() -> Iterator[bytes]:
+        yield sse(LOG_EVENTS[:2])
+        raise httpx.ReadTimeout("idle for follow_idle seconds")
+
+    route = mocked_runpod.get("/v2/pods/p1/logs").mock(side_effect=[
+        httpx.Response(200, content=then_silence()), problem(404, "Not Found", "pod not found")])
+    assert list(client.follow_logs("p1")) == [line for _, line in LOG_EVENTS[:2]]  # terminated meanwhile: the end
+    assert route.call_count == 2 and route.calls.last.request.headers["Last-Event-ID"] == LOG_EVENTS[1][0]
 
 
 def test_follow_logs_reopens_a_silent_stream_without_counting_it(
