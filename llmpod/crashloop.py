@@ -39,13 +39,17 @@ CAUSES = (
     # The host's driver runs an older CUDA than the image's PyTorch: torch/cuda/__init__.py warns "CUDA
     # initialization: The NVIDIA driver on your system is too old (found version 12040). Please update your GPU
     # driver ..." (c10/cuda/CUDAFunctions.cpp), or raises it as a RuntimeError; "Found no NVIDIA driver on your
-    # system" (torch/cuda/__init__.py); cudaErrorInsufficientDriver's text; a CUDA 13 build's missing library.
+    # system" (torch/cuda/__init__.py); cudaErrorInsufficientDriver's text; a CUDA 13 build's missing library;
+    # the NVIDIA container runtime refusing an nvidia/cuda-based image (NVIDIA_REQUIRE_CUDA) before it runs at all:
+    # "nvidia-container-cli: requirement error: unsatisfied condition: cuda>=12.8, please update your driver ..."
+    # (OCI runtime create failed; vllm-project/vllm#18813, NVIDIA/nvidia-container-toolkit#152).
     _cause(
         100,
         "driver",
         r"NVIDIA driver on your system is too old|Found no NVIDIA driver on your system|"
         r"CUDA driver version is insufficient for CUDA runtime version|"
-        r"lib(?:cudart|cublas|cuda)\.so\.\d+: cannot open shared object file",
+        r"lib(?:cudart|cublas|cuda)\.so\.\d+: cannot open shared object file|"
+        r"nvidia-container-cli: requirement error: unsatisfied condition: cuda",
     ),
     # Out of GPU memory: PyTorch's allocator (c10/cuda/CUDACachingAllocator.cpp "CUDA out of memory. Tried to
     # allocate ..."), vLLM 0.33 vllm/v1/core/kv_cache_planning.py:58 and :77 (no room for the KV cache, or not
@@ -94,8 +98,9 @@ _VLLM_PREFIX = re.compile(
 # serving model %s", or the logo's "version" line :21, called from vllm/entrypoints/launchers/launcher.py:367),
 # earlier versions' "vLLM API server version", and argparse's usage line, printed first when a flag is refused.
 _START = re.compile(r"vLLM (?:API )?server version \S+|█ ▀▄▀ █\s+version \S+|^usage: vllm\b")
-# A container dying (RunPod's system line, as the fake RunPod words it)
-_EXIT = re.compile(r"^Container exited with (?:status|code) [1-9]\d*")
+# A container dying (RunPod's system line, as the fake RunPod words it), or the runtime refusing to start it: that
+# refusal is final for this host (its driver will not change), so one is as good as a restart seen
+_EXIT = re.compile(r"^Container exited with (?:status|code) [1-9]\d*|nvidia-container-cli: requirement error:")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Python's warnings start with the file that warned ("/usr/.../torch/cuda/__init__.py:182: UserWarning: ..."): noise
 _WARNED_AT = re.compile(r"^/\S+\.py:\d+: (?=\w*Warning: )")

@@ -215,3 +215,22 @@ def test_the_fake_runpods_crash_loop_is_recognised() -> None:
         detector.window([line["line"] for line in pod.logs(now)][-200:])
     verdict = detector.verdict()
     assert verdict is not None and verdict.kind == "driver" and "found version 12040" in verdict.line
+
+
+def test_the_container_runtime_refusing_an_image_for_a_newer_cuda_is_a_verdict_at_once() -> None:
+    """Where the host's driver is older than an nvidia/cuda-based image asks (NVIDIA_REQUIRE_CUDA), the NVIDIA
+    runtime refuses to create the container: no vLLM line ever appears, and no restart will help on this host.
+    The wording is the runtime's own (vllm-project/vllm#18813, NVIDIA/nvidia-container-toolkit#152)."""
+    refused = (
+        "Error response from daemon: failed to create task for container: failed to create shim task: OCI runtime "
+        "create failed: runc create failed: unable to start container process: error during container init: error "
+        "running prestart hook #0: exit status 1, stdout: , stderr: Auto-detected mode as 'legacy'",
+        "nvidia-container-cli: requirement error: unsatisfied condition: cuda>=13.0, please update your driver to a "
+        "newer version, or use an earlier cuda container: unknown",
+    )
+    detector = CrashLoopDetector()
+    detector.uptime(None)
+    detector.window(list(refused))
+    verdict = detector.verdict()
+    assert verdict is not None and verdict.kind == "driver"
+    assert verdict.line.startswith("nvidia-container-cli: requirement error: unsatisfied condition: cuda>=13.0")
