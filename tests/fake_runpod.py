@@ -194,7 +194,7 @@ class FakeRunPod:
             return pod
         need = fake_pods.image_cuda_need(req.image)
         if need is not None and fake_pods.version(need) > fake_pods.version(cuda):
-            pod.crash = fake_pods.driver_too_old(cuda, req.image)
+            pod.crash = fake_pods.driver_too_old(cuda, req.image, req.env)
         elif settings.crash_loop:
             pod.crash = fake_pods.CrashLoop(tuple(settings.crash_loop), settings.crash_after_seconds)
         if pod.crash is not None:  # its vLLM never listens: the proxy answers 502 for as long as it lives

@@ -304,7 +304,29 @@ def image_cuda_need(image: str | None) -> str | None:
     return next((cuda for first, cuda in IMAGE_CUDA if release >= first), None)
 
 
-def driver_too_old(host_cuda: str, image: str | None) -> CrashLoop:
+def driver_too_old(host_cuda: str, image: str | None, env: Mapping[str, str] | None = None) -> CrashLoop:
+    """An image built for a newer CUDA than the host's driver, every time RunPod tries to start it.
+
+    vllm/vllm-openai is built on nvidia/cuda, whose NVIDIA_REQUIRE_CUDA makes the NVIDIA container runtime refuse
+    the container before anything in it runs: RunPod's system log shows "start container for IMAGE: begin", the
+    OCI error and "nvidia-container-cli: requirement error: unsatisfied condition: cuda>=X" (as RunPod users
+    report it: Nerogar/OneTrainer#981; vllm-project/vllm#18813), with no container, so no runtime and no uptime.
+    With that gate disabled (NVIDIA_DISABLE_REQUIRE, NVIDIA's own workaround) the container starts and vLLM dies
+    instead (:func:`_torch_driver_too_old`)."""
+    need = image_cuda_need(image) or "13.0"
+    if (env or {}).get("NVIDIA_DISABLE_REQUIRE", "").lower() not in ("1", "true"):
+        return CrashLoop((
+            "error starting container: Error response from daemon: failed to create task for container: failed to "
+            "create shim task: OCI runtime create failed: runc create failed: unable to start container process: "
+            "error during container init: error running prestart hook #0: exit status 1, stdout: , stderr: "
+            "Auto-detected mode as 'legacy'",
+            f"nvidia-container-cli: requirement error: unsatisfied condition: cuda>={need}, please update your "
+            "driver to a newer version, or use an earlier cuda container: unknown",
+        ), started=False)
+    return _torch_driver_too_old(host_cuda, image)
+
+
+def _torch_driver_too_old(host_cuda: str, image: str | None) -> CrashLoop:
     """What vLLM prints on a host whose driver is older than its CUDA, every time RunPod restarts it: PyTorch's
     warning (c10/cuda/CUDAFunctions.cpp, torch 2.14.1: cudaDriverGetVersion's number, 1000 x major + 10 x minor),
     then vLLM finds no device and exits 1."""
@@ -414,6 +436,7 @@ class CrashLoop:
     lines: tuple[str, ...]  # what the container prints just before it dies, every time
     after: float = 2.0  # seconds from a container's start to its death (then the next one starts)
     version: str = "0.33.0"  # the vLLM version its banner shows
+    started: bool = True  # False: the runtime refuses to create it (system lines only, no runtime, no uptime)
 
 
 def new_pod_id() -> str:
@@ -502,7 +525,8 @@ class FakePod:
             "ports": req.ports or [], "env": req.env or {}, "registry": req.registry, "cloud": req.cloud,
             "dataCenterId": self.data_center, "cudaVersion": self.cuda, "ssh": {"proxy": None, "direct": None},
             "template": None, "cost": round(self.gpu.price(req.cloud) * req.gpu.count, 4) if billed else 0.0,
-            "locked": False, "runtime": self.runtime(now) if status == "RUNNING" else None,
+            "locked": False,
+            "runtime": self.runtime(now) if status == "RUNNING" and (not self.crash or self.crash.started) else None,
             "createdAt": rfc3339(self.created_wall),
             "startedAt": rfc3339(self.wall(self.running_at)) if started else None,
             "globalNetworking": networking, "gpu": {"id": self.gpu.id, "count": req.gpu.count},
@@ -570,6 +594,11 @@ class FakePod:
         for _ in range(limit):
             if start > cutoff:
                 break
+            if not crash.started:  # refused each time RunPod tries: its system log only
+                lines.append((start, "system", f"start container for {self.request.image}: begin"))
+                lines += [(start, "system", line) for line in crash.lines]
+                start += crash.after
+                continue
             banner = f"{VLLM_PREFIX} [api_server.py:1839] vLLM API server version {crash.version}"
             args = f"{VLLM_PREFIX} [utils.py:233] non-default args: {{'model': '{launch.model}'}}"
             lines += [(start, "container", banner), (start, "container", args)]

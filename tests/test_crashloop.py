@@ -207,14 +207,17 @@ def test_the_fake_runpods_crash_loop_is_recognised() -> None:
     pod = fake_pods.FakePod(
         fake_pods.parse_create(body), fake_pods.GPUS["NVIDIA RTX A6000"], "US-KS-2", "12.4", 0.0, 0.0, 0.0
     )
-    pod.crash = fake_pods.driver_too_old("12.4", body["image"])  # type: ignore[arg-type]
-    detector = CrashLoopDetector()
-    for second in (0.5, 1.0, 1.5, 2.5):
-        now = pod.running_at + second
-        detector.uptime(pod.view(now)["runtime"]["uptime"])
-        detector.window([line["line"] for line in pod.logs(now)][-200:])
-    verdict = detector.verdict()
-    assert verdict is not None and verdict.kind == "driver" and "found version 12040" in verdict.line
+    cases = (({}, "unsatisfied condition: cuda>=13.0"), ({"NVIDIA_DISABLE_REQUIRE": "1"}, "found version 12040"))
+    for env, says in cases:
+        pod.crash = fake_pods.driver_too_old("12.4", body["image"], env)  # type: ignore[arg-type]
+        detector = CrashLoopDetector()
+        for second in (0.5, 1.0, 1.5, 2.5):
+            now = pod.running_at + second
+            runtime = pod.view(now)["runtime"]
+            detector.uptime(runtime["uptime"] if runtime else None)
+            detector.window([line["line"] for line in pod.logs(now)][-200:])
+        verdict = detector.verdict()
+        assert verdict is not None and verdict.kind == "driver" and says in verdict.line
 
 
 def test_the_container_runtime_refusing_an_image_for_a_newer_cuda_is_a_verdict_at_once() -> None:

@@ -14,7 +14,8 @@ from tests.e2e_harness import API_KEY, FakeRunPod, Workdir, assert_nothing_left
 pytestmark = pytest.mark.slow
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-CRASH = "Failed to infer device type"  # what vLLM prints on a host whose driver is too old (tests/fake_runpod_pods.py)
+# what a host whose driver is too old logs for the image (tests/fake_runpod_pods.py driver_too_old)
+CRASH = "unsatisfied condition: cuda>="
 
 
 def pod_logs(fake: FakeRunPod, pod_id: str) -> str:

@@ -507,15 +507,29 @@ def test_an_unknown_parser_without_auto_tool_choice_is_not_checked(fake: Fake) -
 
 
 # ------------------------------------------------------------------------------------- hosts and crash loops
-def test_an_image_on_a_host_too_old_for_it_crash_loops_while_running(fake: Fake) -> None:
-    # no floor: the fake places the pod on its oldest host, as RunPod may; vLLM 0.33's image needs CUDA 13
+def test_an_image_on_a_host_too_old_for_it_is_refused_at_every_start_while_running(fake: Fake) -> None:
+    # no floor: the fake places the pod on its oldest host, as RunPod may; vLLM 0.33's image needs CUDA 13, and its
+    # nvidia/cuda base makes the container runtime refuse it there (RunPod's system log, Nerogar/OneTrainer#981)
     pod = fake.create(image="vllm/vllm-openai:v0.33.0", gpu={"id": "NVIDIA RTX A6000", "count": 1})
     assert pod["cudaVersion"] == "12.4"
+    refused = "nvidia-container-cli: requirement error: unsatisfied condition: cuda>=13.0"
+    wait_until(lambda: fake.api.get(f"/v2/pods/{pod['id']}/logs").text.count(refused) >= 2, "refused twice")
+    now = fake.api.get(f"/v2/pods/{pod['id']}").json()
+    assert now["status"] == "RUNNING" and now["cost"] > 0  # billed, and it reads as if all were well
+    assert now["runtime"] is None  # no container ever ran: no uptime to watch
+    assert fake.proxy_get(pod["id"], "/health").status_code == 502
+    assert "start container for vllm/vllm-openai:v0.33.0: begin" in fake.api.get(f"/v2/pods/{pod['id']}/logs").text
+
+
+def test_with_the_runtime_gate_off_vllm_dies_at_every_start_instead(fake: Fake) -> None:
+    # NVIDIA_DISABLE_REQUIRE (NVIDIA's workaround for the gate) lets the container start; PyTorch then finds the
+    # driver too old and vLLM no device
+    pod = fake.create(image="vllm/vllm-openai:v0.33.0", gpu={"id": "NVIDIA RTX A6000", "count": 1},
+                      env={"NVIDIA_DISABLE_REQUIRE": "true"})
     wait_until(lambda: "Failed to infer device type" in fake.api.get(f"/v2/pods/{pod['id']}/logs").text,
                "the container dies at start")
     now = fake.api.get(f"/v2/pods/{pod['id']}").json()
-    assert now["status"] == "RUNNING" and now["cost"] > 0  # billed, and it reads as if all were well
-    assert fake.proxy_get(pod["id"], "/health").status_code == 502
+    assert now["status"] == "RUNNING" and now["runtime"]["uptime"] >= 0
     assert "driver on your system is too old (found version 12040)" in fake.api.get(f"/v2/pods/{pod['id']}/logs").text
 
 
@@ -544,8 +558,8 @@ def test_the_host_cuda_switch_places_a_pod_below_its_floor(fake: Fake) -> None:
     pod = fake.create(image="vllm/vllm-openai:v0.33.0",
                       gpu={"id": "NVIDIA RTX A6000", "count": 1, "minCudaVersion": "13.0"})
     assert pod["cudaVersion"] == "12.4"  # whatever the request asked
-    wait_until(lambda: "found version 12040" in fake.api.get(f"/v2/pods/{pod['id']}/logs").text,
-               "the container dies at start")
+    wait_until(lambda: "unsatisfied condition: cuda>=13.0" in fake.api.get(f"/v2/pods/{pod['id']}/logs").text,
+               "the container runtime refuses it")
     assert fake.api.get(f"/v2/pods/{pod['id']}").json()["status"] == "RUNNING"
 
 

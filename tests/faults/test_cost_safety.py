@@ -259,7 +259,7 @@ CRASH_LOOPS = {
         lambda: {"crash_loop": vllm_crash_lines("gated_model_no_token"), "crash_after_seconds": 3},
         "Access to model meta-llama/Llama-3.1-8B-Instruct is restricted"),
     "CUDA mismatch: the vLLM 0.33 image on a host whose driver runs CUDA 12.4": (
-        lambda: {"host_cuda": "12.4"}, "driver on your system is too old (found version 12040)"),
+        lambda: {"host_cuda": "12.4"}, "unsatisfied condition: cuda>=13.0"),
 }
 CRASH_BILLED_LIMIT = 180  # seconds a crash-looping pod may bill before it is terminated: "a few minutes"
 
