@@ -216,10 +216,10 @@ def run(args: argparse.Namespace) -> int:
             print(report.catalog_text(refresh(session), args.verbose))
             return 0
         if args.logs:
-            state, _ = session.reconcile()
-            if state is None or state.pod_id is None:
+            recorded, _ = session.reconcile()
+            if recorded is None or recorded.pod_id is None:
                 raise LlmpodError("no pod is running from this directory")
-            for line in session.provider.follow_logs(state.pod_id):
+            for line in session.provider.follow_logs(recorded.pod_id):
                 print(line, flush=True)
             return 0
         state = session.up()

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -327,7 +327,7 @@ def _settle(waiter: asyncio.Future[bool], value: bool) -> None:
         waiter.set_result(value)
 
 
-def _is_status(code: Any) -> bool:
+def _is_status(code: Any) -> TypeGuard[int]:
     return isinstance(code, int) and 400 <= code <= 599
 
 

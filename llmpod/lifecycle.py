@@ -236,11 +236,12 @@ class Session:
                     break
                 except RunPodUnavailable as exc:
                     # the create may have happened anyway: look for our unique name before trying again
-                    pod = self._find_after_failed_create(state.pod_name)
-                    if pod is None:
+                    found = self._find_after_failed_create(state.pod_name)
+                    if found is None:
                         tried.append(f"{label}: {exc}")
                         self.sleep(min(2.0 ** attempt, 10.0))
                         continue
+                    pod = found
                 processes.checkpoint("create answered")
                 self._record_created(state, pod)
                 if self.config.max_hourly_cost is not None and pod.cost_per_hour > self.config.max_hourly_cost:

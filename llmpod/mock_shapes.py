@@ -177,7 +177,7 @@ def _choice_deltas(out: Output, req: ParsedRequest, wire_format: WireFormat, par
     if req.kind == "completion":
         extra = {"prompt_token_ids": None, "token_ids": None, "weight_versions": None} if modern else {}
         pieces = [*out.content, ""] if ends_alone else (out.content or [""])
-        choices = [
+        choices: list[dict[str, Any]] = [
             {"index": out.index, "text": piece, "logprobs": None, "finish_reason": None, "stop_reason": None, **extra}
             for piece in pieces
         ]
@@ -190,7 +190,7 @@ def _choice_deltas(out: Output, req: ParsedRequest, wire_format: WireFormat, par
         deltas += _tool_deltas(out, modern)
     if ends_alone:
         deltas.append({} if parser else {"content": ""})
-    token_ids = {"token_ids": None} if modern else {}
+    token_ids: dict[str, Any] = {"token_ids": None} if modern else {}
     choices = [
         {"index": out.index, "delta": delta, "logprobs": None, "finish_reason": None, **token_ids}
         for delta in deltas or [{}]

@@ -102,9 +102,9 @@ class MockState:
 
     def reset(self) -> None:
         self.rng.seed(self.settings.seed)
-        self.requests = dict.fromkeys(KINDS, 0)
+        self.requests: dict[str, int] = dict.fromkeys(KINDS, 0)
         self.streams = 0
-        self.injected = {"500": 0, "429": 0, "cut": 0, **dict.fromkeys(STREAM_FAULTS, 0)}
+        self.injected: dict[str, int] = {"500": 0, "429": 0, "cut": 0, **dict.fromkeys(STREAM_FAULTS, 0)}
         self.errors: dict[str, int] = {}
         self.max_in_flight = self.in_flight
         self.last_request: dict[str, Any] | None = None

@@ -161,7 +161,7 @@ class GpuType:
     def from_json(cls, data: Any) -> GpuType:
         if not isinstance(data, dict) or not isinstance(data.get("id"), str):
             raise RunPodError(f"RunPod returned a GPU type without an id ({_shape(data)})")
-        price = data.get("price") if isinstance(data.get("price"), dict) else {}
+        price: dict[str, Any] = data["price"] if isinstance(data.get("price"), dict) else {}
         return cls(
             id=data["id"], name=str(data.get("name") or data["id"]), memory_gb=int(_float(data.get("memory"))),
             price_secure=_float(price.get("secure")), price_community=_float(price.get("community")),

@@ -58,6 +58,7 @@ class EventStream(Response):
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            if left and hasattr(sender, "uncancel") and sender.cancelling():
-                sender.uncancel()  # 3.11+: the cancellation was ours, and it is handled
+            cancelling, uncancel = getattr(sender, "cancelling", None), getattr(sender, "uncancel", None)
+            if left and cancelling is not None and uncancel is not None and cancelling():
+                uncancel()  # 3.11+: the cancellation was ours, and it is handled
             await self.stream.aclose()
