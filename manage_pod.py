@@ -13,6 +13,6 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":
-    from llmpod.cli import main
+    from llmpod.pod.cli import main
 
     sys.exit(main())

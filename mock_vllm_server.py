@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TypeVar
 import uvicorn
 from pydantic import ValidationError
 
-from llmpod.mock_vllm import MockSettings, create_app
+from llmpod.mock.server import MockSettings, create_app
 
 _N = TypeVar("_N", int, float)
 

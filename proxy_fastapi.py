@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="port to bind (env PROXY_PORT, default 8000)")
     args = parser.parse_args(argv)
 
-    from llmpod.config import ProxySettings
     from llmpod.errors import LlmpodError
+    from llmpod.proxy.settings import ProxySettings
 
     try:
         settings = ProxySettings.from_env(host=args.host, port=args.port)
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     # is reported in a fraction of the time (FastAPI alone takes ~0.5 s to import)
     import uvicorn
 
-    from llmpod.proxy_app import create_app
+    from llmpod.proxy.app import create_app
 
     print(f"proxy_fastapi: serving http://{settings.host}:{settings.port}/v1 -> {settings.upstream_base} "
           f"(cache {settings.cache_dir}, log {settings.log_file or 'stderr only'})", file=sys.stderr)

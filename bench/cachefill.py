@@ -1,4 +1,4 @@
-"""Pre-filled cache directories in the proxy's on-disk format (see ``llmpod/cache.py``).
+"""Pre-filled cache directories in the proxy's on-disk format (see ``llmpod/proxy/cache.py``).
 
 Entry ``i`` answers ``request_body(i)``: a chat request for model ``m`` without stream fields, which is
 exactly what the proxy forwards for it (the mock serves ``m``, so the alias resolves to itself, and the
@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from llmpod.cache import FORMAT_VERSION, cache_key
+from llmpod.proxy.cache import FORMAT_VERSION, cache_key
 
 ENDPOINT = "chat.completions"
 MODEL = "m"

@@ -5,7 +5,7 @@
 
 A raw ASGI app on uvicorn, configured as ``proxy_fastapi.py`` runs it (uvloop and httptools when installed),
 whose ``POST /v1/chat/completions`` does only what every miss must: read the body, ask the upstream for a
-stream with the proxy's own upstream client (``llmpod.upstream_http.HTTPPool``), as the proxy does, and
+stream with the proxy's own upstream client (``llmpod.proxy._http.HTTPPool``), as the proxy does, and
 either read it to the end and answer with the last event's bytes, or (``"stream": true``) pass each piece on
 as it arrives. No cache, no coalescing, no parsing of the stream, no log, no metrics: what a miss through
 the proxy costs beyond this is the proxy's own work; what this costs beyond the mock answering directly is
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from llmpod.upstream_http import HTTPPool  # noqa: E402
+from llmpod.proxy._http import HTTPPool  # noqa: E402
 
 Scope = dict[str, Any]
 JSON_HEADERS = {"Content-Type": "application/json"}

@@ -6,7 +6,7 @@
 
 Every call pays ``--delay`` seconds before it is answered (a WAN round trip: /version, /v1/models, /tokenize and
 generation alike). ``GET /version`` answers ``--release``, and a chat request is checked as that release checks
-it (``llmpod/context_fit.py`` quotes the vLLM source): from 0.32.0, only ``max_tokens`` over the context is a 400
+it (``llmpod/proxy/context_fit.py`` quotes the vLLM source): from 0.32.0, only ``max_tokens`` over the context is a 400
 and the rest is lowered here, as vLLM does; before, prompt + ``max_tokens`` over it is a 400 too. The prompt is
 counted by the mock's ``/tokenize`` on loopback, without the delay: that is the pod's own work. ``GET
 /relay/stats`` counts the calls received by path (with no delay).
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from llmpod.context_fit import lowers_max_tokens_itself, parse_version  # noqa: E402
+from llmpod.proxy.context_fit import lowers_max_tokens_itself, parse_version  # noqa: E402
 
 
 def create_app(upstream: str, delay: float, release: str, max_model_len: int) -> Starlette:

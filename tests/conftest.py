@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-import llmpod.cache
-import llmpod.cache_files
+import llmpod.proxy._cache_files
+import llmpod.proxy.cache
 from tests.servers import LoopbackServer
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def mock_vllm_settings() -> dict[str, object]:
 @pytest.fixture
 def mock_vllm(mock_vllm_settings: dict[str, object]) -> Iterator[LoopbackServer]:
     """A vLLM-faithful mock serving SERVED_MODEL on 127.0.0.1 and a free port."""
-    from llmpod.mock_vllm import MockSettings, create_app
+    from llmpod.mock.server import MockSettings, create_app
 
     settings = MockSettings(**{"model": SERVED_MODEL, "max_model_len": 4096, **mock_vllm_settings})
     with LoopbackServer(create_app(settings)) as server:
@@ -105,8 +105,8 @@ ProxyFactory = Callable[..., LoopbackServer]
 @pytest.fixture
 def start_proxy(tmp_path: Path, mock_vllm: LoopbackServer) -> Iterator[ProxyFactory]:
     """Start proxies (stopped at teardown) in front of the mock; keyword arguments override settings."""
-    from llmpod.config import ProxySettings
-    from llmpod.proxy_app import create_app
+    from llmpod.proxy.app import create_app
+    from llmpod.proxy.settings import ProxySettings
 
     started: list[LoopbackServer] = []
 
@@ -228,16 +228,16 @@ class HeldScan:
 
     def index_of(self, directory: str, names: list[str]) -> Any:
         if not self.armed:
-            return llmpod.cache_files.index_of(directory, names)
-        found = None if self.look_late else llmpod.cache_files.index_of(directory, names)
+            return llmpod.proxy._cache_files.index_of(directory, names)
+        found = None if self.look_late else llmpod.proxy._cache_files.index_of(directory, names)
         self.scanning.set()
         assert self.gate.wait(timeout=10), "the test never released the scan"
-        return llmpod.cache_files.index_of(directory, names) if found is None else found
+        return llmpod.proxy._cache_files.index_of(directory, names) if found is None else found
 
     def release(self) -> None:
         self.gate.set()
 
-    async def start(self, cache: llmpod.cache.ResponseCache) -> asyncio.Task[None]:
+    async def start(self, cache: llmpod.proxy.cache.ResponseCache) -> asyncio.Task[None]:
         """``cache.load_behind()``, returned once the scan has looked at the files."""
         loading = cache.load_behind()
         assert await asyncio.to_thread(self.scanning.wait, 10), "the scan never started"
@@ -247,6 +247,6 @@ class HeldScan:
 @pytest.fixture
 def held_scan(monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldScan]:
     scan = HeldScan()
-    monkeypatch.setattr(llmpod.cache, "index_of", scan.index_of)  # the proxies of start_proxy too
+    monkeypatch.setattr(llmpod.proxy.cache, "index_of", scan.index_of)  # the proxies of start_proxy too
     yield scan
     scan.release()  # a test that failed before its release leaves no thread waiting

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from llmpod import processes
+from llmpod.pod import processes
 from tests.conftest import wait_until
 from tests.servers import free_port, wait_for_port
 

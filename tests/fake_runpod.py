@@ -2,7 +2,7 @@
 
 It follows the contract in /work/shared/reference/runpod.md (sections 1b, 3 and 8): problem+json errors,
 ``CreatePodRequest`` validation with ``unevaluatedProperties: false``, the ``Pod`` and ``GpuType`` shapes,
-PROVISIONING -> STARTING -> RUNNING by the clock, SSE logs. Each pod runs ``llmpod.mock_vllm`` on 127.0.0.1
+PROVISIONING -> STARTING -> RUNNING by the clock, SSE logs. Each pod runs ``llmpod.mock.server`` on 127.0.0.1
 and a free port, configured from the pod's ``args`` and ``env["VLLM_API_KEY"]``; it listens only once the
 pod is RUNNING plus ``vllm_load_seconds``, and until then the proxy answers 502, as RunPod's does. Arguments
 vLLM refuses at start (``--enable-auto-tool-choice`` without a parser, or with one it does not know: the checks
@@ -62,8 +62,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmpod.mock_vllm import MockSettings
-from llmpod.mock_vllm import create_app as create_mock_app
+from llmpod.mock.server import MockSettings
+from llmpod.mock.server import create_app as create_mock_app
 from tests import fake_runpod_logs as fake_logs
 from tests import fake_runpod_pods as fake_pods
 from tests.fake_runpod_pods import FakePod, Problem

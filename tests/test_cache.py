@@ -15,8 +15,8 @@ from typing import Any
 import orjson
 import pytest
 
-import llmpod.cache
-from llmpod.cache import CachedAnswer, ResponseCache, cache_key
+import llmpod.proxy.cache
+from llmpod.proxy.cache import CachedAnswer, ResponseCache, cache_key
 from tests.conftest import HeldScan
 
 CHAT = "chat.completions"
@@ -84,7 +84,7 @@ def disk_bytes(directory: Path) -> int:
 
 def stored_size(key: str, document: dict[str, Any]) -> int:
     """The size of the file ``put`` writes for ``document``."""
-    return len(orjson.dumps({"format": llmpod.cache.FORMAT_VERSION, "key": key, **document}))
+    return len(orjson.dumps({"format": llmpod.proxy.cache.FORMAT_VERSION, "key": key, **document}))
 
 
 def set_last_use(directory: Path, key: str, when: float) -> None:
@@ -115,7 +115,7 @@ def cache(open_cache: Callable[..., ResponseCache]) -> ResponseCache:
 
 
 class FakeMonotonic:
-    """Stands in for the ``time`` module inside ``llmpod.cache``; ``monotonic()`` can be moved forward."""
+    """Stands in for the ``time`` module inside ``llmpod.proxy.cache``; ``monotonic()`` can be moved forward."""
 
     def __init__(self) -> None:
         self.offset = 0.0
@@ -133,7 +133,7 @@ class FakeMonotonic:
 @pytest.fixture
 def fake_monotonic(monkeypatch: pytest.MonkeyPatch) -> FakeMonotonic:
     clock = FakeMonotonic()
-    monkeypatch.setattr(llmpod.cache, "time", clock)
+    monkeypatch.setattr(llmpod.proxy.cache, "time", clock)
     return clock
 
 
@@ -352,7 +352,7 @@ async def test_answers_served_again_come_from_memory_yet_still_count_their_use(
 
 async def test_memory_for_served_answers_is_bounded(
         cache_dir: Path, open_cache: Callable[..., ResponseCache], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(llmpod.cache, "HOT_BYTES", 32 * 1024)
+    monkeypatch.setattr(llmpod.proxy.cache, "HOT_BYTES", 32 * 1024)
     cache = open_cache()
     keys = [key_for(f"bounded {i}") for i in range(40)]
     for key in keys:
@@ -403,7 +403,7 @@ async def test_a_write_that_fails_midway_keeps_the_previous_answer_and_leaves_no
             raise OSError(errno.EIO, "Input/output error")
         real_replace(src, dst)
 
-    monkeypatch.setattr(llmpod.cache.os, "replace", failing_replace)
+    monkeypatch.setattr(llmpod.proxy.cache.os, "replace", failing_replace)
 
     assert cache.put(key, answer_document("new answer")) is False
 
@@ -651,7 +651,7 @@ async def test_a_full_or_read_only_disk_stops_storing_but_keeps_serving(
     assert full_disk.attempts == [stored, refused]
 
     full_disk.full = False
-    fake_monotonic.advance(llmpod.cache.RETRY_STORE_AFTER + 1)
+    fake_monotonic.advance(llmpod.proxy.cache.RETRY_STORE_AFTER + 1)
     assert cache.storing is True
     assert cache.put(after, answer_document("room again")) is True
 
@@ -679,7 +679,7 @@ async def test_a_full_disk_that_is_still_full_after_the_pause_stays_disabled(
     cache: ResponseCache, full_disk: FullDisk, fake_monotonic: FakeMonotonic
 ) -> None:
     assert cache.put(key_for("one"), answer_document("1")) is False
-    fake_monotonic.advance(llmpod.cache.RETRY_STORE_AFTER + 1)
+    fake_monotonic.advance(llmpod.proxy.cache.RETRY_STORE_AFTER + 1)
 
     assert cache.put(key_for("two"), answer_document("2")) is False
 

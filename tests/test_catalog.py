@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from llmpod import catalog as catalog_module
-from llmpod.catalog import (
+from llmpod.errors import ConfigError, RunPodAuthError
+from llmpod.pod import catalog as catalog_module
+from llmpod.pod.catalog import (
     BUILTIN_GPUS,
     BUILTIN_MODELS,
     DEFAULT_HF_API_BASE,
@@ -26,8 +27,7 @@ from llmpod.catalog import (
     refresh_catalog,
     validate_config,
 )
-from llmpod.errors import ConfigError, RunPodAuthError
-from llmpod.pod_config import PodConfig
+from llmpod.pod.config import PodConfig
 
 HUB = "http://hub.test"
 DS33 = "deepseek-coder-33b-instruct-awq"

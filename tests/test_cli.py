@@ -1,4 +1,4 @@
-"""``manage_pod.py`` in-process (llmpod.cli.main): what is checked before any network call, what still works
+"""``manage_pod.py`` in-process (llmpod.pod.cli.main): what is checked before any network call, what still works
 with a config the catalog refuses, and what a refresh does when RunPod cannot be reached."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from llmpod import cli
-from llmpod.runpod_api import CreatePodRequest, GpuRequest, RunPodClient
-from llmpod.state import PodState, RuntimePaths, load_state, save_state
+from llmpod.pod import cli
+from llmpod.pod.providers.runpod_api import CreatePodRequest, GpuRequest, RunPodClient
+from llmpod.pod.state import PodState, RuntimePaths, load_state, save_state
 from tests.fake_runpod import FakeRunPod, FakeRunPodSettings, create_app
 from tests.servers import LoopbackServer, free_port
 

@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llmpod.config import ProxySettings
-from llmpod.context_fit import (
+from llmpod.proxy.app import create_app
+from llmpod.proxy.context_fit import (
     TOKEN_MARGIN,
     PromptMemory,
     cap_max_tokens,
@@ -29,7 +29,7 @@ from llmpod.context_fit import (
     parse_version,
     refusal_from_error,
 )
-from llmpod.proxy_app import create_app
+from llmpod.proxy.settings import ProxySettings
 from tests.conftest import wait_for_stored
 from tests.servers import LoopbackServer
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llmpod.crashloop import RESTARTS_ALONE, CrashLoopDetector, best_line
+from llmpod.pod.crashloop import RESTARTS_ALONE, CrashLoopDetector, best_line
 from tests import fake_runpod_pods as fake_pods
 
 LOGS = Path(__file__).parent / "fixtures" / "vllm_logs"

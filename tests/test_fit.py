@@ -1,14 +1,14 @@
-"""Will the model run where the pod is about to be put (llmpod.fit)? Disk, GPU memory, and the quantization
-against the GPU's compute capability as vLLM 0.33.0 has it (sources in llmpod/fit.py's docstring)."""
+"""Will the model run where the pod is about to be put (llmpod.pod.fit)? Disk, GPU memory, and the quantization
+against the GPU's compute capability as vLLM 0.33.0 has it (sources in llmpod/pod/fit.py's docstring)."""
 
 from __future__ import annotations
 
 import pytest
 
-from llmpod.catalog import BUILTIN_GPUS, BUILTIN_MODELS, GpuEntry, ModelEntry, builtin_catalog
 from llmpod.errors import ConfigError
-from llmpod.fit import check_disk, compute_capability, gpu_note, gpu_problem, usable_gpus
-from llmpod.pod_config import PodConfig
+from llmpod.pod.catalog import BUILTIN_GPUS, BUILTIN_MODELS, GpuEntry, ModelEntry, builtin_catalog
+from llmpod.pod.config import PodConfig
+from llmpod.pod.fit import check_disk, compute_capability, gpu_note, gpu_problem, usable_gpus
 from tests.fake_runpod_pods import GPU_TYPES as FAKE_GPUS
 
 CATALOG = builtin_catalog()

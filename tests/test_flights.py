@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from llmpod.flights import Flight, FlightRegistry
+from llmpod.proxy.flights import Flight, FlightRegistry
 
 EVENT = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"},' \
         b'"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'

@@ -1,4 +1,4 @@
-"""The CUDA floor of an image (llmpod.images), the ``min_cuda_version`` key that states it for other images, and
+"""The CUDA floor of an image (llmpod.pod.images), the ``min_cuda_version`` key that states it for other images, and
 what llmpod sends RunPod with it: ``gpu.minCudaVersion`` on create, ``minCudaVersion`` on the catalog read."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from typing import Any
 import httpx
 import pytest
 
-from llmpod.catalog import builtin_catalog
-from llmpod.cli import build_session, main, parse_args
 from llmpod.errors import ConfigError
-from llmpod.images import KNOWN_TAGS, cuda_floor, image_cuda_floor
-from llmpod.pod_config import PodConfig, pod_config_from_dict
-from llmpod.progress import Reporter
-from llmpod.providers import PodSpec, RunPodProvider
-from llmpod.runpod_api import CreatePodRequest, Pod, RunPodClient
+from llmpod.pod.catalog import builtin_catalog
+from llmpod.pod.cli import build_session, main, parse_args
+from llmpod.pod.config import PodConfig, pod_config_from_dict
+from llmpod.pod.images import KNOWN_TAGS, cuda_floor, image_cuda_floor
+from llmpod.pod.progress import Reporter
+from llmpod.pod.providers.base import PodSpec, RunPodProvider
+from llmpod.pod.providers.runpod_api import CreatePodRequest, Pod, RunPodClient
 
 CATALOG = builtin_catalog()
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from llmpod.catalog import builtin_catalog, validate_config
 from llmpod.errors import PodError
-from llmpod.lifecycle import Session
-from llmpod.pod_config import PodConfig
-from llmpod.progress import Reporter
-from llmpod.providers import RunPodProvider
-from llmpod.runpod_api import RunPodClient
-from llmpod.state import RuntimePaths, load_state
+from llmpod.pod.catalog import builtin_catalog, validate_config
+from llmpod.pod.config import PodConfig
+from llmpod.pod.lifecycle import Session
+from llmpod.pod.progress import Reporter
+from llmpod.pod.providers.base import RunPodProvider
+from llmpod.pod.providers.runpod_api import RunPodClient
+from llmpod.pod.state import RuntimePaths, load_state
 from tests.fake_runpod import FakeRunPod, FakeRunPodSettings, create_app, pod_url_template
 from tests.servers import LoopbackServer, free_port
 

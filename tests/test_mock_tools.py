@@ -11,9 +11,9 @@ import httpx
 import jsonschema_rs
 import pytest
 
-from llmpod.mock_generation import message_text
-from llmpod.mock_tools import arguments, call_id, pick_tool
-from llmpod.mock_vllm import MockSettings, create_app
+from llmpod.mock.generation import message_text
+from llmpod.mock.server import MockSettings, create_app
+from llmpod.mock.tools import arguments, call_id, pick_tool
 
 
 def tool(name: str, properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import pytest
 from openai import AsyncOpenAI
 
 import mock_vllm_server
-from llmpod.mock_vllm import MockSettings, create_app
+from llmpod.mock.server import MockSettings, create_app
 from tests.servers import LoopbackServer, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent

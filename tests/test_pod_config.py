@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from llmpod.errors import ConfigError
-from llmpod.pod_config import FIELDS, MOCK_SERVER, REPO_ROOT, PodConfig, check_port_free, load_pod_config
+from llmpod.pod.config import FIELDS, MOCK_SERVER, REPO_ROOT, PodConfig, check_port_free, load_pod_config
 
 SHIPPED = REPO_ROOT / "pod_config.json"
 SECRET = "hf_FAKE-test-token-0123456789abcdefXYZ"  # shaped like a token, obviously fake

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmpod import processes
+from llmpod.pod import processes
 
 SLEEPER = "import time; time.sleep(60)"
 STUBBORN = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "

@@ -147,7 +147,7 @@ def test_proxy_key_required_on_every_route_but_health(start_proxy: ProxyFactory)
 
 
 def test_upstream_key_is_sent_and_never_shown(start_proxy: ProxyFactory, tmp_path: Path) -> None:
-    from llmpod.mock_vllm import MockSettings, create_app
+    from llmpod.mock.server import MockSettings, create_app
 
     secret = "vllm-key-for-this-pod-0123456789"
     with LoopbackServer(create_app(MockSettings(model="m", api_key=secret))) as keyed:
@@ -177,7 +177,7 @@ def test_a_bug_in_the_proxy_is_a_clean_500_and_the_proxy_stays_up(
         raise RuntimeError("secret internals")
 
     with monkeypatch.context() as patched:
-        patched.setattr("llmpod.completions.cache_key", broken_key)
+        patched.setattr("llmpod.proxy.generation.cache_key", broken_key)
         response = client.post("/v1/chat/completions", json=chat("a bug"))
         error = assert_openai_error(response, 500)
     assert "secret internals" not in response.text and "Traceback" not in response.text

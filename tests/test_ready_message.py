@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from llmpod.catalog import builtin_catalog
-from llmpod.lifecycle import Session
-from llmpod.pod_config import PodConfig
-from llmpod.providers import LocalProvider
-from llmpod.report import ready_text
-from llmpod.state import PodState, RuntimePaths
+from llmpod.pod.catalog import builtin_catalog
+from llmpod.pod.config import PodConfig
+from llmpod.pod.lifecycle import Session
+from llmpod.pod.output import ready_text
+from llmpod.pod.providers.base import LocalProvider
+from llmpod.pod.state import PodState, RuntimePaths
 
 CATALOG = builtin_catalog()
 

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from llmpod.sse import DONE, Assembler, SSEParser, is_usage_only
+from llmpod.proxy.sse import DONE, Assembler, SSEParser, is_usage_only
 
 # A stream the way vLLM sends it, with a keep-alive comment and a two-line event thrown in.
 STREAM = (

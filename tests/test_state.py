@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llmpod.errors import ConfigError, LockBusyError
-from llmpod.state import PodState, RuntimePaths, clear_state, exclusive, load_state, save_state
+from llmpod.pod.state import PodState, RuntimePaths, clear_state, exclusive, load_state, save_state
 
 SECRET = "vllm-key-0123456789abcdef"
 

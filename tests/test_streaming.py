@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from llmpod.streaming import EventStream
+from llmpod.sse_response import EventStream
 from tests.conftest import wait_until
 from tests.servers import LoopbackServer
 

@@ -10,13 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
-from llmpod.catalog import builtin_catalog
-from llmpod.config import ProxySettings
-from llmpod.pod_config import PodConfig
-from llmpod.progress import Reporter
-from llmpod.providers import LocalProvider, PodSpec, upstream_tool_calling, vllm_args
-from llmpod.sidecars import Sidecars
-from llmpod.state import PodState, RuntimePaths
+from llmpod.pod.catalog import builtin_catalog
+from llmpod.pod.config import PodConfig
+from llmpod.pod.progress import Reporter
+from llmpod.pod.providers.base import LocalProvider, PodSpec, upstream_tool_calling, vllm_args
+from llmpod.pod.sidecars import Sidecars
+from llmpod.pod.state import PodState, RuntimePaths
+from llmpod.proxy.settings import ProxySettings
 from llmpod.tool_calling import needs_tool_parser, refusal_message, serves_tools, tool_args
 from mock_vllm_server import parse as parse_mock_argv
 from tests.conftest import SHORT_MODEL, MockControl, ProxyFactory

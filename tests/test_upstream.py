@@ -15,9 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llmpod.config import ProxySettings
 from llmpod.errors import UpstreamError
-from llmpod.upstream import ServedModel, Upstream, match_model, stream_pool
+from llmpod.proxy.settings import ProxySettings
+from llmpod.proxy.upstream import ServedModel, Upstream, match_model, stream_pool
 from tests.servers import LoopbackServer, free_port
 from tests.test_context_fit import (
     PRE_RENDERER,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 import trustme
 
-from llmpod.upstream_http import HTTPPool, UpstreamConnectionError, UpstreamReadTimeout
+from llmpod.proxy._http import HTTPPool, UpstreamConnectionError, UpstreamReadTimeout
 
 JSON = {"Content-Type": "application/json"}
 

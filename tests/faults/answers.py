@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import orjson
 
-from llmpod import mock_generation as gen
+from llmpod.mock import generation as gen
 from tests.conftest import SERVED_MODEL
 
 HONEST_5XX = frozenset({502, 504})  # the upstream's own failure, named as such by the proxy

@@ -4,7 +4,7 @@ would (``--status``, then ``--shutdown``) and count what a user would pay for or
 Holds are deterministic, never "sleep and hope": the fake RunPod holds a create before or after it makes the
 pod, or a DELETE (``hold_creates``, ``hold_deletes``), or keeps a pod PROVISIONING or vLLM loading for minutes;
 where nothing outside separates two steps, ``LLMPOD_HOLD_AT=<phase>`` stops manage_pod.py at its
-``checkpoint(phase)`` (llmpod/processes.py), which says ``holding at <phase>`` on stderr.
+``checkpoint(phase)`` (llmpod/pod/processes.py), which says ``holding at <phase>`` on stderr.
 
 Counts (the ledger's failure keys): ``unrecorded_pods`` (right after the kill, a live pod that neither
 ``pod_state.json`` names nor ``--status`` lists as not recorded), ``pods_left_running`` (live pods after the
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmpod import processes
+from llmpod.pod import processes
 from tests.conftest import wait_until
 from tests.e2e_harness import ROOT, FakeRunPod, Workdir, pid_alive, port_free
 

@@ -352,7 +352,7 @@ QUICK_AND_SOAK = [pytest.param(False, id="quick"), pytest.param(True, id="soak",
 
 def _record_a_running_pod(workdir: Any, fake: Any) -> None:
     """A pod created at the fake RunPod under our prefix, and a pod_state.json naming it."""
-    from llmpod.state import PodState, RuntimePaths, save_state
+    from llmpod.pod.state import PodState, RuntimePaths, save_state
     from tests.e2e_harness import API_KEY, MODEL
 
     name = f"llmpod-{os.urandom(4).hex()}"

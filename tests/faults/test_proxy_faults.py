@@ -26,8 +26,8 @@ import httpx
 import orjson
 import pytest
 
-import llmpod.cache
-import llmpod.cache_files
+import llmpod.proxy._cache_files
+import llmpod.proxy.cache
 from tests.conftest import MockControl, ProxyFactory
 from tests.faults.answers import (
     HONEST_5XX,
@@ -68,7 +68,7 @@ async def settled(cache_dir: Path, keys: Iterable[str]) -> None:
     deadline_at = time.monotonic() + 30
     while time.monotonic() < deadline_at:
         names = {p.name for p in cache_dir.iterdir()} if cache_dir.is_dir() else set()
-        if wanted <= names and not any(n.startswith(llmpod.cache.TMP_PREFIX) for n in names):
+        if wanted <= names and not any(n.startswith(llmpod.proxy.cache.TMP_PREFIX) for n in names):
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"30 s after answering, {len(wanted - names)} of {len(wanted)} answers are not stored "
@@ -278,9 +278,9 @@ async def test_clients_leaving_mid_answer_soak(start_proxy: ProxyFactory, mock_c
 
 # --------------------------------------------------------------------------------------------- a broken cache disk
 class BrokenDisk:
-    """Stands in for ``os`` inside ``llmpod.cache`` and ``llmpod.cache_files``: while ``broken``, opening a file
-    in the cache directory for writing fails with EROFS (a read-only mount: reading still works), or writing to
-    one fails with ENOSPC (a full disk), as the kernel would."""
+    """Stands in for ``os`` inside ``llmpod.proxy.cache`` and ``llmpod.proxy._cache_files``: while ``broken``,
+    opening a file in the cache directory for writing fails with EROFS (a read-only mount: reading still works), or
+    writing to one fails with ENOSPC (a full disk), as the kernel would."""
 
     def __init__(self, cache_dir: Path, error: int) -> None:
         self.prefix = str(cache_dir) + os.sep
@@ -314,7 +314,7 @@ class BrokenDisk:
 
 
 class Clock:
-    """Stands in for ``time`` inside ``llmpod.cache``, so "retried a minute later" needs no minute."""
+    """Stands in for ``time`` inside ``llmpod.proxy.cache``, so "retried a minute later" needs no minute."""
 
     def __init__(self) -> None:
         self.offset = 0.0
@@ -342,9 +342,9 @@ async def run_disk_fault(kind: str, start_proxy: ProxyFactory, mock_control: Moc
     disk = BrokenDisk(cache_dir, errno.ENOSPC if "ENOSPC" in kind else errno.EROFS)
     clock = Clock()
     mock_control.configure(chunk_count=CHUNKS)
-    monkeypatch.setattr(llmpod.cache, "os", disk)
-    monkeypatch.setattr(llmpod.cache_files, "os", disk)
-    monkeypatch.setattr(llmpod.cache, "time", clock)
+    monkeypatch.setattr(llmpod.proxy.cache, "os", disk)
+    monkeypatch.setattr(llmpod.proxy._cache_files, "os", disk)
+    monkeypatch.setattr(llmpod.proxy.cache, "time", clock)
     proxy = start_proxy(cache_dir=cache_dir)
     tally, problems, injected = Tally(), [], 0
 
@@ -385,7 +385,7 @@ async def run_disk_fault(kind: str, start_proxy: ProxyFactory, mock_control: Moc
             disk.broken = False
             if kind == "cache directory cannot be created":
                 blocker.unlink()
-            clock.offset += llmpod.cache.RETRY_STORE_AFTER + 1
+            clock.offset += llmpod.proxy.cache.RETRY_STORE_AFTER + 1
             await ask_all(http, after, tally, chunk_count=CHUNKS, deadline=deadline())
             try:
                 await settled(cache_dir, map(key_of, after))
@@ -418,7 +418,7 @@ def _keyed(body: dict[str, Any]) -> dict[str, Any]:
 
 def key_of(body: dict[str, Any]) -> str:
     """The proxy's cache key for ``body`` (it names the served model, so the proxy forwards it unchanged)."""
-    return llmpod.cache.cache_key("chat.completions", _keyed(body))
+    return llmpod.proxy.cache.cache_key("chat.completions", _keyed(body))
 
 
 @pytest.mark.parametrize("kind", [k for k in DISK_FAULTS if "cannot be created" not in k])  # that one: soak
@@ -458,7 +458,8 @@ def plant_corrupt_files(cache_dir: Path, answered: list[tuple[str, dict[str, Any
         corrupt += [p.name[:-5] for p in (torn, gutted, wrong)]
     if answered:  # a temp file left by a write the kill interrupted (the proxy must never serve or keep it)
         key = answered[0][0]
-        (cache_dir / f"{llmpod.cache.TMP_PREFIX}{key}-99999-1").write_bytes(b'{"format": 1, "key": "' + key.encode())
+        leftover = cache_dir / f"{llmpod.proxy.cache.TMP_PREFIX}{key}-99999-1"
+        leftover.write_bytes(b'{"format": 1, "key": "' + key.encode())
     return corrupt
 
 
@@ -472,7 +473,7 @@ def kill_mid_write(pid: int, cache_dir: Path, armed: threading.Event, killed: th
     give_up_at = time.monotonic() + 10
     while time.monotonic() < give_up_at:
         with os.scandir(cache_dir) as entries:
-            if any(entry.name.startswith(llmpod.cache.TMP_PREFIX) for entry in entries):
+            if any(entry.name.startswith(llmpod.proxy.cache.TMP_PREFIX) for entry in entries):
                 break
     killed.set()
     os.kill(pid, signal.SIGKILL)
@@ -521,14 +522,14 @@ async def run_kills(tmp_path: Path, upstream: str, rounds: int) -> tuple[int, Ta
     for number in range(rounds):
         asked, answered = await kill_round(number, tmp_path, upstream, cache_dir, tally, answers_before_kill=24)
         injected += 1
-        torn = [p for p in cache_dir.iterdir() if p.name.startswith(llmpod.cache.TMP_PREFIX)]
+        torn = [p for p in cache_dir.iterdir() if p.name.startswith(llmpod.proxy.cache.TMP_PREFIX)]
         unwritten = [key for key, _ in answered if not (cache_dir / f"{key}.json").exists()]
         corrupt = plant_corrupt_files(cache_dir, answered)
         injected += len(corrupt) + 1
         proxy = proxy_process(tmp_path, upstream, cache_dir, f"proxy-restarted-{number}", upstream_timeout=TIMEOUT)
         proxy.start()
         try:
-            left = [p.name for p in cache_dir.iterdir() if p.name.startswith(llmpod.cache.TMP_PREFIX)]
+            left = [p.name for p in cache_dir.iterdir() if p.name.startswith(llmpod.proxy.cache.TMP_PREFIX)]
             if left:
                 problems.append(f"round {number}: temp files kept after the restart: {left[:3]}")
             async with httpx.AsyncClient(base_url=proxy.url, timeout=deadline() + 5) as http:

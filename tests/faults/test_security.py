@@ -216,8 +216,8 @@ def test_the_proxy_key_guards_every_route_but_health(start_proxy: ProxyFactory, 
 
 def _routes(proxy: Any) -> list[list[tuple[str, str]]]:
     """Every (method, concrete path) the app serves, from its own route table (docs and schema included)."""
-    from llmpod.config import ProxySettings
-    from llmpod.proxy_app import create_app
+    from llmpod.proxy.app import create_app
+    from llmpod.proxy.settings import ProxySettings
 
     app = create_app(ProxySettings())
     found = []

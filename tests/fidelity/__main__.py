@@ -31,7 +31,7 @@ def load_golden(case: Case) -> dict:
 
 
 async def mock_answer(case: Case) -> dict:
-    from llmpod.mock_vllm import MockSettings, create_app
+    from llmpod.mock.server import MockSettings, create_app
 
     app = create_app(MockSettings(**SERVERS[case.server].mock))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://mock") as client:

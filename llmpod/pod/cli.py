@@ -17,8 +17,10 @@ from types import FrameType
 
 import httpx
 
-from llmpod import fit, report
-from llmpod.catalog import (
+from llmpod.errors import ConfigError, LlmpodError
+from llmpod.pod import fit
+from llmpod.pod import output as report
+from llmpod.pod.catalog import (
     DEFAULT_HF_API_BASE,
     Catalog,
     GpuEntry,
@@ -27,14 +29,13 @@ from llmpod.catalog import (
     refresh_catalog,
     validate_config,
 )
-from llmpod.errors import ConfigError, LlmpodError
-from llmpod.images import cuda_floor
-from llmpod.lifecycle import Session
-from llmpod.pod_config import PodConfig, load_pod_config
-from llmpod.progress import Reporter
-from llmpod.providers import LocalProvider, Provider, RunPodProvider
-from llmpod.runpod_api import DEFAULT_API_BASE, POD_URL_TEMPLATE, RunPodClient
-from llmpod.state import RuntimePaths, discard_damaged_state, load_state
+from llmpod.pod.config import PodConfig, load_pod_config
+from llmpod.pod.images import cuda_floor
+from llmpod.pod.lifecycle import Session
+from llmpod.pod.progress import Reporter
+from llmpod.pod.providers.base import LocalProvider, Provider, RunPodProvider
+from llmpod.pod.providers.runpod_api import DEFAULT_API_BASE, POD_URL_TEMPLATE, RunPodClient
+from llmpod.pod.state import RuntimePaths, discard_damaged_state, load_state
 
 DESCRIPTION = """Start, watch and stop a vLLM pod on RunPod, with a caching OpenAI proxy on localhost.
 
@@ -100,7 +101,7 @@ def creates_pod(args: argparse.Namespace) -> bool:
 
 def check_config(config: PodConfig, catalog: Catalog, creating: bool,
                  reporter: Reporter) -> tuple[ModelEntry, list[GpuEntry]]:
-    """The model and the GPU candidates it fits (llmpod.fit), each skipped one said with its reason. Offline, so
+    """The model and the GPU candidates it fits (llmpod.pod.fit), each skipped one said with its reason. Offline, so
     a bad modelStoreId is exit 2 at once even when RunPod cannot be reached. Only a run that may create a pod
     refuses: --status, --shutdown and the others act on the recorded pod (which may be billing) whatever the
     catalog thinks of the config now."""
@@ -191,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     session = build_session(args, reporter)
     try:
         if args.watchdog:
-            from llmpod.watchdog import run_watchdog
+            from llmpod.pod.watchdog import run_watchdog
 
             return run_watchdog(session)
         if args.status or (args.shutdown and not args.all):

@@ -51,7 +51,7 @@ def spawn_detached(argv: Sequence[str], *, env: Mapping[str, str], log_path: Pat
 
 
 def write_pid(pid_path: Path, pid: int) -> None:
-    from llmpod.state import write_private
+    from llmpod.pod.state import write_private
 
     write_private(pid_path, f"{pid}\n".encode())
 

@@ -31,9 +31,9 @@ import math
 import re
 from collections.abc import Callable, Iterable
 
-from llmpod.catalog import GPU_MEMORY_UTILIZATION, RUNTIME_OVERHEAD_GB, GpuEntry, ModelEntry
 from llmpod.errors import ConfigError
-from llmpod.pod_config import PodConfig
+from llmpod.pod.catalog import GPU_MEMORY_UTILIZATION, RUNTIME_OVERHEAD_GB, GpuEntry, ModelEntry
+from llmpod.pod.config import PodConfig
 
 __all__ = [
     "COMPUTE_CAPABILITY",

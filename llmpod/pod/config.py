@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from llmpod.errors import ConfigError
 from llmpod.tool_calling import AUTO_TOOL_CHOICE, CHAT_TEMPLATE, TOOL_CALL_PARSER
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # llmpod/pod/config.py -> the checkout
 MOCK_SERVER = REPO_ROOT / "mock_vllm_server.py"
 ARG_PLACEHOLDERS = ("port", "model", "served_model_name", "max_model_len")
 # vllm serve flags that manage_pod.py sets itself; the key to use instead, if any
@@ -66,7 +66,7 @@ class PodConfig(BaseModel):
     # the original test plan's keys
     modelStoreId: str = Field(  # the test plan's spelling
         "qwen2.5-coder-32b-instruct-awq", min_length=1,
-        description="The model to serve: an id of our Model Store (llmpod.catalog), or its Hugging Face repo.")
+        description="The model to serve: an id of our Model Store (llmpod.pod.catalog), or its Hugging Face repo.")
     gpu_type_id: str = Field(
         "NVIDIA RTX A6000", min_length=1, description="The RunPod GPU type id tried first, e.g. 'NVIDIA L40S'.")
     runtime_seconds: int = Field(
@@ -91,7 +91,8 @@ class PodConfig(BaseModel):
         "vllm/vllm-openai:v0.33.0", min_length=1, description="The vLLM image, with a pinned tag (not ':latest').")
     min_cuda_version: str | None = Field(
         None, description="The CUDA (major.minor) the image is built for: RunPod places the pod only on a host whose "
-                          "driver runs it. null = known from the image's tag (llmpod.images); needed for other images.")
+                          "driver runs it. null = known from the image's tag (llmpod.pod.images); needed for other "
+                          "images.")
     container_disk_gb: int = Field(
         60, ge=10, le=2000, description="Container disk in GB: it holds the image and the downloaded weights.")
     max_model_len: int | None = Field(

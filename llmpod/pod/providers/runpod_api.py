@@ -43,7 +43,7 @@ from llmpod.errors import (
     RunPodRequestError,
     RunPodUnavailable,
 )
-from llmpod.network import network_reason
+from llmpod.pod.providers._network import network_reason
 
 DEFAULT_API_BASE = "https://api.runpod.io"
 POD_URL_TEMPLATE = "https://{pod_id}-{port}.proxy.runpod.net"

@@ -19,12 +19,12 @@ from typing import Any, TypeGuard
 import orjson
 
 from llmpod.errors import UpstreamError
-from llmpod.sse import DONE, Assembler, SSEParser, is_usage_only
-from llmpod.upstream import Upstream
-from llmpod.upstream_http import UpstreamConnectionError, UpstreamReadTimeout, UpstreamResponse
-from llmpod.wire import error_body, normalise_error
+from llmpod.proxy._http import UpstreamConnectionError, UpstreamReadTimeout, UpstreamResponse
+from llmpod.proxy.sse import DONE, Assembler, SSEParser, is_usage_only
+from llmpod.proxy.upstream import Upstream
+from llmpod.proxy.wire import error_body, normalise_error
 
-log = logging.getLogger("llmpod.flights")
+log = logging.getLogger("llmpod.proxy.flights")
 
 DRAIN_SECONDS = 1.0
 KEEPALIVE_SECONDS = 15.0  # SSE comment sent to a waiting stream listener (Kilo's chunkTimeout)

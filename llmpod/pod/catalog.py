@@ -27,7 +27,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmpod.errors import ConfigError
-from llmpod.pod_config import PodConfig
+from llmpod.pod.config import PodConfig
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from llmpod import mock_errors as errors
-from llmpod import mock_generation as gen
-from llmpod import mock_tools
+from llmpod.mock import errors
+from llmpod.mock import generation as gen
+from llmpod.mock import tools as mock_tools
 
 ENGINE_DEAD_MESSAGE = "The server had an error while processing your request."  # EngineDeadError.CLIENT_MESSAGE
 _KV_CACHE_SEQUENCES = 16  # the mock's KV cache holds this many full-length sequences

@@ -24,15 +24,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llmpod.cache import KEY_PATTERN, ResponseCache
-from llmpod.completions import GenerationHandler, preview
-from llmpod.config import ProxySettings
-from llmpod.flights import Flight, FlightRegistry
-from llmpod.metrics import ProxyMetrics, wants_prometheus
-from llmpod.requestlog import RequestLog
-from llmpod.upstream import Upstream, stream_pool
-from llmpod.upstream_http import HTTPPool
-from llmpod.wire import (
+from llmpod.proxy._http import HTTPPool
+from llmpod.proxy._requestlog import RequestLog
+from llmpod.proxy.cache import KEY_PATTERN, ResponseCache
+from llmpod.proxy.flights import Flight, FlightRegistry
+from llmpod.proxy.generation import GenerationHandler, preview
+from llmpod.proxy.metrics import ProxyMetrics, wants_prometheus
+from llmpod.proxy.settings import ProxySettings
+from llmpod.proxy.upstream import Upstream, stream_pool
+from llmpod.proxy.wire import (
     CHAT_REQUEST_SCHEMA,
     COMPLETION_REQUEST_SCHEMA,
     CacheEntrySummary,

@@ -19,15 +19,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from llmpod.cache import CachedAnswer, UnkeyableRequest, cache_key
 from llmpod.errors import UpstreamError
-from llmpod.flights import Flight
-from llmpod.streaming import EventStream
+from llmpod.proxy.cache import CachedAnswer, UnkeyableRequest, cache_key
+from llmpod.proxy.flights import Flight
+from llmpod.proxy.wire import error_body, json_response
+from llmpod.sse_response import EventStream
 from llmpod.tool_calling import needs_tool_parser, refusal_message
-from llmpod.wire import error_body, json_response
 
 if TYPE_CHECKING:
-    from llmpod.proxy_app import ProxyService
+    from llmpod.proxy.app import ProxyService
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PREVIEW_WORDS = 12

@@ -9,10 +9,10 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from llmpod.catalog import Catalog, ModelEntry
 from llmpod.errors import ConfigError
-from llmpod.lifecycle import Session
-from llmpod.state import PodState, load_state, read_last_session
+from llmpod.pod.catalog import Catalog, ModelEntry
+from llmpod.pod.lifecycle import Session
+from llmpod.pod.state import PodState, load_state, read_last_session
 
 
 def clock(timestamp: float | None) -> str | None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from llmpod.mock_errors import WireFormat
-from llmpod.mock_generation import Output, ParsedRequest
+from llmpod.mock.errors import WireFormat
+from llmpod.mock.generation import Output, ParsedRequest
 
 VLLM_VERSION = "0.33.0"
 

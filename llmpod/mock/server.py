@@ -4,7 +4,7 @@
 answers like vLLM 0.33.0, the release the pods run (checked against vLLM's own server by the fidelity tier,
 tests/fidelity/), or like v0.10.0 and older with ``wire_format="legacy"`` (flat errors,
 ``reasoning_content``). Tool calls need ``enable_auto_tool_choice`` and ``tool_call_parser``, as in vLLM
-(llmpod/mock_tools.py says which tool and which arguments). Faults are
+(llmpod/mock/tools.py says which tool and which arguments). Faults are
 switches: latency, injected 500s and 429s, a connection cut mid-stream, a dead engine, and streams that break
 the protocol (an event that is not JSON, events run together, no ``[DONE]``, a stream that stalls), which a
 real vLLM should never send but a proxy in front of one must survive.
@@ -41,18 +41,17 @@ from prometheus_client import generate_latest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llmpod import mock_errors as errors
-from llmpod import mock_generation as gen
-from llmpod import mock_shapes as shapes
-from llmpod.mock_state import MockSettings, MockState, StreamFault
-from llmpod.mock_state import json_response as _json
-from llmpod.streaming import EventStream
+from llmpod.mock import errors, shapes
+from llmpod.mock import generation as gen
+from llmpod.mock.state import MockSettings, MockState, StreamFault
+from llmpod.mock.state import json_response as _json
+from llmpod.sse_response import EventStream
 
 VLLM_VERSION = shapes.VLLM_VERSION
 METRICS_CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"  # what vLLM 0.33's prometheus_client sends
 _MASK = "**********"  # how pydantic shows a SecretStr, and so how /mock/config shows the key
 STALL_SECONDS = 300.0  # a stalled stream goes quiet this long (a client or proxy timeout ends it sooner)
-log = logging.getLogger("llmpod.mock_vllm")
+log = logging.getLogger("llmpod.mock.server")
 
 
 class ConnectionCut(httpx.RemoteProtocolError):

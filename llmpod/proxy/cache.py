@@ -35,9 +35,9 @@ from typing import Any
 
 import orjson
 
-from llmpod.cache_files import ENTRY_NAME, TMP_PREFIX, EntryWriter, IndexEntry, index_of, write_atomically
+from llmpod.proxy._cache_files import ENTRY_NAME, TMP_PREFIX, EntryWriter, IndexEntry, index_of, write_atomically
 
-log = logging.getLogger("llmpod.cache")
+log = logging.getLogger("llmpod.proxy.cache")
 
 # Transport and bookkeeping fields: the same question with or without them gets the same answer.
 # ``stream``/``stream_options`` are here so a streamed and a plain request share one entry; ``cache`` is

@@ -15,13 +15,13 @@ from typing import Any
 
 import httpx
 
-from llmpod import processes
-from llmpod.catalog import Catalog
 from llmpod.errors import ConfigError, PodError
-from llmpod.pod_config import PodConfig, check_port_free
-from llmpod.progress import Reporter
-from llmpod.providers import REPO_ROOT, upstream_tool_calling
-from llmpod.state import PodState, RuntimePaths
+from llmpod.pod import processes
+from llmpod.pod.catalog import Catalog
+from llmpod.pod.config import PodConfig, check_port_free
+from llmpod.pod.progress import Reporter
+from llmpod.pod.providers.base import REPO_ROOT, upstream_tool_calling
+from llmpod.pod.state import PodState, RuntimePaths
 
 PROXY_MARKER = "proxy_fastapi.py"
 WATCHDOG_MARKER = "--watchdog"

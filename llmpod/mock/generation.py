@@ -3,8 +3,8 @@ words (checked against its wheel: vllm/renderers/params.py, vllm/entrypoints/ser
 vllm/entrypoints/openai/chat_completion/protocol.py, vllm/renderers/online_renderer.py, vllm/sampling_params.py,
 and against its running server: tests/fidelity/golden/).
 
-Everything here is pure and synchronous; ``llmpod.mock_shapes`` turns answers into vLLM's JSON and
-``llmpod.mock_vllm`` adds HTTP, timing and fault injection.
+Everything here is pure and synchronous; ``llmpod.mock.shapes`` turns answers into vLLM's JSON and
+``llmpod.mock.server`` adds HTTP, timing and fault injection.
 
 The tokenizer: a token is a run of word characters or one other non-space character
 (``\\w+|[^\\w\\s]``). A completion prompt costs its tokens; a chat prompt costs, per message, the tokens of its
@@ -24,8 +24,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmpod import mock_tools
-from llmpod.mock_errors import bad_request, request_validation_error, vllm_validation
+from llmpod.mock import tools as mock_tools
+from llmpod.mock.errors import bad_request, request_validation_error, vllm_validation
 
 _R = TypeVar("_R", bound="_Request")
 

@@ -13,12 +13,12 @@ import os
 import time
 from datetime import datetime, timezone
 
-from llmpod import processes
 from llmpod.errors import ConfigError, LlmpodError, RunPodAuthError, RunPodError
-from llmpod.lifecycle import Session
-from llmpod.report import clock
-from llmpod.sidecars import PROXY_MARKER
-from llmpod.state import clear_state, exclusive, load_state, record_last_session
+from llmpod.pod import processes
+from llmpod.pod.lifecycle import Session
+from llmpod.pod.output import clock
+from llmpod.pod.sidecars import PROXY_MARKER
+from llmpod.pod.state import clear_state, exclusive, load_state, record_last_session
 
 
 def log(message: str) -> None:

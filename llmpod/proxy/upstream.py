@@ -22,8 +22,9 @@ import certifi
 import httpx
 import orjson
 
-from llmpod.config import ProxySettings
-from llmpod.context_fit import (
+from llmpod.errors import UpstreamError
+from llmpod.proxy._http import HTTPPool, UpstreamConnectionError, UpstreamReadTimeout, UpstreamResponse
+from llmpod.proxy.context_fit import (
     PromptMemory,
     cap_max_tokens,
     fit,
@@ -32,9 +33,8 @@ from llmpod.context_fit import (
     parse_version,
     refusal_from_error,
 )
-from llmpod.errors import UpstreamError
-from llmpod.upstream_http import HTTPPool, UpstreamConnectionError, UpstreamReadTimeout, UpstreamResponse
-from llmpod.wire import error_body, normalise_error
+from llmpod.proxy.settings import ProxySettings
+from llmpod.proxy.wire import error_body, normalise_error
 
 MODELS_TTL = 60.0  # seconds a /v1/models answer is trusted
 MODELS_RETRY = 5.0  # an unknown model name refreshes the list at most this often
@@ -208,7 +208,7 @@ class Upstream:
         """``body``, or a copy with ``max_tokens`` lowered so the upstream accepts it (Kilo Code asks for 32000
         on every turn): capped at ``max_model_len`` for a vLLM that fits the rest itself, else bounded by what
         vLLM counted for the conversation's earlier turns, asking ``/tokenize`` only when that bound is too
-        loose (``llmpod.context_fit``)."""
+        loose (``llmpod.proxy.context_fit``)."""
         limit = model.max_model_len if model else None
         return await fit(body, body_bytes, limit, self.lowers_itself, self.prompts, self.count_tokens)
 

@@ -24,9 +24,6 @@ from typing import Any
 
 import httpx
 
-from llmpod import processes
-from llmpod.catalog import Catalog, GpuEntry, ModelEntry
-from llmpod.crashloop import CrashLoopDetector, best_line, billed, progress_line
 from llmpod.errors import (
     CleanupFailedError,
     ConfigError,
@@ -42,12 +39,15 @@ from llmpod.errors import (
     RunPodRequestError,
     RunPodUnavailable,
 )
-from llmpod.fit import gpu_note
-from llmpod.pod_config import PodConfig, check_port_free
-from llmpod.progress import Reporter
-from llmpod.providers import PodInfo, PodSpec, Provider
-from llmpod.sidecars import Sidecars
-from llmpod.state import (
+from llmpod.pod import processes
+from llmpod.pod.catalog import Catalog, GpuEntry, ModelEntry
+from llmpod.pod.config import PodConfig, check_port_free
+from llmpod.pod.crashloop import CrashLoopDetector, best_line, billed, progress_line
+from llmpod.pod.fit import gpu_note
+from llmpod.pod.progress import Reporter
+from llmpod.pod.providers.base import PodInfo, PodSpec, Provider
+from llmpod.pod.sidecars import Sidecars
+from llmpod.pod.state import (
     POD_NAME_PREFIX,
     PodState,
     RuntimePaths,

@@ -17,18 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from llmpod import processes
-from llmpod.catalog import GpuEntry, ModelEntry
 from llmpod.errors import PodError
-from llmpod.images import cuda_floor
-from llmpod.pod_config import PodConfig
-from llmpod.runpod_api import CreatePodRequest, GpuRequest, Pod, RunPodClient
-from llmpod.state import POD_NAME_PREFIX
+from llmpod.pod import processes
+from llmpod.pod.catalog import GpuEntry, ModelEntry
+from llmpod.pod.config import PodConfig
+from llmpod.pod.images import cuda_floor
+from llmpod.pod.providers.runpod_api import CreatePodRequest, GpuRequest, Pod, RunPodClient
+from llmpod.pod.state import POD_NAME_PREFIX
 from llmpod.tool_calling import CHAT_TEMPLATE, TOOL_CALL_PARSER, flag_value, serves_tools, tool_args
 
 VLLM_PORT = 8000
 LIVE_STATUSES = ("PROVISIONING", "STARTING", "RUNNING")
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[3]  # llmpod/pod/providers/base.py -> the checkout
 
 
 @dataclass(frozen=True)
