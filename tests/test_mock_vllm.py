@@ -17,7 +17,7 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
-import mock_vllm_server
+from llmpod.mock import cli as mock_vllm_server
 from llmpod.mock.server import MockSettings, create_app
 from tests.servers import LoopbackServer, free_port, wait_for_port
 

@@ -83,8 +83,7 @@ def test_defaults() -> None:
     assert (config.provider, config.cloud_type, config.image) == ("runpod", "SECURE", "vllm/vllm-openai:v0.33.0")
     assert config.template_id is None and config.max_model_len is None and config.max_hourly_cost is None
     assert config.hf_token_env == "HF_TOKEN"
-    assert config.local_command == [sys.executable, str(MOCK_SERVER)]
-    assert MOCK_SERVER.is_file()
+    assert config.local_command == [sys.executable, "-m", "llmpod.mock"] == [sys.executable, *MOCK_SERVER]
 
 
 def test_every_key_round_trips(tmp_path: Path) -> None:

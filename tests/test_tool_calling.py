@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from llmpod.mock.cli import parse as parse_mock_argv
 from llmpod.pod.catalog import builtin_catalog
 from llmpod.pod.config import PodConfig
 from llmpod.pod.progress import Reporter
@@ -18,7 +19,6 @@ from llmpod.pod.sidecars import Sidecars
 from llmpod.pod.state import PodState, RuntimePaths
 from llmpod.proxy.settings import ProxySettings
 from llmpod.tool_calling import needs_tool_parser, refusal_message, serves_tools, tool_args
-from mock_vllm_server import parse as parse_mock_argv
 from tests.conftest import SHORT_MODEL, MockControl, ProxyFactory
 from tests.test_proxy_app import chat
 
@@ -104,7 +104,7 @@ def test_the_local_mock_gets_the_tool_flags_vllm_args_give_a_pod(tmp_path: Path,
     config = PodConfig(provider="local", vllm_args=vllm_extra)
     argv = LocalProvider(config, tmp_path / "pod.log")._argv(spec("qwen2.5-coder-7b-instruct"), 4321)
 
-    settings, *_ = parse_mock_argv(argv[2:], {})
+    settings, *_ = parse_mock_argv(argv[3:], {})
 
     assert settings.enable_auto_tool_choice and settings.tool_call_parser == parser
     assert upstream_tool_calling(CATALOG.model("qwen2.5-coder-7b-instruct"), config) is True

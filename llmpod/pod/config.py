@@ -28,7 +28,7 @@ from llmpod.errors import ConfigError
 from llmpod.tool_calling import AUTO_TOOL_CHOICE, CHAT_TEMPLATE, TOOL_CALL_PARSER
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # llmpod/pod/config.py -> the checkout
-MOCK_SERVER = REPO_ROOT / "mock_vllm_server.py"
+MOCK_SERVER = ["-m", "llmpod.mock"]  # run by this Python: the mock vLLM server
 ARG_PLACEHOLDERS = ("port", "model", "served_model_name", "max_model_len")
 # vllm serve flags that manage_pod.py sets itself; the key to use instead, if any
 RESERVED_VLLM_FLAGS = {
@@ -127,7 +127,7 @@ class PodConfig(BaseModel):
     @property
     def local_command(self) -> list[str]:
         """The program ``provider: "local"`` runs: ``command``, or the bundled mock vLLM server."""
-        return list(self.command) if self.command else [sys.executable, str(MOCK_SERVER)]
+        return list(self.command) if self.command else [sys.executable, *MOCK_SERVER]
 
     @field_validator("cloud_type", mode="before")
     @classmethod

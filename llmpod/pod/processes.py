@@ -21,6 +21,7 @@ from pathlib import Path
 _SPAWNED: list[subprocess.Popen[bytes]] = []
 
 HOLD_AT = "LLMPOD_HOLD_AT"  # tests only: see checkpoint()
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding llmpod/
 
 
 def checkpoint(phase: str) -> None:
@@ -34,13 +35,25 @@ def checkpoint(phase: str) -> None:
         time.sleep(0.05)  # a signal's handler (KeyboardInterrupt) runs here
 
 
+def python_module(module: str) -> list[str]:
+    """The command that runs one of our packages (``llmpod.proxy``, ``llmpod.mock``, ``llmpod.pod``)."""
+    return [sys.executable, "-m", module]
+
+
+def importable(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with the folder holding ``llmpod`` first on PYTHONPATH: a checkout run as ``python3 manage_pod.py``
+    is not installed, and ``python -m llmpod.proxy`` from another working directory must still find it."""
+    paths = [str(PACKAGE_ROOT), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    return {**env, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+
+
 def spawn_detached(argv: Sequence[str], *, env: Mapping[str, str], log_path: Path, pid_path: Path | None,
                    cwd: Path | None = None) -> int:
     """Start ``argv`` in a new session; secrets go in ``env``, never in ``argv`` (``ps`` shows argv)."""
     log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        process = subprocess.Popen(list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=fd,
+        process = subprocess.Popen(list(argv), env=importable(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=fd,
                                    stderr=fd, start_new_session=True, close_fds=True)
     finally:
         os.close(fd)

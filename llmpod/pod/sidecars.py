@@ -7,7 +7,6 @@ a run was killed before it wrote the pid file, by the directory it carries in it
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,10 @@ from llmpod.pod import processes
 from llmpod.pod.catalog import Catalog
 from llmpod.pod.config import PodConfig, check_port_free
 from llmpod.pod.progress import Reporter
-from llmpod.pod.providers.base import REPO_ROOT, upstream_tool_calling
+from llmpod.pod.providers.base import upstream_tool_calling
 from llmpod.pod.state import PodState, RuntimePaths
 
-PROXY_MARKER = "proxy_fastapi.py"
+PROXY_MARKER = "llmpod.proxy"  # in its command line: python -m llmpod.proxy
 WATCHDOG_MARKER = "--watchdog"
 # Every helper carries its directory in its environment, so one started by a run killed before it wrote the
 # pid file is still found (and stopped) by the next run instead of outliving --shutdown.
@@ -81,7 +80,7 @@ class Sidecars:
                "PROXY_PORT": str(state.proxy_port), "CACHE_DIR": self.config.cache_dir,
                "MAX_CACHE_SIZE": str(self.config.max_cache_size), "CACHE_SIZE_BYTES": str(self.config.max_cache_bytes),
                "ENABLE_PROFILING": "1" if self.config.enable_profiling else "0", "LOG_FILE": ""}
-        processes.spawn_detached([sys.executable, str(REPO_ROOT / "proxy_fastapi.py")], env=env,
+        processes.spawn_detached(processes.python_module(PROXY_MARKER), env=env,
                                  log_path=self.paths.proxy_log, pid_path=self.paths.proxy_pid)
         processes.checkpoint("proxy starting")
         deadline = time.monotonic() + 20
@@ -109,7 +108,7 @@ class Sidecars:
         if processes.running(self.paths.watchdog_pid, WATCHDOG_MARKER):
             return
         self._stop_strays(WATCHDOG_OF)
-        argv = [sys.executable, str(REPO_ROOT / "manage_pod.py"), WATCHDOG_MARKER, "--config", str(self.config_path)]
+        argv = [*processes.python_module("llmpod.pod"), WATCHDOG_MARKER, "--config", str(self.config_path)]
         env = {**{k: v for k, v in os.environ.items() if k != processes.HOLD_AT}, WATCHDOG_OF: str(self.paths.root)}
         processes.spawn_detached(argv, env=env, log_path=self.paths.watchdog_log,
                                  pid_path=self.paths.watchdog_pid, cwd=self.paths.root)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shlex
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -186,7 +185,7 @@ class LocalProvider:
         return PodInfo(f"local-{pid}-{port}", spec.name, "RUNNING", 0.0, None, None, f"http://127.0.0.1:{port}/v1")
 
     def _argv(self, spec: PodSpec, port: int) -> list[str]:
-        command = self.config.command or [sys.executable, str(REPO_ROOT / "mock_vllm_server.py")]
+        command = self.config.command or processes.python_module("llmpod.mock")
         template = self.config.args or ["--host", "127.0.0.1", "--port", "{port}", "--model", "{model}",
                                         "--served-model-name", "{served_model_name}",
                                         "--max-model-len", "{max_model_len}"]

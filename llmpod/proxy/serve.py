@@ -1,0 +1,62 @@
+"""Run the llmpod caching proxy: an OpenAI-compatible endpoint in front of a vLLM server.
+
+    RUNPOD_ENDPOINT=http://127.0.0.1:8001/v1 python3 proxy_fastapi.py [--host 127.0.0.1] [--port 8000]
+
+Settings come from the environment (see README, "Proxy settings"). Exit code 2: a bad setting or a busy
+port (one line on stderr says which). SIGTERM or Ctrl-C lets open requests finish (up to 5 s), then exits
+with the signal's status, as uvicorn does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", help="address to bind (env PROXY_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind (env PROXY_PORT, default 8000)")
+    args = parser.parse_args(argv)
+
+    from llmpod.errors import LlmpodError
+    from llmpod.proxy.settings import ProxySettings
+
+    try:
+        settings = ProxySettings.from_env(host=args.host, port=args.port)
+        sock = _bind(settings.host, settings.port)
+    except LlmpodError as exc:
+        print(f"proxy_fastapi: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+    # the server stack is imported only once the settings and the port are known to be good: a bad setting
+    # is reported in a fraction of the time (FastAPI alone takes ~0.5 s to import)
+    import uvicorn
+
+    from llmpod.proxy.app import create_app
+
+    print(f"proxy_fastapi: serving http://{settings.host}:{settings.port}/v1 -> {settings.upstream_base} "
+          f"(cache {settings.cache_dir}, log {settings.log_file or 'stderr only'})", file=sys.stderr)
+    config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5, loop="auto", http="auto")
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    from llmpod.errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror} (is another proxy running? "
+                          "set PROXY_PORT or --port)") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
