@@ -33,8 +33,14 @@ from llmpod.pod.config import PodConfig, load_pod_config
 from llmpod.pod.images import cuda_floor
 from llmpod.pod.lifecycle import Session
 from llmpod.pod.progress import Reporter
-from llmpod.pod.providers.base import LocalProvider, Provider, RunPodProvider
-from llmpod.pod.providers.runpod_api import DEFAULT_API_BASE, POD_URL_TEMPLATE, RunPodClient
+from llmpod.pod.providers import (
+    DEFAULT_API_BASE,
+    POD_URL_TEMPLATE,
+    LocalProvider,
+    Provider,
+    RunPodClient,
+    RunPodProvider,
+)
 from llmpod.pod.state import RuntimePaths, discard_damaged_state, load_state
 
 DESCRIPTION = """Start, watch and stop a vLLM pod on RunPod, with a caching OpenAI proxy on localhost.

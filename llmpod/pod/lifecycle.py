@@ -45,7 +45,7 @@ from llmpod.pod.config import PodConfig, check_port_free
 from llmpod.pod.crashloop import CrashLoopDetector, best_line, billed, progress_line
 from llmpod.pod.fit import gpu_note
 from llmpod.pod.progress import Reporter
-from llmpod.pod.providers.base import PodInfo, PodSpec, Provider
+from llmpod.pod.providers import PodInfo, PodSpec, Provider
 from llmpod.pod.sidecars import Sidecars
 from llmpod.pod.state import (
     POD_NAME_PREFIX,
