@@ -212,7 +212,7 @@ class Session:
 
     def _create_with_failover(self, state: PodState, spec: PodSpec) -> PodInfo:
         tried = []
-        for gpu in self.gpus if self.provider.kind == "runpod" else [None]:
+        for gpu in self.gpus if self.provider.gpu_failover else [None]:
             gpu_spec = PodSpec(spec.name, gpu, spec.model, spec.served_model, spec.max_model_len, spec.api_key)
             label = gpu.id if gpu else "local process"
             note = gpu_note(spec.model, gpu) if gpu else None
@@ -292,7 +292,7 @@ class Session:
             if info.running and self._vllm_ready(info.url, state):
                 break
             phase = "loading model" if info.running else info.status.lower()
-            if self.provider.kind == "runpod" and info.running:
+            if self.provider.reads_crash_loops and info.running:
                 # RunPod restarts a container that dies: the pod reads RUNNING and bills while vLLM never answers
                 watch.uptime(info.uptime_seconds)
                 if time.monotonic() - logs_at >= CRASH_LOG_EVERY:
@@ -300,7 +300,7 @@ class Session:
                     watch.window(window)
                     last = [line] if (line := progress_line(window, watch.secrets)) else last
                 self._give_up_on_crash_loop(state, info, watch)
-            elif self.provider.kind == "runpod" and time.monotonic() - logs_at >= self.reporter.heartbeat:
+            elif self.provider.shows_start_log and time.monotonic() - logs_at >= self.reporter.heartbeat:
                 # RunPod's log stream stays open: reading it costs seconds and rate limit, so not every poll
                 last, logs_at = self.provider.logs(state.pod_id, 1) or last, time.monotonic()
             self.reporter.phase(phase, f"{time.monotonic() - started:.0f}s, ${info.cost_per_hour:.2f}/h"
@@ -389,8 +389,9 @@ class Session:
         """The recorded pod and every live pod with the record's unique name: a create killed before its answer,
         or one that answered 5xx or timed out and was retried, may have made one after all."""
         named = [p.id for p in self.provider.list_ours() if p.name == state.pod_name]
-        if state.pod_id is None and not named and state.create_sent_at is not None and self.provider.kind == "runpod":
-            settle_until = state.create_sent_at + CREATE_SETTLE
+        sent = state.create_sent_at
+        if state.pod_id is None and sent is not None and not named and self.provider.create_may_land_late:
+            settle_until = sent + CREATE_SETTLE
             if time.time() < settle_until:
                 self.reporter.say(f"the create of pod {state.pod_name} was never answered: watching for that pod for "
                                   f"up to {settle_until - time.time():.0f}s so that it cannot bill unseen")

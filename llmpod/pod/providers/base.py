@@ -49,7 +49,17 @@ class PodSpec:
 
 
 class Provider(Protocol):
+    """A backend. The lifecycle asks the capability flags, never ``kind`` (which only names it in the state file)."""
+
     kind: str
+    # tries the catalog's GPU types in turn (a local process has no GPU to choose)
+    gpu_failover: bool
+    # restarts a container that dies, so a pod reads RUNNING while vLLM crash-loops: its log tells
+    reads_crash_loops: bool
+    # the pod's newest log line is worth showing while it starts (a log stream to read, not our own mock's)
+    shows_start_log: bool
+    # a create that never answered may still make its pod some seconds later
+    create_may_land_late: bool
 
     def check_access(self) -> None: ...
     def create(self, spec: PodSpec) -> PodInfo: ...

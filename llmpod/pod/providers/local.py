@@ -23,6 +23,10 @@ class LocalProvider:
     """A local OpenAI-compatible process as the "pod": by default the mock vLLM server."""
 
     kind = "local"
+    gpu_failover = False
+    reads_crash_loops = False  # the process is not restarted: a crash ends it, and the wait sees it gone
+    shows_start_log = False
+    create_may_land_late = False  # the process is spawned before create returns
     NAME_VAR = "LLMPOD_POD_NAME"
     PORT_VAR = "LLMPOD_POD_PORT"
     START_MARK = "llmpod: starting local pod "  # written to the shared log before each process: logs() start there

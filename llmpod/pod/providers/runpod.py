@@ -16,6 +16,10 @@ from llmpod.pod.state import POD_NAME_PREFIX
 
 class RunPodProvider:
     kind = "runpod"
+    gpu_failover = True
+    reads_crash_loops = True
+    shows_start_log = True
+    create_may_land_late = True
 
     def __init__(self, client: RunPodClient, config: PodConfig, url_template: str) -> None:
         self.client = client
