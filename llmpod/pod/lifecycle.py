@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -84,6 +83,16 @@ def _uninterruptible() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@dataclass(frozen=True)
+class ShutdownResult:
+    """What ``Session.shutdown`` did: the pods it terminated, what the recorded session cost, and why."""
+
+    terminated: list[str]
+    spend_usd: float | None  # None when no session was recorded
+    reason: str
+    had_state: bool
 
 
 @dataclass
@@ -349,7 +358,7 @@ class Session:
         return rate * max(0.0, time.time() - state.created_at) / 3600
 
     def shutdown(self, *, all_ours: bool = False, reason: str = "requested",
-                 from_watchdog: bool = False) -> dict[str, Any]:
+                 from_watchdog: bool = False) -> ShutdownResult:
         """Terminate the recorded pod (and with ``all_ours`` every pod with our prefix), stop the helpers,
         forget the state. Idempotent. The cache is kept."""
         with exclusive(self.paths, 60.0, "waiting for another manage_pod.py in this directory…"):
@@ -370,7 +379,7 @@ class Session:
                     removed.append(pod.id)
             if state is None:
                 self.sidecars.stop(keep_watchdog=from_watchdog)
-            return {"terminated": removed, "spend_usd": spend, "reason": reason, "had_state": state is not None}
+            return ShutdownResult(removed, spend, reason, had_state=state is not None)
 
     def _terminate_recorded(self, state: PodState, reason: str, keep_watchdog: bool = False) -> list[str]:
         state.phase = "terminating"
