@@ -22,14 +22,13 @@ from llmpod.errors import ConfigError, LlmpodError
 from llmpod.pod import fit
 from llmpod.pod import output as report
 from llmpod.pod.catalog import (
-    DEFAULT_HF_API_BASE,
     Catalog,
     GpuEntry,
     ModelEntry,
     load_catalog,
-    refresh_catalog,
     validate_config,
 )
+from llmpod.pod.catalog_refresh import DEFAULT_HF_API_BASE, refresh_catalog
 from llmpod.pod.config import PodConfig, load_pod_config
 from llmpod.pod.images import cuda_floor
 from llmpod.pod.lifecycle import Session
