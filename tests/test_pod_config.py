@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from llmpod._net import free_port
 from llmpod.errors import ConfigError
 from llmpod.pod.config import FIELDS, MOCK_SERVER, REPO_ROOT, PodConfig, check_port_free, load_pod_config
 
@@ -314,7 +315,4 @@ def test_check_port_free_on_a_bound_port() -> None:
 
 
 def test_check_port_free_on_a_free_port() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    check_port_free(port)  # closed again: free
+    check_port_free(free_port())  # bound and closed again: free

@@ -5,9 +5,6 @@ problem: what cannot be refreshed is kept, and a one-line note says which source
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -16,6 +13,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from llmpod._files import atomic_write
 from llmpod.pod.catalog import CACHE_VERSION, CacheFile, Catalog, GpuEntry, ModelEntry, load_catalog
 
 __all__ = ["DEFAULT_HF_API_BASE", "refresh_catalog"]
@@ -72,9 +70,8 @@ def refresh_catalog(
         refreshed_at=time.time() if answered else current.refreshed_at,
     )
     try:
-        _write_atomically(
-            cache_path, CacheFile(version=CACHE_VERSION, **catalog.model_dump()).model_dump_json(indent=1)
-        )
+        text = CacheFile(version=CACHE_VERSION, **catalog.model_dump()).model_dump_json(indent=1)
+        atomic_write(cache_path, text.encode("utf-8"), make_dirs=True)
     except OSError as exc:
         notes.append(f"could not write the catalog cache {cache_path} ({exc.strerror or exc}): the refresh is not kept")
     catalog.notes.extend(notes)
@@ -174,19 +171,3 @@ def _with_hub_figures(model: ModelEntry, data: Any) -> ModelEntry:
         weights_bytes = float(data["usedStorage"])
     weights_gb = round(weights_bytes / 1e9, 1) if weights_bytes else model.weights_gb
     return model.model_copy(update={"gated": gated, "weights_gb": weights_gb})
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it over, so readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -7,11 +7,11 @@ pod is: by our name prefix.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from llmpod._net import free_port
 from llmpod.errors import PodError
 from llmpod.pod import processes
 from llmpod.pod.config import PodConfig
@@ -39,7 +39,7 @@ class LocalProvider:
         return None
 
     def create(self, spec: PodSpec) -> PodInfo:
-        port = _free_port()
+        port = free_port()
         env = {
             **os.environ,
             **self.config.env,
@@ -133,12 +133,6 @@ class LocalProvider:
 
     def close(self) -> None:
         return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _parse_local_id(pod_id: str) -> tuple[int | None, int]:
