@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
+
+from llmpod._net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # Variables our programs read: never inherited from the caller's shell, only set explicitly.
@@ -27,12 +28,6 @@ OUR_ENV_VARS = (
     "MAX_BODY_BYTES", "VLLM_API_KEY", "MODEL_NAME", "PORT",
 )
 START_ATTEMPTS = 3
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def base_env(extra: Mapping[str, str]) -> dict[str, str]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -31,6 +30,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from llmpod._net import free_port
 from llmpod.tool_calling import flag_value
 
 PYTHON_ENV = "LLMPOD_VLLM_PYTHON"
@@ -77,12 +77,6 @@ def vllm_version() -> str:
     probe = _version_probe(os.environ[PYTHON_ENV])
     probe.check_returncode()
     return probe.stdout.strip()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _without(args: list[str], flag: str) -> list[str]:
@@ -187,7 +181,7 @@ def real_vllm(args: list[str], *, env: dict[str, str] | None = None) -> Iterator
     if reason is not None:
         raise RuntimeError(f"real vLLM unavailable: {reason}")
     script = stub_script()
-    port = _free_port()
+    port = free_port()
     argv = [os.environ[PYTHON_ENV], str(script), *server_argv(args, port, script)]
     child_env = {**os.environ, **(env or {})}
     url = f"http://127.0.0.1:{port}"

@@ -10,6 +10,8 @@ from typing import Any
 
 import uvicorn
 
+from llmpod._net import free_port as free_port  # the repo's one free-port helper, offered with the others
+
 
 class LoopbackServer:
     """Serve ``app`` on 127.0.0.1 and a free port for the duration of a ``with`` block."""
@@ -62,13 +64,6 @@ class LoopbackServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (for subprocesses that must bind it themselves)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout: float = 15.0) -> None:

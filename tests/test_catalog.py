@@ -18,15 +18,14 @@ from llmpod.pod import catalog as catalog_module
 from llmpod.pod.catalog import (
     BUILTIN_GPUS,
     BUILTIN_MODELS,
-    DEFAULT_HF_API_BASE,
     Catalog,
     GpuEntry,
     builtin_catalog,
     check_fit,
     load_catalog,
-    refresh_catalog,
     validate_config,
 )
+from llmpod.pod.catalog_refresh import DEFAULT_HF_API_BASE, refresh_catalog
 from llmpod.pod.config import PodConfig
 
 HUB = "http://hub.test"

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from llmpod.pod import cli
-from llmpod.pod.providers.runpod_api import CreatePodRequest, GpuRequest, RunPodClient
+from llmpod.pod.providers import CreatePodRequest, GpuRequest, RunPodClient
 from llmpod.pod.state import PodState, RuntimePaths, load_state, save_state
 from tests.fake_runpod import FakeRunPod, FakeRunPodSettings, create_app
 from tests.servers import LoopbackServer, free_port

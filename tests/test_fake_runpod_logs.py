@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llmpod.pod.providers.runpod_api import RunPodClient
+from llmpod.pod.providers import RunPodClient
 from tests import fake_runpod_logs as fake_logs
 from tests import fake_runpod_pods as fake_pods
 from tests.conftest import wait_until

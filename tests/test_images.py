@@ -17,8 +17,7 @@ from llmpod.pod.cli import build_session, main, parse_args
 from llmpod.pod.config import PodConfig, pod_config_from_dict
 from llmpod.pod.images import KNOWN_TAGS, cuda_floor, image_cuda_floor
 from llmpod.pod.progress import Reporter
-from llmpod.pod.providers.base import PodSpec, RunPodProvider
-from llmpod.pod.providers.runpod_api import CreatePodRequest, Pod, RunPodClient
+from llmpod.pod.providers import CreatePodRequest, Pod, PodSpec, RunPodClient, RunPodProvider
 
 CATALOG = builtin_catalog()
 

@@ -19,8 +19,7 @@ from llmpod.pod.catalog import builtin_catalog, validate_config
 from llmpod.pod.config import PodConfig
 from llmpod.pod.lifecycle import Session
 from llmpod.pod.progress import Reporter
-from llmpod.pod.providers.base import RunPodProvider
-from llmpod.pod.providers.runpod_api import RunPodClient
+from llmpod.pod.providers import RunPodClient, RunPodProvider
 from llmpod.pod.state import RuntimePaths, load_state
 from tests.fake_runpod import FakeRunPod, FakeRunPodSettings, create_app, pod_url_template
 from tests.servers import LoopbackServer, free_port

@@ -13,7 +13,8 @@ import pytest
 
 from llmpod.mock.generation import message_text
 from llmpod.mock.server import MockSettings, create_app
-from llmpod.mock.tools import arguments, call_id, pick_tool
+from llmpod.mock.tool_arguments import arguments
+from llmpod.mock.tools import call_id, pick_tool
 
 
 def tool(name: str, properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from llmpod._net import free_port
 from llmpod.errors import ConfigError
 from llmpod.pod.config import FIELDS, MOCK_SERVER, REPO_ROOT, PodConfig, check_port_free, load_pod_config
 
@@ -314,7 +315,28 @@ def test_check_port_free_on_a_bound_port() -> None:
 
 
 def test_check_port_free_on_a_free_port() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    check_port_free(port)  # closed again: free
+    check_port_free(free_port())  # bound and closed again: free
+
+
+# ------------------------------------------------------------------------------------------------ paths
+@pytest.mark.parametrize(("written", "expected"), [
+    ("cache", "{folder}/cache"),
+    ("./answers/../cache", "{folder}/cache"),
+    ("~/llm-cache", "{home}/llm-cache"),
+    ("/var/tmp/answers", "/var/tmp/answers"),
+])
+def test_cache_dir_is_resolved_against_the_config_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: str, expected: str
+) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    folder = tmp_path / "project"
+    folder.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # where manage_pod.py is started does not matter
+    path = write(folder, {"cache_dir": written})
+
+    assert load_pod_config(path).cache_dir == expected.format(folder=folder, home=home)
+    assert load_pod_config(Path("..") / "project" / "pod_config.json").cache_dir == expected.format(
+        folder=folder, home=home)

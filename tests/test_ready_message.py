@@ -13,7 +13,7 @@ from llmpod.pod.catalog import builtin_catalog
 from llmpod.pod.config import PodConfig
 from llmpod.pod.lifecycle import Session
 from llmpod.pod.output import ready_text
-from llmpod.pod.providers.base import LocalProvider
+from llmpod.pod.providers import LocalProvider
 from llmpod.pod.state import PodState, RuntimePaths
 
 CATALOG = builtin_catalog()

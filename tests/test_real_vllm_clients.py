@@ -3,7 +3,7 @@ own server, started with exactly the ``vllm serve`` arguments manage_pod.py buil
 
 The turns replayed are the recorded ones in tests/fixtures/clients/ (tools, Kilo's ``tool_choice: "auto"`` and
 ``max_tokens: 32000``, streamed with ``stream_options.include_usage``). The pod's arguments come from the real
-``llmpod.pod.providers.base.vllm_args`` on a ``PodSpec`` built as ``Session._create`` builds it; the proxy is started
+``llmpod.pod.providers.vllm_args`` on a ``PodSpec`` built as ``Session._create`` builds it; the proxy is started
 by the real ``Sidecars.ensure_proxy`` of a ``Session`` built as ``cli.build_session`` builds it (so with the environment
 manage_pod.py gives the proxy). vLLM is tests/real_vllm.py's stub
 server (vLLM 0.33.0's own API server, parsers and chat-template rendering on CPU; only the GPU engine is faked and
@@ -35,7 +35,7 @@ from llmpod.pod.catalog import load_catalog, validate_config
 from llmpod.pod.config import load_pod_config
 from llmpod.pod.lifecycle import Session
 from llmpod.pod.progress import Reporter
-from llmpod.pod.providers.base import REPO_ROOT, LocalProvider, PodSpec, vllm_args
+from llmpod.pod.providers import REPO_ROOT, LocalProvider, PodSpec, vllm_args
 from llmpod.pod.sidecars import Sidecars
 from llmpod.pod.state import POD_NAME_PREFIX, PodState, RuntimePaths
 from tests.real_vllm import PYTHON_ENV, real_vllm, vllm_available

@@ -25,7 +25,7 @@ from llmpod.errors import (
     RunPodRequestError,
     RunPodUnavailable,
 )
-from llmpod.pod.providers.runpod_api import (
+from llmpod.pod.providers import (
     DEFAULT_API_BASE,
     POD_URL_TEMPLATE,
     CreatePodRequest,

@@ -14,7 +14,7 @@ from llmpod.mock.cli import parse as parse_mock_argv
 from llmpod.pod.catalog import builtin_catalog
 from llmpod.pod.config import PodConfig
 from llmpod.pod.progress import Reporter
-from llmpod.pod.providers.base import LocalProvider, PodSpec, upstream_tool_calling, vllm_args
+from llmpod.pod.providers import LocalProvider, PodSpec, upstream_tool_calling, vllm_args
 from llmpod.pod.sidecars import Sidecars
 from llmpod.pod.state import PodState, RuntimePaths
 from llmpod.proxy.settings import ProxySettings

@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from llmpod.mock import tool_arguments
 from llmpod.mock import tools as mock_tools
 from llmpod.mock.errors import bad_request, request_validation_error, vllm_validation
 
@@ -369,7 +370,7 @@ def generate(req: ParsedRequest, *, chunk_count: int, reasoning: bool, max_model
             call = None
             if req.tool is not None:
                 name = req.tool["function"]["name"]
-                args = json.dumps(mock_tools.arguments(req.tool), ensure_ascii=False)
+                args = json.dumps(tool_arguments.arguments(req.tool), ensure_ascii=False)
                 call = ToolCall(mock_tools.call_id(tool_parser, name), name, args)
                 if call.tokens > left:
                     call = None  # cut off mid-call: vLLM's parser gives up and returns the raw text

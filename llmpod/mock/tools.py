@@ -9,23 +9,20 @@ refusals without them live in ``mock_generation``. With them, the mock calls at 
   otherwise (a message asking for a change, such as Kilo's "write hello.py", included), and after a tool result,
   the model answers in words.
 
-The arguments are VALID against the tool's JSON schema (types, ``enum``/``const``, ``required``, ``default``,
-nested objects and arrays, string and number bounds) and HARMLESS, because an agent in ``manage_pod.py --local``
-mode executes them in the user's repository: paths are ``.``, or ``README.md`` for a read-only tool (never a new
-file with a made-up name), commands are ``echo``, booleans are false (no ``recursive``, ``force``), and optional
-fields are left out unless they have a default. A tool that changes things, called only when forced, gets
-arguments that fail or do nothing: path ``.`` (a directory, which no write or edit tool can overwrite as a file),
-empty text, as few array items as the schema allows.
+The arguments (made in ``tool_arguments``) are VALID against the tool's JSON schema (types, ``enum``/``const``,
+``required``, ``default``, nested objects and arrays, string and number bounds) and HARMLESS, because an agent in
+``manage_pod.py --local`` mode executes them in the user's repository: paths are ``.``, or ``README.md`` for a
+read-only tool (never a new file with a made-up name), commands are ``echo``, booleans are false (no ``recursive``,
+``force``), and optional fields are left out unless they have a default. A tool that changes things, called only
+when forced, gets arguments that fail or do nothing: path ``.`` (a directory, which no write or edit tool can
+overwrite as a file), empty text, as few array items as the schema allows.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import secrets
 import string
-from dataclasses import dataclass
 from typing import Any
 
 # `ToolParserManager.list_registered()` of vLLM 0.33.0: what --tool-call-parser accepts
@@ -91,17 +88,17 @@ VLLM_TOOL_PARSERS = (
 )
 
 
-def _words(text: str) -> frozenset[str]:
+def words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
 
 # Tool names are read by their parts ("search_and_replace", "readFile", "CheckBackgroundJob"), never by substrings
 # ("task" is not "ask", "skill" is not "kill"). A part that changes things wins over any part that only looks.
-_LOOKING = _words(
+_LOOKING = words(
     "read list ls search find grep glob get view show fetch query lookup look ask question attempt completion "
     "complete status describe inspect check recall info stat cat explore"
 )
-_CHANGING = _words(
+_CHANGING = words(
     "write edit create delete remove rm apply replace insert execute exec run command move mv rename patch update "
     "save commit push install terminal shell bash switch browser kill new task tasks agent subagent spawn launch "
     "start stop restart exit quit process schedule cancel post send set put add append upload deploy todo todos "
@@ -138,18 +135,17 @@ _CHANGING_STEMS = (
     "apply",
 )
 _ASK_TO_CALL = re.compile(r"\b(call|use)\b")
-_MAX_DEPTH = 6
 
 
-def _parts(name: str) -> list[str]:
+def name_parts(name: str) -> list[str]:
     """The lower-case parts of a tool or field name, split at ``_``, ``-``, ``.`` and camelCase."""
     spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", name)
     return [part for part in re.split(r"[\s_\-.:/]+", spaced.lower()) if part]
 
 
-def _safety(tool: dict[str, Any]) -> int:
+def safety(tool: dict[str, Any]) -> int:
     """0 for a read-only tool, 1 for one we cannot tell, 2 for one that changes things."""
-    parts = _parts(str(tool["function"]["name"]))
+    parts = name_parts(str(tool["function"]["name"]))
     if any(part in _CHANGING or any(stem in part for stem in _CHANGING_STEMS) for part in parts):
         return 2
     looking = any(
@@ -177,14 +173,14 @@ def pick_tool(
         name = choice["function"]["name"]
         return next(dict(t) for t in tools if t["function"]["name"] == name)
     text = user_text.lower()
-    named = sorted(_named_in(text, tools), key=_safety)
-    safest = sorted(tools, key=_safety)
-    looking = [t for t in named + safest if _safety(t) == 0]
+    named = sorted(_named_in(text, tools), key=safety)
+    safest = sorted(tools, key=safety)
+    looking = [t for t in named + safest if safety(t) == 0]
     if choice == "required":  # a read-only tool if there is one, named ones first; else what the user named
         return dict((looking or named or safest)[0])
     if choice != "auto" or not messages or messages[-1].get("role") != "user":
         return None  # "none", or after a tool result: the model answers in words
-    if named and _safety(named[0]) == 0:
+    if named and safety(named[0]) == 0:
         return dict(named[0])
     if _ASK_TO_CALL.search(text) and looking:
         return dict(looking[0])
@@ -204,207 +200,3 @@ def call_id(parser: str | None, name: str, index: int = 0) -> str:
     if parser == "xlam":
         return f"call_{index}_{secrets.token_hex(8)}"
     return f"chatcmpl-tool-{secrets.token_hex(8)}"
-
-
-# ------------------------------------------------------------------------------------------- arguments
-
-
-def arguments(tool: dict[str, Any]) -> dict[str, Any]:
-    """Harmless arguments for ``tool`` that its parameters' JSON schema accepts.
-
-    A tool that is not read-only (it writes, edits, runs, or we cannot tell) is called only when forced, and then
-    with arguments that fail or do nothing: every path is ``.`` (no tool can write or edit a directory as a file),
-    free text is empty, arrays have as few items as the schema allows."""
-    function = tool["function"]
-    params = function.get("parameters") or {}
-    value = _value(
-        params if params.get("type") or params.get("properties") else {"type": "object"},
-        key="",
-        tool=_Tool(str(function["name"]).lower(), _safety(tool) == 0),
-        depth=0,
-    )
-    return value if isinstance(value, dict) else {}
-
-
-@dataclass(frozen=True)
-class _Tool:
-    name: str
-    read_only: bool
-
-
-def _first_type(schema: dict[str, Any]) -> str | None:
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        options = [k for k in kind if k != "null"] or kind
-        return str(options[0]) if options else None
-    if kind is None and "properties" in schema:
-        return "object"
-    return str(kind) if kind is not None else None
-
-
-def _all_of(schema: dict[str, Any]) -> dict[str, Any]:
-    """``schema`` with every ``allOf`` branch merged in: properties and required fields of all, the tighter bound."""
-    branches = schema.get("allOf")
-    if not isinstance(branches, list):
-        return schema
-    out = {k: v for k, v in schema.items() if k != "allOf"}
-    for branch in branches:
-        for k, v in _all_of(branch).items() if isinstance(branch, dict) else ():
-            if k not in out:
-                out[k] = v
-            elif k == "properties" and isinstance(v, dict):
-                out[k] = {**out[k], **{n: {"allOf": [out[k][n], p]} if n in out[k] else p for n, p in v.items()}}
-            elif k == "required" and isinstance(v, list):
-                out[k] = list(dict.fromkeys([*out[k], *v]))
-            elif k in ("minimum", "minLength", "minItems") or (k == "exclusiveMinimum" and not isinstance(v, bool)):
-                out[k] = max(out[k], v)
-            elif k in ("maximum", "maxLength", "maxItems") or (k == "exclusiveMaximum" and not isinstance(v, bool)):
-                out[k] = min(out[k], v)
-    return out
-
-
-def _value(schema: Any, *, key: str, tool: _Tool, depth: int, variant: int = 0) -> Any:
-    """A value for ``schema``; ``variant`` n > 0 asks for one that differs from variants 0..n-1 (``uniqueItems``)."""
-    if not isinstance(schema, dict):
-        return "mock"
-    schema = _all_of(schema)
-    if "const" in schema:
-        return schema["const"]
-    if schema.get("enum"):
-        enum = schema["enum"]
-        if not tool.read_only and not variant:  # a forced changing tool: an action that only looks ("list")
-            return next((v for v in enum if isinstance(v, str) and _safety({"function": {"name": v}}) == 0), enum[0])
-        return enum[variant % len(enum)]
-    if "default" in schema and not variant:
-        return schema["default"]
-    for combinator in ("anyOf", "oneOf"):
-        options = schema.get(combinator)
-        if isinstance(options, list) and options:
-            real = [o for o in options if not (isinstance(o, dict) and o.get("type") == "null")] or options
-            branch = real[0] if isinstance(real[0], dict) else {}
-            merged = {**{k: v for k, v in schema.items() if k != combinator}, **branch}
-            return _value(merged, key=key, tool=tool, depth=depth, variant=variant)
-    kind = _first_type(schema)
-    if kind == "object":
-        return _object(schema, tool=tool, depth=depth, variant=variant)
-    if kind == "array":
-        return _array(schema, key=key, tool=tool, depth=depth)
-    if kind in ("integer", "number"):
-        return _number(schema, integer=kind == "integer", variant=variant)
-    if kind == "boolean":
-        return variant % 2 == 1
-    if kind == "null":
-        return None
-    return _string(schema, key=key, tool=tool, variant=variant)
-
-
-def _object(schema: dict[str, Any], *, tool: _Tool, depth: int, variant: int) -> dict[str, Any]:
-    props = schema.get("properties") or {}
-    out: dict[str, Any] = {}
-    if depth >= _MAX_DEPTH:
-        return out
-    for name in schema.get("required") or []:
-        prop = props.get(name, {"type": "string"})
-        out[name] = _value(prop, key=name, tool=tool, depth=depth + 1, variant=variant)
-    for name, prop in props.items():  # optional fields only when the schema says what they default to
-        if name not in out and isinstance(prop, dict) and "default" in prop:
-            out[name] = prop["default"]
-    return out
-
-
-def _array(schema: dict[str, Any], *, key: str, tool: _Tool, depth: int) -> list[Any]:
-    low, high = int(schema.get("minItems", 0)), schema.get("maxItems")
-    count = min(max(low, 1), int(high)) if high is not None else max(low, 1)
-    if depth >= _MAX_DEPTH or "items" not in schema or not tool.read_only:
-        count = low
-    unique = bool(schema.get("uniqueItems"))
-    items = [
-        _value(schema.get("items", {}), key=key, tool=tool, depth=depth + 1, variant=i if unique else 0)
-        for i in range(count)
-    ]
-    if unique:  # a schema that allows fewer distinct values than minItems cannot be met: give what there is
-        items = list({json.dumps(item, sort_keys=True): item for item in items}.values())
-    return items
-
-
-def _number(schema: dict[str, Any], *, integer: bool, variant: int) -> int | float:
-    """1 (+ variant) moved into the schema's bounds, a whole number for ``integer`` and a multiple of
-    ``multipleOf``; draft-4 boolean ``exclusiveMinimum``/``exclusiveMaximum`` are understood too."""
-
-    def bound(name: str) -> tuple[float, bool]:
-        value, exclusive = schema.get(name), schema.get(f"exclusive{name.title()}")
-        real = [
-            float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None for x in (value, exclusive)
-        ]
-        if real[1] is not None and (
-            real[0] is None or (real[1] >= real[0] if name == "minimum" else real[1] <= real[0])
-        ):
-            return real[1], True
-        if real[0] is not None:
-            return real[0], exclusive is True
-        return (-math.inf if name == "minimum" else math.inf), False
-
-    (low, low_open), (high, high_open) = bound("minimum"), bound("maximum")
-    step = schema.get("multipleOf")
-    if integer:
-        first = math.floor(low) + 1 if low_open else math.ceil(low) if low > -math.inf else -math.inf
-        last = math.ceil(high) - 1 if high_open else math.floor(high) if high < math.inf else math.inf
-        value: float = min(max(1 + variant, first), last)
-        if isinstance(step, (int, float)) and step > 0 and value % step:
-            value = math.ceil(value / step) * step
-            if value > last:
-                value = math.floor(last / step) * step
-        return int(value)
-    value = 1 + variant
-    if value < low or (low_open and value == low):
-        value = low if not low_open else (low + high) / 2 if high < math.inf else low + 1
-    if value > high or (high_open and value == high):
-        value = high if not high_open else (low + high) / 2 if low > -math.inf else high - 1
-    return value
-
-
-_DIRECTORY = _words("dir dirs dirpath directory folder cwd workdir root")
-_FILE = _words("path paths file files filepath filename")
-_COMMAND = _words("command cmd commands script shell")
-_PATTERN = _words("regex pattern query search keyword term glob")
-_ANSWER = _words("result summary answer message reason")
-
-
-def _string(schema: dict[str, Any], *, key: str, tool: _Tool, variant: int) -> str:
-    """A harmless string for the field named ``key``, judged by its last part ("file_pattern" is a pattern,
-    "filePath" a path, "description" neither a command nor anything else)."""
-    parts = _parts(key)
-    noun = parts[-1] if parts else ""
-    fmt = schema.get("format")
-    path = False
-    if fmt in ("uri", "url") or noun in ("url", "uri"):
-        text = "https://example.com"
-    elif fmt == "date-time":
-        text = "2024-01-01T00:00:00Z"
-    elif fmt == "date":
-        text = "2024-01-01"
-    elif noun in _DIRECTORY or (
-        noun in _FILE
-        and (not tool.read_only or any(w in tool.name for w in ("list", "search", "glob", "find", "grep", "dir")))
-    ):
-        text, path = ".", True  # a directory: what a listing wants, and what no write or edit can overwrite
-    elif noun in _FILE:
-        text, path = "README.md", True  # a read-only tool reads the file every repository has
-    elif noun in _COMMAND:
-        text = "echo llmpod mock"
-    elif noun in _PATTERN:
-        text = "TODO"
-    elif "question" in parts:
-        text = "What should I do next?"
-    elif noun in _ANSWER:
-        text = "Done (an answer from the mock vLLM server)."
-    else:
-        text = "mock" if tool.read_only else ""  # nothing to write, post or launch
-    if variant:  # the same place by another spelling for a path ("./."), else a number added
-        text = "./" * variant + text if path else f"{text} {variant + 1}".strip()
-    low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
-    if len(text) < low:
-        text = ((text or "mock") * (low // max(len(text or "mock"), 1) + 1))[:low]
-    if high is not None and len(text) > int(high):
-        text = text[: int(high)] if not variant else str(variant + 1)[-int(high) :] if int(high) else ""
-    return text

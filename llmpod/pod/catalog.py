@@ -2,9 +2,9 @@
 
 RunPod has no model store for pods (vLLM downloads the weights from Hugging Face when the pod starts), so the
 store is ours: ``BUILTIN_MODELS`` lists models we checked, with what they need, and ``BUILTIN_GPUS`` lists common
-RunPod GPU types (exact v2 ids). ``refresh_catalog`` asks RunPod for its GPU list (prices, stock) and the Hugging
-Face Hub for each model's gated flag and weight size, and caches the result; ``load_catalog`` reads that cache,
-or falls back to the built-in lists. ``validate_config`` checks a ``PodConfig`` against the catalog.
+RunPod GPU types (exact v2 ids). ``catalog_refresh`` asks RunPod for its GPU list (prices, stock) and the
+Hugging Face Hub for each model's gated flag and weight size, and caches the result; ``load_catalog`` reads that
+cache, or falls back to the built-in lists. ``validate_config`` checks a ``PodConfig`` against the catalog.
 
 Memory figures are estimates for one GPU with vLLM's default ``--gpu-memory-utilization 0.9``: weights, about
 2 GB of activations and CUDA graphs, then the KV cache (``kv_cache_kib_per_token`` x tokens, bf16).
@@ -12,18 +12,13 @@ Memory figures are estimates for one GPU with vLLM's default ``--gpu-memory-util
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
-import os
 import re
-import tempfile
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmpod.errors import ConfigError
@@ -31,13 +26,9 @@ from llmpod.pod.config import PodConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HF_API_BASE = "https://huggingface.co"
-HUB_TIMEOUT = 10.0
 GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default
 RUNTIME_OVERHEAD_GB = 2.0  # activations, CUDA graphs, non-torch memory
 BYTES_PER_PARAMETER = {None: 2.0, "fp8": 1.05, "awq": 0.6, "gptq": 0.6}  # incl. scales and 16-bit embeddings
-SAFETENSORS_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-                           "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 # The cache holds only what refreshes (Hub figures, GPU prices): every other model fact, tool calling included,
 # comes from BUILTIN_MODELS when it is read (_merge_models), so entries cached before a fact existed stay valid.
 CACHE_VERSION = 1
@@ -222,7 +213,9 @@ def builtin_catalog() -> Catalog:
                    gpus_source="built-in", refreshed_at=None)
 
 
-class _CacheFile(BaseModel):
+class CacheFile(BaseModel):
+    """The catalog cache file as written by ``catalog_refresh.refresh_catalog``."""
+
     version: Literal[1]
     models: list[ModelEntry]
     gpus: list[GpuEntry]
@@ -247,7 +240,7 @@ def load_catalog(cache_path: Path) -> Catalog:
     except (OSError, UnicodeDecodeError) as exc:
         return _fallback(f"catalog cache {cache_path} cannot be read ({exc}): using the built-in catalog")
     try:
-        cached = _CacheFile.model_validate_json(text)
+        cached = CacheFile.model_validate_json(text)
     except ValidationError as exc:
         problem = exc.errors()[0]["msg"]
         return _fallback(f"catalog cache {cache_path} is corrupt ({problem}): using the built-in catalog")
@@ -265,136 +258,6 @@ def _fallback(note: str) -> Catalog:
     catalog = builtin_catalog()
     catalog.notes.append(note)
     return catalog
-
-
-def _oneline(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-
-
-def _kept(what: str, source: str, catalog: Catalog) -> str:
-    if source != "cache" or catalog.refreshed_at is None:
-        return f"using the built-in {what}"
-    return f"using the cached {what} from {time.strftime('%Y-%m-%d %H:%M', time.localtime(catalog.refreshed_at))}"
-
-
-def refresh_catalog(cache_path: Path, *, gpu_source: Callable[[], list[Any]] | None, hub: httpx.Client | None,
-                    hf_api_base: str = DEFAULT_HF_API_BASE) -> tuple[Catalog, list[str]]:
-    """Refresh the GPU list from ``gpu_source`` (RunPod) and the models' Hub figures through ``hub``, keep what
-    cannot be refreshed, write the result to ``cache_path`` (atomically) and return it with one-line notes
-    saying which source was used for what. Never raises for a network problem."""
-    current = load_catalog(cache_path)
-    notes = list(current.notes)
-    gpus, gpus_source = _refresh_gpus(gpu_source, current, notes)
-    models, models_source = _refresh_models(hub, hf_api_base, current, notes)
-    answered = gpus_source == "runpod" or models_source == "huggingface"
-    catalog = Catalog(models=models, gpus=gpus, models_source=models_source, gpus_source=gpus_source,
-                      refreshed_at=time.time() if answered else current.refreshed_at)
-    try:
-        _write_atomically(cache_path, _CacheFile(version=CACHE_VERSION, **catalog.model_dump()).model_dump_json(
-            indent=1))
-    except OSError as exc:
-        notes.append(f"could not write the catalog cache {cache_path} ({exc.strerror or exc}): the refresh is not kept")
-    catalog.notes.extend(notes)
-    return catalog, notes
-
-
-def _refresh_gpus(gpu_source: Callable[[], list[Any]] | None, current: Catalog,
-                  notes: list[str]) -> tuple[list[GpuEntry], str]:
-    keep = _kept("GPU list", current.gpus_source, current)
-    if gpu_source is None:
-        notes.append(f"RunPod was not asked: {keep}")
-        return current.gpus, current.gpus_source
-    try:
-        items = list(gpu_source())
-    except Exception as exc:  # the RunPod client's errors, or anything else it raises: keep what we have
-        notes.append(f"warning: RunPod did not list its GPU types ({_oneline(exc)}): {keep}")
-        return current.gpus, current.gpus_source
-    gpus: list[GpuEntry] = []
-    for item in items:
-        try:
-            gpus.append(_gpu_entry(item))
-        except (ValidationError, TypeError, ValueError):
-            notes.append(f"skipped a GPU type RunPod listed that could not be read: {' '.join(str(item).split())[:80]}")
-    if not gpus:
-        notes.append(f"RunPod listed no usable GPU types: {keep}")
-        return current.gpus, current.gpus_source
-    notes.append(f"GPU types: {len(gpus)} from RunPod, with current prices")
-    return gpus, "runpod"
-
-
-def _gpu_entry(item: Any) -> GpuEntry:
-    def get(name: str) -> Any:
-        value = item.get(name) if isinstance(item, Mapping) else getattr(item, name, None)
-        return getattr(value, "value", value)  # enums
-
-    gpu_id = get("id")
-    return GpuEntry(id=gpu_id, name=get("name") or gpu_id, memory_gb=get("memory_gb"), price_secure=get("price_secure"),
-                    price_community=get("price_community"), availability=get("availability"))
-
-
-def _refresh_models(hub: httpx.Client | None, hf_api_base: str, current: Catalog,
-                    notes: list[str]) -> tuple[list[ModelEntry], str]:
-    keep = _kept("model figures", current.models_source, current)
-    if hub is None:
-        notes.append(f"Hugging Face was not asked: {keep}")
-        return current.models, current.models_source
-    models: list[ModelEntry] = []
-    answered = 0
-    for index, model in enumerate(current.models):
-        url = f"{hf_api_base.rstrip('/')}/api/models/{model.hf_repo}"
-        try:
-            response = hub.get(url, timeout=HUB_TIMEOUT)
-        except httpx.HTTPError as exc:
-            notes.append(f"Hugging Face did not answer ({_oneline(exc)}): {keep}")
-            return [*models, *current.models[index:]], "huggingface" if answered else current.models_source
-        if response.status_code in (401, 404):  # the Hub answers 401 for a repo that does not exist
-            notes.append(f"model {model.id} not found on the Hub ({model.hf_repo}, HTTP {response.status_code})")
-        elif response.status_code != 200:
-            notes.append(f"Hugging Face answered HTTP {response.status_code} for {model.hf_repo}: keeping its figures")
-        else:
-            try:
-                model = _with_hub_figures(model, response.json())
-                answered += 1
-            except (ValueError, TypeError, AttributeError) as exc:
-                notes.append(f"Hugging Face sent an unreadable answer for {model.hf_repo} ({_oneline(exc)}): "
-                             "keeping its figures")
-            if model.gated:
-                notes.append(f"model {model.id} is gated on Hugging Face: accept its terms there and put a token in "
-                             "the variable named by hf_token_env")
-        models.append(model)
-    notes.append(f"models: Hub figures for {answered} of {len(models)} models from Hugging Face")
-    return models, "huggingface" if answered else current.models_source
-
-
-def _with_hub_figures(model: ModelEntry, data: Any) -> ModelEntry:
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    gated = data.get("gated", False) not in (False, None, "false")
-    weights_bytes: float | None = None
-    parameters = (data.get("safetensors") or {}).get("parameters")
-    if isinstance(parameters, dict) and parameters:
-        weights_bytes = sum(float(count) * SAFETENSORS_DTYPE_BYTES.get(str(dtype), 2)
-                            for dtype, count in parameters.items())
-    elif isinstance(data.get("usedStorage"), (int, float)) and data["usedStorage"] > 0:
-        weights_bytes = float(data["usedStorage"])
-    weights_gb = round(weights_bytes / 1e9, 1) if weights_bytes else model.weights_gb
-    return model.model_copy(update={"gated": gated, "weights_gb": weights_gb})
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it over, so readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def check_fit(model: ModelEntry, gpu: GpuEntry, max_model_len: int | None = None) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -21,20 +22,25 @@ from llmpod.errors import ConfigError, LlmpodError
 from llmpod.pod import fit
 from llmpod.pod import output as report
 from llmpod.pod.catalog import (
-    DEFAULT_HF_API_BASE,
     Catalog,
     GpuEntry,
     ModelEntry,
     load_catalog,
-    refresh_catalog,
     validate_config,
 )
+from llmpod.pod.catalog_refresh import DEFAULT_HF_API_BASE, refresh_catalog
 from llmpod.pod.config import PodConfig, load_pod_config
 from llmpod.pod.images import cuda_floor
 from llmpod.pod.lifecycle import Session
 from llmpod.pod.progress import Reporter
-from llmpod.pod.providers.base import LocalProvider, Provider, RunPodProvider
-from llmpod.pod.providers.runpod_api import DEFAULT_API_BASE, POD_URL_TEMPLATE, RunPodClient
+from llmpod.pod.providers import (
+    DEFAULT_API_BASE,
+    POD_URL_TEMPLATE,
+    LocalProvider,
+    Provider,
+    RunPodClient,
+    RunPodProvider,
+)
 from llmpod.pod.state import RuntimePaths, discard_damaged_state, load_state
 
 DESCRIPTION = """Start, watch and stop a vLLM pod on RunPod, with a caching OpenAI proxy on localhost.
@@ -95,8 +101,7 @@ def build_session(args: argparse.Namespace, reporter: Reporter) -> Session:
 
 def creates_pod(args: argparse.Namespace) -> bool:
     """The plain run (no action flag) is the only one that may create a pod."""
-    return not (args.status or args.shutdown or args.refresh_catalog or args.extend is not None or args.logs
-                or args.watchdog)
+    return command_name(args) == "up"
 
 
 def check_config(config: PodConfig, catalog: Catalog, creating: bool,
@@ -183,51 +188,87 @@ def _nothing_to_check(args: argparse.Namespace) -> bool:
     return not paths.state_file.exists()
 
 
+def cmd_watchdog(session: Session, args: argparse.Namespace) -> int:
+    from llmpod.pod.watchdog import run_watchdog  # only the detached watchdog process needs it
+
+    return run_watchdog(session)
+
+
+def cmd_shutdown(session: Session, args: argparse.Namespace) -> int:
+    if not args.all:
+        report_leaks(session)
+    print(report.shutdown_text(session.shutdown(all_ours=args.all)))
+    if args.all and discard_damaged_state(session.paths):
+        print(f"removed the damaged {session.paths.state_file}: every pod it could name is terminated")
+    return 0
+
+
+def cmd_status(session: Session, args: argparse.Namespace) -> int:
+    report_leaks(session)
+    data = report.status(session)
+    print(json.dumps(data, indent=2) if args.json else report.status_text(data))
+    return 0
+
+
+def cmd_extend(session: Session, args: argparse.Namespace) -> int:
+    stop_if_state_damaged(session)
+    state = session.extend(args.extend)
+    print(f"pod {state.pod_name} now expires {report.clock(state.expires_at)}")
+    return 0
+
+
+def cmd_refresh_catalog(session: Session, args: argparse.Namespace) -> int:
+    print(report.catalog_text(refresh(session), args.verbose))
+    return 0
+
+
+def cmd_logs(session: Session, args: argparse.Namespace) -> int:
+    stop_if_state_damaged(session)
+    recorded, _ = session.reconcile()
+    if recorded is None or recorded.pod_id is None:
+        raise LlmpodError("no pod is running from this directory")
+    for line in session.provider.follow_logs(recorded.pod_id):
+        print(line, flush=True)
+    return 0
+
+
+def cmd_up(session: Session, args: argparse.Namespace) -> int:
+    stop_if_state_damaged(session)
+    state = session.up()
+    print(report.ready_text(session, state))
+    if args.verbose:
+        print(report.status_text(report.status(session)))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Session, argparse.Namespace], int]] = {
+    "watchdog": cmd_watchdog,
+    "shutdown": cmd_shutdown,
+    "status": cmd_status,
+    "extend": cmd_extend,
+    "refresh_catalog": cmd_refresh_catalog,
+    "logs": cmd_logs,
+    "up": cmd_up,
+}
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """The action flag given (argparse keeps them mutually exclusive), or ``up`` without one."""
+    if args.extend is not None:
+        return "extend"
+    return next((name for name in ("watchdog", "shutdown", "status", "refresh_catalog", "logs")
+                 if getattr(args, name)), "up")
+
+
 def run(args: argparse.Namespace) -> int:
+    """One command; its errors propagate to ``main``, the one place they become a message and an exit code."""
     if _nothing_to_check(args):
         print("nothing was running from this directory; nothing to do (RUNPOD_API_KEY is not set, so RunPod "
               "was not checked for pods left elsewhere)")
         return 0
-    reporter = Reporter()
-    session = build_session(args, reporter)
+    session = build_session(args, Reporter())
     try:
-        if args.watchdog:
-            from llmpod.pod.watchdog import run_watchdog
-
-            return run_watchdog(session)
-        if args.status or (args.shutdown and not args.all):
-            report_leaks(session)
-        elif not (args.shutdown or args.refresh_catalog):
-            stop_if_state_damaged(session)
-        if args.shutdown:
-            result = session.shutdown(all_ours=args.all)
-            print(report.shutdown_text(result))
-            if args.all and discard_damaged_state(session.paths):
-                print(f"removed the damaged {session.paths.state_file}: every pod it could name is terminated")
-            return 0
-        if args.status:
-            data = report.status(session)
-            print(json.dumps(data, indent=2) if args.json else report.status_text(data))
-            return 0
-        if args.extend is not None:
-            state = session.extend(args.extend)
-            print(f"pod {state.pod_name} now expires {report.clock(state.expires_at)}")
-            return 0
-        if args.refresh_catalog:
-            print(report.catalog_text(refresh(session), args.verbose))
-            return 0
-        if args.logs:
-            recorded, _ = session.reconcile()
-            if recorded is None or recorded.pod_id is None:
-                raise LlmpodError("no pod is running from this directory")
-            for line in session.provider.follow_logs(recorded.pod_id):
-                print(line, flush=True)
-            return 0
-        state = session.up()
-        print(report.ready_text(session, state))
-        if args.verbose:
-            print(report.status_text(report.status(session)))
-        return 0
+        return COMMANDS[command_name(args)](session, args)
     finally:
         session.provider.close()
 

@@ -11,7 +11,6 @@ Rules that keep users' bills safe (reference: lifecycle.md section 4, runpod.md 
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import signal
 import threading
@@ -20,14 +19,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import httpx
 
 from llmpod.errors import (
     CleanupFailedError,
     ConfigError,
-    CrashLoopError,
     NoCapacityError,
     PodError,
     PoolForbiddenError,
@@ -42,10 +37,9 @@ from llmpod.errors import (
 from llmpod.pod import processes
 from llmpod.pod.catalog import Catalog, GpuEntry, ModelEntry
 from llmpod.pod.config import PodConfig, check_port_free
-from llmpod.pod.crashloop import CrashLoopDetector, best_line, billed, progress_line
 from llmpod.pod.fit import gpu_note
 from llmpod.pod.progress import Reporter
-from llmpod.pod.providers.base import PodInfo, PodSpec, Provider
+from llmpod.pod.providers import PodInfo, PodSpec, Provider
 from llmpod.pod.sidecars import Sidecars
 from llmpod.pod.state import (
     POD_NAME_PREFIX,
@@ -57,6 +51,7 @@ from llmpod.pod.state import (
     record_last_session,
     save_state,
 )
+from llmpod.pod.waiting import ReadyWait
 
 CREATE_ATTEMPTS = 3  # per GPU type, for 5xx answers after which no pod was found by name
 TERMINATE_DEADLINE = 180.0
@@ -69,10 +64,6 @@ ANSWERED_NOTHING_MADE = (NoCapacityError, RunPodAuthError, RunPodBalanceError, R
 # that GPU type's pool (403); any other refusal would fail the same way on every candidate
 NEXT_CANDIDATE = (NoCapacityError, PoolForbiddenError)
 LOCK_WAIT = 3600.0  # a second manage_pod.py waits for the first to finish creating, then reuses its pod
-# While a RunPod pod is RUNNING but vLLM does not answer, its log is read this often, this many lines (one vLLM
-# crash with its tracebacks): RunPod's stream stays open, so each read costs up to RunPodClient.pod_logs's wait.
-CRASH_LOG_EVERY = 3.0
-CRASH_LOG_TAIL = 200
 @contextlib.contextmanager
 def _uninterruptible() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
@@ -84,6 +75,16 @@ def _uninterruptible() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@dataclass(frozen=True)
+class ShutdownResult:
+    """What ``Session.shutdown`` did: the pods it terminated, what the recorded session cost, and why."""
+
+    terminated: list[str]
+    spend_usd: float | None  # None when no session was recorded
+    reason: str
+    had_state: bool
 
 
 @dataclass
@@ -212,7 +213,7 @@ class Session:
 
     def _create_with_failover(self, state: PodState, spec: PodSpec) -> PodInfo:
         tried = []
-        for gpu in self.gpus if self.provider.kind == "runpod" else [None]:
+        for gpu in self.gpus if self.provider.gpu_failover else [None]:
             gpu_spec = PodSpec(spec.name, gpu, spec.model, spec.served_model, spec.max_model_len, spec.api_key)
             label = gpu.id if gpu else "local process"
             note = gpu_note(spec.model, gpu) if gpu else None
@@ -270,78 +271,9 @@ class Session:
                           f"at ${pod.cost_per_hour:.2f}/h")
 
     def _wait_ready(self, state: PodState, pod: PodInfo, deadline: float) -> PodState:
-        started = time.monotonic()
-        interval = 0.5
-        last: list[str] = []
-        logs_at = 0.0
-        assert state.pod_id is not None
-        watch = CrashLoopDetector([state.vllm_api_key.get_secret_value(), os.environ.get(self.config.hf_token_env, ""),
-                                   os.environ.get("RUNPOD_API_KEY", "")])
-        while True:
-            info = self.provider.get(state.pod_id)
-            if info is None or not info.alive:
-                tail = self.provider.logs(state.pod_id, CRASH_LOG_TAIL)
-                status = info.status if info else "gone"
-                why = best_line(tail, watch.secrets)  # a container that died at start: say what it printed
-                if why is not None:
-                    raise CrashLoopError(f"pod {state.pod_name} exited at start"
-                                         + (f" ({status})" if info else "") + f": {why}")
-                shown = "; ".join(tail[-5:])
-                raise PodError(f"pod {state.pod_name} stopped while starting ({status})"
-                               + (f"; last log lines: {shown}" if shown else ""))
-            if info.running and self._vllm_ready(info.url, state):
-                break
-            phase = "loading model" if info.running else info.status.lower()
-            if self.provider.kind == "runpod" and info.running:
-                # RunPod restarts a container that dies: the pod reads RUNNING and bills while vLLM never answers
-                watch.uptime(info.uptime_seconds)
-                if time.monotonic() - logs_at >= CRASH_LOG_EVERY:
-                    window, logs_at = self.provider.logs(state.pod_id, CRASH_LOG_TAIL), time.monotonic()
-                    watch.window(window)
-                    last = [line] if (line := progress_line(window, watch.secrets)) else last
-                self._give_up_on_crash_loop(state, info, watch)
-            elif self.provider.kind == "runpod" and time.monotonic() - logs_at >= self.reporter.heartbeat:
-                # RunPod's log stream stays open: reading it costs seconds and rate limit, so not every poll
-                last, logs_at = self.provider.logs(state.pod_id, 1) or last, time.monotonic()
-            self.reporter.phase(phase, f"{time.monotonic() - started:.0f}s, ${info.cost_per_hour:.2f}/h"
-                                + (f" | {last[-1][:120]}" if last else ""))
-            if time.time() >= deadline:
-                raise PodError(f"pod {state.pod_name} was not ready within ready_timeout_seconds="
-                               f"{self.config.ready_timeout_seconds}")
-            self.sleep(interval)
-            interval = min(interval * 1.5, 5.0)
-        state.phase, state.ready_at, state.upstream_url = "ready", time.time(), info.url
-        save_state(self.paths, state)
-        self.reporter.say(f"vLLM is serving {state.served_model} after {time.monotonic() - started:.0f}s")
-        return state
-
-    def _give_up_on_crash_loop(self, state: PodState, info: PodInfo, watch: CrashLoopDetector) -> None:
-        """On clear evidence of a crash loop, terminate the pod at once (verified) and say why in one line."""
-        verdict = watch.verdict()
-        if verdict is None:
-            return
-        assert state.pod_id is not None
-        self._terminate_verified(state.pod_id)
-        spent = billed(time.time() - state.created_at, self.spend(state, info))
-        raise CrashLoopError(f"pod {state.pod_name} crash-loops: {verdict.line} (terminated after {spent})")
-
-    def _vllm_ready(self, url: str, state: PodState) -> bool:
-        """vLLM's /health answers 200 and /v1/models lists our model (502 or refused while it loads)."""
-        root = url[: -len("/v1")]
-        headers = {"Authorization": f"Bearer {state.vllm_api_key.get_secret_value()}"}
-        try:
-            with httpx.Client(timeout=10.0) as http:
-                if http.get(f"{root}/health").status_code != 200:
-                    return False
-                models = http.get(f"{url}/models", headers=headers)
-        except httpx.HTTPError:
-            return False
-        if models.status_code == 401:
-            raise PodError("vLLM refused the key this program gave it (VLLM_API_KEY); the pod is misconfigured")
-        try:
-            return any(m.get("id") == state.served_model for m in models.json().get("data", []))
-        except (ValueError, AttributeError):
-            return False
+        waiter = ReadyWait(self.provider, self.config, self.paths, self.reporter, self.sleep,
+                           terminate=self._terminate_verified, spend=self.spend)
+        return waiter.wait(state, pod, deadline)
 
     # ----------------------------------------------------------------- shutdown
     def spend(self, state: PodState, pod: PodInfo | None = None) -> float:
@@ -349,7 +281,7 @@ class Session:
         return rate * max(0.0, time.time() - state.created_at) / 3600
 
     def shutdown(self, *, all_ours: bool = False, reason: str = "requested",
-                 from_watchdog: bool = False) -> dict[str, Any]:
+                 from_watchdog: bool = False) -> ShutdownResult:
         """Terminate the recorded pod (and with ``all_ours`` every pod with our prefix), stop the helpers,
         forget the state. Idempotent. The cache is kept."""
         with exclusive(self.paths, 60.0, "waiting for another manage_pod.py in this directory…"):
@@ -370,7 +302,7 @@ class Session:
                     removed.append(pod.id)
             if state is None:
                 self.sidecars.stop(keep_watchdog=from_watchdog)
-            return {"terminated": removed, "spend_usd": spend, "reason": reason, "had_state": state is not None}
+            return ShutdownResult(removed, spend, reason, had_state=state is not None)
 
     def _terminate_recorded(self, state: PodState, reason: str, keep_watchdog: bool = False) -> list[str]:
         state.phase = "terminating"
@@ -389,8 +321,9 @@ class Session:
         """The recorded pod and every live pod with the record's unique name: a create killed before its answer,
         or one that answered 5xx or timed out and was retried, may have made one after all."""
         named = [p.id for p in self.provider.list_ours() if p.name == state.pod_name]
-        if state.pod_id is None and not named and state.create_sent_at is not None and self.provider.kind == "runpod":
-            settle_until = state.create_sent_at + CREATE_SETTLE
+        sent = state.create_sent_at
+        if state.pod_id is None and sent is not None and not named and self.provider.create_may_land_late:
+            settle_until = sent + CREATE_SETTLE
             if time.time() < settle_until:
                 self.reporter.say(f"the create of pod {state.pod_name} was never answered: watching for that pod for "
                                   f"up to {settle_until - time.time():.0f}s so that it cannot bill unseen")

@@ -11,7 +11,7 @@ from typing import Any
 
 from llmpod.errors import ConfigError
 from llmpod.pod.catalog import Catalog, ModelEntry
-from llmpod.pod.lifecycle import Session
+from llmpod.pod.lifecycle import Session, ShutdownResult
 from llmpod.pod.state import PodState, load_state, read_last_session
 
 
@@ -162,11 +162,11 @@ def ready_text(session: Session, state: PodState) -> str:
     ])
 
 
-def shutdown_text(result: dict[str, Any]) -> str:
-    if not result["terminated"] and not result["had_state"]:
+def shutdown_text(result: ShutdownResult) -> str:
+    if not result.terminated and not result.had_state:
         return "nothing was running; nothing to do"
-    spend = result.get("spend_usd")
-    pods = ", ".join(result["terminated"]) or "none"
+    spend = result.spend_usd
+    pods = ", ".join(result.terminated) or "none"
     return f"terminated: {pods}; proxy and watchdog stopped" + (f"; session spend ${spend:.2f}" if spend else "")
 
 

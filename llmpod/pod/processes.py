@@ -16,6 +16,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from llmpod._files import atomic_write
+
 # Popen objects of the processes we started. Kept so that they are never garbage-collected while their
 # process runs on purpose (Popen warns about that); alive() reaps any that exit.
 _SPAWNED: list[subprocess.Popen[bytes]] = []
@@ -64,9 +66,7 @@ def spawn_detached(argv: Sequence[str], *, env: Mapping[str, str], log_path: Pat
 
 
 def write_pid(pid_path: Path, pid: int) -> None:
-    from llmpod.pod.state import write_private
-
-    write_private(pid_path, f"{pid}\n".encode())
+    atomic_write(pid_path, f"{pid}\n".encode(), mode=0o600, exact_mode=True)
 
 
 def read_pid(pid_path: Path) -> int | None:

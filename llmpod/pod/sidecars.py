@@ -19,7 +19,7 @@ from llmpod.pod import processes
 from llmpod.pod.catalog import Catalog
 from llmpod.pod.config import PodConfig, check_port_free
 from llmpod.pod.progress import Reporter
-from llmpod.pod.providers.base import upstream_tool_calling
+from llmpod.pod.providers import upstream_tool_calling
 from llmpod.pod.state import PodState, RuntimePaths
 
 PROXY_MARKER = "llmpod.proxy"  # in its command line: python -m llmpod.proxy

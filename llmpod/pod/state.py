@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from typing import Any, Literal
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_serializer
 
+from llmpod._files import atomic_write
 from llmpod.errors import ConfigError, LockBusyError
 
 STATE_FILE = "pod_state.json"
@@ -77,25 +77,8 @@ class PodState(BaseModel):
         return value.get_secret_value()  # only into the 0600 state file
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` atomically to ``path`` with mode 0600 from the first byte."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def save_state(paths: RuntimePaths, state: PodState) -> None:
-    write_private(paths.state_file, state.model_dump_json(indent=2).encode() + b"\n")
+    atomic_write(paths.state_file, state.model_dump_json(indent=2).encode() + b"\n", mode=0o600, exact_mode=True)
 
 
 def load_state(paths: RuntimePaths) -> PodState | None:
@@ -136,7 +119,7 @@ def record_last_session(paths: RuntimePaths, state: PodState | None, reason: str
     paths.ensure()
     entry: dict[str, Any] = {"ended_at": time.time(), "reason": reason, "spend_usd": spend,
                              "pod_id": state.pod_id if state else None, "pod_name": state.pod_name if state else None}
-    write_private(paths.last_session, json.dumps(entry, indent=2).encode() + b"\n")
+    atomic_write(paths.last_session, json.dumps(entry, indent=2).encode() + b"\n", mode=0o600, exact_mode=True)
 
 
 def read_last_session(paths: RuntimePaths) -> dict[str, Any] | None:

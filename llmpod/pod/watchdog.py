@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from llmpod.errors import ConfigError, LlmpodError, RunPodAuthError, RunPodError
@@ -19,6 +20,23 @@ from llmpod.pod.lifecycle import Session
 from llmpod.pod.output import clock
 from llmpod.pod.sidecars import PROXY_MARKER
 from llmpod.pod.state import clear_state, exclusive, load_state, record_last_session
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The session is over (the watchdog logs why and exits)."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class KeepWatching:
+    """Check again after the interval; ``last_activity`` is the latest activity seen, when this round read it."""
+
+    last_activity: float | None = None
+
+
+Decision = Ended | KeepWatching
 
 
 def log(message: str) -> None:
@@ -41,42 +59,42 @@ def _loop(session: Session) -> int:
     log(f"started (interval {interval:g}s)")
     while True:
         try:
-            ended = check_once(session, last_activity)
+            decision = check_once(session, last_activity)
         except ConfigError as exc:
             log(f"stopping: {exc}")
             return 1
         except RunPodAuthError as exc:
             log(f"RunPod refused the API key ({exc}); the pod cannot be checked or terminated from here: "
                 "fix RUNPOD_API_KEY and run `python3 manage_pod.py --shutdown`")
-            ended = None
+            decision = KeepWatching()
         except LlmpodError as exc:
             log(f"check failed, will retry: {exc}")
-            ended = None
-        if isinstance(ended, str):
-            log(ended)
+            decision = KeepWatching()
+        if isinstance(decision, Ended):
+            log(decision.why)
             return 0
-        if isinstance(ended, float):
-            last_activity = ended
+        if decision.last_activity is not None:
+            last_activity = decision.last_activity
         time.sleep(interval)
 
 
-def check_once(session: Session, last_activity: float) -> str | float | None:
-    """One round. Returns why the session ended (str), the latest activity time (float), or None."""
+def check_once(session: Session, last_activity: float) -> Decision:
+    """One round: the session ended (and why), or keep watching (with the latest activity time when read)."""
     state = load_state(session.paths)
     if state is None:
-        return "no pod recorded any more: exiting"
+        return Ended("no pod recorded any more: exiting")
     if state.phase == "terminating":
         # left half-done by a manage_pod.py killed while terminating (a live one holds the lock: we wait, then
         # find nothing to do): finish it, or the pod bills until the user next runs something
         result = session.shutdown(reason="finished a shutdown that was interrupted", from_watchdog=True)
-        return f"finished an interrupted shutdown: terminated {result['terminated']}"
+        return Ended(f"finished an interrupted shutdown: terminated {result.terminated}")
     if state.phase != "ready":
-        return None  # a manage_pod.py is still creating it
+        return KeepWatching()  # a manage_pod.py is still creating it
     now = time.time()
     if now >= state.expires_at:
         result = session.shutdown(reason=f"expired: runtime_seconds reached at {clock(state.expires_at)}",
                                   from_watchdog=True)
-        return f"pod expired: terminated {result['terminated']} (spend ${result['spend_usd'] or 0:.2f})"
+        return Ended(f"pod expired: terminated {result.terminated} (spend ${result.spend_usd or 0:.2f})")
     metrics = session.sidecars.proxy_metrics(state)
     if metrics is not None:
         if metrics.get("in_flight"):
@@ -87,21 +105,21 @@ def check_once(session: Session, last_activity: float) -> str | float | None:
     if state.idle_timeout_seconds and idle_for >= state.idle_timeout_seconds:
         result = session.shutdown(reason=f"idle: no request for {idle_for:.0f}s "
                                          f"(idle_timeout_seconds={state.idle_timeout_seconds})", from_watchdog=True)
-        return f"pod idle: terminated {result['terminated']} (spend ${result['spend_usd'] or 0:.2f})"
+        return Ended(f"pod idle: terminated {result.terminated} (spend ${result.spend_usd or 0:.2f})")
     assert state.pod_id is not None
     try:
         pod = session.provider.get(state.pod_id)
     except RunPodError as exc:
         log(f"could not read pod {state.pod_id}: {exc}")
-        return last_activity
+        return KeepWatching(last_activity)
     if pod is None or not pod.alive:
         with exclusive(session.paths, 60.0):
             processes.stop_pidfile(session.paths.proxy_pid, PROXY_MARKER)
             record_last_session(session.paths, state, "pod disappeared (terminated outside llmpod or reclaimed)",
                                 session.spend(state))
             clear_state(session.paths)
-        return f"pod {state.pod_id} is gone ({pod.status if pod else 'not found'}): proxy stopped, state cleared"
+        return Ended(f"pod {state.pod_id} is gone ({pod.status if pod else 'not found'}): proxy stopped, state cleared")
     if session.sidecars.proxy_health(state) is None:
         log("the proxy is not answering: restarting it")
         session.sidecars.ensure_proxy(state)
-    return last_activity
+    return KeepWatching(last_activity)

@@ -19,6 +19,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from llmpod._files import atomic_write
+
 ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.json\Z")  # what the start-up scan indexes; matched from the start
 TMP_PREFIX = ".tmp-"
 
@@ -59,28 +61,11 @@ def index_of(directory: str, names: list[str]) -> tuple[OrderedDict[str, IndexEn
 
 
 def write_atomically(directory: str, key: str, data: bytes, writer_id: int) -> None:
-    """Write ``<key>.json`` whole or not at all; ``writer_id`` keeps concurrent writers' temp names apart."""
+    """Write ``<key>.json`` whole or not at all; ``writer_id`` keeps concurrent writers' temp names apart. The
+    directory is made again if it is gone (``rm -rf`` to clear the cache, a /tmp cleaner), or every answer from
+    here on would go unstored until a restart. No fsync: a lost entry is only a future miss."""
     tmp = f"{directory}/{TMP_PREFIX}{key}-{writer_id}-{time.monotonic_ns()}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    try:
-        try:
-            fd = os.open(tmp, flags, 0o644)
-        except FileNotFoundError:
-            # the directory is gone (``rm -rf`` to clear the cache, a /tmp cleaner) or could not be made at
-            # start: make it now, or every answer from here on would go unstored until a restart
-            os.makedirs(directory, exist_ok=True)
-            fd = os.open(tmp, flags, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.replace(tmp, f"{directory}/{key}.json")
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(f"{directory}/{key}.json", data, mode=0o644, fsync=False, make_dirs=True, tmp=tmp)
 
 
 class EntryWriter(threading.Thread):

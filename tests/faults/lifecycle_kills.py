@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmpod._files import atomic_write
 from llmpod.pod import processes
 from tests.conftest import wait_until
 from tests.e2e_harness import ROOT, FakeRunPod, Workdir, pid_alive, port_free
@@ -189,11 +190,7 @@ def jump_past_expiry(work: Workdir) -> None:
     """The wall clock passes expires_at at once, as for a laptop that slept (rewritten as the product writes)."""
     state = json.loads(work.state_file.read_text())
     state["expires_at"] = time.time() - 60
-    tmp = work.state_file.with_name(".pod_state.json.test.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(state))
-    os.replace(tmp, work.state_file)
+    atomic_write(work.state_file, json.dumps(state).encode(), mode=0o600)
 
 
 # ----------------------------------------------------------------------------------------------- the phases

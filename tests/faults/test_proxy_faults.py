@@ -26,6 +26,7 @@ import httpx
 import orjson
 import pytest
 
+import llmpod._files
 import llmpod.proxy._cache_files
 import llmpod.proxy.cache
 from tests.conftest import MockControl, ProxyFactory
@@ -278,9 +279,9 @@ async def test_clients_leaving_mid_answer_soak(start_proxy: ProxyFactory, mock_c
 
 # --------------------------------------------------------------------------------------------- a broken cache disk
 class BrokenDisk:
-    """Stands in for ``os`` inside ``llmpod.proxy.cache`` and ``llmpod.proxy._cache_files``: while ``broken``,
-    opening a file in the cache directory for writing fails with EROFS (a read-only mount: reading still works), or
-    writing to one fails with ENOSPC (a full disk), as the kernel would."""
+    """Stands in for ``os`` inside ``llmpod.proxy.cache``, ``llmpod.proxy._cache_files`` and ``llmpod._files``:
+    while ``broken``, opening a file in the cache directory for writing fails with EROFS (a read-only mount: reading
+    still works), or writing to one fails with ENOSPC (a full disk), as the kernel would."""
 
     def __init__(self, cache_dir: Path, error: int) -> None:
         self.prefix = str(cache_dir) + os.sep
@@ -344,6 +345,7 @@ async def run_disk_fault(kind: str, start_proxy: ProxyFactory, mock_control: Moc
     mock_control.configure(chunk_count=CHUNKS)
     monkeypatch.setattr(llmpod.proxy.cache, "os", disk)
     monkeypatch.setattr(llmpod.proxy._cache_files, "os", disk)
+    monkeypatch.setattr(llmpod._files, "os", disk)  # where the entries are written (atomic_write)
     monkeypatch.setattr(llmpod.proxy.cache, "time", clock)
     proxy = start_proxy(cache_dir=cache_dir)
     tally, problems, injected = Tally(), [], 0
