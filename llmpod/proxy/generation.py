@@ -10,25 +10,27 @@ repeat must not get a new key, nor a /tokenize round trip before its hit).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from llmpod.errors import UpstreamError
 from llmpod.proxy.cache import CachedAnswer, UnkeyableRequest, cache_key
 from llmpod.proxy.flights import Flight
-from llmpod.proxy.wire import error_body, json_response
+from llmpod.proxy.wire import error_body, error_response, json_response
 from llmpod.sse_response import EventStream
 from llmpod.tool_calling import needs_tool_parser, refusal_message
 
 if TYPE_CHECKING:
-    from llmpod.proxy.app import ProxyService
+    from llmpod.proxy.service import ProxyService
 
+log = logging.getLogger("llmpod.proxy")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PREVIEW_WORDS = 12
 LOG_NAME_CHARS = 200
@@ -129,15 +131,42 @@ def preview(endpoint: str, body: dict[str, Any]) -> str:
     return " ".join(str(text or "").split()[:PREVIEW_WORDS])[:200]
 
 
+class GenerationEndpoint:
+    """One generation route (``POST /v1/chat/completions``, ``POST /v1/completions``) as a plain ASGI app.
+
+    ``ProxyApp`` calls it in front of FastAPI's middleware and router: those layers (server errors, telemetry,
+    body limit, routing, exception handlers) cost as much as a whole cache hit. So it does itself the one job
+    of theirs that matters here: a clean OpenAI-shaped 500 for a bug. The API key is checked before it runs.
+    """
+
+    def __init__(self, endpoint: str, upstream_path: str, handler: Callable[[], GenerationHandler]) -> None:
+        self.endpoint = endpoint  # ``chat.completions`` or ``completions``: names the answer in the cache key
+        self.upstream_path = upstream_path
+        self._handler = handler  # the running service's: it exists only once the app's lifespan started
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self._handler().serve(Request(scope, receive, send), self.endpoint, self.upstream_path,
+                                        tracked_send)
+        except Exception:
+            log.exception("error answering %s", scope["path"])
+            if started:
+                raise  # the status line is out: the server closes the connection, the client sees it cut
+            await error_response("internal proxy error (logged)", 500)(scope, receive, send)
+
+
 class GenerationHandler:
     """Answers the two generation routes for one ``ProxyService``."""
 
     def __init__(self, service: ProxyService) -> None:
         self.service = service
-
-    def handle(self, request: Request, endpoint: str, path: str) -> Response:
-        """For a FastAPI route: a response that answers the request when it is sent (see ``serve``)."""
-        return _Served(self, request, endpoint, path)
 
     async def serve(self, request: Request, endpoint: str, path: str, send: Send) -> None:
         """Answer the request, then count and log it: the client is not kept waiting for the log line."""
@@ -281,17 +310,6 @@ class GenerationHandler:
             f"{request.method} {request.scope['path']} model={_loggable(exchange.model)} status={exchange.status} "
             f"cache={exchange.cache} latency_ms={seconds * 1000:.2f} lookup_ms={exchange.lookup_s * 1000:.3f}"
             f"{upstream} tokens={exchange.tokens}")
-
-
-class _Served(Response):
-    """A Response (so a route may return it) whose sending is ``GenerationHandler.serve``."""
-
-    def __init__(self, handler: GenerationHandler, request: Request, endpoint: str, path: str) -> None:
-        self.handler, self.request, self.endpoint, self.path = handler, request, endpoint, path
-        self.background = None  # FastAPI attaches its background tasks here (there are none)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.handler.serve(self.request, self.endpoint, self.path, send)
 
 
 def _loggable(name: str) -> str:
