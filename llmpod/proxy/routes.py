@@ -14,7 +14,7 @@ import orjson
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from llmpod.proxy.cache import KEY_PATTERN
+from llmpod.proxy.keys import KEY_PATTERN
 from llmpod.proxy.metrics import wants_prometheus
 from llmpod.proxy.wire import (
     CacheEntrySummary,

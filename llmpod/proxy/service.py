@@ -11,7 +11,7 @@ from llmpod.proxy._http import HTTPPool
 from llmpod.proxy._requestlog import RequestLog
 from llmpod.proxy.cache import ResponseCache
 from llmpod.proxy.flights import Flight, FlightRegistry
-from llmpod.proxy.generation import GenerationHandler, preview
+from llmpod.proxy.generation import GenerationHandler
 from llmpod.proxy.metrics import ProxyMetrics
 from llmpod.proxy.settings import ProxySettings
 from llmpod.proxy.upstream import Upstream
@@ -29,29 +29,10 @@ class ProxyService:
         self.metrics = ProxyMetrics(self.cache)
         self.upstream = Upstream(settings, client, pool)
         self.flights = FlightRegistry(on_finished=self._record_upstream)
-        self.generation = GenerationHandler(self)
         self.request_log = RequestLog(settings.log_file)
+        self.generation = GenerationHandler(settings, self.cache, self.flights, self.upstream, self.metrics,
+                                            self.request_log)
         self._health: tuple[float, dict[str, Any]] | None = None
-
-    async def store_answer(self, flight: Flight) -> None:
-        body = flight.body
-        chunks = [data.decode() for data, usage in flight.events if not usage]
-        usage_chunks = [data.decode() for data, usage in flight.events if usage]
-        request = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        self.cache.put(
-            flight.key,
-            {
-                "endpoint": flight.endpoint,
-                "model": body.get("model"),
-                "created": time.time(),
-                "preview": preview(flight.endpoint, body),
-                "completion_tokens": flight.assembler.completion_tokens,
-                "request": request,
-                "response": flight.result(),
-                "chunks": chunks,
-                "usage_chunk": usage_chunks[-1] if usage_chunks else None,
-            },
-        )
 
     def _record_upstream(self, flight: Flight) -> None:
         self.upstream.learn(flight.body, flight.assembler.usage)
