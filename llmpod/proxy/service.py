@@ -30,8 +30,9 @@ class ProxyService:
         self.upstream = Upstream(settings, client, pool)
         self.flights = FlightRegistry(on_finished=self._record_upstream)
         self.request_log = RequestLog(settings.log_file)
-        self.generation = GenerationHandler(settings, self.cache, self.flights, self.upstream, self.metrics,
-                                            self.request_log)
+        self.generation = GenerationHandler(
+            settings, self.cache, self.flights, self.upstream, self.metrics, self.request_log
+        )
         self._health: tuple[float, dict[str, Any]] | None = None
 
     def _record_upstream(self, flight: Flight) -> None:
