@@ -128,3 +128,16 @@ def test_a_bad_proxy_value_is_one_line_before_any_process_starts(
     assert caught.value.exit_code == 2  # manage_pod.py prints it as one line and exits 2
     assert no_spawn == []
     assert UPSTREAM_KEY not in message
+
+
+def test_the_proxy_and_mock_packages_state_their_public_names() -> None:
+    import llmpod.mock
+    import llmpod.proxy
+    from llmpod.mock import MockSettings
+    from llmpod.mock import create_app as create_mock_app
+    from llmpod.proxy import ProxySettings as PublicSettings
+    from llmpod.proxy import create_app
+
+    assert llmpod.proxy.__all__ == ["ProxySettings", "create_app"] and PublicSettings is ProxySettings
+    assert llmpod.mock.__all__ == ["MockSettings", "create_app"]
+    assert callable(create_app) and callable(create_mock_app) and MockSettings().model_dump()
