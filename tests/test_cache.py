@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 import llmpod.proxy.cache
-from llmpod.proxy.cache import CachedAnswer, ResponseCache, cache_key
+from llmpod.proxy.cache import CachedAnswer, CacheEntry, ResponseCache, cache_key
 from tests.conftest import HeldScan
 
 CHAT = "chat.completions"
@@ -238,7 +238,7 @@ async def test_put_then_get_serves_the_stored_answer(cache: ResponseCache) -> No
     key = key_for("hello")
     document = answer_document("Hello there")
 
-    assert cache.put(key, document) is True
+    assert cache.put(key, CacheEntry(**document)) is True
     answer = cache.get(key)
 
     assert isinstance(answer, CachedAnswer)
@@ -258,7 +258,7 @@ async def test_put_then_get_serves_the_stored_answer(cache: ResponseCache) -> No
 async def test_json_bytes_is_the_stored_response(cache: ResponseCache) -> None:
     key = key_for("json")
     document = answer_document("plain answer")
-    cache.put(key, document)
+    cache.put(key, CacheEntry(**document))
 
     answer = cache.get(key)
 
@@ -270,7 +270,7 @@ async def test_json_bytes_is_the_stored_response(cache: ResponseCache) -> None:
 async def test_sse_bytes_replays_the_stream(cache: ResponseCache, include_usage: bool) -> None:
     key = key_for("stream")
     document = answer_document("streamed")
-    cache.put(key, document)
+    cache.put(key, CacheEntry(**document))
 
     answer = cache.get(key)
 
@@ -285,7 +285,7 @@ async def test_sse_bytes_replays_the_stream(cache: ResponseCache, include_usage:
 async def test_sse_bytes_without_a_stored_usage_chunk(cache: ResponseCache) -> None:
     key = key_for("no usage")
     document = answer_document("x", usage=False)
-    cache.put(key, document)
+    cache.put(key, CacheEntry(**document))
 
     answer = cache.get(key)
 
@@ -300,8 +300,8 @@ def test_get_of_an_unknown_key_is_a_miss(cache: ResponseCache) -> None:
 
 async def test_put_replaces_an_existing_answer(cache: ResponseCache, cache_dir: Path) -> None:
     key = key_for("again")
-    cache.put(key, answer_document("first"))
-    cache.put(key, answer_document("second, longer answer"))
+    cache.put(key, CacheEntry(**answer_document("first")))
+    cache.put(key, CacheEntry(**answer_document("second, longer answer")))
 
     answer = cache.get(key)
 
@@ -313,10 +313,10 @@ async def test_put_replaces_an_existing_answer(cache: ResponseCache, cache_dir: 
 
 async def test_a_served_answer_replaced_by_a_new_one_is_served_new(cache: ResponseCache) -> None:
     key = key_for("replaced while in memory")
-    cache.put(key, answer_document("old"))
+    cache.put(key, CacheEntry(**answer_document("old")))
     assert cache.get(key) is not None  # served once: now kept parsed in memory
 
-    cache.put(key, answer_document("new"))
+    cache.put(key, CacheEntry(**answer_document("new")))
     answer = cache.get(key)
 
     assert answer is not None and answer.response["choices"][0]["message"]["content"] == "new"
@@ -325,7 +325,7 @@ async def test_a_served_answer_replaced_by_a_new_one_is_served_new(cache: Respon
 async def test_a_served_answer_whose_file_was_deleted_is_no_longer_served(
         cache: ResponseCache, cache_dir: Path) -> None:
     key = key_for("deleted behind our back")
-    cache.put(key, answer_document("cached"))
+    cache.put(key, CacheEntry(**answer_document("cached")))
     assert cache.get(key) is not None
 
     (cache_dir / f"{key}.json").unlink()  # the user clears the cache with rm while the proxy runs
@@ -337,7 +337,7 @@ async def test_a_served_answer_whose_file_was_deleted_is_no_longer_served(
 async def test_answers_served_again_come_from_memory_yet_still_count_their_use(
         cache: ResponseCache, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     key = key_for("popular")
-    cache.put(key, answer_document("again and again"))
+    cache.put(key, CacheEntry(**answer_document("again and again")))
     assert cache.get(key) is not None
     set_last_use(cache_dir, key, 1_000_000)
 
@@ -356,7 +356,7 @@ async def test_memory_for_served_answers_is_bounded(
     cache = open_cache()
     keys = [key_for(f"bounded {i}") for i in range(40)]
     for key in keys:
-        cache.put(key, answer_document("x" * 100))  # ~1.3 KB each: 40 need ~52 KB
+        cache.put(key, CacheEntry(**answer_document("x" * 100)))  # ~1.3 KB each: 40 need ~52 KB
         assert cache.get(key) is not None
 
     assert 0 < cache._hot_bytes <= 32 * 1024
@@ -368,7 +368,7 @@ async def test_memory_for_served_answers_is_bounded(
 async def test_one_file_per_entry_named_by_key_and_no_temp_files(cache: ResponseCache, cache_dir: Path) -> None:
     keys = [key_for(f"q{i}") for i in range(3)]
     for key in keys:
-        cache.put(key, answer_document(key[:8]))
+        cache.put(key, CacheEntry(**answer_document(key[:8])))
 
     assert entry_files(cache_dir) == {f"{key}.json" for key in keys}
     for key in keys:
@@ -395,7 +395,7 @@ async def test_a_write_that_fails_midway_keeps_the_previous_answer_and_leaves_no
     cache: ResponseCache, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key = key_for("atomic")
-    cache.put(key, answer_document("old answer"))
+    cache.put(key, CacheEntry(**answer_document("old answer")))
     real_replace = os.replace
 
     def failing_replace(src: Any, dst: Any) -> None:
@@ -405,7 +405,7 @@ async def test_a_write_that_fails_midway_keeps_the_previous_answer_and_leaves_no
 
     monkeypatch.setattr(llmpod.proxy.cache.os, "replace", failing_replace)
 
-    assert cache.put(key, answer_document("new answer")) is False
+    assert cache.put(key, CacheEntry(**answer_document("new answer"))) is False
 
     assert entry_files(cache_dir) == {f"{key}.json"}
     answer = cache.get(key)
@@ -422,10 +422,10 @@ async def test_count_limit_evicts_least_recently_used(
     cache = open_cache(max_entries=3)
     a, b, c, d = (key_for(name) for name in "abcd")
     for key in (a, b, c):
-        cache.put(key, answer_document(key[:8]))
+        cache.put(key, CacheEntry(**answer_document(key[:8])))
 
     assert cache.get(a) is not None  # a is now the most recently used; b is the oldest
-    cache.put(d, answer_document(d[:8]))
+    cache.put(d, CacheEntry(**answer_document(d[:8])))
 
     assert b not in cache
     assert cache.get(b) is None
@@ -444,10 +444,10 @@ async def test_byte_limit_evicts_least_recently_used(
     assert {stored_size(key, doc) for key, doc in documents.items()} == {size}
     cache = open_cache(max_bytes=2 * size + size // 2)  # room for two entries
 
-    cache.put(a, documents[a])
-    cache.put(b, documents[b])
+    cache.put(a, CacheEntry(**documents[a]))
+    cache.put(b, CacheEntry(**documents[b]))
     assert cache.get(a) is not None  # refresh a: b becomes the oldest
-    cache.put(c, documents[c])
+    cache.put(c, CacheEntry(**documents[c]))
 
     assert entry_files(cache_dir) == {f"{a}.json", f"{c}.json"}
     assert cache.get(b) is None
@@ -458,7 +458,7 @@ async def test_byte_limit_evicts_least_recently_used(
 async def test_total_bytes_tracks_the_files_on_disk(cache: ResponseCache, cache_dir: Path) -> None:
     keys = [key_for(f"size {i}") for i in range(4)]
     for i, key in enumerate(keys):
-        cache.put(key, answer_document("x" * (10 * (i + 1))))
+        cache.put(key, CacheEntry(**answer_document("x" * (10 * (i + 1)))))
     assert cache.total_bytes == disk_bytes(cache_dir)
 
     cache.delete(keys[0])
@@ -471,9 +471,9 @@ async def test_an_answer_larger_than_the_byte_budget_is_kept_alone(
     cache = open_cache(max_bytes=100)  # every answer is bigger than this
     a, b = key_for("big a"), key_for("big b")
 
-    assert cache.put(a, answer_document("a"))
+    assert cache.put(a, CacheEntry(**answer_document("a")))
     assert cache.get(a) is not None
-    assert cache.put(b, answer_document("b"))
+    assert cache.put(b, CacheEntry(**answer_document("b")))
 
     assert entry_files(cache_dir) == {f"{b}.json"}
     assert cache.get(b) is not None
@@ -486,7 +486,7 @@ async def test_a_restarted_cache_serves_the_same_answers(
     first = open_cache()
     keys = [key_for(f"persist {i}") for i in range(3)]
     for key in keys:
-        first.put(key, answer_document(f"answer {key[:6]}"))
+        first.put(key, CacheEntry(**answer_document(f"answer {key[:6]}")))
 
     second = open_cache()
 
@@ -502,7 +502,7 @@ async def test_lru_order_survives_a_restart(open_cache: Callable[..., ResponseCa
     first = open_cache()
     a, b, c, d = (key_for(name) for name in "abcd")
     for key in (a, b, c):
-        first.put(key, answer_document(key[:8]))
+        first.put(key, CacheEntry(**answer_document(key[:8])))
     # last use recorded on disk: b oldest, then c, then a (not the insertion order)
     set_last_use(cache_dir, b, 1_000_000)
     set_last_use(cache_dir, c, 2_000_000)
@@ -513,7 +513,7 @@ async def test_lru_order_survives_a_restart(open_cache: Callable[..., ResponseCa
     assert entry_files(cache_dir) == {f"{a}.json", f"{c}.json"}
     assert len(second) == 2
     assert second.evictions == 1
-    second.put(d, answer_document(d[:8]))
+    second.put(d, CacheEntry(**answer_document(d[:8])))
     assert entry_files(cache_dir) == {f"{a}.json", f"{d}.json"}
 
 
@@ -522,8 +522,8 @@ async def test_a_hit_before_a_restart_counts_as_recent_use(
 ) -> None:
     first = open_cache()
     a, b = key_for("a"), key_for("b")
-    first.put(a, answer_document("a"))
-    first.put(b, answer_document("b"))
+    first.put(a, CacheEntry(**answer_document("a")))
+    first.put(b, CacheEntry(**answer_document("b")))
     set_last_use(cache_dir, a, 1_000_000)
     set_last_use(cache_dir, b, 2_000_000)
 
@@ -541,7 +541,7 @@ async def test_load_enforces_a_smaller_byte_limit(
     first = open_cache()
     keys = [key_for(f"bytes {i}") for i in range(4)]
     for i, key in enumerate(keys):
-        first.put(key, answer_document("same length"))
+        first.put(key, CacheEntry(**answer_document("same length")))
         set_last_use(cache_dir, key, 1_000_000 + i)
     size = stored_size(keys[0], answer_document("same length"))
 
@@ -582,7 +582,7 @@ async def test_a_corrupt_file_is_a_miss_and_is_deleted(
     assert key not in cache
     assert cache.corrupt_discarded == 1
     assert cache.total_bytes == 0
-    assert cache.put(key, answer_document("repaired")) is True
+    assert cache.put(key, CacheEntry(**answer_document("repaired"))) is True
     answer = cache.get(key)
     assert answer is not None
     assert answer.response["choices"][0]["message"]["content"] == "repaired"
@@ -615,7 +615,7 @@ async def test_a_file_deleted_behind_the_caches_back_is_a_plain_miss(
     cache: ResponseCache, cache_dir: Path
 ) -> None:
     key = key_for("vanishing")
-    cache.put(key, answer_document("gone soon"))
+    cache.put(key, CacheEntry(**answer_document("gone soon")))
     (cache_dir / f"{key}.json").unlink()
 
     assert cache.get(key) is None
@@ -633,11 +633,11 @@ async def test_a_full_or_read_only_disk_stops_storing_but_keeps_serving(
 ) -> None:
     stored, refused, later, after = (key_for(name) for name in ("stored", "refused", "later", "after"))
     full_disk.full = False
-    assert cache.put(stored, answer_document("kept"))
+    assert cache.put(stored, CacheEntry(**answer_document("kept")))
     full_disk.full = True
     full_disk.error = error
 
-    assert cache.put(refused, answer_document("no room")) is False
+    assert cache.put(refused, CacheEntry(**answer_document("no room"))) is False
 
     assert cache.store_disabled_reason is not None
     assert os.strerror(error) in cache.store_disabled_reason
@@ -647,13 +647,13 @@ async def test_a_full_or_read_only_disk_stops_storing_but_keeps_serving(
     assert answer is not None
     assert answer.response["choices"][0]["message"]["content"] == "kept"
     # within the pause, puts give up without touching the disk again
-    assert cache.put(later, answer_document("still no room")) is False
+    assert cache.put(later, CacheEntry(**answer_document("still no room"))) is False
     assert full_disk.attempts == [stored, refused]
 
     full_disk.full = False
     fake_monotonic.advance(llmpod.proxy.cache.RETRY_STORE_AFTER + 1)
     assert cache.storing is True
-    assert cache.put(after, answer_document("room again")) is True
+    assert cache.put(after, CacheEntry(**answer_document("room again"))) is True
 
     assert cache.store_disabled_reason is None
     assert cache.get(after) is not None
@@ -678,10 +678,10 @@ async def test_a_cache_directory_that_cannot_be_made_stops_storing_and_serves_no
 async def test_a_full_disk_that_is_still_full_after_the_pause_stays_disabled(
     cache: ResponseCache, full_disk: FullDisk, fake_monotonic: FakeMonotonic
 ) -> None:
-    assert cache.put(key_for("one"), answer_document("1")) is False
+    assert cache.put(key_for("one"), CacheEntry(**answer_document("1"))) is False
     fake_monotonic.advance(llmpod.proxy.cache.RETRY_STORE_AFTER + 1)
 
-    assert cache.put(key_for("two"), answer_document("2")) is False
+    assert cache.put(key_for("two"), CacheEntry(**answer_document("2"))) is False
 
     assert cache.storing is False
     assert cache.store_disabled_reason is not None
@@ -691,8 +691,8 @@ async def test_a_full_disk_that_is_still_full_after_the_pause_stays_disabled(
 # --------------------------------------------------------------------------------------------- delete / clear
 async def test_delete_removes_the_file_and_the_entry(cache: ResponseCache, cache_dir: Path) -> None:
     a, b = key_for("keep"), key_for("drop")
-    cache.put(a, answer_document("keep"))
-    cache.put(b, answer_document("drop"))
+    cache.put(a, CacheEntry(**answer_document("keep")))
+    cache.put(b, CacheEntry(**answer_document("drop")))
 
     assert cache.delete(b) is True
 
@@ -706,7 +706,7 @@ async def test_delete_removes_the_file_and_the_entry(cache: ResponseCache, cache
 async def test_clear_removes_everything(cache: ResponseCache, cache_dir: Path) -> None:
     keys = [key_for(f"clear {i}") for i in range(3)]
     for key in keys:
-        cache.put(key, answer_document(key[:5]))
+        cache.put(key, CacheEntry(**answer_document(key[:5])))
 
     assert cache.clear() == 3
 
@@ -750,7 +750,7 @@ async def test_write_behind_serves_at_once_and_lands_on_disk(tmp_path: Path) -> 
     cache.load()
     cache.start_writer(asyncio.get_running_loop())
     key = cache_key("chat.completions", {"messages": [{"role": "user", "content": "write behind"}]})
-    assert cache.put(key, answer_document("behind"))
+    assert cache.put(key, CacheEntry(**answer_document("behind")))
     answer = cache.get(key)  # before or after the write: always served
     assert answer is not None and answer.json_bytes() == orjson.dumps(answer_document("behind")["response"])
     await asyncio.to_thread(cache.stop_writer)
@@ -764,7 +764,7 @@ async def test_write_behind_delete_wins_over_a_write_in_progress(tmp_path: Path)
     cache.load()
     cache.start_writer(asyncio.get_running_loop())
     key = cache_key("chat.completions", {"messages": [{"role": "user", "content": "deleted early"}]})
-    cache.put(key, answer_document("behind"))
+    cache.put(key, CacheEntry(**answer_document("behind")))
     assert cache.delete(key)
     await asyncio.to_thread(cache.stop_writer)
     await _settle()
@@ -783,7 +783,7 @@ async def test_write_behind_failure_stops_storing_and_keeps_serving(tmp_path: Pa
     monkeypatch.setattr(cache, "_write_atomically", disk_full)
     cache.start_writer(asyncio.get_running_loop())
     key = cache_key("chat.completions", {"messages": [{"role": "user", "content": "no room"}]})
-    cache.put(key, answer_document("behind"))
+    cache.put(key, CacheEntry(**answer_document("behind")))
     await asyncio.to_thread(cache.stop_writer)
     await _settle()
     assert cache.store_disabled_reason is not None and cache.store_errors == 1
@@ -796,7 +796,7 @@ def on_disk(cache_dir: Path, *names: str) -> list[str]:
     earlier = ResponseCache(cache_dir, max_entries=100, max_bytes=10**9)  # not loaded: the scan is held
     keys = [key_for(name) for name in names]
     for age, key in enumerate(keys):
-        earlier.put(key, answer_document(key[:8]))
+        earlier.put(key, CacheEntry(**answer_document(key[:8])))
         set_last_use(cache_dir, key, 1_000_000 + age)
     return keys
 
@@ -813,7 +813,7 @@ async def test_entries_are_served_while_the_index_loads(cache_dir: Path, held_sc
     await loading
 
     assert not cache.loading and len(cache) == 3 and cache.total_bytes == disk_bytes(cache_dir)
-    cache.put(key_for("new"), answer_document("new"))  # over the limit: the least recently used goes
+    cache.put(key_for("new"), CacheEntry(**answer_document("new")))  # over the limit: the least recently used goes
     assert entry_files(cache_dir) == {f"{key}.json" for key in (old, newest, key_for("new"))}
 
 
@@ -838,7 +838,7 @@ async def test_a_clear_while_the_index_loads_removes_what_it_has_not_reached(cac
     loading = await held_scan.start(cache)
     assert cache.clear() == 3
     after = key_for("after the clear")
-    cache.put(after, answer_document("after"))
+    cache.put(after, CacheEntry(**answer_document("after")))
     held_scan.release()
     await loading
 
@@ -851,7 +851,8 @@ async def test_the_limits_hold_once_the_index_has_loaded(cache_dir: Path, held_s
 
     loading = await held_scan.start(cache)
     fresh = key_for("fresh")
-    cache.put(fresh, answer_document("fresh"))  # the oldest entries on disk are not known yet: nothing evicted
+    # the oldest entries on disk are not known yet: nothing evicted
+    cache.put(fresh, CacheEntry(**answer_document("fresh")))
     assert len(entry_files(cache_dir)) == 4
     held_scan.release()
     await loading
@@ -886,4 +887,4 @@ async def test_a_directory_removed_while_the_index_loads_is_an_empty_cache(cache
 
     assert len(cache) == 0 and cache.total_bytes == 0 and not cache.loading
     key = key_for("stored again")
-    assert cache.put(key, answer_document("again")) and cache.get(key) is not None
+    assert cache.put(key, CacheEntry(**answer_document("again"))) and cache.get(key) is not None

@@ -21,6 +21,7 @@ from llmpod.pod.config import PodConfig, check_port_free
 from llmpod.pod.progress import Reporter
 from llmpod.pod.providers import upstream_tool_calling
 from llmpod.pod.state import PodState, RuntimePaths
+from llmpod.proxy_settings import ProxySettings
 
 PROXY_MARKER = "llmpod.proxy"  # in its command line: python -m llmpod.proxy
 WATCHDOG_MARKER = "--watchdog"
@@ -71,15 +72,7 @@ class Sidecars:
         self._stop_strays(PROXY_OF)
         check_port_free(state.proxy_port)
         assert state.upstream_url is not None
-        # the watchdog restarts proxies too: its marker is not the proxy's
-        inherited = {k: v for k, v in os.environ.items()
-                     if k not in (WATCHDOG_OF, processes.HOLD_AT, *TOOL_SETTINGS)}
-        env = {**inherited, **self.tool_env(state), PROXY_OF: str(self.paths.root),
-               "RUNPOD_ENDPOINT": state.upstream_url,
-               "UPSTREAM_API_KEY": state.vllm_api_key.get_secret_value(), "PROXY_HOST": "127.0.0.1",
-               "PROXY_PORT": str(state.proxy_port), "CACHE_DIR": self.config.cache_dir,
-               "MAX_CACHE_SIZE": str(self.config.max_cache_size), "CACHE_SIZE_BYTES": str(self.config.max_cache_bytes),
-               "ENABLE_PROFILING": "1" if self.config.enable_profiling else "0", "LOG_FILE": ""}
+        env = self.proxy_env(state)
         processes.spawn_detached(processes.python_module(PROXY_MARKER), env=env,
                                  log_path=self.paths.proxy_log, pid_path=self.paths.proxy_pid)
         processes.checkpoint("proxy starting")
@@ -88,6 +81,23 @@ class Sidecars:
             if time.monotonic() > deadline or self.proxy_pid() is None:
                 raise PodError(f"the proxy did not start on port {state.proxy_port}; see {self.paths.proxy_log}")
             time.sleep(0.1)
+
+    def proxy_env(self, state: PodState) -> dict[str, str]:
+        """The proxy process's environment, built by ``ProxySettings`` and so validated before it starts: a bad
+        value is a one-line ``ConfigError`` here. What the pod manager does not decide (PROXY_API_KEY,
+        UPSTREAM_TIMEOUT, MAX_BODY_BYTES) comes from the user's environment, as for a proxy started by hand."""
+        assert state.upstream_url is not None
+        # the watchdog restarts proxies too: its marker is not the proxy's
+        inherited = {k: v for k, v in os.environ.items()
+                     if k not in (WATCHDOG_OF, processes.HOLD_AT, *TOOL_SETTINGS)}
+        settings = ProxySettings.from_env(
+            {**inherited, **self.tool_env(state)}, upstream_url=state.upstream_url,
+            upstream_api_key=state.vllm_api_key, host="127.0.0.1", port=state.proxy_port,
+            cache_dir=self.config.cache_dir, max_cache_entries=self.config.max_cache_size,
+            max_cache_bytes=self.config.max_cache_bytes, enable_profiling=self.config.enable_profiling,
+            log_file="",  # stderr only: spawn_detached sends it to proxy.log
+        )
+        return {**inherited, **settings.to_env(), PROXY_OF: str(self.paths.root)}
 
     def tool_env(self, state: PodState) -> dict[str, str]:
         """The proxy's UPSTREAM_TOOL_CALLING (does the pod call tools?) and TOOL_CAPABLE_MODELS (which catalog

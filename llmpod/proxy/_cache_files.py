@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import queue
 import re
@@ -16,13 +18,20 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from llmpod._files import atomic_write
 
 ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.json\Z")  # what the start-up scan indexes; matched from the start
 TMP_PREFIX = ".tmp-"
+log = logging.getLogger("llmpod.proxy.cache")
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# what a full, read-only or vanished disk answers a write with: storing pauses rather than failing every answer
+DISK_REFUSALS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR})
 
 
 @dataclass(slots=True)
@@ -58,6 +67,96 @@ def index_of(directory: str, names: list[str]) -> tuple[OrderedDict[str, IndexEn
     found.sort()  # oldest use first = first to evict
     index = OrderedDict((key, IndexEntry(size, mtime, mtime)) for mtime, key, size in found)
     return index, sum(size for _, _, size in found)
+
+
+def scan(directory: str, names: list[str],
+         index: Callable[[str, list[str]], tuple[OrderedDict[str, IndexEntry], int]] = index_of,
+         ) -> tuple[OrderedDict[str, IndexEntry], int]:
+    """``index`` the listed names; nothing when there were none (the directory may not even exist)."""
+    if not names:
+        return OrderedDict(), 0
+    try:
+        return index(directory, names)
+    except OSError as exc:  # the directory went away meanwhile: what was written since is all there is
+        log.warning("cache: could not index %s: %s", directory, exc.strerror)
+        return OrderedDict(), 0
+
+
+def merge_scan(scanned: OrderedDict[str, IndexEntry], scanned_bytes: int, gone: Iterable[str],
+               recent: OrderedDict[str, IndexEntry]) -> tuple[OrderedDict[str, IndexEntry], int]:
+    """The start-up scan's index (oldest use first) under what happened since the listing: the ``gone`` keys
+    dropped, and the ``recent`` entries (written or served meanwhile) as the most recent uses."""
+    for key in gone:
+        dropped = scanned.pop(key, None)
+        if dropped is not None:
+            scanned_bytes -= dropped.size
+    for key, entry in recent.items():
+        seen = scanned.pop(key, None)
+        scanned[key] = entry
+        scanned_bytes += entry.size - (seen.size if seen is not None else 0)
+    return scanned, scanned_bytes
+
+
+def list_and_tidy(directory: str) -> list[str]:
+    """Every name in the directory; the temp files of writes that a crash interrupted are removed (never
+    served). Call it before this process starts writing."""
+    names = os.listdir(directory)
+    for name in names:
+        if name.startswith(TMP_PREFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(f"{directory}/{name}")
+    return names
+
+
+def stat_entry(directory: str, key: str) -> IndexEntry | None:
+    """The index entry for ``key``'s file, if it is a regular file (a link is not followed)."""
+    try:
+        info = os.stat(f"{directory}/{key}.json", follow_symlinks=False)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    return IndexEntry(size=info.st_size, created=info.st_mtime, last_used=info.st_mtime)
+
+
+class CorruptEntry(Exception):
+    """An entry file that is not a JSON object naming its own key; the message says what is wrong."""
+
+
+def read_document(directory: str, key: str) -> dict[str, Any]:
+    """``key``'s file, parsed; a link swapped in is not followed. Raises ``OSError`` or ``CorruptEntry``."""
+    fd = os.open(f"{directory}/{key}.json", os.O_RDONLY | NOFOLLOW)
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read()
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise CorruptEntry("not valid JSON") from None
+    if not isinstance(document, dict) or document.get("key") != key:
+        raise CorruptEntry("does not match its name")
+    return document
+
+
+def touch(directory: str, key: str, when: float) -> None:
+    """Record a use in the file's mtime (LRU order survives a restart); a link is never followed."""
+    os.utime(f"{directory}/{key}.json", (when, when), follow_symlinks=False)
+
+
+def remove_entry(directory: str, key: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(f"{directory}/{key}.json")
+
+
+def remove_unindexed(directory: str, indexed: Container[str]) -> int:
+    """Remove the entry files whose keys are not in ``indexed``; how many went."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            if ENTRY_NAME.match(name) and name[:-5] not in indexed:
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{directory}/{name}")
+                    removed += 1
+    return removed
 
 
 def write_atomically(directory: str, key: str, data: bytes, writer_id: int) -> None:

@@ -1,9 +1,8 @@
 """The on-disk response cache: one JSON file per answer, named by its key.
 
-* The key is the SHA-256 of a canonical JSON (sorted keys, no whitespace) of the endpoint and the request
-  as forwarded, minus the fields that cannot change the answer (``NON_KEY_FIELDS``).
-* Files are written to a temp name and renamed (``cache_files``), so a crash never leaves a half entry under a
-  key; a file that does not parse or does not match its name is deleted and counted, and the request is a miss.
+* The key (keys.py) is the SHA-256 of a canonical JSON of the endpoint and the request as forwarded.
+* The file layer is ``_cache_files``: a crash never leaves a half entry under a key, and a file that does not
+  parse or does not match its name is deleted and counted (the request is a miss).
 * The index (key -> size and times, never bodies) lives in memory, is rebuilt from a directory scan at
   start (``stat`` only, no file is read), and evicts least-recently-used entries past either limit. The
   proxy stats on a thread while it already serves (``load_behind``): 100k stats take most of a second.
@@ -20,13 +19,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import hashlib
 import logging
 import os
-import re
-import stat
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -35,40 +29,38 @@ from typing import Any
 
 import orjson
 
-from llmpod.proxy._cache_files import ENTRY_NAME, TMP_PREFIX, EntryWriter, IndexEntry, index_of, write_atomically
+from llmpod.proxy import _cache_files as files
+from llmpod.proxy._cache_files import TMP_PREFIX as TMP_PREFIX  # re-exported: what a crash may leave
+from llmpod.proxy._cache_files import EntryWriter, IndexEntry, index_of
+from llmpod.proxy.keys import KEY_PATTERN
+from llmpod.proxy.keys import NON_KEY_FIELDS as NON_KEY_FIELDS  # re-exported: the cache's public names
+from llmpod.proxy.keys import UnkeyableRequest as UnkeyableRequest
+from llmpod.proxy.keys import cache_key as cache_key
 
 log = logging.getLogger("llmpod.proxy.cache")
 
-# Transport and bookkeeping fields: the same question with or without them gets the same answer.
-# ``stream``/``stream_options`` are here so a streamed and a plain request share one entry; ``cache`` is
-# LiteLLM's per-request control object; ``user``, ``metadata``, ``store`` and ``request_id`` only label.
-NON_KEY_FIELDS = frozenset({"stream", "stream_options", "user", "cache", "metadata", "store", "request_id"})
-KEY_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
 FORMAT_VERSION = 1
-NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 RETRY_STORE_AFTER = 60.0  # seconds before trying to write again after a full or read-only disk
 HOT_BYTES = 8 * 1024 * 1024  # file bytes of answers kept parsed in memory (a few times that in RSS)
 
 
-class UnkeyableRequest(ValueError):
-    """A request that cannot be written as canonical JSON: nested deeper than orjson writes (it reads deeper)."""
+@dataclass(slots=True)
+class CacheEntry:
+    """What is stored for one answer; its file holds these fields, after ``format`` and ``key``."""
 
+    endpoint: str
+    model: Any  # the request's (a client may send any JSON there)
+    created: float
+    preview: str  # the first words of the question, for /debug/cache
+    completion_tokens: int
+    request: dict[str, Any]  # as forwarded, without ``stream``/``stream_options``
+    response: dict[str, Any]  # the answer assembled as a non-streamed response
+    chunks: list[str]  # the upstream's SSE data payloads, in order, without the usage chunk
+    usage_chunk: str | None
 
-def cache_key(endpoint: str, body: dict[str, Any]) -> str:
-    """The hex SHA-256 that names the answer to ``body`` on ``endpoint`` (``chat.completions``…)."""
-    request = {}
-    for name, value in body.items():
-        if name in NON_KEY_FIELDS:
-            continue
-        # 0 and 0.0 sample the same way; JSON clients differ in which they send
-        if type(value) is float and value.is_integer() and abs(value) < 2**63:
-            value = int(value)
-        request[name] = value
-    try:
-        canonical = orjson.dumps({"endpoint": endpoint, "request": request}, option=orjson.OPT_SORT_KEYS)
-    except orjson.JSONEncodeError:
-        raise UnkeyableRequest("request body is nested too deeply") from None
-    return hashlib.sha256(canonical).hexdigest()
+    def document(self, key: str) -> dict[str, Any]:
+        """The file's JSON object; the fields in their declared order (``__slots__`` keeps it)."""
+        return {"format": FORMAT_VERSION, "key": key, **{name: getattr(self, name) for name in self.__slots__}}
 
 
 @dataclass(slots=True)
@@ -101,7 +93,7 @@ class ResponseCache:
     def __init__(self, directory: Path, max_entries: int, max_bytes: int) -> None:
         self.directory = directory
         self._dir = str(directory)
-        self._pid = os.getpid()
+        self._pid = os.getpid()  # the writer id: concurrent proxies on one directory keep their temp names apart
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._index: OrderedDict[str, IndexEntry] = OrderedDict()
@@ -115,8 +107,7 @@ class ResponseCache:
         self._writer: EntryWriter | None = None
         self._pending: dict[str, bytes] = {}  # written by the writer thread, not yet on disk
         self._discard: set[str] = set()  # pending entries deleted before their write finished
-        # parsed answers and their file sizes, least recently served first
-        self._hot: OrderedDict[str, tuple[CachedAnswer, int]] = OrderedDict()
+        self._hot: OrderedDict[str, tuple[CachedAnswer, int]] = OrderedDict()  # parsed, with file size; LRU first
         self._hot_bytes = 0
         self._loading = False  # the start-up scan is running (``load_behind``)
         self._gone_while_loading: set[str] = set()  # dropped meanwhile: not to be taken from the scan
@@ -125,7 +116,8 @@ class ResponseCache:
     # ----------------------------------------------------------------- start-up
     def load(self) -> None:
         """Create the directory if needed and rebuild the index from what is on disk, before returning."""
-        self._merge_scanned(*self._scan(self._begin_load()))
+        # this module's ``index_of``, looked up at each call: tests stand in for it
+        self._merge_scanned(*files.scan(self._dir, self._begin_load(), index_of))
 
     def load_behind(self) -> asyncio.Task[None]:
         """``load``, with the stat of every entry done on a thread while the proxy already serves.
@@ -138,19 +130,10 @@ class ResponseCache:
 
     async def _scan_behind(self, names: list[str]) -> None:
         started = time.perf_counter()
-        self._merge_scanned(*await asyncio.to_thread(self._scan, names))
+        self._merge_scanned(*await asyncio.to_thread(files.scan, self._dir, names, index_of))
         log.info("cache index loaded: %d entries, %d bytes in %.2f s", len(self._index), self.total_bytes,
                  time.perf_counter() - started)
 
-    def _scan(self, names: list[str]) -> tuple[OrderedDict[str, IndexEntry], int]:
-        """``index_of`` the listed names; nothing when there were none (the directory may not even exist)."""
-        if not names:
-            return OrderedDict(), 0
-        try:
-            return index_of(self._dir, names)
-        except OSError as exc:  # the directory went away meanwhile: what was written since is all there is
-            log.warning("cache: could not index %s: %s", self.directory, exc.strerror)
-            return OrderedDict(), 0
 
     def _begin_load(self) -> list[str]:
         """Empty the index and list the directory (every name), removing the temp files of interrupted writes
@@ -166,14 +149,10 @@ class ResponseCache:
             self._disable_store(f"cannot create {self.directory}: {exc.strerror}")
             return []
         try:
-            names = os.listdir(self._dir)
+            names = files.list_and_tidy(self._dir)
         except OSError as exc:  # unreadable: nothing on it can be found, but answers may still be stored
             log.error("cache: cannot list %s: %s; starting with an empty index", self.directory, exc.strerror)
             names = []
-        for name in names:
-            if name.startswith(TMP_PREFIX):  # a write that a crash interrupted; never served
-                with contextlib.suppress(OSError):
-                    os.unlink(f"{self._dir}/{name}")
         if not os.access(self.directory, os.W_OK):
             self._disable_store(f"{self.directory} is not writable")
         return names
@@ -181,17 +160,9 @@ class ResponseCache:
     def _merge_scanned(self, scanned: OrderedDict[str, IndexEntry], scanned_bytes: int) -> None:
         """Take the scan's index (oldest use first) under what happened since the listing."""
         if self._cleared_while_loading:  # what the scan found predates the clear, which removed its files
-            scanned.clear()
-            scanned_bytes = 0
-        for key in self._gone_while_loading:
-            gone = scanned.pop(key, None)
-            if gone is not None:
-                scanned_bytes -= gone.size
-        for key, entry in self._index.items():  # written or served since the listing: the most recent uses
-            seen = scanned.pop(key, None)
-            scanned[key] = entry
-            scanned_bytes += entry.size - (seen.size if seen is not None else 0)
-        self._index, self.total_bytes = scanned, scanned_bytes
+            scanned, scanned_bytes = OrderedDict(), 0
+        self._index, self.total_bytes = files.merge_scan(scanned, scanned_bytes, self._gone_while_loading,
+                                                         self._index)
         self._loading = self._cleared_while_loading = False
         self._gone_while_loading.clear()
         self._evict()
@@ -238,7 +209,7 @@ class ResponseCache:
             self._hot.move_to_end(key)
         # the file's mtime records the last use, so LRU order survives a restart; a link is never followed
         try:
-            os.utime(f"{self._dir}/{key}.json", (now, now), follow_symlinks=False)
+            files.touch(self._dir, key, now)
         except (FileNotFoundError, NotADirectoryError):
             self._drop(key)  # removed behind our back: what the user deleted is not served from memory
             return None
@@ -251,14 +222,10 @@ class ResponseCache:
 
     def _adopt(self, key: str) -> IndexEntry | None:
         """Index the entry file for ``key`` if there is one: the start-up scan may not have reached it yet."""
-        try:
-            info = os.stat(f"{self._dir}/{key}.json", follow_symlinks=False)
-        except OSError:
-            return None
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        entry = self._index[key] = IndexEntry(size=info.st_size, created=info.st_mtime, last_used=info.st_mtime)
-        self.total_bytes += info.st_size
+        entry = files.stat_entry(self._dir, key)
+        if entry is not None:
+            self._index[key] = entry
+            self.total_bytes += entry.size
         return entry
 
     def _keep_hot(self, answer: CachedAnswer, size: int) -> None:
@@ -272,31 +239,19 @@ class ResponseCache:
 
     def read_document(self, key: str) -> dict[str, Any] | None:
         """The whole stored file (for /debug/cache/{key}); does not count as a hit."""
-        if key not in self._index:
-            return None
-        return self._read(key)
+        return self._read(key) if key in self._index else None
 
     def _read(self, key: str) -> dict[str, Any] | None:
         try:
-            fd = os.open(f"{self._dir}/{key}.json", os.O_RDONLY | NOFOLLOW)  # a link swapped in is not followed
-            with os.fdopen(fd, "rb") as handle:
-                data = handle.read()
+            return files.read_document(self._dir, key)
         except (FileNotFoundError, NotADirectoryError):
             self._drop(key)  # removed behind our back (with its directory, even): gone, not corrupt
-            return None
         except OSError as exc:
             log.warning("cache entry %s unreadable (%s): treated as a miss", key[:12], exc.strerror)
             self._discard_corrupt(key, "unreadable")
-            return None
-        try:
-            document = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            self._discard_corrupt(key, "not valid JSON")
-            return None
-        if not isinstance(document, dict) or document.get("key") != key:
-            self._discard_corrupt(key, "does not match its name")
-            return None
-        return document
+        except files.CorruptEntry as exc:
+            self._discard_corrupt(key, str(exc))
+        return None
 
     def summaries(self) -> list[tuple[str, IndexEntry]]:
         """Index entries, newest first."""
@@ -308,13 +263,12 @@ class ResponseCache:
         # after a pause, try again: the disk may have been freed or remounted
         return self.store_disabled_reason is None or time.monotonic() >= self._store_retry_at
 
-    def put(self, key: str, document: dict[str, Any]) -> bool:
-        """Store ``document`` under ``key``. False if it is not stored (storing is off, or the write failed);
+    def put(self, key: str, entry: CacheEntry) -> bool:
+        """Store ``entry`` under ``key``. False if it is not stored (storing is off, or the write failed);
         with a writer, True means queued: a failed write is then counted and logged by the writer."""
         if not self.storing:
             return False
-        document = {"format": FORMAT_VERSION, "key": key, **document}
-        data = orjson.dumps(document)
+        data = orjson.dumps(entry.document(key))
         if self._writer is not None:
             self._pending[key] = data
             self._discard.discard(key)
@@ -332,7 +286,7 @@ class ResponseCache:
         self._pending.pop(key, None)
         self._discard.discard(key)
         self.store_errors += 1
-        if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR):
+        if exc.errno in files.DISK_REFUSALS:
             self._disable_store(f"cannot write to {self.directory}: {exc.strerror}")
         else:
             log.warning("could not store cache entry %s: %s", key[:12], exc)
@@ -369,7 +323,7 @@ class ResponseCache:
             writer.stop(timeout)
 
     def _write_atomically(self, key: str, data: bytes) -> None:
-        write_atomically(self._dir, key, data, self._pid)
+        files.write_atomically(self._dir, key, data, self._pid)
 
     def delete(self, key: str) -> bool:
         found = False
@@ -390,12 +344,7 @@ class ResponseCache:
         unindexed = 0
         if self._loading:  # the files the scan has not indexed yet go too, and the merge drops its finds
             self._cleared_while_loading = True
-            with contextlib.suppress(OSError):
-                for name in os.listdir(self._dir):
-                    if ENTRY_NAME.match(name) and name[:-5] not in self._index:
-                        with contextlib.suppress(OSError):
-                            os.unlink(f"{self._dir}/{name}")
-                            unindexed += 1
+            unindexed = files.remove_unindexed(self._dir, self._index)
         for key in keys:
             self._remove_file(key)
             self._drop(key)
@@ -425,8 +374,7 @@ class ResponseCache:
             self._hot_bytes -= hot[1]
 
     def _remove_file(self, key: str) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.directory / f"{key}.json")
+        files.remove_entry(self._dir, key)
 
     def _discard_corrupt(self, key: str, why: str) -> None:
         log.warning("cache entry %s is corrupt (%s): deleted, treated as a miss", key[:12], why)

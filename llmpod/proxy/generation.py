@@ -10,25 +10,28 @@ repeat must not get a new key, nor a /tokenize round trip before its hit).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
-from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from llmpod.errors import UpstreamError
-from llmpod.proxy.cache import CachedAnswer, UnkeyableRequest, cache_key
-from llmpod.proxy.flights import Flight
-from llmpod.proxy.wire import error_body, json_response
+from llmpod.proxy._requestlog import RequestLog
+from llmpod.proxy.cache import CachedAnswer, CacheEntry, ResponseCache, UnkeyableRequest, cache_key
+from llmpod.proxy.flights import Flight, FlightRegistry
+from llmpod.proxy.metrics import ProxyMetrics
+from llmpod.proxy.settings import ProxySettings
+from llmpod.proxy.upstream import Upstream
+from llmpod.proxy.wire import error_body, error_response, json_response
 from llmpod.sse_response import EventStream
 from llmpod.tool_calling import needs_tool_parser, refusal_message
 
-if TYPE_CHECKING:
-    from llmpod.proxy.app import ProxyService
-
+log = logging.getLogger("llmpod.proxy")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PREVIEW_WORDS = 12
 LOG_NAME_CHARS = 200
@@ -129,20 +132,53 @@ def preview(endpoint: str, body: dict[str, Any]) -> str:
     return " ".join(str(text or "").split()[:PREVIEW_WORDS])[:200]
 
 
+class GenerationEndpoint:
+    """One generation route (``POST /v1/chat/completions``, ``POST /v1/completions``) as a plain ASGI app.
+
+    ``ProxyApp`` calls it in front of FastAPI's middleware and router: those layers (server errors, telemetry,
+    body limit, routing, exception handlers) cost as much as a whole cache hit. So it does itself the one job
+    of theirs that matters here: a clean OpenAI-shaped 500 for a bug. The API key is checked before it runs.
+    """
+
+    def __init__(self, endpoint: str, upstream_path: str, handler: Callable[[], GenerationHandler]) -> None:
+        self.endpoint = endpoint  # ``chat.completions`` or ``completions``: names the answer in the cache key
+        self.upstream_path = upstream_path
+        self._handler = handler  # the running service's: it exists only once the app's lifespan started
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self._handler().serve(Request(scope, receive, send), self.endpoint, self.upstream_path,
+                                        tracked_send)
+        except Exception:
+            log.exception("error answering %s", scope["path"])
+            if started:
+                raise  # the status line is out: the server closes the connection, the client sees it cut
+            await error_response("internal proxy error (logged)", 500)(scope, receive, send)
+
+
 class GenerationHandler:
-    """Answers the two generation routes for one ``ProxyService``."""
+    """Answers the two generation routes with the collaborators of one running proxy (``ProxyService``)."""
 
-    def __init__(self, service: ProxyService) -> None:
-        self.service = service
-
-    def handle(self, request: Request, endpoint: str, path: str) -> Response:
-        """For a FastAPI route: a response that answers the request when it is sent (see ``serve``)."""
-        return _Served(self, request, endpoint, path)
+    def __init__(self, settings: ProxySettings, cache: ResponseCache, flights: FlightRegistry, upstream: Upstream,
+                 metrics: ProxyMetrics, request_log: RequestLog) -> None:
+        self.settings = settings
+        self.cache = cache
+        self.flights = flights
+        self.upstream = upstream
+        self.metrics = metrics
+        self.request_log = request_log
 
     async def serve(self, request: Request, endpoint: str, path: str, send: Send) -> None:
         """Answer the request, then count and log it: the client is not kept waiting for the log line."""
         exchange = Exchange(endpoint)
-        self.service.metrics.in_flight += 1
+        self.metrics.in_flight += 1
         streaming = False
         try:
             response, streaming = await self._answer(request, exchange, path)
@@ -152,24 +188,24 @@ class GenerationHandler:
                 self._done(request, exchange)
 
     async def _answer(self, request: Request, exchange: Exchange, path: str) -> tuple[Response, bool]:
-        service = self.service
+        settings, upstream = self.settings, self.upstream
         endpoint = exchange.endpoint
         try:
-            body, body_bytes = await read_json_body(request, service.settings.max_body_bytes)
+            body, body_bytes = await read_json_body(request, settings.max_body_bytes)
             no_cache, no_store = cache_controls(request, body)
             stream = body.get("stream", False)
             if not isinstance(stream, bool) and stream is not None:
                 raise RequestProblem(400, "'stream' must be a boolean", "stream")
             options = body.get("stream_options")
             include_usage = bool(stream) and isinstance(options, dict) and options.get("include_usage") is True
-            if service.settings.upstream_tool_calling is False and endpoint == "chat.completions" \
+            if settings.upstream_tool_calling is False and endpoint == "chat.completions" \
                     and needs_tool_parser(body):
                 # before the cache and the flights, so never stored or joined; vLLM's own 400 names server flags
                 model = str(body.get("model") or "the served model")
-                raise RequestProblem(400, refusal_message(model, service.settings.tool_capable_models), "tools")
+                raise RequestProblem(400, refusal_message(model, settings.tool_capable_models), "tools")
             if isinstance(body.get("model"), str):
                 exchange.model = body["model"]
-            served = await service.upstream.resolve(body.get("model"))
+            served = await upstream.resolve(body.get("model"))
             if served is not None:
                 body["model"] = exchange.model = served.id
                 exchange.resolved = True
@@ -188,7 +224,7 @@ class GenerationHandler:
         if answer is None and flight is None:
             # never raises (what cannot be fitted goes as is). On an older vLLM it may ask /tokenize: an identical
             # request may have launched, or even finished, meanwhile; join it or take its answer, not generate twice
-            body = await service.upstream.fit_context(body, served, body_bytes)
+            body = await upstream.fit_context(body, served, body_bytes)
             answer, flight = (None, None) if no_cache else self._lookup(key)
         if answer is not None:
             return self._hit(exchange, answer, bool(stream), include_usage), False
@@ -198,9 +234,9 @@ class GenerationHandler:
         else:
             exchange.cache = "BYPASS" if no_cache else "MISS"
             forwarded = {**body, "stream": True, "stream_options": {"include_usage": True}}
-            flight = service.flights.launch(
-                key, endpoint, path, forwarded, service.upstream,
-                on_complete=service.store_answer if not no_store else _skip_store,
+            flight = self.flights.launch(
+                key, endpoint, path, forwarded, upstream,
+                on_complete=self._store if not no_store else _skip_store,
                 register=not no_cache, stored=not no_store,
             )
         if stream:
@@ -209,13 +245,30 @@ class GenerationHandler:
 
     def _lookup(self, key: str) -> tuple[CachedAnswer | None, Flight | None]:
         """The cached answer for ``key``, else the flight generating it, else neither."""
-        answer = self.service.cache.get(key)
-        return (answer, None) if answer is not None else (None, self.service.flights.join(key))
+        answer = self.cache.get(key)
+        return (answer, None) if answer is not None else (None, self.flights.join(key))
+
+    async def _store(self, flight: Flight) -> None:
+        """Cache a finished flight's answer: the stream's chunks as sent, and the assembled response."""
+        body = flight.body
+        chunks = [data.decode() for data, usage in flight.events if not usage]
+        usage_chunks = [data.decode() for data, usage in flight.events if usage]
+        self.cache.put(flight.key, CacheEntry(
+            endpoint=flight.endpoint,
+            model=body.get("model"),
+            created=time.time(),
+            preview=preview(flight.endpoint, body),
+            completion_tokens=flight.assembler.completion_tokens,
+            request={k: v for k, v in body.items() if k not in ("stream", "stream_options")},
+            response=flight.result(),
+            chunks=chunks,
+            usage_chunk=usage_chunks[-1] if usage_chunks else None,
+        ))
 
     def _hit(self, exchange: Exchange, answer: CachedAnswer, stream: bool, include_usage: bool) -> Response:
         exchange.cache = "HIT"
         exchange.tokens = answer.completion_tokens
-        headers = exchange.headers(self.service.settings.enable_profiling)
+        headers = exchange.headers(self.settings.enable_profiling)
         if stream:
             return Response(answer.sse_bytes(include_usage), media_type="text/event-stream",
                             headers={**SSE_HEADERS, **headers})
@@ -230,7 +283,7 @@ class GenerationHandler:
         if flight.error is not None:
             return self._error(exchange, flight.error.status, flight.error.body, flight.error.headers)
         exchange.tokens = flight.assembler.completion_tokens
-        return json_response(flight.result(), headers=exchange.headers(self.service.settings.enable_profiling))
+        return json_response(flight.result(), headers=exchange.headers(self.settings.enable_profiling))
 
     async def _stream(self, request: Request, exchange: Exchange, flight: Flight,
                       include_usage: bool) -> tuple[Response, bool]:
@@ -244,7 +297,7 @@ class GenerationHandler:
         if flight.error is not None and not flight.events:
             flight.detach()
             return self._error(exchange, flight.error.status, flight.error.body, flight.error.headers), False
-        headers = {**SSE_HEADERS, **exchange.headers(self.service.settings.enable_profiling)}
+        headers = {**SSE_HEADERS, **exchange.headers(self.settings.enable_profiling)}
         body = self._observe(request, exchange, flight, flight.stream(include_usage))
         return EventStream(body, headers=headers), True
 
@@ -267,31 +320,19 @@ class GenerationHandler:
                headers: dict[str, str] | None = None) -> Response:
         exchange.status = status
         return json_response(body, status, {**(headers or {}),
-                                            **exchange.headers(self.service.settings.enable_profiling)})
+                                            **exchange.headers(self.settings.enable_profiling)})
 
     def _done(self, request: Request, exchange: Exchange) -> None:
-        service = self.service
         seconds = time.perf_counter() - exchange.started
-        service.metrics.in_flight -= 1
-        service.metrics.record(model=exchange.model if exchange.resolved else "-", status=exchange.status,
+        self.metrics.in_flight -= 1
+        self.metrics.record(model=exchange.model if exchange.resolved else "-", status=exchange.status,
                                cache=exchange.cache,
                                seconds=seconds, cached_tokens=exchange.tokens if exchange.cache == "HIT" else 0)
         upstream = "" if exchange.upstream_s is None else f" upstream_ms={exchange.upstream_s * 1000:.1f}"
-        service.request_log.write(
+        self.request_log.write(
             f"{request.method} {request.scope['path']} model={_loggable(exchange.model)} status={exchange.status} "
             f"cache={exchange.cache} latency_ms={seconds * 1000:.2f} lookup_ms={exchange.lookup_s * 1000:.3f}"
             f"{upstream} tokens={exchange.tokens}")
-
-
-class _Served(Response):
-    """A Response (so a route may return it) whose sending is ``GenerationHandler.serve``."""
-
-    def __init__(self, handler: GenerationHandler, request: Request, endpoint: str, path: str) -> None:
-        self.handler, self.request, self.endpoint, self.path = handler, request, endpoint, path
-        self.background = None  # FastAPI attaches its background tasks here (there are none)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.handler.serve(self.request, self.endpoint, self.path, send)
 
 
 def _loggable(name: str) -> str:

@@ -1,169 +1,26 @@
-"""Settings for the proxy, read from the environment in exactly one place.
-
-The names are the original test plan's (``RUNPOD_ENDPOINT``, ``CACHE_DIR``, ``MAX_CACHE_SIZE``,
-``CACHE_SIZE_BYTES``) plus our own. ``ProxySettings.from_env`` validates every value and turns the first
-problem into a one-line ``ConfigError`` that names the variable and the bad value (never a secret's value).
-"""
+"""The proxy's settings, as the proxy package names them: the model lives in the shared ``llmpod.proxy_settings``
+(the pod manager builds the proxy's environment with it, and may not import this package)."""
 
 from __future__ import annotations
 
-import ipaddress
-import os
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from llmpod.proxy_settings import (
+    DEFAULT_UPSTREAM,
+    ENV_NAMES,
+    GIB,
+    MIB,
+    SECRET_FIELDS,
+    ProxySettings,
+    is_loopback,
+    upstream_base,
+)
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-
-from llmpod.errors import ConfigError
-
-DEFAULT_UPSTREAM = "http://127.0.0.1:8001/v1"
-GIB = 1024**3
-MIB = 1024**2
-
-# field name -> environment variable
-ENV_NAMES: dict[str, str] = {
-    "upstream_url": "RUNPOD_ENDPOINT",
-    "cache_dir": "CACHE_DIR",
-    "max_cache_entries": "MAX_CACHE_SIZE",
-    "max_cache_bytes": "CACHE_SIZE_BYTES",
-    "host": "PROXY_HOST",
-    "port": "PROXY_PORT",
-    "upstream_api_key": "UPSTREAM_API_KEY",
-    "proxy_api_key": "PROXY_API_KEY",
-    "upstream_timeout": "UPSTREAM_TIMEOUT",
-    "log_file": "LOG_FILE",
-    "enable_profiling": "ENABLE_PROFILING",
-    "max_body_bytes": "MAX_BODY_BYTES",
-    "upstream_tool_calling": "UPSTREAM_TOOL_CALLING",
-    "tool_capable_models": "TOOL_CAPABLE_MODELS",
-}
-SECRET_FIELDS = {"upstream_api_key", "proxy_api_key"}
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-_ENDPOINT_SUFFIXES = ("/chat/completions", "/completions", "/models")
-
-
-def is_loopback(host: str) -> bool:
-    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def upstream_base(url: str) -> str:
-    """The OpenAI base URL (``…/v1``) for a full endpoint URL or a base URL."""
-    parts = urlsplit(url.strip())
-    path = parts.path.rstrip("/")
-    for suffix in _ENDPOINT_SUFFIXES:
-        if path.endswith(suffix):
-            path = path[: -len(suffix)]
-            break
-    path = path.rstrip("/") or "/v1"
-    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
-
-
-class ProxySettings(BaseModel):
-    """Everything the proxy needs to run. Build it with ``from_env`` or directly in tests."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    upstream_url: str = DEFAULT_UPSTREAM
-    cache_dir: Path = Path("/tmp/llm_cache")
-    max_cache_entries: int = Field(1000, ge=1)
-    max_cache_bytes: int = Field(GIB, ge=1024)
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    upstream_api_key: SecretStr | None = None
-    proxy_api_key: SecretStr | None = None
-    upstream_timeout: float = Field(300.0, gt=0, le=3600)
-    log_file: Path | None = Path("/tmp/proxy_fastapi.log")
-    enable_profiling: bool = False
-    max_body_bytes: int = Field(32 * MIB, ge=1024)
-    # set by manage_pod.py from the catalog: False = the upstream runs without a tool-call parser, so requests
-    # with tools get the proxy's one-line 400 naming tool_capable_models; None = unknown, everything is forwarded
-    upstream_tool_calling: bool | None = None
-    tool_capable_models: tuple[str, ...] = ()
-
-    @field_validator("upstream_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) URL such as http://127.0.0.1:8001/v1")
-        return value.strip()
-
-    @field_validator("upstream_api_key", "proxy_api_key")
-    @classmethod
-    def _no_blank_secret(cls, value: SecretStr | None) -> SecretStr | None:
-        # a key pasted with a trailing newline would otherwise make every request fail with 401
-        if value is None or not value.get_secret_value().strip():
-            return None
-        return SecretStr(value.get_secret_value().strip())
-
-    @property
-    def upstream_base(self) -> str:
-        """``http(s)://host:port/…/v1``: where the OpenAI routes live upstream."""
-        return upstream_base(self.upstream_url)
-
-    @property
-    def upstream_root(self) -> str:
-        """Where vLLM's own routes (``/health``, ``/tokenize``) live: the base without ``/v1``."""
-        base = self.upstream_base
-        return base[: -len("/v1")] if base.endswith("/v1") else base
-
-    def check_bind_safety(self) -> None:
-        """Refuse to expose the proxy (and the paid pod behind it) to the network without a key."""
-        if not is_loopback(self.host) and self.proxy_api_key is None:
-            raise ConfigError(
-                f"PROXY_HOST={self.host} is not a loopback address: set PROXY_API_KEY so that only "
-                "clients with the key can use the proxy, or bind 127.0.0.1"
-            )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ProxySettings:
-        """Read the settings from ``environ`` (default ``os.environ``); ``overrides`` win (CLI flags)."""
-        env = os.environ if environ is None else environ
-        raw: dict[str, Any] = {}
-        for field, name in ENV_NAMES.items():
-            if name in env:
-                raw[field] = env[name]
-        if "enable_profiling" in raw:
-            raw["enable_profiling"] = _parse_bool("ENABLE_PROFILING", raw["enable_profiling"])
-        if raw.get("log_file") in ("", "-"):
-            raw["log_file"] = None
-        if "upstream_tool_calling" in raw:
-            value = raw["upstream_tool_calling"].strip()
-            raw["upstream_tool_calling"] = _parse_bool("UPSTREAM_TOOL_CALLING", value) if value else None
-        if "tool_capable_models" in raw:
-            raw["tool_capable_models"] = tuple(n.strip() for n in raw["tool_capable_models"].split(",") if n.strip())
-        raw.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            settings = cls(**raw)
-        except ValidationError as exc:
-            raise _one_line(exc, raw) from None
-        settings.check_bind_safety()
-        return settings
-
-
-def _parse_bool(name: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ConfigError(f"{name}={value!r} is not a boolean (use 1/0, true/false)")
-
-
-def _one_line(exc: ValidationError, raw: Mapping[str, Any]) -> ConfigError:
-    error = exc.errors()[0]
-    field = str(error["loc"][0]) if error["loc"] else "?"
-    name = ENV_NAMES.get(field, field)
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if field in SECRET_FIELDS:
-        return ConfigError(f"{name} is invalid: {message}")
-    return ConfigError(f"{name}={raw.get(field)!r} is invalid: {message}")
+__all__ = [
+    "DEFAULT_UPSTREAM",
+    "ENV_NAMES",
+    "GIB",
+    "MIB",
+    "SECRET_FIELDS",
+    "ProxySettings",
+    "is_loopback",
+    "upstream_base",
+]

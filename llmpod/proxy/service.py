@@ -1,0 +1,52 @@
+"""``ProxyService``: everything one running proxy holds, made by the app's lifespan."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from llmpod.proxy._http import HTTPPool
+from llmpod.proxy._requestlog import RequestLog
+from llmpod.proxy.cache import ResponseCache
+from llmpod.proxy.flights import Flight, FlightRegistry
+from llmpod.proxy.generation import GenerationHandler
+from llmpod.proxy.metrics import ProxyMetrics
+from llmpod.proxy.settings import ProxySettings
+from llmpod.proxy.upstream import Upstream
+
+HEALTH_TTL = 2.0  # seconds an upstream probe is reused (the watchdog polls /health)
+
+
+class ProxyService:
+    """Everything one running proxy holds."""
+
+    def __init__(self, settings: ProxySettings, client: httpx.AsyncClient, pool: HTTPPool | None = None) -> None:
+        self.settings = settings
+        self.started_at = time.time()
+        self.cache = ResponseCache(settings.cache_dir, settings.max_cache_entries, settings.max_cache_bytes)
+        self.metrics = ProxyMetrics(self.cache)
+        self.upstream = Upstream(settings, client, pool)
+        self.flights = FlightRegistry(on_finished=self._record_upstream)
+        self.request_log = RequestLog(settings.log_file)
+        self.generation = GenerationHandler(
+            settings, self.cache, self.flights, self.upstream, self.metrics, self.request_log
+        )
+        self._health: tuple[float, dict[str, Any]] | None = None
+
+    def _record_upstream(self, flight: Flight) -> None:
+        self.upstream.learn(flight.body, flight.assembler.usage)
+        if flight.cancelled:
+            return
+        end = flight.finished_at or time.perf_counter()
+        ttft = None if flight.first_token_at is None else flight.first_token_at - flight.started_at
+        self.metrics.record_upstream(
+            seconds=end - flight.started_at, ttft=ttft, error_status=flight.error.status if flight.error else None
+        )
+
+    async def upstream_health(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if self._health is None or now - self._health[0] > HEALTH_TTL:
+            self._health = (now, await self.upstream.probe())
+        return self._health[1]
