@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmpod.pod import processes
-from tests.conftest import wait_until
-from tests.e2e_harness import ROOT, FakeRunPod, Workdir, pid_alive, port_free
+from tests.support.e2e_harness import ROOT, FakeRunPod, Workdir, pid_alive, port_free
+from tests.support.helpers import wait_until
 
 TRACEBACK = "Traceback (most recent call last)"
 # --status (and every other run) names each llmpod-* pod this directory does not know, like this:

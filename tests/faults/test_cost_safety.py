@@ -17,8 +17,6 @@ import signal
 import httpx
 import pytest
 
-from tests.conftest import wait_until
-from tests.e2e_harness import FakeRunPod, Workdir, vllm_crash_lines
 from tests.faults.ledger import FaultLedger
 from tests.faults.lifecycle_kills import (
     PHASES,
@@ -35,13 +33,15 @@ from tests.faults.lifecycle_kills import (
     shutdown_and_count,
     user_checks,
 )
+from tests.support.e2e_harness import FakeRunPod, Workdir, vllm_crash_lines
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.slow
 AREA = "cost safety"
 
 # the default run keeps the two kills that cost most if mishandled; the whole phase x signal matrix is soak
 # (the watchdog's expiry and idle decisions are tests/pod/test_watchdog.py's, in-process; its process ending an idle
-# session is tests/test_manage_pod_e2e.py's)
+# session is tests/pod/test_manage_pod_e2e.py's)
 DEFAULT_RUN = {("create sent, no pod yet", signal.SIGINT), ("waiting for vLLM health", signal.SIGINT)}
 MATRIX = [pytest.param(name, sig, id=f"{SIGNAL_NAMES[sig]}-{name.replace(' ', '_').replace(',', '')}",
                        marks=() if (name, sig) in DEFAULT_RUN else (pytest.mark.soak,))

@@ -3,7 +3,7 @@
 GPU failover (no capacity, a 403 pool, max_hourly_cost), a create that answers 5xx or times out though the pod
 exists, terminate-and-verify with its retries and its loud failure (exit 4), crash loops (one line, the pod
 terminated), the ready timeout, reuse and replacement. The process tests keep what only processes show (signals,
-kill -9, ports, leaks, exit codes end to end: tests/test_manage_pod_e2e.py, tests/faults/test_cost_safety.py).
+kill -9, ports, leaks, exit codes end to end: tests/pod/test_manage_pod_e2e.py, tests/faults/test_cost_safety.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pytest
 from llmpod.errors import CleanupFailedError, CrashLoopError, PodError
 from llmpod.pod.lifecycle import TERMINATE_DEADLINE
 from llmpod.pod.state import load_state
-from tests.e2e_harness import vllm_crash_lines
-from tests.fakes.provider import FakeClock, FakeProvider
-from tests.fakes.session import A6000, L40S, Rig, make_session
+from tests.fakes.fake_provider import FakeClock, FakeProvider
+from tests.fakes.fake_session import A6000, L40S, Rig, make_session
+from tests.support.e2e_harness import vllm_crash_lines
 
 BILLED = re.compile(r"\(terminated after (\d+)s, (?:about \$\d+\.\d\d|under \$0\.01) billed\)$")
 

@@ -2,7 +2,7 @@
 
 Expiry, idleness (and what counts as activity), a pod that disappeared, a proxy that stopped answering, an
 interrupted shutdown to finish, a RunPod error that is retried. That the detached watchdog process really runs
-these rounds and survives a kill is tests/test_manage_pod_e2e.py's and tests/faults/test_cost_safety.py's.
+these rounds and survives a kill is tests/pod/test_manage_pod_e2e.py's and tests/faults/test_cost_safety.py's.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from llmpod.errors import RunPodUnavailable
 from llmpod.pod.state import PodState, load_state, save_state
 from llmpod.pod.watchdog import check_once
-from tests.fakes.session import Rig, make_session
+from tests.fakes.fake_session import Rig, make_session
 
 
 @pytest.fixture
