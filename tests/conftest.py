@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,10 +13,11 @@ import pytest
 
 import llmpod.proxy._cache_files
 import llmpod.proxy.cache
-from tests.servers import LoopbackServer
+from tests.support.helpers import SERVED_MODEL, HeldScan, MockControl, ProxyFactory
+from tests.support.servers import LoopbackServer
 
 if TYPE_CHECKING:
-    from tests.e2e_harness import FakeRunPod, Workdir
+    from tests.support.e2e_harness import FakeRunPod, Workdir
 
 # Every variable our programs read. Tests start from none of them, so a developer's shell (a real
 # RUNPOD_API_KEY, a CACHE_DIR in /tmp) can never leak into a test or be touched by one.
@@ -57,8 +56,6 @@ def interruptible_children() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------------
 # Real servers on loopback: the mock vLLM server and the proxy in front of it.
 
-SERVED_MODEL = "TheBloke/deepseek-coder-33B-instruct-AWQ"
-SHORT_MODEL = "deepseek-coder-33b-awq"
 
 
 @pytest.fixture
@@ -77,29 +74,9 @@ def mock_vllm(mock_vllm_settings: dict[str, object]) -> Iterator[LoopbackServer]
         yield server
 
 
-class MockControl:
-    """Test-side handle on the mock's /mock routes."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def stats(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/mock/stats", timeout=5).json()  # type: ignore[no-any-return]
-
-    def generations(self) -> int:
-        requests = self.stats()["requests"]
-        return int(requests.get("chat.completions", 0)) + int(requests.get("completions", 0))
-
-    def configure(self, **switches: Any) -> None:
-        httpx.post(f"{self.url}/mock/config", json=switches, timeout=5).raise_for_status()
-
-
 @pytest.fixture
 def mock_control(mock_vllm: LoopbackServer) -> MockControl:
     return MockControl(mock_vllm.url)
-
-
-ProxyFactory = Callable[..., LoopbackServer]
 
 
 @pytest.fixture
@@ -138,21 +115,6 @@ def client(proxy: LoopbackServer) -> Iterator[httpx.Client]:
         yield http
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0, interval: float = 0.01) -> None:
-    """Poll ``condition`` until it holds, within a bound (never a fixed sleep): a cache write lands just after
-    the answer, a watchdog acts on its next round, a fake pod changes phase on its own clock."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not the case within {timeout}s")
-        time.sleep(interval)
-
-
-def wait_for_stored(http: httpx.Client, entries: int, base: str = "") -> None:
-    """Wait until the proxy's cache index holds ``entries`` answers (they are written after the reply)."""
-    wait_until(lambda: http.get(f"{base}/metrics").json()["cache_entries"] >= entries, f"{entries} answers stored")
-
-
 @pytest.fixture
 def silent_upstream() -> Iterator[str]:
     """A server that accepts connections and never answers."""
@@ -186,7 +148,7 @@ def silent_upstream() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def shared_fake_runpod() -> Iterator[FakeRunPod]:
-    from tests.e2e_harness import running_fake_runpod
+    from tests.support.e2e_harness import running_fake_runpod
 
     with running_fake_runpod() as fake:
         yield fake
@@ -196,7 +158,7 @@ def shared_fake_runpod() -> Iterator[FakeRunPod]:
 def fake_runpod(shared_fake_runpod: FakeRunPod) -> Iterator[FakeRunPod]:
     """One fake RunPod process for the run (starting one costs about a second), reset before each test to how
     it started: its settings, no pods (their mock vLLM servers stopped), no calls. The test fails if any request
-    to it, or any answer from it, broke the official RunPod spec (tests/runpod_spec.py)."""
+    to it, or any answer from it, broke the official RunPod spec (tests/fakes/runpod_spec.py)."""
     httpx.post(f"{shared_fake_runpod.url}/fake/reset", timeout=30).raise_for_status()
     yield shared_fake_runpod
     shared_fake_runpod.assert_spec_kept()
@@ -206,7 +168,7 @@ def fake_runpod(shared_fake_runpod: FakeRunPod) -> Iterator[FakeRunPod]:
 def workdir(tmp_path: Path, fake_runpod: FakeRunPod) -> Iterator[Workdir]:
     """A directory with a pod_config.json pointing at the fake; whatever a test leaves running is shut down
     after it, and the test fails if any helper process of the directory outlived that shutdown."""
-    from tests.e2e_harness import Workdir, cleanup
+    from tests.support.e2e_harness import Workdir, cleanup
 
     work = Workdir(tmp_path, fake_runpod)
     yield work
@@ -214,36 +176,6 @@ def workdir(tmp_path: Path, fake_runpod: FakeRunPod) -> Iterator[Workdir]:
 
 
 # ------------------------------------------------------------------------------- the cache's start-up scan
-class HeldScan:
-    """Stands in for the start-up scan's thread work and holds its result until ``release``: what happens
-    meanwhile is what a proxy serving during its first second sees. The files are looked at first (the stats
-    predate what the test does next), or with ``look_late``, after the release. Scans started while ``armed``
-    is off are not held."""
-
-    def __init__(self) -> None:
-        self.gate = threading.Event()
-        self.scanning = threading.Event()
-        self.look_late = False
-        self.armed = True
-
-    def index_of(self, directory: str, names: list[str]) -> Any:
-        if not self.armed:
-            return llmpod.proxy._cache_files.index_of(directory, names)
-        found = None if self.look_late else llmpod.proxy._cache_files.index_of(directory, names)
-        self.scanning.set()
-        assert self.gate.wait(timeout=10), "the test never released the scan"
-        return llmpod.proxy._cache_files.index_of(directory, names) if found is None else found
-
-    def release(self) -> None:
-        self.gate.set()
-
-    async def start(self, cache: llmpod.proxy.cache.ResponseCache) -> asyncio.Task[None]:
-        """``cache.load_behind()``, returned once the scan has looked at the files."""
-        loading = cache.load_behind()
-        assert await asyncio.to_thread(self.scanning.wait, 10), "the scan never started"
-        return loading
-
-
 @pytest.fixture
 def held_scan(monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldScan]:
     scan = HeldScan()

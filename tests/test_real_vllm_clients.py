@@ -5,7 +5,7 @@ The turns replayed are the recorded ones in tests/fixtures/clients/ (tools, Kilo
 ``max_tokens: 32000``, streamed with ``stream_options.include_usage``). The pod's arguments come from the real
 ``llmpod.pod.providers.vllm_args`` on a ``PodSpec`` built as ``Session._create`` builds it; the proxy is started
 by the real ``Sidecars.ensure_proxy`` of a ``Session`` built as ``cli.build_session`` builds it (so with the environment
-manage_pod.py gives the proxy). vLLM is tests/real_vllm.py's stub
+manage_pod.py gives the proxy). vLLM is tests/support/real_vllm.py's stub
 server (vLLM 0.33.0's own API server, parsers and chat-template rendering on CPU; only the GPU engine is faked and
 the model is its tiny-llama stand-in), with its ``--stub-tool-calls`` so a prompt that lists tools is answered with
 a hermes-style tool call.
@@ -38,8 +38,8 @@ from llmpod.pod.progress import Reporter
 from llmpod.pod.providers import REPO_ROOT, LocalProvider, PodSpec, vllm_args
 from llmpod.pod.sidecars import Sidecars
 from llmpod.pod.state import POD_NAME_PREFIX, PodState, RuntimePaths
-from tests.real_vllm import PYTHON_ENV, real_vllm, vllm_available
-from tests.servers import free_port
+from tests.support.real_vllm import PYTHON_ENV, real_vllm, vllm_available
+from tests.support.servers import free_port
 
 FIXTURES = Path(__file__).parent / "fixtures" / "clients"
 AGENT_TURNS = ["kilo_turn", "kilo_turn_after_tool", "continue_turn", "continue_turn_after_tool"]

@@ -16,8 +16,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from llmpod.sse_response import EventStream
-from tests.conftest import wait_until
-from tests.servers import LoopbackServer
+from tests.support.helpers import wait_until
+from tests.support.servers import LoopbackServer
 
 
 class Probe:

@@ -19,8 +19,8 @@ from llmpod.pod.sidecars import Sidecars
 from llmpod.pod.state import PodState, RuntimePaths
 from llmpod.proxy.settings import ProxySettings
 from llmpod.tool_calling import needs_tool_parser, refusal_message, serves_tools, tool_args
-from tests.conftest import SHORT_MODEL, MockControl, ProxyFactory
-from tests.test_proxy_app import chat
+from tests.proxy.test_app import chat
+from tests.support.helpers import SHORT_MODEL, MockControl, ProxyFactory
 
 CATALOG = builtin_catalog()
 CAPABLE = tuple(model.id for model in CATALOG.models if model.tool_calling)
@@ -211,7 +211,7 @@ def test_a_tools_request_passes_through_when_the_pod_calls_tools_or_nobody_knows
 
 # --------------------------------------------------------------------------------------------- manage_pod --local
 def test_local_pod_of_a_tool_less_model_refuses_agent_turns_in_one_line(tmp_path: Path) -> None:
-    from tests.e2e_harness import MODEL, Workdir, assert_no_survivors
+    from tests.support.e2e_harness import MODEL, Workdir, assert_no_survivors
 
     work = Workdir(tmp_path, None)  # MODEL: DeepSeek Coder 33B, no tool calling in vLLM
     try:

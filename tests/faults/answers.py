@@ -19,7 +19,7 @@ import httpx
 import orjson
 
 from llmpod.mock import generation as gen
-from tests.conftest import SERVED_MODEL
+from tests.support.helpers import SERVED_MODEL
 
 HONEST_5XX = frozenset({502, 504})  # the upstream's own failure, named as such by the proxy
 ERROR_FIELDS = {"message", "type", "param", "code"}

@@ -28,8 +28,8 @@ from typing import Any
 
 from llmpod._files import atomic_write
 from llmpod.pod import processes
-from tests.conftest import wait_until
-from tests.e2e_harness import ROOT, FakeRunPod, Workdir, pid_alive, port_free
+from tests.support.e2e_harness import ROOT, FakeRunPod, Workdir, pid_alive, port_free
+from tests.support.helpers import wait_until
 
 TRACEBACK = "Traceback (most recent call last)"
 # --status (and every other run) names each llmpod-* pod this directory does not know, like this:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.servers import ServerProcess, base_env
-from tests.conftest import SERVED_MODEL
+from tests.support.helpers import SERVED_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import SERVED_MODEL
 from tests.faults.hostile import RawOutcome, answer_problem, proxy_process, raw_request, rss_mib
 from tests.faults.ledger import FaultLedger
-from tests.servers import LoopbackServer
+from tests.support.helpers import SERVED_MODEL
+from tests.support.servers import LoopbackServer
 
 AREA = "bad input"
 MIB = 1024 * 1024
@@ -353,7 +353,7 @@ QUICK_AND_SOAK = [pytest.param(False, id="quick"), pytest.param(True, id="soak",
 def _record_a_running_pod(workdir: Any, fake: Any) -> None:
     """A pod created at the fake RunPod under our prefix, and a pod_state.json naming it."""
     from llmpod.pod.state import PodState, RuntimePaths, save_state
-    from tests.e2e_harness import API_KEY, MODEL
+    from tests.support.e2e_harness import API_KEY, MODEL
 
     name = f"llmpod-{os.urandom(4).hex()}"
     body = {"name": name, "image": "vllm/vllm-openai:v0.33.0", "gpu": {"id": "NVIDIA L40S", "count": 1},
@@ -382,7 +382,7 @@ def _clean_exit_2(result: Any, *, one_line: bool) -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.soak  # the default run has tests/test_manage_pod_e2e.py's bad configs and test_pod_config.py's fuzz
+@pytest.mark.soak  # the default run has tests/pod/test_manage_pod_e2e.py's bad configs and pod/test_config.py's fuzz
 @pytest.mark.parametrize("full", [True])
 def test_a_bad_pod_config_exits_2_in_one_line_creating_nothing(workdir: Any, fake_runpod: Any,
                                                                fault_ledger: FaultLedger, full: bool) -> None:

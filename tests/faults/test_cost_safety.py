@@ -17,8 +17,6 @@ import signal
 import httpx
 import pytest
 
-from tests.conftest import wait_until
-from tests.e2e_harness import FakeRunPod, Workdir, vllm_crash_lines
 from tests.faults.ledger import FaultLedger
 from tests.faults.lifecycle_kills import (
     PHASES,
@@ -35,12 +33,15 @@ from tests.faults.lifecycle_kills import (
     shutdown_and_count,
     user_checks,
 )
+from tests.support.e2e_harness import FakeRunPod, Workdir, vllm_crash_lines
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.slow
 AREA = "cost safety"
 
 # the default run keeps the two kills that cost most if mishandled; the whole phase x signal matrix is soak
-# (the default run's watchdog expiry is tests/test_manage_pod_e2e.py's)
+# (the watchdog's expiry and idle decisions are tests/pod/test_watchdog.py's, in-process; its process ending an idle
+# session is tests/pod/test_manage_pod_e2e.py's)
 DEFAULT_RUN = {("create sent, no pod yet", signal.SIGINT), ("waiting for vLLM health", signal.SIGINT)}
 MATRIX = [pytest.param(name, sig, id=f"{SIGNAL_NAMES[sig]}-{name.replace(' ', '_').replace(',', '')}",
                        marks=() if (name, sig) in DEFAULT_RUN else (pytest.mark.soak,))
@@ -61,6 +62,8 @@ def test_kill_at_each_phase(workdir: Workdir, fake_runpod: FakeRunPod, fault_led
 
 
 # ------------------------------------------------------------------------------------- RunPod's own faults
+# in the default run in-process: tests/pod/test_session.py (a 5xx create that made its pod is found by name)
+@pytest.mark.soak
 def test_create_answers_500_but_the_pod_exists(workdir: Workdir, fake_runpod: FakeRunPod,
                                                fault_ledger: FaultLedger) -> None:
     fake_runpod.configure(create_500_after_create=1)
@@ -124,6 +127,8 @@ def test_a_gpu_pool_answers_403(workdir: Workdir, fake_runpod: FakeRunPod, fault
     record(fault_ledger, "create answers 403 on a GPU pool (no access), then on every pool", tally)
 
 
+# in the default run in-process: tests/pod/test_session.py (terminate retried until the pod is gone)
+@pytest.mark.soak
 def test_delete_answers_500_twice_then_works(workdir: Workdir, fake_runpod: FakeRunPod,
                                              fault_ledger: FaultLedger) -> None:
     assert workdir.run().returncode == 0

@@ -29,7 +29,6 @@ import pytest
 import llmpod._files
 import llmpod.proxy._cache_files
 import llmpod.proxy.cache
-from tests.conftest import MockControl, ProxyFactory
 from tests.faults.answers import (
     HONEST_5XX,
     Tally,
@@ -41,7 +40,8 @@ from tests.faults.answers import (
 )
 from tests.faults.ledger import FaultLedger
 from tests.faults.proxy_runner import proxy_process
-from tests.servers import LoopbackServer, free_port
+from tests.support.helpers import MockControl, ProxyFactory
+from tests.support.servers import LoopbackServer, free_port
 
 AREA = "proxy faults"
 CHUNKS = 8  # tokens per mock answer

@@ -16,10 +16,10 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import SERVED_MODEL, ProxyFactory, wait_for_stored, wait_until
-from tests.e2e_harness import API_KEY, MODEL, FakeRunPod, Workdir
 from tests.faults.hostile import ROOT, answer_problem, read_all, secret_sightings
 from tests.faults.ledger import FaultLedger
+from tests.support.e2e_harness import API_KEY, MODEL, FakeRunPod, Workdir
+from tests.support.helpers import SERVED_MODEL, ProxyFactory, wait_for_stored, wait_until
 
 AREA = "security"
 # obviously fake, but shaped like the real thing so that any redaction by pattern would apply to them too
@@ -231,7 +231,7 @@ def _routes(proxy: Any) -> list[list[tuple[str, str]]]:
     return found
 
 
-# tests/test_proxy_cli.py refuses PROXY_HOST=0.0.0.0 in the default run already
+# tests/proxy/test_cli.py refuses PROXY_HOST=0.0.0.0 in the default run already
 PUBLIC_HOSTS = [pytest.param(host, marks=pytest.mark.soak) for host in ("::", "0.0.0.0", "192.168.1.50")]
 
 

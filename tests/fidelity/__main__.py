@@ -1,7 +1,7 @@
 """``python3 -m tests.fidelity``: compare the mock with the golden files; ``--live`` re-records them from vLLM.
 
 ``--live`` needs ``LLMPOD_VLLM_PYTHON`` (a python with vllm 0.33 installed) and the shared real-vLLM tool
-(see tests/real_vllm.py); it starts vLLM's own server once per server configuration of the corpus (about 15 s
+(see tests/support/real_vllm.py); it starts vLLM's own server once per server configuration of the corpus (about 15 s
 each) and rewrites ``tests/fidelity/golden/``. It is never part of the default test run or CI.
 """
 
@@ -47,7 +47,7 @@ async def _record(url: str, cases: list[Case]) -> None:
 
 
 def record(selected: list[Case]) -> int:
-    from tests.real_vllm import real_vllm, vllm_available, vllm_version
+    from tests.support.real_vllm import real_vllm, vllm_available, vllm_version
 
     reason = vllm_available()
     if reason:

@@ -1,6 +1,6 @@
 """The requests the fidelity tier sends to vLLM's own server and to the mock, and the servers they go to.
 
-Each server is started twice over: real vLLM 0.33 (``tests/real_vllm.py``, only when recording with ``--live``)
+Each server is started twice over: real vLLM 0.33 (``tests/support/real_vllm.py``, only when recording with ``--live``)
 with ``vllm_args``, and the mock with ``mock`` settings meant to be the same configuration. The stub engine answers
 ``stub_tokens`` tokens then EOS, so the mock answers as many (``chunk_count``) and finish reasons agree.
 

@@ -11,7 +11,7 @@ import pytest
 from tests.fidelity.__main__ import GOLDEN, load_golden, mock_answer, stale
 from tests.fidelity.compare import differences, normalize
 from tests.fidelity.corpus import CASES, SERVERS, Case
-from tests.real_vllm import server_argv
+from tests.support.real_vllm import server_argv
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
