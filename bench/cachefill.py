@@ -23,13 +23,62 @@ ENDPOINT = "chat.completions"
 MODEL = "m"
 MIN_SIZE = 2 * 1024
 MAX_SIZE = 20 * 1024
-SYSTEM = ("You are an expert programming assistant. Answer with working code and a short explanation; "
-          "prefer the standard library and keep functions small.")
-WORDS = ("def", "return", "self", "import", "class", "value", "items", "for", "in", "range", "len", "async",
-         "await", "yield", "list", "dict", "None", "True", "parse", "config", "request", "response", "cache",
-         "path", "open", "with", "as", "try", "except", "raise", "error", "print", "format", "json", "load",
-         "write", "read", "key", "index", "data", "result", "count", "while", "break", "lambda", "sorted",
-         "filter", "map", "token", "stream")
+SYSTEM = (
+    "You are an expert programming assistant. Answer with working code and a short explanation; "
+    "prefer the standard library and keep functions small."
+)
+WORDS = (
+    "def",
+    "return",
+    "self",
+    "import",
+    "class",
+    "value",
+    "items",
+    "for",
+    "in",
+    "range",
+    "len",
+    "async",
+    "await",
+    "yield",
+    "list",
+    "dict",
+    "None",
+    "True",
+    "parse",
+    "config",
+    "request",
+    "response",
+    "cache",
+    "path",
+    "open",
+    "with",
+    "as",
+    "try",
+    "except",
+    "raise",
+    "error",
+    "print",
+    "format",
+    "json",
+    "load",
+    "write",
+    "read",
+    "key",
+    "index",
+    "data",
+    "result",
+    "count",
+    "while",
+    "break",
+    "lambda",
+    "sorted",
+    "filter",
+    "map",
+    "token",
+    "stream",
+)
 TOKENS = (*(f" {w}" for w in WORDS), "(", ")", ":", "\n    ", ",", ".", " =", " ==", "[", "]")
 
 
@@ -37,9 +86,15 @@ def request_body(i: int) -> dict[str, Any]:
     """The request entry ``i`` answers (as sent by a client and as forwarded by the proxy)."""
     n = 6 + (i * 7919) % 60
     question = " ".join(WORDS[(i * 31 + j * 17) % len(WORDS)] for j in range(n))
-    return {"model": MODEL, "messages": [{"role": "system", "content": SYSTEM},
-                                         {"role": "user", "content": f"[bench entry {i}] How do I {question}?"}],
-            "max_tokens": 512, "temperature": 0}
+    return {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"[bench entry {i}] How do I {question}?"},
+        ],
+        "max_tokens": 512,
+        "temperature": 0,
+    }
 
 
 def entry_key(i: int) -> str:
@@ -55,9 +110,14 @@ class FilledDir:
 
     def summary(self) -> dict[str, Any]:
         sizes = self.sizes
-        return {"entries": self.count, "bytes": sum(sizes), "min_size": min(sizes, default=0),
-                "max_size": max(sizes, default=0), "mean_size": round(sum(sizes) / len(sizes)) if sizes else 0,
-                "seconds": round(self.seconds, 2)}
+        return {
+            "entries": self.count,
+            "bytes": sum(sizes),
+            "min_size": min(sizes, default=0),
+            "max_size": max(sizes, default=0),
+            "mean_size": round(sum(sizes) / len(sizes)) if sizes else 0,
+            "seconds": round(self.seconds, 2),
+        }
 
 
 class _Shapes:
@@ -75,8 +135,14 @@ class _Shapes:
 
     def chunk(self, cid: str, created: int, token: str, finish: bool = False) -> str:
         tail = '"stop","stop_reason":null' if finish else "null"
-        return (self.head % (cid, created) + '[{"index":0,"delta":{"content":' + orjson.dumps(token).decode()
-                + '},"logprobs":null,"finish_reason":' + tail + "}]}")
+        return (
+            self.head % (cid, created)
+            + '[{"index":0,"delta":{"content":'
+            + orjson.dumps(token).decode()
+            + '},"logprobs":null,"finish_reason":'
+            + tail
+            + "}]}"
+        )
 
 
 def build_document(i: int, size: int, shapes: _Shapes, created: int, tokens: int | None = None) -> tuple[str, bytes]:
@@ -88,19 +154,39 @@ def build_document(i: int, size: int, shapes: _Shapes, created: int, tokens: int
     words = [TOKENS[(i + j * 7) % len(TOKENS)] for j in range(n)]
     prompt_tokens = 40 + len(body["messages"][1]["content"]) // 4
     usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + n, "completion_tokens": n}
-    role = (shapes.head % (cid, created)
-            + '[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}')
+    role = (
+        shapes.head % (cid, created)
+        + '[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}'
+    )
     chunks = [role] + [shapes.chunk(cid, created, t, finish=(j == n - 1)) for j, t in enumerate(words)]
     usage_chunk = shapes.head % (cid, created) + '[],"usage":' + orjson.dumps(usage).decode() + "}"
     document = {
-        "format": FORMAT_VERSION, "key": key, "endpoint": ENDPOINT, "model": MODEL, "created": float(created),
-        "preview": f"[bench entry {i}] How do I", "completion_tokens": n, "request": body,
-        "response": {"id": f"chatcmpl-{cid}", "object": "chat.completion", "created": created, "model": MODEL,
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words),
-                                                          "tool_calls": []},
-                                  "logprobs": None, "finish_reason": "stop", "stop_reason": None}],
-                     "usage": usage},
-        "chunks": chunks, "usage_chunk": usage_chunk,
+        "format": FORMAT_VERSION,
+        "key": key,
+        "endpoint": ENDPOINT,
+        "model": MODEL,
+        "created": float(created),
+        "preview": f"[bench entry {i}] How do I",
+        "completion_tokens": n,
+        "request": body,
+        "response": {
+            "id": f"chatcmpl-{cid}",
+            "object": "chat.completion",
+            "created": created,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(words), "tool_calls": []},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                    "stop_reason": None,
+                }
+            ],
+            "usage": usage,
+        },
+        "chunks": chunks,
+        "usage_chunk": usage_chunk,
     }
     return key, orjson.dumps(document)
 

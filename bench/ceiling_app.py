@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    config = uvicorn.Config(create_app(), host=args.host, port=args.port, loop="auto", http="auto",
-                            access_log=False, log_level="warning")
+    config = uvicorn.Config(
+        create_app(), host=args.host, port=args.port, loop="auto", http="auto", access_log=False, log_level="warning"
+    )
     uvicorn.Server(config).run()
     return 0
 

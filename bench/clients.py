@@ -43,8 +43,9 @@ def _has_content(data: bytes) -> bool:
     return bool(delta.get("content") or delta.get("tool_calls"))  # an agent's turn may start with a tool call
 
 
-async def timed_stream(client: httpx.AsyncClient, url: str, body: bytes,
-                       headers: dict[str, str] | None = None) -> StreamSample:
+async def timed_stream(
+    client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str] | None = None
+) -> StreamSample:
     reads: list[tuple[float, bytes]] = []
     started = time.perf_counter()
     async with client.stream("POST", url, content=body, headers={**JSON_HEADERS, **(headers or {})}) as response:
@@ -58,7 +59,7 @@ async def timed_stream(client: httpx.AsyncClient, url: str, body: bytes,
     for at, raw in reads:
         buffer += raw
         while (end := buffer.find(b"\n\n")) >= 0:
-            event, buffer = buffer[:end], buffer[end + 2:]
+            event, buffer = buffer[:end], buffer[end + 2 :]
             for line in event.split(b"\n"):
                 if not line.startswith(b"data:"):
                     continue
@@ -74,8 +75,9 @@ async def timed_stream(client: httpx.AsyncClient, url: str, body: bytes,
     return sample
 
 
-async def post_json(client: httpx.AsyncClient, url: str, body: bytes,
-                    headers: dict[str, str] | None = None) -> httpx.Response:
+async def post_json(
+    client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str] | None = None
+) -> httpx.Response:
     return await client.post(url, content=body, headers={**JSON_HEADERS, **(headers or {})})
 
 
@@ -97,11 +99,15 @@ async def coalesce(url: str, body: bytes, clients: int, timeout: float = 60.0) -
     """
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    request = (f"POST {parts.path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    request = (
+        f"POST {parts.path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
     connections = await asyncio.wait_for(
-        asyncio.gather(*(asyncio.open_connection(host, port) for _ in range(clients))), timeout)
+        asyncio.gather(*(asyncio.open_connection(host, port) for _ in range(clients))), timeout
+    )
     try:
+
         async def answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes, float]:
             status, headers, content = await read_http_response(reader)
             return status, headers, content, time.perf_counter()
@@ -120,13 +126,17 @@ async def coalesce(url: str, body: bytes, clients: int, timeout: float = 60.0) -
         statuses[str(status)] = statuses.get(str(status), 0) + 1
         label = headers.get("x-cache", "none")
         x_cache[label] = x_cache.get(label, 0) + 1
-    return CoalesceRun(clients=clients, statuses=statuses, x_cache=x_cache,
-                       distinct_bodies=len({content for _, _, content, _ in done}),
-                       completion_s=sorted(end - started for *_, end in done), send_s=sent - started)
+    return CoalesceRun(
+        clients=clients,
+        statuses=statuses,
+        x_cache=x_cache,
+        distinct_bodies=len({content for _, _, content, _ in done}),
+        completion_s=sorted(end - started for *_, end in done),
+        send_s=sent - started,
+    )
 
 
-async def serve_batch(url: str, bodies: list[bytes], concurrency: int = 4,
-                      timeout: float = 30.0) -> dict[str, Any]:
+async def serve_batch(url: str, bodies: list[bytes], concurrency: int = 4, timeout: float = 30.0) -> dict[str, Any]:
     """POST every body (``concurrency`` at a time); counts of statuses and X-Cache labels."""
     statuses: dict[str, int] = {}
     x_cache: dict[str, int] = {}

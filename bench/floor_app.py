@@ -60,8 +60,13 @@ def create_app(upstream: str) -> Any:
         assert pool is not None
         response = await pool.post(scope["path"], orjson.dumps(body), JSON_HEADERS)
         if streamed:  # pass each piece on as it comes
-            await send({"type": "http.response.start", "status": response.status,
-                        "headers": [(b"content-type", b"text/event-stream")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": [(b"content-type", b"text/event-stream")],
+                }
+            )
             while piece := await response.next_chunk():
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
             response.release()
@@ -77,8 +82,13 @@ def create_app(upstream: str) -> Any:
 
 
 async def answer(send: Any, status: int, content: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": content})
 
 
@@ -91,8 +101,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    config = uvicorn.Config(create_app(args.upstream), host=args.host, port=args.port, loop="auto", http="auto",
-                            access_log=False, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        create_app(args.upstream),
+        host=args.host,
+        port=args.port,
+        loop="auto",
+        http="auto",
+        access_log=False,
+        log_level="warning",
+        lifespan="on",
+    )
     uvicorn.Server(config).run()
     return 0
 

@@ -36,14 +36,33 @@ DELAY = 0.08
 SESSIONS = 3
 TURNS = 8  # per session: 55 KB growing to about 75 KB
 # a pod serving an agent: tool calling on (a mock that speaks vLLM 0.33 refuses tools without it, as vLLM does)
-MOCK_SWITCHES = ("--max-model-len", str(CONTEXT), "--chunk-count", "8", "--enable-auto-tool-choice",
-                 "--tool-call-parser", "hermes")
+MOCK_SWITCHES = (
+    "--max-model-len",
+    str(CONTEXT),
+    "--chunk-count",
+    "8",
+    "--enable-auto-tool-choice",
+    "--tool-call-parser",
+    "hermes",
+)
 CHAT = "/v1/chat/completions"
 
 
 def relay_server(name: str, log_dir: Path, upstream: ServerProcess, release: str) -> ServerProcess:
-    argv = [sys.executable, str(ROOT / "bench" / "wan_relay.py"), "--port", "{port}", "--upstream", upstream.url,
-            "--delay", str(DELAY), "--release", release, "--max-model-len", str(CONTEXT)]
+    argv = [
+        sys.executable,
+        str(ROOT / "bench" / "wan_relay.py"),
+        "--port",
+        "{port}",
+        "--upstream",
+        upstream.url,
+        "--delay",
+        str(DELAY),
+        "--release",
+        release,
+        "--max-model-len",
+        str(CONTEXT),
+    ]
     return ServerProcess(name, argv, base_env({}), log_dir / f"{name}.log", health_path="/relay/stats")
 
 
@@ -51,32 +70,46 @@ def run(bench: Bench) -> None:
     before: Path | None = bench.args.before
     codes = {"after": ROOT, **({"before": before} if before else {})}
     mock = bench.start(mock_server("mock-kilo", bench.logs, *MOCK_SWITCHES))
-    relays = {release: bench.start(relay_server(f"relay-{release}", bench.logs, mock, release))
-              for release in RELEASES}
-    proxies = {(release, code): bench.start(proxy_server(f"proxy-{code}-{release}", bench.logs, relays[release],
-                                                         bench.tmp / f"kilo-{code}-{release}", root=root))
-               for release in RELEASES for code, root in codes.items()}
+    relays = {release: bench.start(relay_server(f"relay-{release}", bench.logs, mock, release)) for release in RELEASES}
+    proxies = {
+        (release, code): bench.start(
+            proxy_server(
+                f"proxy-{code}-{release}", bench.logs, relays[release], bench.tmp / f"kilo-{code}-{release}", root=root
+            )
+        )
+        for release in RELEASES
+        for code, root in codes.items()
+    }
     data = asyncio.run(_measure(mock, relays, proxies))
     bench.sections["kilo_turn"] = data
-    bench.notes.append(f"kilo_turn: {data['turns']} turns per case ({SESSIONS} sessions of {TURNS}), body "
-                       f"{data['body_bytes'][0]}-{data['body_bytes'][1]} bytes ({data['source']}), relay "
-                       f"{DELAY * 1000:.0f} ms per call, context {CONTEXT}; direct: the same turn fitted by "
-                       "the client")
+    bench.notes.append(
+        f"kilo_turn: {data['turns']} turns per case ({SESSIONS} sessions of {TURNS}), body "
+        f"{data['body_bytes'][0]}-{data['body_bytes'][1]} bytes ({data['source']}), relay "
+        f"{DELAY * 1000:.0f} ms per call, context {CONTEXT}; direct: the same turn fitted by "
+        "the client"
+    )
     for release in RELEASES:
         for code in codes:
             case = data["cases"][f"{code} {release}"]
-            bench.row("kilo_turn", f"{code}: vLLM {release}, added TTFT p50 / p90 (direct p50 "
-                                   f"{report.ms(data['direct'][release]['p50'])})",
-                      f"{report.signed_ms(case['added_p50'])} / {report.signed_ms(case['added_p90'])}")
-            bench.row("kilo_turn", f"{code}: vLLM {release}, upstream calls per turn",
-                      ", ".join(f"{path} {n / data['turns']:.2f}" for path, n in sorted(case["calls"].items())))
+            bench.row(
+                "kilo_turn",
+                f"{code}: vLLM {release}, added TTFT p50 / p90 (direct p50 "
+                f"{report.ms(data['direct'][release]['p50'])})",
+                f"{report.signed_ms(case['added_p50'])} / {report.signed_ms(case['added_p90'])}",
+            )
+            bench.row(
+                "kilo_turn",
+                f"{code}: vLLM {release}, upstream calls per turn",
+                ", ".join(f"{path} {n / data['turns']:.2f}" for path, n in sorted(case["calls"].items())),
+            )
             if case["problems"]:
                 bench.row("kilo_turn", f"{code}: vLLM {release}, problems", "yes (see notes)")
                 bench.notes.append(f"kilo_turn {code} {release}: {case['problems']}")
 
 
-async def _measure(mock: ServerProcess, relays: dict[str, ServerProcess],
-                   proxies: dict[tuple[str, str], ServerProcess]) -> dict[str, Any]:
+async def _measure(
+    mock: ServerProcess, relays: dict[str, ServerProcess], proxies: dict[tuple[str, str], ServerProcess]
+) -> dict[str, Any]:
     sides = [("direct", release) for release in RELEASES] + [(code, release) for release, code in proxies]
     ttft: dict[tuple[str, str], list[float | None]] = {side: [] for side in sides}
     calls: dict[tuple[str, str], Counter[str]] = {side: Counter() for side in sides}
@@ -105,8 +138,10 @@ async def _measure(mock: ServerProcess, relays: dict[str, ServerProcess],
                     calls[side].subtract(counted)
                     ttft[side].append(sample.ttft)
                     if sample.status != 200 or not sample.done or sample.ttft is None:
-                        problems[side].append(f"session {session} turn {number}: status {sample.status}, [DONE] "
-                                              f"{'seen' if sample.done else 'missing'}")
+                        problems[side].append(
+                            f"session {session} turn {number}: status {sample.status}, [DONE] "
+                            f"{'seen' if sample.done else 'missing'}"
+                        )
 
     def pct(values: list[float], q: float) -> float | None:
         value = loadgen.percentile(sorted(values), q)
@@ -116,19 +151,32 @@ async def _measure(mock: ServerProcess, relays: dict[str, ServerProcess],
         return [None if t is None else round(t * 1000, 3) for t in values]
 
     result: dict[str, Any] = {
-        "turns": SESSIONS * TURNS, "delay_ms": DELAY * 1000, "context": CONTEXT, "body_bytes": [min(sizes), max(sizes)],
+        "turns": SESSIONS * TURNS,
+        "delay_ms": DELAY * 1000,
+        "context": CONTEXT,
+        "body_bytes": [min(sizes), max(sizes)],
         "source": "recorded fixture" if kilo_turn.FIXTURE.exists() else "synthetic",
-        "direct": {release: {"p50": pct([t for t in ttft[("direct", release)] if t is not None], 50),
-                             "ttft_ms": ms_list(ttft[("direct", release)])} for release in RELEASES},
-        "cases": {}}
+        "direct": {
+            release: {
+                "p50": pct([t for t in ttft[("direct", release)] if t is not None], 50),
+                "ttft_ms": ms_list(ttft[("direct", release)]),
+            }
+            for release in RELEASES
+        },
+        "cases": {},
+    }
     for release, code in proxies:
         side = (code, release)
-        added = [p - d for p, d in zip(ttft[side], ttft[("direct", release)], strict=True)
-                 if p is not None and d is not None]
+        added = [
+            p - d for p, d in zip(ttft[side], ttft[("direct", release)], strict=True) if p is not None and d is not None
+        ]
         result["cases"][f"{code} {release}"] = {
-            "added_p50": pct(added, 50), "added_p90": pct(added, 90),
+            "added_p50": pct(added, 50),
+            "added_p90": pct(added, 90),
             "calls": {path: n for path, n in calls[side].items() if n and not path.startswith("/relay")},
-            "ttft_ms": ms_list(ttft[side]), "problems": "; ".join(problems[side][:5])}
+            "ttft_ms": ms_list(ttft[side]),
+            "problems": "; ".join(problems[side][:5]),
+        }
     return result
 
 
@@ -138,7 +186,8 @@ async def _calls(client: httpx.AsyncClient, relay: ServerProcess) -> Counter[str
 
 async def _fitted(client: httpx.AsyncClient, mock: ServerProcess, body: dict[str, Any]) -> dict[str, Any]:
     """The body as an ideal client would send it: ``max_tokens`` fitted with the mock's count (untimed)."""
-    counted = await client.post(f"{mock.url}/tokenize", json={"model": body["model"], "messages": body["messages"],
-                                                             "tools": body.get("tools")})
+    counted = await client.post(
+        f"{mock.url}/tokenize", json={"model": body["model"], "messages": body["messages"], "tools": body.get("tools")}
+    )
     room = CONTEXT - int(counted.json()["count"])
     return {**body, "max_tokens": min(body["max_tokens"], room)}

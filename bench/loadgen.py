@@ -110,8 +110,7 @@ class LoadResult:
     p90_ms: float | None = None
     p99_ms: float | None = None
     non_2xx: int = 0
-    socket_errors: dict[str, int] = field(default_factory=lambda: {"connect": 0, "read": 0, "write": 0,
-                                                                     "timeout": 0})
+    socket_errors: dict[str, int] = field(default_factory=lambda: {"connect": 0, "read": 0, "write": 0, "timeout": 0})
     raw: str = ""
 
     @property
@@ -146,11 +145,18 @@ def ensure_wrk(log: Any = print) -> str | None:
     if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
         log("wrk not found: running `apt-get install -y wrk` (once)")
         try:
-            result = subprocess.run(["apt-get", "install", "-y", "wrk"], capture_output=True, text=True,
-                                    timeout=300, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            result = subprocess.run(
+                ["apt-get", "install", "-y", "wrk"],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            )
             if result.returncode != 0:
-                log(f"apt-get install wrk failed (exit {result.returncode}): "
-                    f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+                log(
+                    f"apt-get install wrk failed (exit {result.returncode}): "
+                    f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}"
+                )
         except (OSError, subprocess.TimeoutExpired) as exc:
             log(f"apt-get install wrk failed: {exc}")
         return find_wrk()
@@ -173,13 +179,11 @@ def wrk_seconds(duration: float) -> int:
     return max(1, round(duration))
 
 
-def run_wrk(wrk: str, url: str, workload: Workload, connections: int, duration: float,
-            script_dir: Path) -> LoadResult:
+def run_wrk(wrk: str, url: str, workload: Workload, connections: int, duration: float, script_dir: Path) -> LoadResult:
     script = script_dir / f"load-{uuid.uuid4().hex[:12]}.lua"
     script.write_text(workload.lua())
     seconds = wrk_seconds(duration)
-    argv = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s", "-s", str(script),
-            url]
+    argv = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s", "-s", str(script), url]
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
     finally:
@@ -208,8 +212,7 @@ def parse_wrk(output: str, connections: int) -> LoadResult:
         res.non_2xx = int(match.group(1))
     match = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     if match:
-        res.socket_errors = dict(zip(("connect", "read", "write", "timeout"), map(int, match.groups()),
-                                     strict=True))
+        res.socket_errors = dict(zip(("connect", "read", "write", "timeout"), map(int, match.groups()), strict=True))
     return res
 
 

@@ -23,9 +23,22 @@ from llmpod._net import free_port
 ROOT = Path(__file__).resolve().parent.parent
 # Variables our programs read: never inherited from the caller's shell, only set explicitly.
 OUR_ENV_VARS = (
-    "RUNPOD_API_KEY", "RUNPOD_ENDPOINT", "CACHE_DIR", "MAX_CACHE_SIZE", "CACHE_SIZE_BYTES", "PROXY_HOST",
-    "PROXY_PORT", "UPSTREAM_API_KEY", "PROXY_API_KEY", "UPSTREAM_TIMEOUT", "LOG_FILE", "ENABLE_PROFILING",
-    "MAX_BODY_BYTES", "VLLM_API_KEY", "MODEL_NAME", "PORT",
+    "RUNPOD_API_KEY",
+    "RUNPOD_ENDPOINT",
+    "CACHE_DIR",
+    "MAX_CACHE_SIZE",
+    "CACHE_SIZE_BYTES",
+    "PROXY_HOST",
+    "PROXY_PORT",
+    "UPSTREAM_API_KEY",
+    "PROXY_API_KEY",
+    "UPSTREAM_TIMEOUT",
+    "LOG_FILE",
+    "ENABLE_PROFILING",
+    "MAX_BODY_BYTES",
+    "VLLM_API_KEY",
+    "MODEL_NAME",
+    "PORT",
 )
 START_ATTEMPTS = 3
 
@@ -43,8 +56,16 @@ class ServerError(RuntimeError):
 class ServerProcess:
     """One server subprocess: ``argv_for(port)`` is its command line."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path,
-                 health_path: str = "/health", start_timeout: float = 60.0, cwd: Path = ROOT) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        health_path: str = "/health",
+        start_timeout: float = 60.0,
+        cwd: Path = ROOT,
+    ) -> None:
         self.name = name
         self.cwd = cwd
         self._argv = list(argv)
@@ -75,8 +96,15 @@ class ServerProcess:
             env = {k: v.replace("{port}", str(self.port)) for k, v in self._env.items()}
             with open(self.log_path, "ab") as log:
                 started = self.started_at = time.perf_counter()
-                self.process = subprocess.Popen(argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                                stderr=subprocess.STDOUT, start_new_session=True)
+                self.process = subprocess.Popen(
+                    argv,
+                    cwd=self.cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             try:
                 self.startup_seconds = self._wait_healthy(started)
                 return self.startup_seconds
@@ -96,8 +124,9 @@ class ServerProcess:
         with httpx.Client(timeout=5.0) as client:
             while time.perf_counter() < deadline:
                 if self.process.poll() is not None:
-                    raise ServerError(f"{self.name} exited with {self.process.returncode} while starting: "
-                                      f"{self.log_tail()}")
+                    raise ServerError(
+                        f"{self.name} exited with {self.process.returncode} while starting: {self.log_tail()}"
+                    )
                 try:
                     response = client.get(f"{self.url}{self.health_path}")
                     if response.status_code == 200:
@@ -105,8 +134,9 @@ class ServerProcess:
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.005)
-        raise ServerError(f"{self.name} did not answer {self.health_path} within {self.start_timeout:.0f} s: "
-                          f"{self.log_tail()}")
+        raise ServerError(
+            f"{self.name} did not answer {self.health_path} within {self.start_timeout:.0f} s: {self.log_tail()}"
+        )
 
     def rss_kib(self) -> int:
         """VmRSS of the process, in KiB."""
@@ -147,16 +177,25 @@ def mock_server(name: str, log_dir: Path, *switches: str) -> ServerProcess:
     return ServerProcess(name, argv, base_env({}), log_dir / f"{name}.log")
 
 
-def proxy_server(name: str, log_dir: Path, upstream: ServerProcess, cache_dir: Path,
-                 max_entries: int = 10_000_000, max_bytes: int = 1 << 40, root: Path = ROOT) -> ServerProcess:
+def proxy_server(
+    name: str,
+    log_dir: Path,
+    upstream: ServerProcess,
+    cache_dir: Path,
+    max_entries: int = 10_000_000,
+    max_bytes: int = 1 << 40,
+    root: Path = ROOT,
+) -> ServerProcess:
     """The proxy of the checkout at ``root`` (another one's, to compare before and after a change)."""
-    env = base_env({
-        "RUNPOD_ENDPOINT": f"{upstream.url}/v1",
-        "CACHE_DIR": str(cache_dir),
-        "LOG_FILE": str(log_dir / f"{name}.requests.log"),
-        "MAX_CACHE_SIZE": str(max_entries),
-        "CACHE_SIZE_BYTES": str(max_bytes),
-    })
+    env = base_env(
+        {
+            "RUNPOD_ENDPOINT": f"{upstream.url}/v1",
+            "CACHE_DIR": str(cache_dir),
+            "LOG_FILE": str(log_dir / f"{name}.requests.log"),
+            "MAX_CACHE_SIZE": str(max_entries),
+            "CACHE_SIZE_BYTES": str(max_bytes),
+        }
+    )
     argv = [sys.executable, str(root / "proxy_fastapi.py"), "--port", "{port}"]
     return ServerProcess(name, argv, env, log_dir / f"{name}.log", cwd=root)
 

@@ -43,8 +43,9 @@ def create_app(upstream: str, delay: float, release: str, max_model_len: int) ->
     lowers_itself = lowers_max_tokens_itself(parse_version(release))
 
     def refused(message: str, param: str) -> Response:
-        return JSONResponse({"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}},
-                            status_code=400)
+        return JSONResponse(
+            {"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}}, status_code=400
+        )
 
     async def check(body: dict[str, Any]) -> Response | dict[str, Any]:
         field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -53,27 +54,37 @@ def create_app(upstream: str, delay: float, release: str, max_model_len: int) ->
             return body
         context = f"max_model_len={'' if lowers_itself else 'max_total_tokens='}{max_model_len}"
         if wanted > max_model_len:
-            return refused(f"{field}={wanted} cannot be greater than {context}. Please request fewer output tokens. "
-                           f"(parameter={field}, value={wanted})", field)
-        counted = await client.post("/tokenize", json={"model": body.get("model"), "messages": body.get("messages"),
-                                                       "tools": body.get("tools")})
+            return refused(
+                f"{field}={wanted} cannot be greater than {context}. Please request fewer output tokens. "
+                f"(parameter={field}, value={wanted})",
+                field,
+            )
+        counted = await client.post(
+            "/tokenize", json={"model": body.get("model"), "messages": body.get("messages"), "tools": body.get("tools")}
+        )
         if counted.status_code != 200:
             return Response(counted.content, counted.status_code, media_type="application/json")
         prompt = int(counted.json()["count"])
         if lowers_itself:  # vLLM 0.33: a prompt alone over the context is refused, the rest is lowered
             if prompt > max_model_len:
-                return refused(f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
-                               f"contains at least {max_model_len + 1} input tokens, which exceeds this limit even "
-                               "without any output tokens. Please reduce the length of the input prompt. "
-                               f"(parameter=input_tokens, value={max_model_len + 1})", "input_tokens")
+                return refused(
+                    f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+                    f"contains at least {max_model_len + 1} input tokens, which exceeds this limit even "
+                    "without any output tokens. Please reduce the length of the input prompt. "
+                    f"(parameter=input_tokens, value={max_model_len + 1})",
+                    "input_tokens",
+                )
             if prompt == max_model_len:  # get_max_tokens gives 0, which SamplingParams refuses
                 return refused("max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)", "max_tokens")
             return {**body, field: min(wanted, max_model_len - prompt)}
         if prompt + wanted > max_model_len:
-            return refused(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                           f"{wanted} output tokens and your prompt contains {prompt} input tokens, for a total of "
-                           f"{prompt + wanted} tokens. Please reduce the length of the input prompt or the number "
-                           f"of requested output tokens. (parameter=input_tokens, value={prompt})", "input_tokens")
+            return refused(
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{wanted} output tokens and your prompt contains {prompt} input tokens, for a total of "
+                f"{prompt + wanted} tokens. Please reduce the length of the input prompt or the number "
+                f"of requested output tokens. (parameter=input_tokens, value={prompt})",
+                "input_tokens",
+            )
         return body
 
     async def relay(request: Request) -> Response:
@@ -90,15 +101,17 @@ def create_app(upstream: str, delay: float, release: str, max_model_len: int) ->
         headers = {k: v for k, v in request.headers.items() if k in ("authorization", "content-type")}
         sent = client.build_request(request.method, request.url.path, content=content, headers=headers)
         answer = await client.send(sent, stream=True)
-        return StreamingResponse(answer.aiter_raw(), status_code=answer.status_code,
-                                 media_type=answer.headers.get("content-type"),
-                                 background=BackgroundTask(answer.aclose))
+        return StreamingResponse(
+            answer.aiter_raw(),
+            status_code=answer.status_code,
+            media_type=answer.headers.get("content-type"),
+            background=BackgroundTask(answer.aclose),
+        )
 
     async def stats(request: Request) -> Response:
         return JSONResponse(dict(calls))
 
-    return Starlette(routes=[Route("/relay/stats", stats),
-                             Route("/{path:path}", relay, methods=["GET", "POST"])])
+    return Starlette(routes=[Route("/relay/stats", stats), Route("/{path:path}", relay, methods=["GET", "POST"])])
 
 
 def main() -> None:

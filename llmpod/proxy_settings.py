@@ -153,7 +153,6 @@ class ProxySettings(BaseModel):
         settings.check_bind_safety()
         return settings
 
-
     def to_env(self) -> dict[str, str]:
         """The environment from which ``from_env`` reads these settings back: what the proxy process gets.
 

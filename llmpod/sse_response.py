@@ -25,8 +25,14 @@ class EventStream(Response):
     (A ``Response`` subclass only so that routes may return it; none of Response's body handling is used.)
     """
 
-    def __init__(self, body: AsyncGenerator[bytes, None], *, status_code: int = 200,
-                 media_type: str = "text/event-stream", headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        body: AsyncGenerator[bytes, None],
+        *,
+        status_code: int = 200,
+        media_type: str = "text/event-stream",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.stream = body
         self.status_code = status_code
         self.media_type = media_type

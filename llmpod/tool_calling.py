@@ -28,7 +28,7 @@ def flag_value(args: Sequence[str], flag: str) -> str | None:
         if item == flag and index + 1 < len(args):
             value = args[index + 1]
         elif item.startswith(flag + "="):
-            value = item[len(flag) + 1:]
+            value = item[len(flag) + 1 :]
     return value
 
 
@@ -65,7 +65,12 @@ def needs_tool_parser(body: dict[str, Any]) -> bool:
 def refusal_message(model: str, capable: Iterable[str]) -> str:
     """One line for a tools request to an upstream that serves ``model`` without tool calling."""
     names = ", ".join(capable)
-    instead = (f"to use an agent, serve one that can (set modelStoreId in pod_config.json): {names}" if names
-               else "to use an agent, serve a model with tool calling")
-    return (f"model {model} is served without tool calling: use it for chat and autocomplete "
-            f"(send no tools, or tool_choice \"none\"); {instead}")
+    instead = (
+        f"to use an agent, serve one that can (set modelStoreId in pod_config.json): {names}"
+        if names
+        else "to use an agent, serve a model with tool calling"
+    )
+    return (
+        f"model {model} is served without tool calling: use it for chat and autocomplete "
+        f'(send no tools, or tool_choice "none"); {instead}'
+    )

@@ -22,10 +22,27 @@ if TYPE_CHECKING:
 # Every variable our programs read. Tests start from none of them, so a developer's shell (a real
 # RUNPOD_API_KEY, a CACHE_DIR in /tmp) can never leak into a test or be touched by one.
 OUR_ENV_VARS = (
-    "RUNPOD_API_KEY", "RUNPOD_ENDPOINT", "RUNPOD_API_BASE", "RUNPOD_POD_URL_TEMPLATE", "HF_API_BASE",
-    "CACHE_DIR", "MAX_CACHE_SIZE", "CACHE_SIZE_BYTES", "PROXY_HOST", "PROXY_PORT", "UPSTREAM_API_KEY",
-    "PROXY_API_KEY", "UPSTREAM_TIMEOUT", "LOG_FILE", "ENABLE_PROFILING", "MAX_BODY_BYTES",
-    "VLLM_API_KEY", "MODEL_NAME", "PORT", "UPSTREAM_TOOL_CALLING", "TOOL_CAPABLE_MODELS",
+    "RUNPOD_API_KEY",
+    "RUNPOD_ENDPOINT",
+    "RUNPOD_API_BASE",
+    "RUNPOD_POD_URL_TEMPLATE",
+    "HF_API_BASE",
+    "CACHE_DIR",
+    "MAX_CACHE_SIZE",
+    "CACHE_SIZE_BYTES",
+    "PROXY_HOST",
+    "PROXY_PORT",
+    "UPSTREAM_API_KEY",
+    "PROXY_API_KEY",
+    "UPSTREAM_TIMEOUT",
+    "LOG_FILE",
+    "ENABLE_PROFILING",
+    "MAX_BODY_BYTES",
+    "VLLM_API_KEY",
+    "MODEL_NAME",
+    "PORT",
+    "UPSTREAM_TOOL_CALLING",
+    "TOOL_CAPABLE_MODELS",
 )
 
 
@@ -55,7 +72,6 @@ def interruptible_children() -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Real servers on loopback: the mock vLLM server and the proxy in front of it.
-
 
 
 @pytest.fixture

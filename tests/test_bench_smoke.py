@@ -46,9 +46,28 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "TMPDIR": str(temp_root)}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_proxy.py"), "--quick", "--duration", "0.5", "--rounds", "1",
-         "--only", "hits,coalescing", "--entries", "200", "--coalesce-clients", "20", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_proxy.py"),
+            "--quick",
+            "--duration",
+            "0.5",
+            "--rounds",
+            "1",
+            "--only",
+            "hits,coalescing",
+            "--entries",
+            "200",
+            "--coalesce-clients",
+            "20",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| metric" in result.stdout and "cache hit req/s" in result.stdout, result.stdout
@@ -87,8 +106,9 @@ def test_the_floor_forwards_plain_and_streamed_answers(tmp_path: Path) -> None:
         assert plain.json()["usage"]["completion_tokens"] > 0  # the include_usage chunk the floor asked for
         stats = httpx.get(f"{mock.url}/mock/stats", timeout=10).json()
         assert stats["streams"] == 1 and stats["last_request"]["body"]["stream"] is True
-        streamed = httpx.post(f"{floor.url}/v1/chat/completions", content=orjson.dumps({**body, "stream": True}),
-                              timeout=10)
+        streamed = httpx.post(
+            f"{floor.url}/v1/chat/completions", content=orjson.dumps({**body, "stream": True}), timeout=10
+        )
         assert streamed.status_code == 200
         assert streamed.headers["content-type"] == "text/event-stream"
         events = [e for e in streamed.text.split("\n\n") if e.startswith("data: ")]

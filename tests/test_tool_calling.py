@@ -24,9 +24,16 @@ from tests.support.helpers import SHORT_MODEL, MockControl, ProxyFactory
 
 CATALOG = builtin_catalog()
 CAPABLE = tuple(model.id for model in CATALOG.models if model.tool_calling)
-TOOLS = [{"type": "function", "function": {"name": "read_file", "description": "Read a file",
-                                           "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
-                                                          "required": ["path"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "read_file",
+            "description": "Read a file",
+            "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
+        },
+    }
+]
 
 
 def spec(model_id: str, max_model_len: int = 32768) -> PodSpec:
@@ -40,9 +47,20 @@ def test_the_default_config_starts_vllm_with_its_tool_parser() -> None:
     model = CATALOG.model(config.modelStoreId)
 
     assert vllm_args(spec(model.id, model.context_length), config) == [
-        "--model", "Qwen/Qwen2.5-Coder-32B-Instruct-AWQ", "--host", "0.0.0.0", "--port", "8000",
-        "--served-model-name", "qwen2.5-coder-32b-instruct-awq", "--max-model-len", "32768",
-        "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+        "--model",
+        "Qwen/Qwen2.5-Coder-32B-Instruct-AWQ",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+        "--served-model-name",
+        "qwen2.5-coder-32b-instruct-awq",
+        "--max-model-len",
+        "32768",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "hermes",
+    ]
 
 
 def test_a_model_without_tool_calling_gets_no_tool_flags() -> None:
@@ -53,8 +71,10 @@ def test_a_model_without_tool_calling_gets_no_tool_flags() -> None:
 
 
 def test_a_users_parser_replaces_ours_and_no_flag_comes_twice() -> None:
-    config = PodConfig(modelStoreId="qwen3-coder-30b-a3b-instruct-fp8",
-                       vllm_args=["--tool-call-parser=qwen3_xml", "--enable-auto-tool-choice"])
+    config = PodConfig(
+        modelStoreId="qwen3-coder-30b-a3b-instruct-fp8",
+        vllm_args=["--tool-call-parser=qwen3_xml", "--enable-auto-tool-choice"],
+    )
 
     args = vllm_args(spec(config.modelStoreId, 65536), config)
 
@@ -64,10 +84,18 @@ def test_a_users_parser_replaces_ours_and_no_flag_comes_twice() -> None:
 
 
 def test_tool_args_add_a_chat_template_unless_the_user_names_one() -> None:
-    assert tool_args("llama3_json", "/t.jinja") == ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json",
-                                                    "--chat-template", "/t.jinja"]
+    assert tool_args("llama3_json", "/t.jinja") == [
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "llama3_json",
+        "--chat-template",
+        "/t.jinja",
+    ]
     assert tool_args("llama3_json", "/t.jinja", ["--chat-template", "/mine.jinja"]) == [
-        "--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "llama3_json",
+    ]
     assert tool_args(None, None, ["--tool-call-parser", "hermes"]) == ["--enable-auto-tool-choice"]
     assert tool_args(None, None) == []
 
@@ -93,13 +121,17 @@ def test_the_local_mock_gets_the_same_tool_flags_as_a_pod(tmp_path: Path) -> Non
     assert custom._argv(spec("qwen2.5-coder-7b-instruct"), 4321)[-2:] == ["--port", "4321"]
 
 
-@pytest.mark.parametrize(("vllm_extra", "parser"), [
-    (["--tool-call-parser", "qwen3_xml"], "qwen3_xml"),  # the user's parser replaces the catalog's, as on a pod
-    (["--enable-auto-tool-choice"], "hermes"),  # the user's switch alone: the catalog's parser still comes along
-    (["--tool-call-parser=qwen3_xml", "--enable-prefix-caching"], "qwen3_xml"),
-])
-def test_the_local_mock_gets_the_tool_flags_vllm_args_give_a_pod(tmp_path: Path, vllm_extra: list[str],
-                                                                   parser: str) -> None:
+@pytest.mark.parametrize(
+    ("vllm_extra", "parser"),
+    [
+        (["--tool-call-parser", "qwen3_xml"], "qwen3_xml"),  # the user's parser replaces the catalog's, as on a pod
+        (["--enable-auto-tool-choice"], "hermes"),  # the user's switch alone: the catalog's parser still comes along
+        (["--tool-call-parser=qwen3_xml", "--enable-prefix-caching"], "qwen3_xml"),
+    ],
+)
+def test_the_local_mock_gets_the_tool_flags_vllm_args_give_a_pod(
+    tmp_path: Path, vllm_extra: list[str], parser: str
+) -> None:
     # the mock never sees vllm_args: a flag taken from them must not leave it with half of the pair
     config = PodConfig(provider="local", vllm_args=vllm_extra)
     argv = LocalProvider(config, tmp_path / "pod.log")._argv(spec("qwen2.5-coder-7b-instruct"), 4321)
@@ -112,18 +144,33 @@ def test_the_local_mock_gets_the_tool_flags_vllm_args_give_a_pod(tmp_path: Path,
 
 # --------------------------------------------------------------------------------------------- manage_pod -> proxy
 def state_for(model_id: str) -> PodState:
-    return PodState(provider="runpod", phase="ready", pod_name="llmpod-0123abcd", model_id=model_id,
-                    served_model=model_id, vllm_api_key="k", created_at=0.0, expires_at=1.0,
-                    idle_timeout_seconds=0, proxy_port=8000)
+    return PodState(
+        provider="runpod",
+        phase="ready",
+        pod_name="llmpod-0123abcd",
+        model_id=model_id,
+        served_model=model_id,
+        vllm_api_key="k",
+        created_at=0.0,
+        expires_at=1.0,
+        idle_timeout_seconds=0,
+        proxy_port=8000,
+    )
 
 
-@pytest.mark.parametrize(("model_id", "expected"), [
-    ("qwen2.5-coder-32b-instruct-awq", "1"), ("qwen3-coder-30b-a3b-instruct", "1"),
-    ("deepseek-coder-33b-instruct-awq", "0"), ("codellama-13b-instruct-awq", "0"),
-])
+@pytest.mark.parametrize(
+    ("model_id", "expected"),
+    [
+        ("qwen2.5-coder-32b-instruct-awq", "1"),
+        ("qwen3-coder-30b-a3b-instruct", "1"),
+        ("deepseek-coder-33b-instruct-awq", "0"),
+        ("codellama-13b-instruct-awq", "0"),
+    ],
+)
 def test_the_proxy_is_told_whether_the_pod_calls_tools(tmp_path: Path, model_id: str, expected: str) -> None:
-    sidecars = Sidecars(PodConfig(modelStoreId=model_id), tmp_path / "pod_config.json", RuntimePaths(tmp_path),
-                        Reporter(), CATALOG)
+    sidecars = Sidecars(
+        PodConfig(modelStoreId=model_id), tmp_path / "pod_config.json", RuntimePaths(tmp_path), Reporter(), CATALOG
+    )
 
     env = sidecars.tool_env(state_for(model_id))
     settings = ProxySettings.from_env(env)
@@ -150,11 +197,17 @@ def test_proxy_settings_read_the_tool_calling_facts() -> None:
 
 
 # --------------------------------------------------------------------------------------------- what vLLM refuses
-@pytest.mark.parametrize(("extra", "refused"), [
-    ({}, True), ({"tool_choice": "auto"}, True), ({"tool_choice": "required"}, True),
-    ({"tool_choice": {"type": "function", "function": {"name": "read_file"}}}, True),
-    ({"tool_choice": "none"}, False), ({"tool_choice": None}, False),
-])
+@pytest.mark.parametrize(
+    ("extra", "refused"),
+    [
+        ({}, True),
+        ({"tool_choice": "auto"}, True),
+        ({"tool_choice": "required"}, True),
+        ({"tool_choice": {"type": "function", "function": {"name": "read_file"}}}, True),
+        ({"tool_choice": "none"}, False),
+        ({"tool_choice": None}, False),
+    ],
+)
 def test_which_tool_requests_need_a_parser(extra: dict[str, Any], refused: bool) -> None:
     assert needs_tool_parser({"tools": TOOLS, **extra}) is refused
     assert needs_tool_parser(extra) is False  # no tools: vLLM's own answer (200, or its 400 for a lone tool_choice)
@@ -170,17 +223,28 @@ def test_the_refusal_is_one_line_naming_the_models_that_can() -> None:
 
 # --------------------------------------------------------------------------------------------- through the proxy
 def kilo_turn(**extra: Any) -> dict[str, Any]:
-    fields = {"tools": TOOLS, "tool_choice": "auto", "stream": True, "stream_options": {"include_usage": True},
-              "max_tokens": 100, **extra}
+    fields = {
+        "tools": TOOLS,
+        "tool_choice": "auto",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 100,
+        **extra,
+    }
     return chat("List the files", **fields)
 
 
 def test_a_tools_request_for_a_tool_less_pod_is_one_line_400_that_never_reaches_vllm(
-        start_proxy: ProxyFactory, mock_control: MockControl) -> None:
+    start_proxy: ProxyFactory, mock_control: MockControl
+) -> None:
     proxy = start_proxy(upstream_tool_calling=False, tool_capable_models=CAPABLE)
     with httpx.Client(base_url=proxy.url, timeout=20) as http:
-        for body in (kilo_turn(), kilo_turn(stream=False), {k: v for k, v in kilo_turn().items() if k != "tool_choice"},
-                     kilo_turn(tool_choice="required")):
+        for body in (
+            kilo_turn(),
+            kilo_turn(stream=False),
+            {k: v for k, v in kilo_turn().items() if k != "tool_choice"},
+            kilo_turn(tool_choice="required"),
+        ):
             response = http.post("/v1/chat/completions", json=body)
             assert response.status_code == 400, response.text
             error = response.json()["error"]
@@ -189,8 +253,10 @@ def test_a_tools_request_for_a_tool_less_pod_is_one_line_400_that_never_reaches_
             assert "X-Cache" not in response.headers
         # the same model still chats, autocompletes, and takes tools it is told not to call
         assert http.post("/v1/chat/completions", json=chat()).status_code == 200
-        assert http.post("/v1/completions", json={"model": SHORT_MODEL, "prompt": "def f", "max_tokens": 5}
-                         ).status_code == 200
+        assert (
+            http.post("/v1/completions", json={"model": SHORT_MODEL, "prompt": "def f", "max_tokens": 5}).status_code
+            == 200
+        )
         assert http.post("/v1/chat/completions", json=chat(tools=TOOLS, tool_choice="none")).status_code == 200
         metrics = http.get("/metrics").json()
 
@@ -200,7 +266,8 @@ def test_a_tools_request_for_a_tool_less_pod_is_one_line_400_that_never_reaches_
 
 @pytest.mark.parametrize("tool_calling", [True, None])
 def test_a_tools_request_passes_through_when_the_pod_calls_tools_or_nobody_knows(
-        start_proxy: ProxyFactory, mock_control: MockControl, tool_calling: bool | None) -> None:
+    start_proxy: ProxyFactory, mock_control: MockControl, tool_calling: bool | None
+) -> None:
     proxy = start_proxy(upstream_tool_calling=tool_calling, tool_capable_models=CAPABLE)
 
     response = httpx.post(f"{proxy.url}/v1/chat/completions", json=kilo_turn(stream=False), timeout=20)

@@ -48,11 +48,26 @@ FLAGS: dict[str, tuple[str | None, str | None]] = {
 }
 
 # `vllm serve` options that mean nothing to the mock: accepted and ignored, so a pod's command line runs here.
-IGNORED_OPTIONS = ("--dtype", "--quantization", "--gpu-memory-utilization", "--tensor-parallel-size",
-                   "--max-num-seqs", "--kv-cache-dtype", "--reasoning-parser",
-                   "--chat-template", "--download-dir", "--tokenizer", "--revision")
-IGNORED_SWITCHES = ("--trust-remote-code", "--enforce-eager",
-                    "--enable-prefix-caching", "--disable-log-requests", "--disable-log-stats")
+IGNORED_OPTIONS = (
+    "--dtype",
+    "--quantization",
+    "--gpu-memory-utilization",
+    "--tensor-parallel-size",
+    "--max-num-seqs",
+    "--kv-cache-dtype",
+    "--reasoning-parser",
+    "--chat-template",
+    "--download-dir",
+    "--tokenizer",
+    "--revision",
+)
+IGNORED_SWITCHES = (
+    "--trust-remote-code",
+    "--enforce-eager",
+    "--enable-prefix-caching",
+    "--disable-log-requests",
+    "--disable-log-stats",
+)
 
 
 class UsageError(Exception):
@@ -64,13 +79,19 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-_SERVER_HELP = {"--host": "address to listen on (default 127.0.0.1)", "--port": "port (default 8001)",
-                "--slow-start": "seconds during which connections are refused, like vLLM loading weights"}
+_SERVER_HELP = {
+    "--host": "address to listen on (default 127.0.0.1)",
+    "--port": "port (default 8001)",
+    "--slow-start": "seconds during which connections are refused, like vLLM loading weights",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mock_vllm_server.py", allow_abbrev=False,
-                     description="A mock of vLLM's OpenAI-compatible server, for tests and local runs.")
+    parser = _Parser(
+        prog="mock_vllm_server.py",
+        allow_abbrev=False,
+        description="A mock of vLLM's OpenAI-compatible server, for tests and local runs.",
+    )
     for flag, (field, env_name) in FLAGS.items():
         about = MockSettings.model_fields[field].description if field else _SERVER_HELP[flag]
         about = f"{about} [env {env_name}]" if env_name else about
@@ -127,8 +148,9 @@ async def serve(settings: MockSettings, host: str, port: int, slow_start: float)
     sock.bind((host, port))  # bound but not listening: connections are refused, as during vLLM's startup
     if slow_start:
         await asyncio.sleep(slow_start)
-    config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
@@ -164,4 +186,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     return 0
-

@@ -36,11 +36,51 @@ _IM_START, _NEWLINE, _IM_END = 1, 2, 3
 _ECHO_TOKENS = 4
 _ARGUMENT_PIECE_CHARS = 8
 _VOCAB = (
-    "amber", "basalt", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
-    "kestrel", "lagoon", "meadow", "nectar", "obsidian", "prairie", "quartz", "river", "saffron", "tundra",
-    "umber", "valley", "willow", "xenon", "yarrow", "zephyr", "anchor", "beacon", "canyon", "dune",
-    "estuary", "falcon", "glacier", "heron", "island", "jasper", "kelp", "lantern", "marble", "nimbus",
-    "orchid", "pebble", "quill", "reef", "summit",
+    "amber",
+    "basalt",
+    "cedar",
+    "delta",
+    "ember",
+    "fjord",
+    "garnet",
+    "harbor",
+    "indigo",
+    "juniper",
+    "kestrel",
+    "lagoon",
+    "meadow",
+    "nectar",
+    "obsidian",
+    "prairie",
+    "quartz",
+    "river",
+    "saffron",
+    "tundra",
+    "umber",
+    "valley",
+    "willow",
+    "xenon",
+    "yarrow",
+    "zephyr",
+    "anchor",
+    "beacon",
+    "canyon",
+    "dune",
+    "estuary",
+    "falcon",
+    "glacier",
+    "heron",
+    "island",
+    "jasper",
+    "kelp",
+    "lantern",
+    "marble",
+    "nimbus",
+    "orchid",
+    "pebble",
+    "quill",
+    "reef",
+    "summit",
 )
 _CHAT_PREFIX = ("Mock", " answer", " to", ":")
 _REASONING_PREFIX = ("Thinking", " about", ":")
@@ -64,9 +104,11 @@ def token_id(token: str) -> int:
 def message_text(message: dict[str, Any]) -> str:
     """The text a chat message contributes to the prompt: its text parts and any tool calls it made."""
     content = message.get("content")
-    texts = [content] if isinstance(content, str) else [
-        part["text"] for part in content or [] if isinstance(part.get("text"), str)
-    ]
+    texts = (
+        [content]
+        if isinstance(content, str)
+        else [part["text"] for part in content or [] if isinstance(part.get("text"), str)]
+    )
     for call in message.get("tool_calls") or []:
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict):
@@ -165,41 +207,57 @@ class ParsedRequest:
 def _check_tool_usage(body: dict[str, Any]) -> None:
     """ChatCompletionRequest.check_tool_usage (vllm/entrypoints/openai/chat_completion/protocol.py, 0.33.0)."""
     if body.get("tools") == []:
-        raise vllm_validation("`tools` must not be an empty array. Either provide at least one tool or omit the "
-                              "field entirely.", "tools")
+        raise vllm_validation(
+            "`tools` must not be an empty array. Either provide at least one tool or omit the field entirely.", "tools"
+        )
     choice = body.get("tool_choice", "auto" if body.get("tools") else None)
     if choice is None or choice == "none":
         return
     if body.get("tools") is None:
         raise vllm_validation("When using `tool_choice`, `tools` must be set.", "tool_choice")
     if choice not in ("auto", "required") and not isinstance(choice, dict):
-        raise vllm_validation(f"Invalid value for `tool_choice`: {choice}! Only named tools, \"none\", \"auto\" or "
-                              "\"required\" are supported.", "tool_choice")
+        raise vllm_validation(
+            f'Invalid value for `tool_choice`: {choice}! Only named tools, "none", "auto" or "required" are supported.',
+            "tool_choice",
+        )
     if isinstance(choice, dict):
         usage = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
         function = choice.get("function")
         if not isinstance(function, dict):
-            raise vllm_validation(f"Invalid value for `function`: `{function}` in `tool_choice`! {usage}",
-                                  "tool_choice.function")
+            raise vllm_validation(
+                f"Invalid value for `function`: `{function}` in `tool_choice`! {usage}", "tool_choice.function"
+            )
         if "name" not in function:
-            raise vllm_validation(f"Expected field `name` in `function` in `tool_choice`! {usage}",
-                                  "tool_choice.function.name")
+            raise vllm_validation(
+                f"Expected field `name` in `function` in `tool_choice`! {usage}", "tool_choice.function.name"
+            )
         name = function["name"]
         if not isinstance(name, str) or not name:
-            raise vllm_validation(f"Invalid `name` in `function`: `{name}` in `tool_choice`! {usage}",
-                                  "tool_choice.function.name")
+            raise vllm_validation(
+                f"Invalid `name` in `function`: `{name}` in `tool_choice`! {usage}", "tool_choice.function.name"
+            )
         tools = body["tools"] if isinstance(body["tools"], list) else []
-        if not any(isinstance(t, dict) and isinstance(t.get("function"), dict) and t["function"].get("name") == name
-                   for t in tools):
-            raise vllm_validation("The tool specified in `tool_choice` does not match any of the specified `tools`",
-                                  "tool_choice")
+        if not any(
+            isinstance(t, dict) and isinstance(t.get("function"), dict) and t["function"].get("name") == name
+            for t in tools
+        ):
+            raise vllm_validation(
+                "The tool specified in `tool_choice` does not match any of the specified `tools`", "tool_choice"
+            )
 
 
 def _validate(model: type[_R], body: Any) -> _R:
     if not isinstance(body, dict):  # what FastAPI says of a JSON body that is not an object
-        raise request_validation_error([{
-            "type": "model_attributes_type", "loc": ("body",),
-            "msg": "Input should be a valid dictionary or object to extract fields from", "input": body}])
+        raise request_validation_error(
+            [
+                {
+                    "type": "model_attributes_type",
+                    "loc": ("body",),
+                    "msg": "Input should be a valid dictionary or object to extract fields from",
+                    "input": body,
+                }
+            ]
+        )
     # vLLM's "before" model validators run ahead of the field checks
     if model is ChatCompletionRequest:
         _check_tool_usage(body)
@@ -217,8 +275,9 @@ def _validate(model: type[_R], body: Any) -> _R:
         if value is not None and value < 1:
             raise vllm_validation(f"max_tokens must be at least 1, got {value}.", "max_tokens", value)
     if req.temperature is not None and req.temperature < 0:
-        raise vllm_validation(f"temperature must be non-negative, got {req.temperature}.", "temperature",
-                              req.temperature)
+        raise vllm_validation(
+            f"temperature must be non-negative, got {req.temperature}.", "temperature", req.temperature
+        )
     return req
 
 
@@ -243,12 +302,18 @@ def parse_chat(body: Any) -> ParsedRequest:
     user = [m for m in messages if m["role"] == "user"]
     tools = body.get("tools")
     return ParsedRequest(
-        kind="chat", model=req.model, n=req.n or 1, stream=bool(req.stream), digest=_digest(body),
+        kind="chat",
+        model=req.model,
+        n=req.n or 1,
+        stream=bool(req.stream),
+        digest=_digest(body),
         include_usage=bool((req.stream_options or {}).get("include_usage")),
         prompts=[Prompt(chat_prompt_ids(messages), message_text(user[-1]) if user else "")],
         max_tokens=max_tokens,
         max_tokens_param="max_tokens" if req.max_completion_tokens is None else "max_completion_tokens",
-        tools=tools, tool_choice=body.get("tool_choice", "auto" if tools else "none"), messages=messages,
+        tools=tools,
+        tool_choice=body.get("tool_choice", "auto" if tools else "none"),
+        messages=messages,
     )
 
 
@@ -260,9 +325,15 @@ def parse_completion(body: Any) -> ParsedRequest:
     batch = req.prompt if isinstance(req.prompt, list) and not isinstance(req.prompt[0], int) else [req.prompt]
     prompts = [Prompt(text_ids(p), p) if isinstance(p, str) else Prompt(list(p), "") for p in batch]
     return ParsedRequest(
-        kind="completion", model=req.model, n=req.n or 1, stream=bool(req.stream), digest=_digest(body),
+        kind="completion",
+        model=req.model,
+        n=req.n or 1,
+        stream=bool(req.stream),
+        digest=_digest(body),
         include_usage=bool((req.stream_options or {}).get("include_usage")),
-        prompts=prompts, max_tokens=req.max_tokens, max_tokens_param="max_tokens",
+        prompts=prompts,
+        max_tokens=req.max_tokens,
+        max_tokens_param="max_tokens",
     )
 
 
@@ -280,16 +351,22 @@ def check_render(req: ParsedRequest, *, max_model_len: int, tool_parser: str | N
     if req.kind == "chat" and not req.messages:
         raise bad_request("Cannot apply chat template to an empty conversation. Provide at least one message.")
     if req.max_tokens is not None and req.max_tokens > max_model_len:
-        raise vllm_validation(f"{req.max_tokens_param}={req.max_tokens} cannot be greater than max_model_len="
-                              f"{max_model_len}. Please request fewer output tokens.", req.max_tokens_param,
-                              req.max_tokens)
+        raise vllm_validation(
+            f"{req.max_tokens_param}={req.max_tokens} cannot be greater than max_model_len="
+            f"{max_model_len}. Please request fewer output tokens.",
+            req.max_tokens_param,
+            req.max_tokens,
+        )
     for prompt in req.prompts:
         if len(prompt.ids) > max_model_len:
             # vLLM tokenizes at most max_model_len + 1 tokens, hence "at least" whatever the prompt's length
             raise vllm_validation(
                 f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains "
                 f"at least {max_model_len + 1} input tokens, which exceeds this limit even without any output "
-                "tokens. Please reduce the length of the input prompt.", "input_tokens", max_model_len + 1)
+                "tokens. Please reduce the length of the input prompt.",
+                "input_tokens",
+                max_model_len + 1,
+            )
         if len(prompt.ids) == max_model_len:  # no room left: get_max_tokens gives 0, which SamplingParams refuses
             raise vllm_validation("max_tokens must be at least 1, got 0.", "max_tokens", 0)
     if tool_parser is not None and req.tools and choice not in (None, "none"):
@@ -314,7 +391,7 @@ class ToolCall:
 
     def argument_pieces(self) -> list[str]:
         args = self.arguments
-        return [args[i:i + _ARGUMENT_PIECE_CHARS] for i in range(0, len(args), _ARGUMENT_PIECE_CHARS)]
+        return [args[i : i + _ARGUMENT_PIECE_CHARS] for i in range(0, len(args), _ARGUMENT_PIECE_CHARS)]
 
 
 @dataclass
@@ -350,8 +427,9 @@ def _pieces(prefix: tuple[str, ...], quote: str, rng: random.Random, count: int)
     return out
 
 
-def generate(req: ParsedRequest, *, chunk_count: int, reasoning: bool, max_model_len: int,
-             tool_parser: str | None = None) -> list[Output]:
+def generate(
+    req: ParsedRequest, *, chunk_count: int, reasoning: bool, max_model_len: int, tool_parser: str | None = None
+) -> list[Output]:
     """The deterministic answer to a request: one Output per choice (prompt-major, then ``n``).
 
     Like vLLM 0.33, a ``max_tokens`` that does not fit beside the prompt is lowered to what is left of the

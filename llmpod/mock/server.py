@@ -90,8 +90,13 @@ class _ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = self.mock.settings.api_key
-        if (scope["type"] == "http" and key is not None and scope["method"] != "OPTIONS"
-                and scope["path"].startswith("/v1") and not _authorized(scope, key.get_secret_value())):
+        if (
+            scope["type"] == "http"
+            and key is not None
+            and scope["method"] != "OPTIONS"
+            and scope["path"].startswith("/v1")
+            and not _authorized(scope, key.get_secret_value())
+        ):
             await _json({"error": "Unauthorized"}, status=401)(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -149,13 +154,29 @@ def create_app(settings: MockSettings) -> FastAPI:
         mock.requests["models"] += 1
         s, created = mock.settings, int(time.time())
         permission = {
-            "id": f"modelperm-{secrets.token_hex(8)}", "object": "model_permission", "created": created,
-            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-            "organization": "*", "group": None, "is_blocking": False,
+            "id": f"modelperm-{secrets.token_hex(8)}",
+            "object": "model_permission",
+            "created": created,
+            "allow_create_engine": False,
+            "allow_sampling": True,
+            "allow_logprobs": True,
+            "allow_search_indices": False,
+            "allow_view": True,
+            "allow_fine_tuning": False,
+            "organization": "*",
+            "group": None,
+            "is_blocking": False,
         }
-        card = {"id": s.served_name, "object": "model", "created": created, "owned_by": "vllm",
-                "root": s.model, "parent": None, "max_model_len": s.max_model_len, "permission": [permission]}
+        card = {
+            "id": s.served_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "vllm",
+            "root": s.model,
+            "parent": None,
+            "max_model_len": s.max_model_len,
+            "permission": [permission],
+        }
         return _json({"object": "list", "data": [card]})
 
     @app.get("/metrics")
@@ -177,13 +198,15 @@ def create_app(settings: MockSettings) -> FastAPI:
                 ids = gen.text_ids(body["prompt"])
             else:  # vLLM 0.33's TokenizeRequest is a union of the prompt and the messages form
                 missing = {"type": "missing", "msg": "Field required", "input": body}
-                raise errors.request_validation_error([{**missing, "loc": ("body", "prompt")},
-                                                    {**missing, "loc": ("body", "messages")}])
+                raise errors.request_validation_error(
+                    [{**missing, "loc": ("body", "prompt")}, {**missing, "loc": ("body", "messages")}]
+                )
             mock.check_model(body.get("model"))
         except errors.APIError as err:
             return mock.error_response(err)
-        return _json({"count": len(ids), "max_model_len": mock.settings.max_model_len, "tokens": ids,
-                      "token_strs": None})
+        return _json(
+            {"count": len(ids), "max_model_len": mock.settings.max_model_len, "tokens": ids, "token_strs": None}
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -239,20 +262,31 @@ async def _generate(mock: MockState, request: Request, kind: Literal["chat", "co
         mock.inject_fault()
     except errors.APIError as err:
         return mock.error_response(err)
-    outputs = gen.generate(req, chunk_count=settings.chunk_count, reasoning=settings.reasoning,
-                           max_model_len=settings.max_model_len, tool_parser=settings.tool_parser)
+    outputs = gen.generate(
+        req,
+        chunk_count=settings.chunk_count,
+        reasoning=settings.reasoning,
+        max_model_len=settings.max_model_len,
+        tool_parser=settings.tool_parser,
+    )
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     response_id = prefix + (request.headers.get("x-request-id") or secrets.token_hex(8))
     created = int(time.time())
     fingerprint = shapes.system_fingerprint(settings.model, settings.max_model_len)
     if req.stream:
         mock.streams += 1
-        steps, tail = shapes.stream_chunks(req, outputs, response_id=response_id, created=created,
-                                        model=settings.served_name, wire_format=settings.wire_format,
-                                        fingerprint=fingerprint, parser=settings.tool_parser is not None)
+        steps, tail = shapes.stream_chunks(
+            req,
+            outputs,
+            response_id=response_id,
+            created=created,
+            model=settings.served_name,
+            wire_format=settings.wire_format,
+            fingerprint=fingerprint,
+            parser=settings.tool_parser is not None,
+        )
         fault = mock.pick_stream_fault(settings)
-        return EventStream(_stream(mock, settings, req, outputs, steps, tail, fault),
-                           media_type="text/event-stream")
+        return EventStream(_stream(mock, settings, req, outputs, steps, tail, fault), media_type="text/event-stream")
     tokens = sum(len(p.ids) for p in req.prompts)
     mock.begin(tokens)
     try:
@@ -263,21 +297,35 @@ async def _generate(mock: MockState, request: Request, kind: Literal["chat", "co
     if not finished:  # vLLM aborts a request whose client went away; nobody reads this answer
         mock.metrics.success.labels(**mock.labels(), finished_reason="abort").inc()
         return Response(status_code=499)
-    payload = orjson.dumps(shapes.response_body(req, outputs, response_id=response_id, created=created,
-                                             model=settings.served_name, wire_format=settings.wire_format,
-                                             fingerprint=fingerprint))
+    payload = orjson.dumps(
+        shapes.response_body(
+            req,
+            outputs,
+            response_id=response_id,
+            created=created,
+            model=settings.served_name,
+            wire_format=settings.wire_format,
+            fingerprint=fingerprint,
+        )
+    )
     if settings.die_after_chunks is not None:
         mock.injected["cut"] += 1
         log.warning("mock vLLM: cutting a non-streaming response (die_after_chunks)")
-        return StreamingResponse(_CutBody(), media_type="application/json",
-                                 headers={"content-length": str(len(payload))})
+        return StreamingResponse(
+            _CutBody(), media_type="application/json", headers={"content-length": str(len(payload))}
+        )
     mock.finished(req, outputs)
     return Response(payload, media_type="application/json")
 
 
 async def _stream(
-    mock: MockState, settings: MockSettings, req: gen.ParsedRequest, outputs: list[gen.Output],
-    steps: list[list[dict[str, Any]]], tail: list[dict[str, Any]], fault: StreamFault | None = None,
+    mock: MockState,
+    settings: MockSettings,
+    req: gen.ParsedRequest,
+    outputs: list[gen.Output],
+    steps: list[list[dict[str, Any]]],
+    tail: list[dict[str, Any]],
+    fault: StreamFault | None = None,
 ) -> AsyncGenerator[bytes, None]:
     events = [[_event(chunk) for chunk in step] for step in steps]
     events.append([*(_event(chunk) for chunk in tail), _event("[DONE]")])
@@ -314,7 +362,7 @@ async def _stream(
                             await _sleep(STALL_SECONDS)
                         return  # the response ends cleanly, without the rest or [DONE]
                     # a broken event, then the rest of the stream as if nothing happened
-                    event = event[:len(event) // 2] + b"\n\n" if fault == "invalid_json" else event[:-1]
+                    event = event[: len(event) // 2] + b"\n\n" if fault == "invalid_json" else event[:-1]
                     fault = None
                 pending.append(event)
                 sent += 1

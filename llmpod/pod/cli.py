@@ -53,10 +53,15 @@ DESCRIPTION = """Start, watch and stop a vLLM pod on RunPod, with a caching Open
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="manage_pod.py", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("pod_config.json"),
-                        help="pod configuration file (default ./pod_config.json); state files live beside it")
+    parser = argparse.ArgumentParser(
+        prog="manage_pod.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path("pod_config.json"),
+        help="pod configuration file (default ./pod_config.json); state files live beside it",
+    )
     parser.add_argument("--local", action="store_true", help="run a local process instead of a RunPod pod")
     parser.add_argument("--verbose", "-v", action="store_true", help="more detail (status, catalog figures)")
     action = parser.add_mutually_exclusive_group()
@@ -93,10 +98,20 @@ def build_session(args: argparse.Namespace, reporter: Reporter) -> Session:
     if not (args.watchdog or args.refresh_catalog):  # a refresh falls back to built-in data instead (README)
         provider.check_access()  # a missing or revoked key is one line and exit 2, before anything else
     if config.provider != "local" and args.verbose and catalog.gpus_source == "built-in" and not args.refresh_catalog:
-        reporter.say(f"note: GPU catalog from {catalog.gpus_source} data "
-                     "(run `python3 manage_pod.py --refresh-catalog` for RunPod's prices and stock)")
-    return Session(config=config, config_path=config_path, paths=paths, provider=provider, catalog=catalog,
-                   model=model, gpus=gpus, reporter=reporter)
+        reporter.say(
+            f"note: GPU catalog from {catalog.gpus_source} data "
+            "(run `python3 manage_pod.py --refresh-catalog` for RunPod's prices and stock)"
+        )
+    return Session(
+        config=config,
+        config_path=config_path,
+        paths=paths,
+        provider=provider,
+        catalog=catalog,
+        model=model,
+        gpus=gpus,
+        reporter=reporter,
+    )
 
 
 def creates_pod(args: argparse.Namespace) -> bool:
@@ -104,8 +119,9 @@ def creates_pod(args: argparse.Namespace) -> bool:
     return command_name(args) == "up"
 
 
-def check_config(config: PodConfig, catalog: Catalog, creating: bool,
-                 reporter: Reporter) -> tuple[ModelEntry, list[GpuEntry]]:
+def check_config(
+    config: PodConfig, catalog: Catalog, creating: bool, reporter: Reporter
+) -> tuple[ModelEntry, list[GpuEntry]]:
     """The model and the GPU candidates it fits (llmpod.pod.fit), each skipped one said with its reason. Offline, so
     a bad modelStoreId is exit 2 at once even when RunPod cannot be reached. Only a run that may create a pod
     refuses: --status, --shutdown and the others act on the recorded pod (which may be billing) whatever the
@@ -138,8 +154,10 @@ def make_provider(config: PodConfig, paths: RuntimePaths) -> Provider:
         return LocalProvider(config, paths.pod_log)
     key = os.environ.get("RUNPOD_API_KEY", "").strip()
     if not key:
-        raise ConfigError("RUNPOD_API_KEY is not set: create an API key at https://console.runpod.io/user/settings "
-                          "and `export RUNPOD_API_KEY=...` (or use --local to try without an account)")
+        raise ConfigError(
+            "RUNPOD_API_KEY is not set: create an API key at https://console.runpod.io/user/settings "
+            "and `export RUNPOD_API_KEY=...` (or use --local to try without an account)"
+        )
     client = RunPodClient(key, os.environ.get("RUNPOD_API_BASE") or DEFAULT_API_BASE)
     return RunPodProvider(client, config, os.environ.get("RUNPOD_POD_URL_TEMPLATE") or POD_URL_TEMPLATE)
 
@@ -153,8 +171,12 @@ def refresh(session: Session) -> Catalog:
         # one try, then the data we have (README)
         gpu_source = lambda: client.gpu_types(cloud, min_cuda_version=floor, retries=0)  # noqa: E731
     with httpx.Client(timeout=10.0) as hub:
-        catalog, notes = refresh_catalog(session.paths.catalog, gpu_source=gpu_source, hub=hub,
-                                         hf_api_base=os.environ.get("HF_API_BASE") or DEFAULT_HF_API_BASE)
+        catalog, notes = refresh_catalog(
+            session.paths.catalog,
+            gpu_source=gpu_source,
+            hub=hub,
+            hf_api_base=os.environ.get("HF_API_BASE") or DEFAULT_HF_API_BASE,
+        )
     for note in notes:
         session.reporter.say(note)
     return catalog
@@ -256,15 +278,18 @@ def command_name(args: argparse.Namespace) -> str:
     """The action flag given (argparse keeps them mutually exclusive), or ``up`` without one."""
     if args.extend is not None:
         return "extend"
-    return next((name for name in ("watchdog", "shutdown", "status", "refresh_catalog", "logs")
-                 if getattr(args, name)), "up")
+    return next(
+        (name for name in ("watchdog", "shutdown", "status", "refresh_catalog", "logs") if getattr(args, name)), "up"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """One command; its errors propagate to ``main``, the one place they become a message and an exit code."""
     if _nothing_to_check(args):
-        print("nothing was running from this directory; nothing to do (RUNPOD_API_KEY is not set, so RunPod "
-              "was not checked for pods left elsewhere)")
+        print(
+            "nothing was running from this directory; nothing to do (RUNPOD_API_KEY is not set, so RunPod "
+            "was not checked for pods left elsewhere)"
+        )
         return 0
     session = build_session(args, Reporter())
     try:

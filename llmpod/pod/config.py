@@ -32,8 +32,12 @@ MOCK_SERVER = ["-m", "llmpod.mock"]  # run by this Python: the mock vLLM server
 ARG_PLACEHOLDERS = ("port", "model", "served_model_name", "max_model_len")
 # vllm serve flags that manage_pod.py sets itself; the key to use instead, if any
 RESERVED_VLLM_FLAGS = {
-    "--model": "modelStoreId", "--host": None, "--port": None, "--api-key": None,
-    "--served-model-name": None, "--max-model-len": "max_model_len",
+    "--model": "modelStoreId",
+    "--host": None,
+    "--port": None,
+    "--api-key": None,
+    "--served-model-name": None,
+    "--max-model-len": "max_model_len",
 }
 # Tool calling: manage_pod.py adds --enable-auto-tool-choice --tool-call-parser P for models that have a parser
 # (llmpod.tool_calling). A user's --tool-call-parser or --chat-template replaces ours (vLLM has several parsers
@@ -52,15 +56,22 @@ class PodConfig(BaseModel):
 
     # the original test plan's keys
     modelStoreId: str = Field(  # the test plan's spelling
-        "qwen2.5-coder-32b-instruct-awq", min_length=1,
-        description="The model to serve: an id of our Model Store (llmpod.pod.catalog), or its Hugging Face repo.")
+        "qwen2.5-coder-32b-instruct-awq",
+        min_length=1,
+        description="The model to serve: an id of our Model Store (llmpod.pod.catalog), or its Hugging Face repo.",
+    )
     gpu_type_id: str = Field(
-        "NVIDIA RTX A6000", min_length=1, description="The RunPod GPU type id tried first, e.g. 'NVIDIA L40S'.")
+        "NVIDIA RTX A6000", min_length=1, description="The RunPod GPU type id tried first, e.g. 'NVIDIA L40S'."
+    )
     runtime_seconds: int = Field(
-        28800, ge=1, le=7 * 86400,
-        description="Hard expiry: the pod is terminated this long after it was created (at most 7 days).")
+        28800,
+        ge=1,
+        le=7 * 86400,
+        description="Hard expiry: the pod is terminated this long after it was created (at most 7 days).",
+    )
     template_id: str | None = Field(
-        None, min_length=1, description="A RunPod template id (templateId) to create the pod from, or null.")
+        None, min_length=1, description="A RunPod template id (templateId) to create the pod from, or null."
+    )
     proxy_port: int = Field(8000, ge=1, le=65535, description="Where the local caching proxy listens (127.0.0.1).")
     cache_dir: str = Field("/tmp/llm_cache", min_length=1, description="The proxy's cache directory.")
     max_cache_size: int = Field(1000, ge=1, description="Cached answers kept by the proxy.")
@@ -68,42 +79,60 @@ class PodConfig(BaseModel):
     enable_profiling: bool = Field(False, description="The proxy adds a Server-Timing header to every answer.")
     # what a real pod needs
     provider: Literal["runpod", "local"] = Field(
-        "runpod", description="'runpod' rents a GPU; 'local' runs `command` here instead (the mock vLLM server).")
+        "runpod", description="'runpod' rents a GPU; 'local' runs `command` here instead (the mock vLLM server)."
+    )
     gpu_type_ids: list[str] = Field(
         ["NVIDIA L40S", "NVIDIA A40"],
         description="Fallback GPU type ids, tried in order after gpu_type_id when RunPod has no capacity "
-                    "(ones the model does not fit, or over max_hourly_cost, are skipped).")
+        "(ones the model does not fit, or over max_hourly_cost, are skipped).",
+    )
     cloud_type: Literal["SECURE", "COMMUNITY"] = Field("SECURE", description="RunPod's Secure or Community cloud.")
     image: str = Field(
-        "vllm/vllm-openai:v0.33.0", min_length=1, description="The vLLM image, with a pinned tag (not ':latest').")
+        "vllm/vllm-openai:v0.33.0", min_length=1, description="The vLLM image, with a pinned tag (not ':latest')."
+    )
     min_cuda_version: str | None = Field(
-        None, description="The CUDA (major.minor) the image is built for: RunPod places the pod only on a host whose "
-                          "driver runs it. null = known from the image's tag (llmpod.pod.images); needed for other "
-                          "images.")
+        None,
+        description="The CUDA (major.minor) the image is built for: RunPod places the pod only on a host whose "
+        "driver runs it. null = known from the image's tag (llmpod.pod.images); needed for other "
+        "images.",
+    )
     container_disk_gb: int = Field(
-        60, ge=10, le=2000, description="Container disk in GB: it holds the image and the downloaded weights.")
+        60, ge=10, le=2000, description="Container disk in GB: it holds the image and the downloaded weights."
+    )
     max_model_len: int | None = Field(
-        None, ge=128, description="vLLM --max-model-len; null for the Model Store's context length for the model.")
+        None, ge=128, description="vLLM --max-model-len; null for the Model Store's context length for the model."
+    )
     vllm_args: list[str] = Field(
-        [], description="Extra `vllm serve` flags, e.g. ['--enable-prefix-caching']; a --tool-call-parser or "
-                        "--chat-template here replaces the catalog's.")
+        [],
+        description="Extra `vllm serve` flags, e.g. ['--enable-prefix-caching']; a --tool-call-parser or "
+        "--chat-template here replaces the catalog's.",
+    )
     hf_token_env: str = Field(
-        "HF_TOKEN", description="The NAME of the environment variable holding a Hugging Face token (gated models).")
+        "HF_TOKEN", description="The NAME of the environment variable holding a Hugging Face token (gated models)."
+    )
     idle_timeout_seconds: int = Field(
-        1800, ge=0, description="Terminate the pod after this long without a request through the proxy; 0 = never.")
+        1800, ge=0, description="Terminate the pod after this long without a request through the proxy; 0 = never."
+    )
     max_hourly_cost: float | None = Field(
-        None, gt=0, description="Refuse GPU types whose list price per hour (on cloud_type) is higher; null = any.")
+        None, gt=0, description="Refuse GPU types whose list price per hour (on cloud_type) is higher; null = any."
+    )
     ready_timeout_seconds: int = Field(
-        1800, ge=1, description="How long the pod and vLLM may take to become ready before the pod is terminated.")
+        1800, ge=1, description="How long the pod and vLLM may take to become ready before the pod is terminated."
+    )
     watchdog_interval_seconds: float = Field(
-        30.0, gt=0, le=3600, description="How often the watchdog checks expiry, idleness and the proxy.")
+        30.0, gt=0, le=3600, description="How often the watchdog checks expiry, idleness and the proxy."
+    )
     # provider "local": the process standing in for a pod
     command: list[str] | None = Field(
-        None, min_length=1,
-        description="provider 'local': the program and its fixed arguments; null for the bundled mock vLLM server.")
+        None,
+        min_length=1,
+        description="provider 'local': the program and its fixed arguments; null for the bundled mock vLLM server.",
+    )
     args: list[str] = Field(
-        [], description="provider 'local': arguments after `command`; may use {port} {model} {served_model_name} "
-                        "{max_model_len}. Empty for the mock server's defaults.")
+        [],
+        description="provider 'local': arguments after `command`; may use {port} {model} {served_model_name} "
+        "{max_model_len}. Empty for the mock server's defaults.",
+    )
     env: dict[str, str] = Field({}, description="provider 'local': extra environment variables for the process.")
 
     @property
@@ -178,8 +207,10 @@ class PodConfig(BaseModel):
                 hint = f"use the {instead} key instead" if instead else "manage_pod.py sets it itself"
                 raise ValueError(f"must not contain {flag}: {hint}")
             if flag == REFUSED_TOOL_FLAG:
-                raise ValueError(f"must not contain {flag}: manage_pod.py turns tool calling on for models that have "
-                                 "it (agents send tools on every turn)")
+                raise ValueError(
+                    f"must not contain {flag}: manage_pod.py turns tool calling on for models that have "
+                    "it (agents send tools on every turn)"
+                )
         for flag in VALUED_TOOL_FLAGS:
             uses = [i for i, item in enumerate(value) if item == flag or item.startswith(flag + "=")]
             if len(uses) > 1:
@@ -230,8 +261,9 @@ def load_pod_config(path: Path, *, missing_ok: bool = False) -> PodConfig:
     except FileNotFoundError:
         if missing_ok:
             return PodConfig()
-        raise ConfigError(f"{name}: no such file; copy pod_config.json from the repository (or README.md) and edit it"
-                          ) from None
+        raise ConfigError(
+            f"{name}: no such file; copy pod_config.json from the repository (or README.md) and edit it"
+        ) from None
     except IsADirectoryError:
         raise ConfigError(f"{name}: is a directory, not a JSON file") from None
     except OSError as exc:
@@ -287,7 +319,11 @@ def check_port_free(port: int, host: str = "127.0.0.1") -> None:
             sock.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EACCES:
-                raise ConfigError(f"proxy_port {port} cannot be used: permission denied (ports below 1024 need "
-                                  "root); choose another proxy_port in pod_config.json") from None
-            raise ConfigError(f"proxy_port {port} is in use by another program: {exc.strerror or exc} (stop it, "
-                              "or choose another proxy_port in pod_config.json)") from None
+                raise ConfigError(
+                    f"proxy_port {port} cannot be used: permission denied (ports below 1024 need "
+                    "root); choose another proxy_port in pod_config.json"
+                ) from None
+            raise ConfigError(
+                f"proxy_port {port} is in use by another program: {exc.strerror or exc} (stop it, "
+                "or choose another proxy_port in pod_config.json)"
+            ) from None

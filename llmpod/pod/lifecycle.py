@@ -58,12 +58,21 @@ TERMINATE_DEADLINE = 180.0
 # A create that never answered (timed out after the client's 30 s, or we were interrupted) may still make its
 # pod: until this long after it was sent, a record without a pod id is looked for by name, not forgotten.
 CREATE_SETTLE = 45.0
-ANSWERED_NOTHING_MADE = (NoCapacityError, RunPodAuthError, RunPodBalanceError, RunPodRequestError, RunPodNotFound,
-                         RunPodRateLimited, PoolForbiddenError)
+ANSWERED_NOTHING_MADE = (
+    NoCapacityError,
+    RunPodAuthError,
+    RunPodBalanceError,
+    RunPodRequestError,
+    RunPodNotFound,
+    RunPodRateLimited,
+    PoolForbiddenError,
+)
 # answers after which the spec's create table says to try the next candidate: no capacity (400), no access to
 # that GPU type's pool (403); any other refusal would fail the same way on every candidate
 NEXT_CANDIDATE = (NoCapacityError, PoolForbiddenError)
 LOCK_WAIT = 3600.0  # a second manage_pod.py waits for the first to finish creating, then reuses its pod
+
+
 @contextlib.contextmanager
 def _uninterruptible() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
@@ -111,8 +120,10 @@ class Session:
             return None, None
         pod = self.provider.get(state.pod_id) if state.pod_id else self.provider.find_by_name(state.pod_name)
         if pod is None and state.phase != "creating":
-            self.reporter.say(f"pod {state.pod_name} ({state.pod_id}) no longer exists (terminated or reclaimed "
-                              "by RunPod); forgetting it")
+            self.reporter.say(
+                f"pod {state.pod_name} ({state.pod_id}) no longer exists (terminated or reclaimed "
+                "by RunPod); forgetting it"
+            )
             self.sidecars.stop()
             record_last_session(self.paths, state, "pod disappeared", None)
             clear_state(self.paths)
@@ -135,9 +146,11 @@ class Session:
     def report_leaks(self, known: PodState | None) -> list[PodInfo]:
         leaks = self.leaked(known)
         for pod in leaks:
-            self.reporter.say(f"warning: pod {pod.name} ({pod.id}, {pod.status}, ${pod.cost_per_hour:.2f}/h) is not "
-                              f"recorded in {self.paths.state_file}: remove it with "
-                              "`python3 manage_pod.py --shutdown --all`")
+            self.reporter.say(
+                f"warning: pod {pod.name} ({pod.id}, {pod.status}, ${pod.cost_per_hour:.2f}/h) is not "
+                f"recorded in {self.paths.state_file}: remove it with "
+                "`python3 manage_pod.py --shutdown --all`"
+            )
         return leaks
 
     # ----------------------------------------------------------------- up
@@ -181,15 +194,22 @@ class Session:
         now = time.time()
         max_len = self.config.max_model_len or self.model.context_length
         state = PodState(
-            provider=self.provider.kind, phase="creating", pod_name=f"{POD_NAME_PREFIX}{uuid.uuid4().hex[:8]}",
-            model_id=self.model.id, served_model=self.model.id, vllm_api_key=secrets.token_urlsafe(32),
-            created_at=now, expires_at=now + self.config.runtime_seconds,
-            idle_timeout_seconds=self.config.idle_timeout_seconds, proxy_port=self.config.proxy_port,
+            provider=self.provider.kind,
+            phase="creating",
+            pod_name=f"{POD_NAME_PREFIX}{uuid.uuid4().hex[:8]}",
+            model_id=self.model.id,
+            served_model=self.model.id,
+            vllm_api_key=secrets.token_urlsafe(32),
+            created_at=now,
+            expires_at=now + self.config.runtime_seconds,
+            idle_timeout_seconds=self.config.idle_timeout_seconds,
+            proxy_port=self.config.proxy_port,
         )
         save_state(self.paths, state)  # the intent, before anything can bill
         processes.checkpoint("intent written")
-        spec = PodSpec(state.pod_name, None, self.model, state.served_model, max_len,
-                       state.vllm_api_key.get_secret_value())
+        spec = PodSpec(
+            state.pod_name, None, self.model, state.served_model, max_len, state.vllm_api_key.get_secret_value()
+        )
         return self._guarded(state, lambda: self._create_and_wait(state, spec))
 
     def _guarded(self, state: PodState, work: Callable[[], PodState]) -> PodState:
@@ -231,8 +251,10 @@ class Session:
                     if not isinstance(exc, NEXT_CANDIDATE):
                         raise
                     if isinstance(exc, PoolForbiddenError):
-                        self.reporter.say(f"{label}: RunPod answered 403, this account has no access to that GPU "
-                                          "pool: trying the next GPU type")
+                        self.reporter.say(
+                            f"{label}: RunPod answered 403, this account has no access to that GPU "
+                            "pool: trying the next GPU type"
+                        )
                     tried.append(f"{label}: {exc}")
                     break
                 except RunPodUnavailable as exc:
@@ -240,14 +262,15 @@ class Session:
                     found = self._find_after_failed_create(state.pod_name)
                     if found is None:
                         tried.append(f"{label}: {exc}")
-                        self.sleep(min(2.0 ** attempt, 10.0))
+                        self.sleep(min(2.0**attempt, 10.0))
                         continue
                     pod = found
                 processes.checkpoint("create answered")
                 self._record_created(state, pod)
                 if self.config.max_hourly_cost is not None and pod.cost_per_hour > self.config.max_hourly_cost:
-                    self.reporter.say(f"{label} costs ${pod.cost_per_hour:.2f}/h, over max_hourly_cost: "
-                                      "trying the next GPU type")
+                    self.reporter.say(
+                        f"{label} costs ${pod.cost_per_hour:.2f}/h, over max_hourly_cost: trying the next GPU type"
+                    )
                     self._terminate_verified(pod.id)
                     state.pod_id = None
                     save_state(self.paths, state)
@@ -267,12 +290,20 @@ class Session:
         state.pod_id, state.phase, state.create_sent_at = pod.id, "waiting", None
         state.gpu_type_id, state.cost_per_hour, state.upstream_url = pod.gpu_id, pod.cost_per_hour, pod.url
         save_state(self.paths, state)
-        self.reporter.say(f"created pod {pod.name} ({pod.id}) on {pod.gpu_id or 'this machine'} "
-                          f"at ${pod.cost_per_hour:.2f}/h")
+        self.reporter.say(
+            f"created pod {pod.name} ({pod.id}) on {pod.gpu_id or 'this machine'} at ${pod.cost_per_hour:.2f}/h"
+        )
 
     def _wait_ready(self, state: PodState, pod: PodInfo, deadline: float) -> PodState:
-        waiter = ReadyWait(self.provider, self.config, self.paths, self.reporter, self.sleep,
-                           terminate=self._terminate_verified, spend=self.spend)
+        waiter = ReadyWait(
+            self.provider,
+            self.config,
+            self.paths,
+            self.reporter,
+            self.sleep,
+            terminate=self._terminate_verified,
+            spend=self.spend,
+        )
         return waiter.wait(state, pod, deadline)
 
     # ----------------------------------------------------------------- shutdown
@@ -280,8 +311,9 @@ class Session:
         rate = pod.cost_per_hour if pod and pod.cost_per_hour else (state.cost_per_hour or 0.0)
         return rate * max(0.0, time.time() - state.created_at) / 3600
 
-    def shutdown(self, *, all_ours: bool = False, reason: str = "requested",
-                 from_watchdog: bool = False) -> ShutdownResult:
+    def shutdown(
+        self, *, all_ours: bool = False, reason: str = "requested", from_watchdog: bool = False
+    ) -> ShutdownResult:
         """Terminate the recorded pod (and with ``all_ours`` every pod with our prefix), stop the helpers,
         forget the state. Idempotent. The cache is kept."""
         with exclusive(self.paths, 60.0, "waiting for another manage_pod.py in this directory…"):
@@ -325,8 +357,10 @@ class Session:
         if state.pod_id is None and sent is not None and not named and self.provider.create_may_land_late:
             settle_until = sent + CREATE_SETTLE
             if time.time() < settle_until:
-                self.reporter.say(f"the create of pod {state.pod_name} was never answered: watching for that pod for "
-                                  f"up to {settle_until - time.time():.0f}s so that it cannot bill unseen")
+                self.reporter.say(
+                    f"the create of pod {state.pod_name} was never answered: watching for that pod for "
+                    f"up to {settle_until - time.time():.0f}s so that it cannot bill unseen"
+                )
             while not named and time.time() < settle_until:
                 self.sleep(1.0)
                 named = [p.id for p in self.provider.list_ours() if p.name == state.pod_name]
@@ -347,7 +381,8 @@ class Session:
             delay = min(delay * 2, 15.0)
         raise CleanupFailedError(
             f"pod {pod_id} could not be confirmed terminated ({last_error or 'it still exists'}); it may still be "
-            f"billing: terminate it at https://console.runpod.io/pods, then run `python3 manage_pod.py --shutdown`")
+            f"billing: terminate it at https://console.runpod.io/pods, then run `python3 manage_pod.py --shutdown`"
+        )
 
     # ----------------------------------------------------------------- small commands
     def extend(self, seconds: int) -> PodState:

@@ -43,11 +43,18 @@ def status(session: Session) -> dict[str, Any]:
     idle_left = (state.idle_timeout_seconds - (now - idle_since)) if state.idle_timeout_seconds and idle_since else None
     return {
         "pod": {
-            "id": state.pod_id, "name": state.pod_name, "provider": state.provider, "phase": state.phase,
-            "status": pod.status if pod else "GONE", "gpu": state.gpu_type_id,
-            "cost_per_hour": pod.cost_per_hour if pod else 0.0, "uptime_seconds": now - state.created_at,
-            "spend_usd": round(session.spend(state, pod), 4), "model": state.served_model,
-            "expires_at": clock(state.expires_at), "expires_in_seconds": state.expires_at - now,
+            "id": state.pod_id,
+            "name": state.pod_name,
+            "provider": state.provider,
+            "phase": state.phase,
+            "status": pod.status if pod else "GONE",
+            "gpu": state.gpu_type_id,
+            "cost_per_hour": pod.cost_per_hour if pod else 0.0,
+            "uptime_seconds": now - state.created_at,
+            "spend_usd": round(session.spend(state, pod), 4),
+            "model": state.served_model,
+            "expires_at": clock(state.expires_at),
+            "expires_in_seconds": state.expires_at - now,
             "idle_shutdown_in_seconds": idle_left,
         },
         "endpoint": f"{session.sidecars.proxy_url(state)}/v1",
@@ -69,8 +76,10 @@ def status_text(report: dict[str, Any]) -> str:
         lines = ["no pod is running from this directory"]
         if last:
             spend = last.get("spend_usd")
-            lines.append(f"last session ended {clock(last.get('ended_at'))}: {last.get('reason')}"
-                         + (f" (spend ${spend:.2f})" if isinstance(spend, int | float) else ""))
+            lines.append(
+                f"last session ended {clock(last.get('ended_at'))}: {last.get('reason')}"
+                + (f" (spend ${spend:.2f})" if isinstance(spend, int | float) else "")
+            )
         return "\n".join(lines)
     proxy = report["proxy"]
     rows = [
@@ -80,12 +89,23 @@ def status_text(report: dict[str, Any]) -> str:
         ("uptime", _duration(pod["uptime_seconds"])),
         ("spend so far", f"${pod['spend_usd']:.2f}"),
         ("expires", f"{pod['expires_at']} (in {_duration(pod['expires_in_seconds'])})"),
-        ("idle shutdown", "off" if pod["idle_shutdown_in_seconds"] is None
-         else f"in {_duration(pod['idle_shutdown_in_seconds'])} without a request"),
+        (
+            "idle shutdown",
+            "off"
+            if pod["idle_shutdown_in_seconds"] is None
+            else f"in {_duration(pod['idle_shutdown_in_seconds'])} without a request",
+        ),
         ("endpoint", report["endpoint"]),
-        ("proxy", proxy["status"] + (f", {proxy['cache_entries']} cached answers, hit rate "
-                                     f"{proxy['cache_hit_rate']:.0%}, {proxy['requests_total']} requests"
-                                     if proxy["cache_entries"] is not None else "")),
+        (
+            "proxy",
+            proxy["status"]
+            + (
+                f", {proxy['cache_entries']} cached answers, hit rate "
+                f"{proxy['cache_hit_rate']:.0%}, {proxy['requests_total']} requests"
+                if proxy["cache_entries"] is not None
+                else ""
+            ),
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -104,17 +124,26 @@ def kilo_config(endpoint: str, api_key: str, model: str, context: int | None, to
     entry: dict[str, Any] = {"name": model, "tool_call": tool_call}
     if context:
         entry["limit"] = {"context": context, "output": min(KILO_OUTPUT_MAX, context // KILO_OUTPUT_SHARE)}
-    return {"$schema": "https://app.kilo.ai/config.json", "model": f"llmpod/{model}",
-            "provider": {"llmpod": {"npm": "@ai-sdk/openai-compatible", "name": "llmpod",
-                                    "options": {"baseURL": endpoint, "apiKey": api_key}, "models": {model: entry}}}}
+    return {
+        "$schema": "https://app.kilo.ai/config.json",
+        "model": f"llmpod/{model}",
+        "provider": {
+            "llmpod": {
+                "npm": "@ai-sdk/openai-compatible",
+                "name": "llmpod",
+                "options": {"baseURL": endpoint, "apiKey": api_key},
+                "models": {model: entry},
+            }
+        },
+    }
 
 
 def kilo_json_text(config: dict[str, Any]) -> str:
     """``config`` as JSON, one line per provider field: short enough to read in a terminal, and pasteable."""
-    (name, provider), = config["provider"].items()
+    ((name, provider),) = config["provider"].items()
     fields = ",\n".join(f"    {json.dumps(key)}: {json.dumps(value)}" for key, value in provider.items())
     top = "".join(f"  {json.dumps(key)}: {json.dumps(value)},\n" for key, value in config.items() if key != "provider")
-    return f"{{\n{top}  \"provider\": {{{json.dumps(name)}: {{\n{fields}\n  }}}}\n}}"
+    return f'{{\n{top}  "provider": {{{json.dumps(name)}: {{\n{fields}\n  }}}}\n}}'
 
 
 def _served_entry(session: Session, state: PodState) -> ModelEntry | None:
@@ -135,7 +164,7 @@ def ready_text(session: Session, state: PodState) -> str:
     # global config (~/.config/kilo/kilo.json; a project's kilo.json may not read the environment)
     key_set = bool(os.environ.get("PROXY_API_KEY", "").strip())
     api_key = KILO_ENV_KEY if key_set else "none"
-    legacy_key = "your PROXY_API_KEY (echo \"$PROXY_API_KEY\")" if key_set else "'none'"
+    legacy_key = 'your PROXY_API_KEY (echo "$PROXY_API_KEY")' if key_set else "'none'"
     context = (session.config.max_model_len or entry.context_length) if entry else None
     tools = entry is not None and entry.tool_calling
     if entry is None:
@@ -145,21 +174,27 @@ def ready_text(session: Session, state: PodState) -> str:
     else:
         capable = ", ".join(m.id for m in session.catalog.models if m.tool_calling)
         calls = f"; no tool calling: chat, edit and autocomplete only (agents need one of: {capable})"
-    return "\n".join([
-        f"ready: {endpoint}",
-        f"model:    {model}" + (f", {context} tokens of context" if context else "") + calls,
-        "API key:  the value of PROXY_API_KEY in your environment (not shown here)" if key_set
-        else "API key:  none set (PROXY_API_KEY): any value works",
-        f"cost:     ${state.cost_per_hour or 0:.2f}/h, expires {clock(state.expires_at)}"
-        + (f", idle shutdown after {state.idle_timeout_seconds // 60} min without a request"
-           if state.idle_timeout_seconds else ""),
-        "Kilo Code (Kilo CLI and current extension): in ~/.config/kilo/kilo.json"
-        + (" (run Kilo where PROXY_API_KEY is exported)" if key_set else " or ./kilo.json"),
-        kilo_json_text(kilo_config(endpoint, api_key, model, context, tools)),
-        f"Kilo Code (legacy 5.x extension): provider 'OpenAI Compatible', Base URL {endpoint}, API key "
-        f"{legacy_key}, model '{model}'",
-        "stop it:  python3 manage_pod.py --shutdown",
-    ])
+    return "\n".join(
+        [
+            f"ready: {endpoint}",
+            f"model:    {model}" + (f", {context} tokens of context" if context else "") + calls,
+            "API key:  the value of PROXY_API_KEY in your environment (not shown here)"
+            if key_set
+            else "API key:  none set (PROXY_API_KEY): any value works",
+            f"cost:     ${state.cost_per_hour or 0:.2f}/h, expires {clock(state.expires_at)}"
+            + (
+                f", idle shutdown after {state.idle_timeout_seconds // 60} min without a request"
+                if state.idle_timeout_seconds
+                else ""
+            ),
+            "Kilo Code (Kilo CLI and current extension): in ~/.config/kilo/kilo.json"
+            + (" (run Kilo where PROXY_API_KEY is exported)" if key_set else " or ./kilo.json"),
+            kilo_json_text(kilo_config(endpoint, api_key, model, context, tools)),
+            f"Kilo Code (legacy 5.x extension): provider 'OpenAI Compatible', Base URL {endpoint}, API key "
+            f"{legacy_key}, model '{model}'",
+            "stop it:  python3 manage_pod.py --shutdown",
+        ]
+    )
 
 
 def shutdown_text(result: ShutdownResult) -> str:
@@ -173,13 +208,21 @@ def shutdown_text(result: ShutdownResult) -> str:
 def catalog_text(catalog: Catalog, verbose: bool) -> str:
     lines = [f"models ({catalog.models_source}):"]
     for model in catalog.models:
-        lines.append(f"  {model.id:<40} {model.name}" + (
-            f"  [{model.parameters_b:g}B {model.quantization or 'bf16'}, >= {model.min_gpu_memory_gb} GB, "
-            f"ctx {model.context_length}, tools {model.tool_call_parser or 'none'}{', gated' if model.gated else ''}]"
-            if verbose else ""))
+        lines.append(
+            f"  {model.id:<40} {model.name}"
+            + (
+                f"  [{model.parameters_b:g}B {model.quantization or 'bf16'}, >= {model.min_gpu_memory_gb} GB, "
+                f"ctx {model.context_length}, tools {model.tool_call_parser or 'none'}"
+                f"{', gated' if model.gated else ''}]"
+                if verbose
+                else ""
+            )
+        )
     lines.append(f"GPUs ({catalog.gpus_source}):")
     for gpu in catalog.gpus:
         price = f"${gpu.price_secure:.2f}/h" if gpu.price_secure is not None else "price unknown"
-        lines.append(f"  {gpu.id:<40} {gpu.memory_gb:>3} GB  {price}"
-                     + (f"  stock {gpu.availability}" if verbose and gpu.availability else ""))
+        lines.append(
+            f"  {gpu.id:<40} {gpu.memory_gb:>3} GB  {price}"
+            + (f"  stock {gpu.availability}" if verbose and gpu.availability else "")
+        )
     return "\n".join(lines)

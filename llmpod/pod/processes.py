@@ -49,14 +49,23 @@ def importable(env: Mapping[str, str]) -> dict[str, str]:
     return {**env, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
 
 
-def spawn_detached(argv: Sequence[str], *, env: Mapping[str, str], log_path: Path, pid_path: Path | None,
-                   cwd: Path | None = None) -> int:
+def spawn_detached(
+    argv: Sequence[str], *, env: Mapping[str, str], log_path: Path, pid_path: Path | None, cwd: Path | None = None
+) -> int:
     """Start ``argv`` in a new session; secrets go in ``env``, never in ``argv`` (``ps`` shows argv)."""
     log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        process = subprocess.Popen(list(argv), env=importable(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=fd,
-                                   stderr=fd, start_new_session=True, close_fds=True)
+        process = subprocess.Popen(
+            list(argv),
+            env=importable(env),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            start_new_session=True,
+            close_fds=True,
+        )
     finally:
         os.close(fd)
     _SPAWNED.append(process)
@@ -144,7 +153,7 @@ def environ_value(pid: int, key: str) -> str | None:
     prefix = f"{key}=".encode()
     for item in environ:
         if item.startswith(prefix):
-            return item[len(prefix):].decode(errors="replace")
+            return item[len(prefix) :].decode(errors="replace")
     return None
 
 

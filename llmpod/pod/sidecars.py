@@ -53,8 +53,9 @@ class Sidecars:
         headers = {"Authorization": f"Bearer {os.environ['PROXY_API_KEY']}"} if os.environ.get("PROXY_API_KEY") else {}
         return self._proxy_json("/metrics", state, headers)
 
-    def _proxy_json(self, route: str, state: PodState | None,
-                    headers: dict[str, str] | None = None) -> dict[str, Any] | None:
+    def _proxy_json(
+        self, route: str, state: PodState | None, headers: dict[str, str] | None = None
+    ) -> dict[str, Any] | None:
         """The proxy's JSON answer on ``route``; None when it does not answer 200 with JSON."""
         try:
             response = httpx.get(f"{self.proxy_url(state)}{route}", headers=headers, timeout=3.0)
@@ -73,8 +74,9 @@ class Sidecars:
         check_port_free(state.proxy_port)
         assert state.upstream_url is not None
         env = self.proxy_env(state)
-        processes.spawn_detached(processes.python_module(PROXY_MARKER), env=env,
-                                 log_path=self.paths.proxy_log, pid_path=self.paths.proxy_pid)
+        processes.spawn_detached(
+            processes.python_module(PROXY_MARKER), env=env, log_path=self.paths.proxy_log, pid_path=self.paths.proxy_pid
+        )
         processes.checkpoint("proxy starting")
         deadline = time.monotonic() + 20
         while self.proxy_health(state) is None or self.proxy_pid() is None:  # and it must be the one we started
@@ -88,13 +90,17 @@ class Sidecars:
         UPSTREAM_TIMEOUT, MAX_BODY_BYTES) comes from the user's environment, as for a proxy started by hand."""
         assert state.upstream_url is not None
         # the watchdog restarts proxies too: its marker is not the proxy's
-        inherited = {k: v for k, v in os.environ.items()
-                     if k not in (WATCHDOG_OF, processes.HOLD_AT, *TOOL_SETTINGS)}
+        inherited = {k: v for k, v in os.environ.items() if k not in (WATCHDOG_OF, processes.HOLD_AT, *TOOL_SETTINGS)}
         settings = ProxySettings.from_env(
-            {**inherited, **self.tool_env(state)}, upstream_url=state.upstream_url,
-            upstream_api_key=state.vllm_api_key, host="127.0.0.1", port=state.proxy_port,
-            cache_dir=self.config.cache_dir, max_cache_entries=self.config.max_cache_size,
-            max_cache_bytes=self.config.max_cache_bytes, enable_profiling=self.config.enable_profiling,
+            {**inherited, **self.tool_env(state)},
+            upstream_url=state.upstream_url,
+            upstream_api_key=state.vllm_api_key,
+            host="127.0.0.1",
+            port=state.proxy_port,
+            cache_dir=self.config.cache_dir,
+            max_cache_entries=self.config.max_cache_size,
+            max_cache_bytes=self.config.max_cache_bytes,
+            enable_profiling=self.config.enable_profiling,
             log_file="",  # stderr only: spawn_detached sends it to proxy.log
         )
         return {**inherited, **settings.to_env(), PROXY_OF: str(self.paths.root)}
@@ -120,8 +126,9 @@ class Sidecars:
         self._stop_strays(WATCHDOG_OF)
         argv = [*processes.python_module("llmpod.pod"), WATCHDOG_MARKER, "--config", str(self.config_path)]
         env = {**{k: v for k, v in os.environ.items() if k != processes.HOLD_AT}, WATCHDOG_OF: str(self.paths.root)}
-        processes.spawn_detached(argv, env=env, log_path=self.paths.watchdog_log,
-                                 pid_path=self.paths.watchdog_pid, cwd=self.paths.root)
+        processes.spawn_detached(
+            argv, env=env, log_path=self.paths.watchdog_log, pid_path=self.paths.watchdog_pid, cwd=self.paths.root
+        )
 
     def stop(self, keep_watchdog: bool = False) -> None:
         if not keep_watchdog:

@@ -117,8 +117,13 @@ def clear_state(paths: RuntimePaths) -> None:
 def record_last_session(paths: RuntimePaths, state: PodState | None, reason: str, spend: float | None) -> None:
     """Why the last session ended, for --status after the fact."""
     paths.ensure()
-    entry: dict[str, Any] = {"ended_at": time.time(), "reason": reason, "spend_usd": spend,
-                             "pod_id": state.pod_id if state else None, "pod_name": state.pod_name if state else None}
+    entry: dict[str, Any] = {
+        "ended_at": time.time(),
+        "reason": reason,
+        "spend_usd": spend,
+        "pod_id": state.pod_id if state else None,
+        "pod_name": state.pod_name if state else None,
+    }
     atomic_write(paths.last_session, json.dumps(entry, indent=2).encode() + b"\n", mode=0o600, exact_mode=True)
 
 

@@ -64,8 +64,10 @@ def _loop(session: Session) -> int:
             log(f"stopping: {exc}")
             return 1
         except RunPodAuthError as exc:
-            log(f"RunPod refused the API key ({exc}); the pod cannot be checked or terminated from here: "
-                "fix RUNPOD_API_KEY and run `python3 manage_pod.py --shutdown`")
+            log(
+                f"RunPod refused the API key ({exc}); the pod cannot be checked or terminated from here: "
+                "fix RUNPOD_API_KEY and run `python3 manage_pod.py --shutdown`"
+            )
             decision = KeepWatching()
         except LlmpodError as exc:
             log(f"check failed, will retry: {exc}")
@@ -92,8 +94,9 @@ def check_once(session: Session, last_activity: float) -> Decision:
         return KeepWatching()  # a manage_pod.py is still creating it
     now = time.time()
     if now >= state.expires_at:
-        result = session.shutdown(reason=f"expired: runtime_seconds reached at {clock(state.expires_at)}",
-                                  from_watchdog=True)
+        result = session.shutdown(
+            reason=f"expired: runtime_seconds reached at {clock(state.expires_at)}", from_watchdog=True
+        )
         return Ended(f"pod expired: terminated {result.terminated} (spend ${result.spend_usd or 0:.2f})")
     metrics = session.sidecars.proxy_metrics(state)
     if metrics is not None:
@@ -103,8 +106,10 @@ def check_once(session: Session, last_activity: float) -> Decision:
             last_activity = max(last_activity, float(metrics["last_request_at"]))
     idle_for = now - max(last_activity, state.ready_at or 0.0)
     if state.idle_timeout_seconds and idle_for >= state.idle_timeout_seconds:
-        result = session.shutdown(reason=f"idle: no request for {idle_for:.0f}s "
-                                         f"(idle_timeout_seconds={state.idle_timeout_seconds})", from_watchdog=True)
+        result = session.shutdown(
+            reason=f"idle: no request for {idle_for:.0f}s (idle_timeout_seconds={state.idle_timeout_seconds})",
+            from_watchdog=True,
+        )
         return Ended(f"pod idle: terminated {result.terminated} (spend ${result.spend_usd or 0:.2f})")
     assert state.pod_id is not None
     try:
@@ -115,8 +120,9 @@ def check_once(session: Session, last_activity: float) -> Decision:
     if pod is None or not pod.alive:
         with exclusive(session.paths, 60.0):
             processes.stop_pidfile(session.paths.proxy_pid, PROXY_MARKER)
-            record_last_session(session.paths, state, "pod disappeared (terminated outside llmpod or reclaimed)",
-                                session.spend(state))
+            record_last_session(
+                session.paths, state, "pod disappeared (terminated outside llmpod or reclaimed)", session.spend(state)
+            )
             clear_state(session.paths)
         return Ended(f"pod {state.pod_id} is gone ({pod.status if pod else 'not found'}): proxy stopped, state cleared")
     if session.sidecars.proxy_health(state) is None:

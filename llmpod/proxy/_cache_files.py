@@ -69,9 +69,11 @@ def index_of(directory: str, names: list[str]) -> tuple[OrderedDict[str, IndexEn
     return index, sum(size for _, _, size in found)
 
 
-def scan(directory: str, names: list[str],
-         index: Callable[[str, list[str]], tuple[OrderedDict[str, IndexEntry], int]] = index_of,
-         ) -> tuple[OrderedDict[str, IndexEntry], int]:
+def scan(
+    directory: str,
+    names: list[str],
+    index: Callable[[str, list[str]], tuple[OrderedDict[str, IndexEntry], int]] = index_of,
+) -> tuple[OrderedDict[str, IndexEntry], int]:
     """``index`` the listed names; nothing when there were none (the directory may not even exist)."""
     if not names:
         return OrderedDict(), 0
@@ -82,8 +84,9 @@ def scan(directory: str, names: list[str],
         return OrderedDict(), 0
 
 
-def merge_scan(scanned: OrderedDict[str, IndexEntry], scanned_bytes: int, gone: Iterable[str],
-               recent: OrderedDict[str, IndexEntry]) -> tuple[OrderedDict[str, IndexEntry], int]:
+def merge_scan(
+    scanned: OrderedDict[str, IndexEntry], scanned_bytes: int, gone: Iterable[str], recent: OrderedDict[str, IndexEntry]
+) -> tuple[OrderedDict[str, IndexEntry], int]:
     """The start-up scan's index (oldest use first) under what happened since the listing: the ``gone`` keys
     dropped, and the ``recent`` entries (written or served meanwhile) as the most recent uses."""
     for key in gone:
@@ -170,8 +173,13 @@ def write_atomically(directory: str, key: str, data: bytes, writer_id: int) -> N
 class EntryWriter(threading.Thread):
     """Writes queued entries in order and reports each result back on the event loop."""
 
-    def __init__(self, write: Callable[[str, bytes], None], loop: asyncio.AbstractEventLoop,
-                 written: Callable[[str, int], None], failed: Callable[[str, OSError], None]) -> None:
+    def __init__(
+        self,
+        write: Callable[[str, bytes], None],
+        loop: asyncio.AbstractEventLoop,
+        written: Callable[[str, int], None],
+        failed: Callable[[str, OSError], None],
+    ) -> None:
         super().__init__(name="llmpod-cache-writer", daemon=True)
         self.write, self.loop, self.written, self.failed = write, loop, written, failed
         self.queue: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()

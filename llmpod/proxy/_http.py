@@ -106,8 +106,12 @@ class _Connection(asyncio.Protocol):
         self.headers_done = True
         self._keep_alive = self._parser.should_keep_alive()  # asked now: llhttp forgets it once the body ends
         names = {name.lower(): value.lower() for name, value in self._header_list}
-        self._until_close = (b"content-length" not in names and b"chunked" not in names.get(b"transfer-encoding", b"")
-                             and self.status not in (204, 304) and not 100 <= self.status < 200)
+        self._until_close = (
+            b"content-length" not in names
+            and b"chunked" not in names.get(b"transfer-encoding", b"")
+            and self.status not in (204, 304)
+            and not 100 <= self.status < 200
+        )
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -257,8 +261,9 @@ class UpstreamResponse:
 class HTTPPool:
     """Keep-alive connections to one origin (``scheme://host:port``)."""
 
-    def __init__(self, origin: str, *, connect_timeout: float, read_timeout: float,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, origin: str, *, connect_timeout: float, read_timeout: float, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) origin: {origin!r}")
@@ -316,9 +321,16 @@ class HTTPPool:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: _Connection(loop), self.host, self.port, ssl=self._ssl,
-                server_hostname=self.host if self._ssl else None), self.connect_timeout)
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Connection(loop),
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl else None,
+                ),
+                self.connect_timeout,
+            )
         except asyncio.TimeoutError:
             raise UpstreamReadTimeout(f"no connection within {self.connect_timeout:g}s") from None
         except (OSError, ssl.SSLError) as exc:
@@ -345,4 +357,3 @@ class HTTPPool:
             conn.close()
         self._idle.clear()
         self._busy.clear()
-

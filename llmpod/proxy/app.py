@@ -52,17 +52,23 @@ class ProxyApp(FastAPI):
         self._front: dict[str, GenerationEndpoint] = {}
         self._documented: dict[str, dict[str, Any]] = {}
 
-    def add_generation_route(self, path: str, endpoint: GenerationEndpoint, summary: str,
-                             schema: dict[str, Any]) -> None:
+    def add_generation_route(
+        self, path: str, endpoint: GenerationEndpoint, summary: str, schema: dict[str, Any]
+    ) -> None:
         """Put ``endpoint`` in the route table, answered in front for a POST, and in the OpenAPI schema."""
         self.router.routes.append(Route(path, endpoint, methods=["POST"]))
         self._front[path] = endpoint
         operation_id = f"{summary.lower().replace(' ', '_')}{path.replace('/', '_').replace('.', '_')}_post"
-        self._documented[path] = {"post": {
-            "summary": summary, "operationId": operation_id, **request_body(schema),
-            "responses": {"200": {"description": "Successful Response",
-                                  "content": {"application/json": {"schema": {}}}}},
-        }}
+        self._documented[path] = {
+            "post": {
+                "summary": summary,
+                "operationId": operation_id,
+                **request_body(schema),
+                "responses": {
+                    "200": {"description": "Successful Response", "content": {"application/json": {"schema": {}}}}
+                },
+            }
+        }
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
@@ -112,8 +118,9 @@ def create_app(settings: ProxySettings) -> FastAPI:
             loading = service.cache.load_behind()
             service.cache.start_writer(asyncio.get_running_loop())
             app.state.service = service
-            logging.getLogger("llmpod.proxy").info("proxy ready: upstream %s, cache %s", settings.upstream_base,
-                                                   settings.cache_dir)
+            logging.getLogger("llmpod.proxy").info(
+                "proxy ready: upstream %s, cache %s", settings.upstream_base, settings.cache_dir
+            )
             try:
                 yield
             finally:
@@ -122,16 +129,21 @@ def create_app(settings: ProxySettings) -> FastAPI:
                 await pool.aclose()
                 await asyncio.to_thread(service.cache.stop_writer)  # every answer given is on disk
                 service.request_log.close()
-                logging.getLogger("llmpod.proxy").info("proxy stopped after %d requests",
-                                                       service.metrics.requests_total)
+                logging.getLogger("llmpod.proxy").info(
+                    "proxy stopped after %d requests", service.metrics.requests_total
+                )
         logger = logging.getLogger("llmpod")
         for handler in handlers:
             logger.removeHandler(handler)
             handler.close()
 
     # no OpenTelemetry here: FastAPI's native telemetry would otherwise look for providers on every request
-    app = ProxyApp(title="llmpod caching proxy", version="0.1.0", lifespan=lifespan,
-                   telemetry={"tracing": False, "metrics": False, "logs": False})
+    app = ProxyApp(
+        title="llmpod caching proxy",
+        version="0.1.0",
+        lifespan=lifespan,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     if settings.proxy_api_key is not None:
         app.proxy_key = ProxyKey(settings.proxy_api_key)
 

@@ -131,9 +131,12 @@ class ResponseCache:
     async def _scan_behind(self, names: list[str]) -> None:
         started = time.perf_counter()
         self._merge_scanned(*await asyncio.to_thread(files.scan, self._dir, names, index_of))
-        log.info("cache index loaded: %d entries, %d bytes in %.2f s", len(self._index), self.total_bytes,
-                 time.perf_counter() - started)
-
+        log.info(
+            "cache index loaded: %d entries, %d bytes in %.2f s",
+            len(self._index),
+            self.total_bytes,
+            time.perf_counter() - started,
+        )
 
     def _begin_load(self) -> list[str]:
         """Empty the index and list the directory (every name), removing the temp files of interrupted writes
@@ -161,8 +164,7 @@ class ResponseCache:
         """Take the scan's index (oldest use first) under what happened since the listing."""
         if self._cleared_while_loading:  # what the scan found predates the clear, which removed its files
             scanned, scanned_bytes = OrderedDict(), 0
-        self._index, self.total_bytes = files.merge_scan(scanned, scanned_bytes, self._gone_while_loading,
-                                                         self._index)
+        self._index, self.total_bytes = files.merge_scan(scanned, scanned_bytes, self._gone_while_loading, self._index)
         self._loading = self._cleared_while_loading = False
         self._gone_while_loading.clear()
         self._evict()
@@ -391,8 +393,12 @@ class ResponseCache:
 
 def _answer(key: str, document: Any) -> CachedAnswer | None:
     try:
-        return CachedAnswer(key=key, response=document["response"], chunks=document["chunks"],
-                            usage_chunk=document.get("usage_chunk"),
-                            completion_tokens=int(document.get("completion_tokens") or 0))
+        return CachedAnswer(
+            key=key,
+            response=document["response"],
+            chunks=document["chunks"],
+            usage_chunk=document.get("usage_chunk"),
+            completion_tokens=int(document.get("completion_tokens") or 0),
+        )
     except (KeyError, TypeError, ValueError):
         return None

@@ -35,15 +35,19 @@ MEMORY_SIZE = 4096  # prompt prefixes remembered
 
 # 0.27.1-0.34.0: "max_tokens=32000 cannot be greater than max_model_len=16384." (0.27.1-0.30.0 print
 # "max_model_len=max_total_tokens=16384")
-_OVER_LIMIT = re.compile(r"max_(?:completion_)?tokens=\d+ cannot be greater than max_model_len=(?:max_total_tokens=)?"
-                         r"(\d+)")
+_OVER_LIMIT = re.compile(
+    r"max_(?:completion_)?tokens=\d+ cannot be greater than max_model_len=(?:max_total_tokens=)?"
+    r"(\d+)"
+)
 _MAX_LEN = re.compile(r"maximum context length is (\d+) tokens")
 # 0.27.1-0.31.0 "...your prompt contains 1200 input tokens, for a total of..." (0.32.0+: "...which exceeds this limit
 # even without any output tokens"); "contains at least N" (the prompt was cut at the limit) and "contains N
 # characters" give no count. Releases before the renderers (vLLM issue reports; not checked against a wheel here):
 # "...and your request has 120 input tokens (32000 > 16384 - 120)".
-_INPUT_TOKENS = (re.compile(r"your prompt contains (\d+) input tokens"),
-                 re.compile(r"your request has (\d+) input tokens"))
+_INPUT_TOKENS = (
+    re.compile(r"your prompt contains (\d+) input tokens"),
+    re.compile(r"your request has (\d+) input tokens"),
+)
 
 
 def parse_version(text: Any) -> tuple[int, int, int] | None:
@@ -102,8 +106,9 @@ class PromptMemory:
         """For each prefix of the prompt, shortest first: its hash and its size in JSON bytes."""
         messages = body.get("messages")
         parts = messages if isinstance(messages, list) else [body.get("prompt")]
-        seed = orjson.dumps([body.get("model"), body.get("tools"), body.get("chat_template_kwargs"),
-                             isinstance(messages, list)])
+        seed = orjson.dumps(
+            [body.get("model"), body.get("tools"), body.get("chat_template_kwargs"), isinstance(messages, list)]
+        )
         digest, size, prefixes = hashlib.blake2b(seed, digest_size=16).digest(), 0, []
         for part in parts:
             encoded = orjson.dumps(part)
@@ -134,8 +139,14 @@ class PromptMemory:
             self._counts.popitem(last=False)
 
 
-async def fit(body: dict[str, Any], body_bytes: int, limit: int | None, lowers_itself: bool, memory: PromptMemory,
-              count: Callable[[dict[str, Any]], Awaitable[int | None]]) -> dict[str, Any]:
+async def fit(
+    body: dict[str, Any],
+    body_bytes: int,
+    limit: int | None,
+    lowers_itself: bool,
+    memory: PromptMemory,
+    count: Callable[[dict[str, Any]], Awaitable[int | None]],
+) -> dict[str, Any]:
     """``body``, or a copy with ``max_tokens`` lowered so vLLM accepts it (see the module's doc)."""
     requested = requested_tokens(body)
     if limit is None or requested is None:

@@ -107,29 +107,30 @@ class Flight:
                 try:
                     chunk = orjson.loads(data)
                 except orjson.JSONDecodeError:
-                    raise UpstreamError(502, error_body(
-                        f"upstream {upstream.base} sent an invalid stream event", 502)) from None
+                    raise UpstreamError(
+                        502, error_body(f"upstream {upstream.base} sent an invalid stream event", 502)
+                    ) from None
                 if not isinstance(chunk, dict):
-                    raise UpstreamError(502, error_body(
-                        f"upstream {upstream.base} sent a stream event that is not an object", 502))
+                    raise UpstreamError(
+                        502, error_body(f"upstream {upstream.base} sent a stream event that is not an object", 502)
+                    )
                 if chunk.get("error") or chunk.get("object") == "error":
                     body = _mid_stream_error(chunk)
-                    raise UpstreamError(body["error"]["code"] if _is_status(body["error"]["code"]) else 500,
-                                        body)
+                    raise UpstreamError(body["error"]["code"] if _is_status(body["error"]["code"]) else 500, body)
                 if self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
                 self.assembler.add(chunk)
                 self.events.append((data, is_usage_only(chunk)))
             if len(self.events) > received:  # one wake-up per read, however many events it held
                 self._notify()
-        raise UpstreamError(502, error_body(
-            f"upstream {upstream.base} closed the stream before it finished", 502))
+        raise UpstreamError(502, error_body(f"upstream {upstream.base} closed the stream before it finished", 502))
 
     def _cut(self, upstream: Upstream, exc: BaseException) -> UpstreamError:
         if isinstance(exc, UpstreamReadTimeout):
             return upstream.unreachable(exc)
-        return UpstreamError(502, error_body(
-            f"upstream {upstream.base} closed the connection mid-stream ({type(exc).__name__})", 502))
+        return UpstreamError(
+            502, error_body(f"upstream {upstream.base} closed the connection mid-stream ({type(exc).__name__})", 502)
+        )
 
     def _start(self) -> None:
         self._start_waiters = _wake(self._start_waiters)
@@ -195,8 +196,9 @@ class Flight:
                 if sent < len(self.events):
                     pending = self.events[sent:]
                     sent += len(pending)
-                    batch = b"".join(b"data: " + data + b"\n\n" for data, usage in pending
-                                     if include_usage or not usage)
+                    batch = b"".join(
+                        b"data: " + data + b"\n\n" for data, usage in pending if include_usage or not usage
+                    )
                     if batch:
                         yield batch
                     continue
@@ -257,8 +259,18 @@ class FlightRegistry:
             return None  # a finished flight stands in for its cache entry only while that is being written
         return flight
 
-    def launch(self, key: str, endpoint: str, path: str, body: dict[str, Any], upstream: Upstream,
-               on_complete: StoreCallback, *, register: bool = True, stored: bool = True) -> Flight:
+    def launch(
+        self,
+        key: str,
+        endpoint: str,
+        path: str,
+        body: dict[str, Any],
+        upstream: Upstream,
+        on_complete: StoreCallback,
+        *,
+        register: bool = True,
+        stored: bool = True,
+    ) -> Flight:
         """Start the upstream call; ``register=False`` (Cache-Control: no-cache) makes it unjoinable, and
         ``stored=False`` (no-store) unjoinable once it has finished."""
         flight = Flight(key, endpoint, path, body)

@@ -49,8 +49,18 @@ class RequestProblem(Exception):
 class Exchange:
     """One generation request as it moves through the proxy, for timing, metrics and the log line."""
 
-    __slots__ = ("cache", "endpoint", "key", "lookup_s", "model", "resolved", "started", "status", "tokens",
-                 "upstream_s")
+    __slots__ = (
+        "cache",
+        "endpoint",
+        "key",
+        "lookup_s",
+        "model",
+        "resolved",
+        "started",
+        "status",
+        "tokens",
+        "upstream_s",
+    )
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
@@ -154,8 +164,7 @@ class GenerationEndpoint:
             await send(message)
 
         try:
-            await self._handler().serve(Request(scope, receive, send), self.endpoint, self.upstream_path,
-                                        tracked_send)
+            await self._handler().serve(Request(scope, receive, send), self.endpoint, self.upstream_path, tracked_send)
         except Exception:
             log.exception("error answering %s", scope["path"])
             if started:
@@ -166,8 +175,15 @@ class GenerationEndpoint:
 class GenerationHandler:
     """Answers the two generation routes with the collaborators of one running proxy (``ProxyService``)."""
 
-    def __init__(self, settings: ProxySettings, cache: ResponseCache, flights: FlightRegistry, upstream: Upstream,
-                 metrics: ProxyMetrics, request_log: RequestLog) -> None:
+    def __init__(
+        self,
+        settings: ProxySettings,
+        cache: ResponseCache,
+        flights: FlightRegistry,
+        upstream: Upstream,
+        metrics: ProxyMetrics,
+        request_log: RequestLog,
+    ) -> None:
         self.settings = settings
         self.cache = cache
         self.flights = flights
@@ -198,8 +214,7 @@ class GenerationHandler:
                 raise RequestProblem(400, "'stream' must be a boolean", "stream")
             options = body.get("stream_options")
             include_usage = bool(stream) and isinstance(options, dict) and options.get("include_usage") is True
-            if settings.upstream_tool_calling is False and endpoint == "chat.completions" \
-                    and needs_tool_parser(body):
+            if settings.upstream_tool_calling is False and endpoint == "chat.completions" and needs_tool_parser(body):
                 # before the cache and the flights, so never stored or joined; vLLM's own 400 names server flags
                 model = str(body.get("model") or "the served model")
                 raise RequestProblem(400, refusal_message(model, settings.tool_capable_models), "tools")
@@ -214,8 +229,9 @@ class GenerationHandler:
         except UnkeyableRequest as exc:
             return self._error(exchange, 400, error_body(str(exc), 400)), False
         except RequestProblem as problem:
-            return self._error(exchange, problem.status, error_body(str(problem), problem.status,
-                                                                    param=problem.param)), False
+            return self._error(
+                exchange, problem.status, error_body(str(problem), problem.status, param=problem.param)
+            ), False
         except UpstreamError as exc:
             return self._error(exchange, exc.status, exc.body, exc.headers), False
 
@@ -235,9 +251,14 @@ class GenerationHandler:
             exchange.cache = "BYPASS" if no_cache else "MISS"
             forwarded = {**body, "stream": True, "stream_options": {"include_usage": True}}
             flight = self.flights.launch(
-                key, endpoint, path, forwarded, upstream,
+                key,
+                endpoint,
+                path,
+                forwarded,
+                upstream,
                 on_complete=self._store if not no_store else _skip_store,
-                register=not no_cache, stored=not no_store,
+                register=not no_cache,
+                stored=not no_store,
             )
         if stream:
             return await self._stream(request, exchange, flight, include_usage)
@@ -253,25 +274,29 @@ class GenerationHandler:
         body = flight.body
         chunks = [data.decode() for data, usage in flight.events if not usage]
         usage_chunks = [data.decode() for data, usage in flight.events if usage]
-        self.cache.put(flight.key, CacheEntry(
-            endpoint=flight.endpoint,
-            model=body.get("model"),
-            created=time.time(),
-            preview=preview(flight.endpoint, body),
-            completion_tokens=flight.assembler.completion_tokens,
-            request={k: v for k, v in body.items() if k not in ("stream", "stream_options")},
-            response=flight.result(),
-            chunks=chunks,
-            usage_chunk=usage_chunks[-1] if usage_chunks else None,
-        ))
+        self.cache.put(
+            flight.key,
+            CacheEntry(
+                endpoint=flight.endpoint,
+                model=body.get("model"),
+                created=time.time(),
+                preview=preview(flight.endpoint, body),
+                completion_tokens=flight.assembler.completion_tokens,
+                request={k: v for k, v in body.items() if k not in ("stream", "stream_options")},
+                response=flight.result(),
+                chunks=chunks,
+                usage_chunk=usage_chunks[-1] if usage_chunks else None,
+            ),
+        )
 
     def _hit(self, exchange: Exchange, answer: CachedAnswer, stream: bool, include_usage: bool) -> Response:
         exchange.cache = "HIT"
         exchange.tokens = answer.completion_tokens
         headers = exchange.headers(self.settings.enable_profiling)
         if stream:
-            return Response(answer.sse_bytes(include_usage), media_type="text/event-stream",
-                            headers={**SSE_HEADERS, **headers})
+            return Response(
+                answer.sse_bytes(include_usage), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+            )
         return Response(answer.json_bytes(), media_type="application/json", headers=headers)
 
     async def _wait(self, request: Request, exchange: Exchange, flight: Flight) -> Response:
@@ -285,8 +310,9 @@ class GenerationHandler:
         exchange.tokens = flight.assembler.completion_tokens
         return json_response(flight.result(), headers=exchange.headers(self.settings.enable_profiling))
 
-    async def _stream(self, request: Request, exchange: Exchange, flight: Flight,
-                      include_usage: bool) -> tuple[Response, bool]:
+    async def _stream(
+        self, request: Request, exchange: Exchange, flight: Flight, include_usage: bool
+    ) -> tuple[Response, bool]:
         flight.attach()
         try:
             await flight.until_started()
@@ -301,8 +327,9 @@ class GenerationHandler:
         body = self._observe(request, exchange, flight, flight.stream(include_usage))
         return EventStream(body, headers=headers), True
 
-    async def _observe(self, request: Request, exchange: Exchange, flight: Flight,
-                       chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+    async def _observe(
+        self, request: Request, exchange: Exchange, flight: Flight, chunks: AsyncGenerator[bytes, None]
+    ) -> AsyncGenerator[bytes, None]:
         try:
             async with contextlib.aclosing(chunks):  # closed with us: the flight hears at once that we left
                 async for chunk in chunks:
@@ -316,23 +343,28 @@ class GenerationHandler:
         finally:
             self._done(request, exchange)
 
-    def _error(self, exchange: Exchange, status: int, body: dict[str, Any],
-               headers: dict[str, str] | None = None) -> Response:
+    def _error(
+        self, exchange: Exchange, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> Response:
         exchange.status = status
-        return json_response(body, status, {**(headers or {}),
-                                            **exchange.headers(self.settings.enable_profiling)})
+        return json_response(body, status, {**(headers or {}), **exchange.headers(self.settings.enable_profiling)})
 
     def _done(self, request: Request, exchange: Exchange) -> None:
         seconds = time.perf_counter() - exchange.started
         self.metrics.in_flight -= 1
-        self.metrics.record(model=exchange.model if exchange.resolved else "-", status=exchange.status,
-                               cache=exchange.cache,
-                               seconds=seconds, cached_tokens=exchange.tokens if exchange.cache == "HIT" else 0)
+        self.metrics.record(
+            model=exchange.model if exchange.resolved else "-",
+            status=exchange.status,
+            cache=exchange.cache,
+            seconds=seconds,
+            cached_tokens=exchange.tokens if exchange.cache == "HIT" else 0,
+        )
         upstream = "" if exchange.upstream_s is None else f" upstream_ms={exchange.upstream_s * 1000:.1f}"
         self.request_log.write(
             f"{request.method} {request.scope['path']} model={_loggable(exchange.model)} status={exchange.status} "
             f"cache={exchange.cache} latency_ms={seconds * 1000:.2f} lookup_ms={exchange.lookup_s * 1000:.3f}"
-            f"{upstream} tokens={exchange.tokens}")
+            f"{upstream} tokens={exchange.tokens}"
+        )
 
 
 def _loggable(name: str) -> str:

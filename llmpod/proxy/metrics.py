@@ -17,8 +17,7 @@ if TYPE_CHECKING:
     from llmpod.proxy.cache import ResponseCache
 
 RESERVOIR = 2048
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
-                   120, 300)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
@@ -56,19 +55,27 @@ class ProxyMetrics:
 
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._requests = Counter("llm_proxy_requests", "Requests answered", ["model", "status", "cache"],
-                                 registry=r)
-        self._duration = Histogram("llm_proxy_request_duration_seconds", "Time to answer a request",
-                                   ["cache"], buckets=LATENCY_BUCKETS, registry=r)
-        self._ttft = Histogram("llm_proxy_upstream_time_to_first_token_seconds",
-                               "Upstream time to the first generated token", buckets=LATENCY_BUCKETS,
-                               registry=r)
-        self._upstream_errors = Counter("llm_proxy_upstream_errors", "Upstream calls that failed",
-                                        ["status"], registry=r)
-        self._cached_tokens = Counter("llm_proxy_cache_served_tokens", "Completion tokens served from cache",
-                                      registry=r)
-        self._coalesced = Counter("llm_proxy_coalesced_requests", "Requests that joined an in-flight call",
-                                  registry=r)
+        self._requests = Counter("llm_proxy_requests", "Requests answered", ["model", "status", "cache"], registry=r)
+        self._duration = Histogram(
+            "llm_proxy_request_duration_seconds",
+            "Time to answer a request",
+            ["cache"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._ttft = Histogram(
+            "llm_proxy_upstream_time_to_first_token_seconds",
+            "Upstream time to the first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._upstream_errors = Counter(
+            "llm_proxy_upstream_errors", "Upstream calls that failed", ["status"], registry=r
+        )
+        self._cached_tokens = Counter(
+            "llm_proxy_cache_served_tokens", "Completion tokens served from cache", registry=r
+        )
+        self._coalesced = Counter("llm_proxy_coalesced_requests", "Requests that joined an in-flight call", registry=r)
         self._request_children: dict[tuple[str, int, str], Any] = {}
         self._duration_children: dict[str, Any] = {}
         gauges = {
@@ -77,8 +84,7 @@ class ProxyMetrics:
             "llm_proxy_cache_bytes": ("Bytes of answers in the cache", lambda: cache.total_bytes),
             "llm_proxy_cache_evictions": ("Entries evicted since start", lambda: cache.evictions),
             "llm_proxy_cache_corrupt_discarded": ("Corrupt entries deleted", lambda: cache.corrupt_discarded),
-            "llm_proxy_uptime_seconds": ("Seconds since the proxy started",
-                                         lambda: time.time() - self.started_at),
+            "llm_proxy_uptime_seconds": ("Seconds since the proxy started", lambda: time.time() - self.started_at),
         }
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, registry=r).set_function(read)

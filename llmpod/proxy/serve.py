@@ -36,10 +36,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from llmpod.proxy.app import create_app
 
-    print(f"proxy_fastapi: serving http://{settings.host}:{settings.port}/v1 -> {settings.upstream_base} "
-          f"(cache {settings.cache_dir}, log {settings.log_file or 'stderr only'})", file=sys.stderr)
-    config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5, loop="auto", http="auto")
+    print(
+        f"proxy_fastapi: serving http://{settings.host}:{settings.port}/v1 -> {settings.upstream_base} "
+        f"(cache {settings.cache_dir}, log {settings.log_file or 'stderr only'})",
+        file=sys.stderr,
+    )
+    config = uvicorn.Config(
+        create_app(settings),
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        loop="auto",
+        http="auto",
+    )
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
@@ -54,9 +63,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror} (is another proxy running? "
-                          "set PROXY_PORT or --port)") from None
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror} (is another proxy running? set PROXY_PORT or --port)"
+        ) from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
-

@@ -156,8 +156,7 @@ class Assembler:
 
     def _choice(self, index: int, choice: _Choice) -> dict[str, Any]:
         text = "".join(choice.content)
-        common = {"logprobs": choice.logprobs, "finish_reason": choice.finish_reason,
-                  "stop_reason": choice.stop_reason}
+        common = {"logprobs": choice.logprobs, "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
         if not self.chat:
             return {"index": index, "text": text, **common}
         message: dict[str, Any] = {
@@ -166,8 +165,11 @@ class Assembler:
         }
         if choice.tool_calls:  # vLLM 0.33 leaves an empty list out of its answers (ChatMessage), so do we
             message["tool_calls"] = [
-                {"id": call["id"], "type": call["type"],
-                 "function": {"name": call["name"], "arguments": "".join(call["arguments"])}}
+                {
+                    "id": call["id"],
+                    "type": call["type"],
+                    "function": {"name": call["name"], "arguments": "".join(call["arguments"])},
+                }
                 for _, call in sorted(choice.tool_calls.items())
             ]
         for field, parts in choice.reasoning.items():

@@ -41,8 +41,15 @@ MODELS_RETRY = 5.0  # an unknown model name refreshes the list at most this ofte
 MAX_ERROR_BODY = 64 * 1024
 # a chat request's fields that shape the rendered prompt, which vLLM 0.33's /tokenize also takes
 # (vllm/entrypoints/serve/tokenize/protocol.py, TokenizeChatRequest)
-PROMPT_SHAPING_FIELDS = ("tools", "add_generation_prompt", "continue_final_message", "add_special_tokens",
-                         "chat_template", "chat_template_kwargs", "mm_processor_kwargs")
+PROMPT_SHAPING_FIELDS = (
+    "tools",
+    "add_generation_prompt",
+    "continue_final_message",
+    "add_special_tokens",
+    "chat_template",
+    "chat_template_kwargs",
+    "mm_processor_kwargs",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +89,12 @@ def stream_pool(settings: ProxySettings) -> HTTPPool:
     # certifi's CA bundle, as httpx uses: Pythons without system certificates (python.org on macOS) would
     # otherwise refuse every https://…proxy.runpod.net pod
     tls = ssl.create_default_context(cafile=certifi.where()) if parts.scheme == "https" else None
-    return HTTPPool(f"{parts.scheme}://{parts.netloc}", connect_timeout=min(10.0, settings.upstream_timeout),
-                    read_timeout=settings.upstream_timeout, ssl_context=tls)
+    return HTTPPool(
+        f"{parts.scheme}://{parts.netloc}",
+        connect_timeout=min(10.0, settings.upstream_timeout),
+        read_timeout=settings.upstream_timeout,
+        ssl_context=tls,
+    )
 
 
 class Upstream:
@@ -111,8 +122,7 @@ class Upstream:
     # ----------------------------------------------------------------- errors
     def unreachable(self, exc: BaseException) -> UpstreamError:
         if isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError | UpstreamReadTimeout):
-            return UpstreamError(504, error_body(
-                f"upstream {self.base} did not answer within {self.timeout:g}s", 504))
+            return UpstreamError(504, error_body(f"upstream {self.base} did not answer within {self.timeout:g}s", 504))
         reason = str(exc) or type(exc).__name__
         return UpstreamError(502, error_body(f"upstream {self.base} is unreachable: {reason}", 502))
 
@@ -125,7 +135,8 @@ class Upstream:
         if status == 401:
             body["error"]["message"] = (
                 f"upstream {self.base} rejected the proxy's key: check UPSTREAM_API_KEY "
-                f"(upstream said: {body['error']['message']})")
+                f"(upstream said: {body['error']['message']})"
+            )
         passed = {name: headers[name] for name in ("retry-after", "retry-after-ms") if name in headers}
         return UpstreamError(status, body, passed)
 
@@ -154,8 +165,7 @@ class Upstream:
             response.raise_for_status()
             data = orjson.loads(response.content)["data"]
             self._models = [
-                ServedModel(str(card["id"]), card.get("max_model_len") if is_int(card.get("max_model_len"))
-                            else None)
+                ServedModel(str(card["id"]), card.get("max_model_len") if is_int(card.get("max_model_len")) else None)
                 for card in data
             ]
             self._models_at = time.monotonic()
@@ -168,8 +178,7 @@ class Upstream:
         a pod restarts), a 401/403 or an answer that is not JSON: asked again with the next list. A JSON answer
         is final, and so is a 404 (an upstream without /version is not assumed to lower max_tokens)."""
         try:
-            response = await self.client.get(f"{self.root}/version", headers=self.headers,
-                                              timeout=self.listing_timeout)
+            response = await self.client.get(f"{self.root}/version", headers=self.headers, timeout=self.listing_timeout)
             if response.status_code >= 500 or response.status_code in (401, 403):
                 return
             version = orjson.loads(response.content).get("version") if response.status_code == 200 else None
@@ -198,9 +207,15 @@ class Upstream:
             found = match_model(requested, served)
         if found is None:
             ids = ", ".join(m.id for m in served)
-            raise UpstreamError(404, error_body(
-                f"The model `{requested}` does not exist. This server serves: {ids}", 404,
-                type="NotFoundError", param="model"))
+            raise UpstreamError(
+                404,
+                error_body(
+                    f"The model `{requested}` does not exist. This server serves: {ids}",
+                    404,
+                    type="NotFoundError",
+                    param="model",
+                ),
+            )
         return found
 
     # ----------------------------------------------------------------- context
@@ -227,8 +242,12 @@ class Upstream:
         else:
             request["prompt"] = body.get("prompt")
         try:
-            response = await self.client.post(f"{self.root}/tokenize", content=orjson.dumps(request),
-                                              headers=self.headers, timeout=min(self.timeout, 30.0))
+            response = await self.client.post(
+                f"{self.root}/tokenize",
+                content=orjson.dumps(request),
+                headers=self.headers,
+                timeout=min(self.timeout, 30.0),
+            )
             if response.status_code != 200:
                 return None
             count = orjson.loads(response.content).get("count")
@@ -292,8 +311,13 @@ class Upstream:
             return {"url": self.root, "reachable": False, "error": self.unreachable(exc).args[0]}
         latency = round((time.perf_counter() - started) * 1000, 2)
         served = await self.models() if response.status_code == 200 else None
-        result: dict[str, Any] = {"url": self.root, "reachable": True, "status_code": response.status_code,
-                                  "latency_ms": latency, "models": [m.id for m in served or []]}
+        result: dict[str, Any] = {
+            "url": self.root,
+            "reachable": True,
+            "status_code": response.status_code,
+            "latency_ms": latency,
+            "models": [m.id for m in served or []],
+        }
         if response.status_code != 200:
             result["error"] = f"upstream /health answered HTTP {response.status_code}"
         return result

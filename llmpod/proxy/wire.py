@@ -141,29 +141,51 @@ _SAMPLING: dict[str, Any] = {
     "n": {"type": "integer", "minimum": 1},
     "seed": {"type": "integer"},
     "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
-    "cache": {"type": "object", "description": "LiteLLM's per-request cache controls: no-cache, no-store",
-              "properties": {"no-cache": {"type": "boolean"}, "no-store": {"type": "boolean"}}},
+    "cache": {
+        "type": "object",
+        "description": "LiteLLM's per-request cache controls: no-cache, no-store",
+        "properties": {"no-cache": {"type": "boolean"}, "no-store": {"type": "boolean"}},
+    },
 }
 CHAT_REQUEST_SCHEMA: dict[str, Any] = {
-    "type": "object", "required": ["messages"], "additionalProperties": True,
+    "type": "object",
+    "required": ["messages"],
+    "additionalProperties": True,
     "properties": {
         **_SAMPLING,
-        "messages": {"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["role"], "additionalProperties": True,
-            "properties": {"role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
-                           "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}},
-                                                 {"type": "null"}]}}}},
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["role"],
+                "additionalProperties": True,
+                "properties": {
+                    "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+                    "content": {
+                        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}, {"type": "null"}]
+                    },
+                },
+            },
+        },
         "tools": {"type": "array", "items": {"type": "object"}},
         "tool_choice": {"anyOf": [{"type": "string"}, {"type": "object"}]},
         "response_format": {"type": "object"},
     },
 }
 COMPLETION_REQUEST_SCHEMA: dict[str, Any] = {
-    "type": "object", "required": ["prompt"], "additionalProperties": True,
+    "type": "object",
+    "required": ["prompt"],
+    "additionalProperties": True,
     "properties": {
         **_SAMPLING,
-        "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
-                             {"type": "array", "items": {"type": "integer", "minimum": 0}}]},
+        "prompt": {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}},
+                {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            ]
+        },
     },
 }
 

@@ -73,10 +73,26 @@ from tests.support.servers import LoopbackServer
 log = logging.getLogger("tests.fakes.fake_runpod")
 PROBLEM_JSON = "application/problem+json"
 _MASK = "**********"  # how pydantic shows a SecretStr
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                         "transfer-encoding", "upgrade", "host", "content-length", "server", "date"})
-_BAD_GATEWAY = ("<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway"
-                "</h1></center>\r\n<hr><center>cloudflare</center>\r\n</body>\r\n</html>\r\n")
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "server",
+        "date",
+    }
+)
+_BAD_GATEWAY = (
+    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway"
+    "</h1></center>\r\n<hr><center>cloudflare</center>\r\n</body>\r\n</html>\r\n"
+)
 
 
 def pod_url_template(base_url: str) -> str:
@@ -95,32 +111,44 @@ class FakeRunPodSettings(BaseModel):
     starting_seconds: float = Field(0.3, ge=0, description="then STARTING this long, then RUNNING")
     vllm_load_seconds: float = Field(0.3, ge=0, description="after RUNNING, vLLM listens after this long")
     no_capacity_gpu_ids: list[str] = Field([], description="creates with these GPU types fail on capacity (400)")
-    forbidden_gpu_ids: list[str] = Field([], description="creates with these GPU types answer 403: the account "
-                                                         "has no access to their pool (the spec's create table)")
+    forbidden_gpu_ids: list[str] = Field(
+        [],
+        description="creates with these GPU types answer 403: the account "
+        "has no access to their pool (the spec's create table)",
+    )
     rate_limit_next: int = Field(0, ge=0, description="the next N authenticated /v2 requests answer 429")
     retry_after: int = Field(1, ge=0, description="Retry-After seconds on those 429s")
     create_500_after_create: int = Field(0, ge=0, description="the next N creates make the pod, then answer 500")
     create_delay: float = Field(0.0, ge=0, description="seconds a create waits, after making the pod, to answer")
     delete_500_next: int = Field(0, ge=0, description="the next N DELETEs answer 500 and delete nothing")
     hold_creates: Literal["", "before_pod", "after_pod"] = Field(
-        "", description="creates wait, before or after making the pod, until this is set back to \"\" (max 300 s)")
+        "", description='creates wait, before or after making the pod, until this is set back to "" (max 300 s)'
+    )
     hold_deletes: bool = Field(False, description="DELETEs wait, before acting, until this is false (max 300 s)")
     hold_vllm: bool = Field(False, description="pods' vLLM does not listen (still loading) until this is false")
     balance_exhausted: bool = Field(False, description="creates answer 402")
     revoked: bool = Field(False, description="every /v2 request answers 401, as with a revoked key")
     proxy_timeout: float = Field(100.0, gt=0, description="seconds the proxy waits on a pod before a 524")
     mock_overrides: dict[str, Any] = Field({}, description="MockSettings fields for new pods' vLLM (chunk_delay…)")
-    crash_loop: list[str] = Field([], description="new pods' containers print these lines and die, again and again "
-                                                  "(RunPod restarts them): RUNNING and billed, never serving")
+    crash_loop: list[str] = Field(
+        [],
+        description="new pods' containers print these lines and die, again and again "
+        "(RunPod restarts them): RUNNING and billed, never serving",
+    )
     crash_after_seconds: float = Field(2.0, gt=0, description="how long each of those containers lives")
-    host_cuda: str = Field("", pattern=r"^(\d+\.\d+)?$",
-                           description="new pods land on a host whose driver runs this CUDA (e.g. '12.4'), whatever "
-                                       "gpu.minCudaVersion asks: a host that misreports its driver, or a floor "
-                                       "llmpod got wrong; an image that needs more crash-loops there")
+    host_cuda: str = Field(
+        "",
+        pattern=r"^(\d+\.\d+)?$",
+        description="new pods land on a host whose driver runs this CUDA (e.g. '12.4'), whatever "
+        "gpu.minCudaVersion asks: a host that misreports its driver, or a floor "
+        "llmpod got wrong; an image that needs more crash-loops there",
+    )
     capacity_wording: Literal["live", "spec"] = Field(
-        "live", description="the no-capacity 400's detail: RunPod's live message, or the spec's description")
-    log_stream_seconds: float = Field(300.0, ge=0, description="a log stream ends after this long at the latest "
-                                                                "(0: the backlog, then the end)")
+        "live", description="the no-capacity 400's detail: RunPod's live message, or the spec's description"
+    )
+    log_stream_seconds: float = Field(
+        300.0, ge=0, description="a log stream ends after this long at the latest (0: the backlog, then the end)"
+    )
 
     @field_validator("mock_overrides")
     @classmethod
@@ -176,16 +204,28 @@ class FakeRunPod:
             raise Problem(400, fake_pods.NO_CAPACITY)
         data_center, cuda = fake_pods.place(req, gpu)
         cuda = settings.host_cuda or cuda
-        pod = FakePod(req, gpu, data_center, cuda, settings.provisioning_seconds, settings.starting_seconds,
-                      settings.vllm_load_seconds)
+        pod = FakePod(
+            req,
+            gpu,
+            data_center,
+            cuda,
+            settings.provisioning_seconds,
+            settings.starting_seconds,
+            settings.vllm_load_seconds,
+        )
         launch = pod.launch
         try:  # vLLM's own checks of its tool flags (MockSettings makes them), before it loads anything
-            mock = MockSettings(**{**settings.mock_overrides, "model": launch.model, "api_key": launch.api_key,
-                                   "served_model_name": launch.served_model_name,
-                                   **({"max_model_len": launch.max_model_len} if launch.max_model_len else {}),
-                                   "enable_auto_tool_choice": launch.enable_auto_tool_choice,
-                                   **({"tool_call_parser": launch.tool_call_parser} if launch.tool_call_parser
-                                      else {})})
+            mock = MockSettings(
+                **{
+                    **settings.mock_overrides,
+                    "model": launch.model,
+                    "api_key": launch.api_key,
+                    "served_model_name": launch.served_model_name,
+                    **({"max_model_len": launch.max_model_len} if launch.max_model_len else {}),
+                    "enable_auto_tool_choice": launch.enable_auto_tool_choice,
+                    **({"tool_call_parser": launch.tool_call_parser} if launch.tool_call_parser else {}),
+                }
+            )
         except ValidationError as exc:
             pod.exit_line = "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())
             self.pods[pod.id] = pod
@@ -288,10 +328,22 @@ class FakeRunPod:
         now, listed = time.monotonic(), []
         for pod in list(self.pods.values()):  # may be called from a test's thread
             history = [{"status": status, "at": pod.wall(at).isoformat()} for status, at in pod.history(now)]
-            listed.append({**pod.view(now), "deleted": pod.gone, "vanished": pod.vanished, "mockPort": pod.mock_port,
-                         "mockListening": pod.id in self.listening, "history": history})
-        return {"settings": self.settings.model_dump(mode="json"), "pods": listed, "calls": dict(self.calls),
-                "specViolations": list(self.spec_violations)}
+            listed.append(
+                {
+                    **pod.view(now),
+                    "deleted": pod.gone,
+                    "vanished": pod.vanished,
+                    "mockPort": pod.mock_port,
+                    "mockListening": pod.id in self.listening,
+                    "history": history,
+                }
+            )
+        return {
+            "settings": self.settings.model_dump(mode="json"),
+            "pods": listed,
+            "calls": dict(self.calls),
+            "specViolations": list(self.spec_violations),
+        }
 
 
 _DYING: set[str] = set()  # threads of pods' mock vLLM servers being killed: their dying noise is expected
@@ -377,8 +429,11 @@ def _v2_routes(fake: FakeRunPod) -> APIRouter:
         if settings.rate_limit_next > 0:
             settings.rate_limit_next -= 1
             wait = str(settings.retry_after)
-            raise Problem(429, "rate limit exceeded for the minute window",
-                          headers={"Retry-After": wait, "RateLimit": f'"minute";r=0;t={wait}'})
+            raise Problem(
+                429,
+                "rate limit exceeded for the minute window",
+                headers={"Retry-After": wait, "RateLimit": f'"minute";r=0;t={wait}'},
+            )
 
     v2 = APIRouter(prefix="/v2", dependencies=[Depends(guard)])
 
@@ -498,14 +553,20 @@ def _add_proxy(app: FastAPI, fake: FakeRunPod) -> None:
             return Response(_BAD_GATEWAY, status_code=502, media_type="text/html")
         prefix = f"/proxy/{pod_id}-{port}".encode()
         raw_path = request.scope.get("raw_path") or request.url.path.encode()
-        target = raw_path[len(prefix):] if raw_path.startswith(prefix) else b"/" + path.encode()
+        target = raw_path[len(prefix) :] if raw_path.startswith(prefix) else b"/" + path.encode()
         query = request.scope.get("query_string", b"")
-        url = httpx.URL(scheme="http", host="127.0.0.1", port=server.port,
-                        raw_path=target + (b"?" + query if query else b""))
+        url = httpx.URL(
+            scheme="http", host="127.0.0.1", port=server.port, raw_path=target + (b"?" + query if query else b"")
+        )
         headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in _HOP_BY_HOP]
         assert fake.http is not None
-        outgoing = fake.http.build_request(request.method, url, headers=headers, content=await request.body(),
-                                           timeout=httpx.Timeout(fake.settings.proxy_timeout, connect=5.0))
+        outgoing = fake.http.build_request(
+            request.method,
+            url,
+            headers=headers,
+            content=await request.body(),
+            timeout=httpx.Timeout(fake.settings.proxy_timeout, connect=5.0),
+        )
         try:
             upstream = await fake.http.send(outgoing, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout):  # not listening (yet, or any more)
@@ -547,18 +608,25 @@ def _exit_quietly(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m tests.fakes.fake_runpod",
-                                     description="A fake RunPod REST v2 API with mock vLLM pods, on 127.0.0.1.")
+    parser = argparse.ArgumentParser(
+        prog="python3 -m tests.fakes.fake_runpod",
+        description="A fake RunPod REST v2 API with mock vLLM pods, on 127.0.0.1.",
+    )
     parser.add_argument("--port", type=int, required=True, help="port to listen on (127.0.0.1 only)")
-    parser.add_argument("--api-key", default=os.environ.get("FAKE_RUNPOD_API_KEY"),
-                        help="the Bearer token to accept (default: $FAKE_RUNPOD_API_KEY, else fake-runpod-key)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("FAKE_RUNPOD_API_KEY"),
+        help="the Bearer token to accept (default: $FAKE_RUNPOD_API_KEY, else fake-runpod-key)",
+    )
     parser.add_argument("--provisioning-seconds", type=float)
     parser.add_argument("--starting-seconds", type=float)
     parser.add_argument("--vllm-load-seconds", type=float)
     args = parser.parse_args(argv)
-    values: dict[str, Any] = {name: getattr(args, name) for name in
-                              ("provisioning_seconds", "starting_seconds", "vllm_load_seconds", "api_key")
-                              if getattr(args, name) is not None}
+    values: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in ("provisioning_seconds", "starting_seconds", "vllm_load_seconds", "api_key")
+        if getattr(args, name) is not None
+    }
     try:
         settings = FakeRunPodSettings(**values)
     except ValidationError as exc:
@@ -567,8 +635,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_quietly)
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=args.port, log_level="warning",
-                            lifespan="on", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        create_app(settings),
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
     _Server(config).run()
     return 0
 

@@ -21,21 +21,32 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 TITLES = {
-    400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden", 404: "Not Found",
-    409: "Conflict", 422: "Unprocessable Entity", 429: "Too Many Requests", 500: "Internal Server Error",
+    400: "Bad Request",
+    401: "Unauthorized",
+    402: "Payment Required",
+    403: "Forbidden",
+    404: "Not Found",
+    409: "Conflict",
+    422: "Unprocessable Entity",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
 }
 NO_CAPACITY = "this GPU and data center combination could not be placed"  # the spec's words for it (createPod)
 # what RunPod answers in practice (runpod.md 7; mlabonne/llm-autoeval#3); the fake's default (capacity_wording)
-NO_CAPACITY_LIVE = ("There are no longer any instances available with the requested specifications. "
-                    "Please refresh and try again.")
+NO_CAPACITY_LIVE = (
+    "There are no longer any instances available with the requested specifications. Please refresh and try again."
+)
 POOL_FORBIDDEN = "access denied"  # the spec's ForbiddenError example ("token is valid, but ... no access")
 # What the fake's hosts report as cudaVersion (their driver's CUDA), newest first. A create without a CUDA floor
 # lands on the oldest (place): RunPod promises only what the request constrains, and the fake is never kinder.
 CUDA_VERSIONS = ("13.0", "12.8", "12.4")
 DATA_CENTERS = {"US-KS-2": "US Kansas 2", "EU-RO-1": "EU Romania 1", "CA-MTL-1": "CA Montreal 1"}
 ACTIONS = {
-    "PROVISIONING": ["stop", "terminate"], "STARTING": ["stop", "terminate"],
-    "RUNNING": ["stop", "restart", "terminate"], "EXITED": ["start", "terminate"], "ERROR": ["start", "terminate"],
+    "PROVISIONING": ["stop", "terminate"],
+    "STARTING": ["stop", "terminate"],
+    "RUNNING": ["stop", "restart", "terminate"],
+    "EXITED": ["start", "terminate"],
+    "ERROR": ["start", "terminate"],
     "TERMINATED": [],
 }
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"  # vLLM's own default when no model is given
@@ -50,8 +61,9 @@ IMAGE_CUDA = (((0, 20), "13.0"), ((0, 12), "12.9"), ((0, 10), None), ((0, 9), "1
 class Problem(Exception):
     """An RFC 9457 error answer: ``{"title", "status", "detail"}`` (+ ``errors`` for 422)."""
 
-    def __init__(self, status: int, detail: str, *, errors: list[str] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, detail: str, *, errors: list[str] | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(detail)
         self.status, self.detail, self.errors, self.headers = status, detail, errors, headers or {}
 
@@ -85,8 +97,9 @@ class GpuType:
     def offered(self, cloud: str, count: int) -> bool:
         return count <= self.max_count[0 if cloud == "SECURE" else 1]
 
-    def to_json(self, availability: tuple[int, str] | None = None, no_capacity: bool = False,
-                min_cuda: str | None = None) -> dict[str, Any]:
+    def to_json(
+        self, availability: tuple[int, str] | None = None, no_capacity: bool = False, min_cuda: str | None = None
+    ) -> dict[str, Any]:
         """The v2 ``GpuType``; ``availability`` = (count, cloud) when ``include=AVAILABILITY`` was asked. The spec's
         ``minCudaVersion`` scopes availability rather than the list (unlike a ``countryCodes`` list): a type with no
         host at or above ``min_cuda`` is still listed, with availability NONE, no dataCenters and no cudaVersions."""
@@ -94,8 +107,14 @@ class GpuType:
         if self.serverless_price is not None:
             price["serverless"] = self.serverless_price
         body: dict[str, Any] = {
-            "id": self.id, "name": self.name, "pool": self.pool, "manufacturer": "NVIDIA", "memory": self.memory,
-            "secure": True, "community": True, "price": price,
+            "id": self.id,
+            "name": self.name,
+            "pool": self.pool,
+            "manufacturer": "NVIDIA",
+            "memory": self.memory,
+            "secure": True,
+            "community": True,
+            "price": price,
             "maxCount": {"secure": self.max_count[0], "community": self.max_count[1]},
         }
         if availability is not None:
@@ -103,8 +122,9 @@ class GpuType:
             free = self.offered(availability[1], availability[0]) and not no_capacity and bool(cudas)
             body["availability"] = "HIGH" if free else "NONE"
             if free:
-                body["dataCenters"] = [{"id": dc, "name": DATA_CENTERS[dc], "availability": "HIGH"}
-                                       for dc in self.data_centers]
+                body["dataCenters"] = [
+                    {"id": dc, "name": DATA_CENTERS[dc], "availability": "HIGH"} for dc in self.data_centers
+                ]
             if cudas:  # "absent entirely for a GPU type with none"
                 body["cudaVersions"] = [{"version": v, "available": free} for v in cudas]
         return body
@@ -113,8 +133,18 @@ class GpuType:
 GPU_TYPES = (
     GpuType("NVIDIA RTX A6000", "RTX A6000", "AMPERE_48", 48, 0.49, 0.33, 1.22, (8, 8), ("US-KS-2", "EU-RO-1")),
     GpuType("NVIDIA L40S", "L40S", "ADA_48_PRO", 48, 0.86, 0.79, 1.90, (8, 8), ("US-KS-2", "CA-MTL-1")),
-    GpuType("NVIDIA GeForce RTX 4090", "RTX 4090", "ADA_24", 24, 0.44, 0.31, 1.1, (8, 4), ("US-KS-2", "EU-RO-1"),
-            ("12.8", "12.4")),  # only older drivers: an image needing CUDA 13 finds no host for it
+    GpuType(
+        "NVIDIA GeForce RTX 4090",
+        "RTX 4090",
+        "ADA_24",
+        24,
+        0.44,
+        0.31,
+        1.1,
+        (8, 4),
+        ("US-KS-2", "EU-RO-1"),
+        ("12.8", "12.4"),
+    ),  # only older drivers: an image needing CUDA 13 finds no host for it
     GpuType("NVIDIA A100 80GB PCIe", "A100 PCIe", "AMPERE_80", 80, 1.64, 1.19, 2.72, (8, 8), ("CA-MTL-1",)),
     GpuType("NVIDIA H100 80GB HBM3", "H100 SXM", "ADA_80_PRO", 80, 2.69, 2.39, 4.18, (8, 8), ("US-KS-2",)),
 )
@@ -126,8 +156,11 @@ def availability_query(params: Mapping[str, str]) -> tuple[int, str] | None:
     include = [v for v in params.get("include", "").split(",") if v]
     products = [v for v in params.get("product", "").split(",") if v]
     bad = [f"include: '{v}' is not one of AVAILABILITY" for v in include if v != "AVAILABILITY"]
-    bad += [f"product: '{v}' is not one of POD, CLUSTER, SERVERLESS" for v in products
-            if v not in ("POD", "CLUSTER", "SERVERLESS")]
+    bad += [
+        f"product: '{v}' is not one of POD, CLUSTER, SERVERLESS"
+        for v in products
+        if v not in ("POD", "CLUSTER", "SERVERLESS")
+    ]
     count, cloud = params.get("count", "1"), params.get("cloud", "SECURE")
     if not count.isdigit() or int(count) < 1:
         bad.append(f"count: must be an integer >= 1, got {count!r}")
@@ -137,8 +170,11 @@ def availability_query(params: Mapping[str, str]) -> tuple[int, str] | None:
         raise Problem(422, "Request validation failed.", errors=bad)
     if include and not products:
         raise Problem(400, "product is required with include=AVAILABILITY")
-    filters = [name for name in ("product", "count", "cloud", "countryCodes", "cudaVersions", "minCudaVersion")
-               if name in params]
+    filters = [
+        name
+        for name in ("product", "count", "cloud", "countryCodes", "cudaVersions", "minCudaVersion")
+        if name in params
+    ]
     if not include and filters:
         raise Problem(400, f"{filters[0]} is valid only with include=AVAILABILITY")
     return (int(count), cloud) if include else None
@@ -151,8 +187,11 @@ def min_cuda_query(params: Mapping[str, str]) -> str | None:
     if floor is None:
         return None
     if not re.fullmatch(r"\d+(\.\d+)?", floor):
-        raise Problem(422, "Request validation failed.",
-                      errors=[f"minCudaVersion: {floor!r} is not a major or major.minor version"])
+        raise Problem(
+            422,
+            "Request validation failed.",
+            errors=[f"minCudaVersion: {floor!r} is not a major or major.minor version"],
+        )
     if "cudaVersions" in params:
         raise Problem(400, "cudaVersions and minCudaVersion are mutually exclusive")
     return floor
@@ -215,13 +254,27 @@ class CreatePodRequest(_Strict):
     startJupyter: bool = False
 
 
-_WANT = {"string": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "array",
-         "dict": "object", "model": "object", "model_attributes": "object"}
+_WANT = {
+    "string": "string",
+    "int": "integer",
+    "float": "number",
+    "bool": "boolean",
+    "list": "array",
+    "dict": "object",
+    "model": "object",
+    "model_attributes": "object",
+}
 
 
 def _json_type(value: Any) -> str:
-    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
-                       (list, "array"), (dict, "object")):
+    for kind, name in (
+        (bool, "boolean"),
+        (int, "integer"),
+        (float, "number"),
+        (str, "string"),
+        (list, "array"),
+        (dict, "object"),
+    ):
         if isinstance(value, kind):
             return name
     return "null"
@@ -315,14 +368,17 @@ def driver_too_old(host_cuda: str, image: str | None, env: Mapping[str, str] | N
     instead (:func:`_torch_driver_too_old`)."""
     need = image_cuda_need(image) or "13.0"
     if (env or {}).get("NVIDIA_DISABLE_REQUIRE", "").lower() not in ("1", "true"):
-        return CrashLoop((
-            "error starting container: Error response from daemon: failed to create task for container: failed to "
-            "create shim task: OCI runtime create failed: runc create failed: unable to start container process: "
-            "error during container init: error running prestart hook #0: exit status 1, stdout: , stderr: "
-            "Auto-detected mode as 'legacy'",
-            f"nvidia-container-cli: requirement error: unsatisfied condition: cuda>={need}, please update your "
-            "driver to a newer version, or use an earlier cuda container: unknown",
-        ), started=False)
+        return CrashLoop(
+            (
+                "error starting container: Error response from daemon: failed to create task for container: failed to "
+                "create shim task: OCI runtime create failed: runc create failed: unable to start container process: "
+                "error during container init: error running prestart hook #0: exit status 1, stdout: , stderr: "
+                "Auto-detected mode as 'legacy'",
+                f"nvidia-container-cli: requirement error: unsatisfied condition: cuda>={need}, please update your "
+                "driver to a newer version, or use an earlier cuda container: unknown",
+            ),
+            started=False,
+        )
     return _torch_driver_too_old(host_cuda, image)
 
 
@@ -331,20 +387,23 @@ def _torch_driver_too_old(host_cuda: str, image: str | None) -> CrashLoop:
     warning (c10/cuda/CUDAFunctions.cpp, torch 2.14.1: cudaDriverGetVersion's number, 1000 x major + 10 x minor),
     then vLLM finds no device and exits 1."""
     major, minor = version(host_cuda)[:2]
-    return CrashLoop((
-        "/usr/local/lib/python3.12/dist-packages/torch/cuda/__init__.py:182: UserWarning: CUDA initialization: "
-        f"The NVIDIA driver on your system is too old (found version {major * 1000 + minor * 10}). Please update "
-        "your GPU driver by downloading and installing a new version from the URL: "
-        "http://www.nvidia.com/Download/index.aspx Alternatively, go to: https://pytorch.org to install a PyTorch "
-        "version that has been compiled with your version of the CUDA driver. (Triggered internally at "
-        "/pytorch/c10/cuda/CUDAFunctions.cpp:119.)",
-        "Traceback (most recent call last):",
-        '  File "/usr/local/bin/vllm", line 10, in <module>',
-        "    sys.exit(main())",
-        # vLLM 0.33.0 vllm/config/device.py:56
-        "RuntimeError: Failed to infer device type, please set the environment variable `VLLM_LOGGING_LEVEL=DEBUG` "
-        "to turn on verbose logging to help debug the issue.",
-    ), version=_image_tag_version(image))
+    return CrashLoop(
+        (
+            "/usr/local/lib/python3.12/dist-packages/torch/cuda/__init__.py:182: UserWarning: CUDA initialization: "
+            f"The NVIDIA driver on your system is too old (found version {major * 1000 + minor * 10}). Please update "
+            "your GPU driver by downloading and installing a new version from the URL: "
+            "http://www.nvidia.com/Download/index.aspx Alternatively, go to: https://pytorch.org to install a PyTorch "
+            "version that has been compiled with your version of the CUDA driver. (Triggered internally at "
+            "/pytorch/c10/cuda/CUDAFunctions.cpp:119.)",
+            "Traceback (most recent call last):",
+            '  File "/usr/local/bin/vllm", line 10, in <module>',
+            "    sys.exit(main())",
+            # vLLM 0.33.0 vllm/config/device.py:56
+            "RuntimeError: Failed to infer device type, please set the environment variable `VLLM_LOGGING_LEVEL=DEBUG` "
+            "to turn on verbose logging to help debug the issue.",
+        ),
+        version=_image_tag_version(image),
+    )
 
 
 def _image_tag_version(image: str | None) -> str:
@@ -501,8 +560,11 @@ class FakePod:
     def history(self, now: float | None = None) -> list[tuple[str, float]]:
         now = time.monotonic() if now is None else now
         cutoff = min([now] + [at for _, at in self.events])
-        timed = [("PROVISIONING", self.created), ("STARTING", self.created + self.provisioning_seconds),
-                 ("RUNNING", self.running_at)]
+        timed = [
+            ("PROVISIONING", self.created),
+            ("STARTING", self.created + self.provisioning_seconds),
+            ("RUNNING", self.running_at),
+        ]
         return [(status, at) for status, at in timed if at <= cutoff or status == "PROVISIONING"] + self.events
 
     def status(self, now: float | None = None) -> str:
@@ -519,30 +581,46 @@ class FakePod:
         started = any(state == "RUNNING" for state, _ in self.history(now))
         billed = status in ("PROVISIONING", "STARTING", "RUNNING")
         return {
-            "id": self.id, "name": req.name, "status": status, "actions": ACTIONS[status],
-            "image": req.image, "args": req.args or "", "disk": req.disk or 50,
+            "id": self.id,
+            "name": req.name,
+            "status": status,
+            "actions": ACTIONS[status],
+            "image": req.image,
+            "args": req.args or "",
+            "disk": req.disk or 50,
             "mounts": req.mounts.model_dump(exclude_none=True) if req.mounts else {},
-            "ports": req.ports or [], "env": req.env or {}, "registry": req.registry, "cloud": req.cloud,
-            "dataCenterId": self.data_center, "cudaVersion": self.cuda, "ssh": {"proxy": None, "direct": None},
-            "template": None, "cost": round(self.gpu.price(req.cloud) * req.gpu.count, 4) if billed else 0.0,
+            "ports": req.ports or [],
+            "env": req.env or {},
+            "registry": req.registry,
+            "cloud": req.cloud,
+            "dataCenterId": self.data_center,
+            "cudaVersion": self.cuda,
+            "ssh": {"proxy": None, "direct": None},
+            "template": None,
+            "cost": round(self.gpu.price(req.cloud) * req.gpu.count, 4) if billed else 0.0,
             "locked": False,
             "runtime": self.runtime(now) if status == "RUNNING" and (not self.crash or self.crash.started) else None,
             "createdAt": rfc3339(self.created_wall),
             "startedAt": rfc3339(self.wall(self.running_at)) if started else None,
-            "globalNetworking": networking, "gpu": {"id": self.gpu.id, "count": req.gpu.count},
+            "globalNetworking": networking,
+            "gpu": {"id": self.gpu.id, "count": req.gpu.count},
         }
 
     def runtime(self, now: float) -> dict[str, Any]:
         assert self.request.gpu is not None
         loaded = now >= self.ready_at  # vLLM takes 90% of the VRAM once the weights are in
         ports = [{"private": p, "public": None, "type": "http", "ip": None} for p in self.exposed("http")]
-        ports += [{"private": p, "public": public, "type": "tcp", "ip": "203.0.113.17"}
-                  for p, public in self.public_ports.items()]
+        ports += [
+            {"private": p, "public": public, "type": "tcp", "ip": "203.0.113.17"}
+            for p, public in self.public_ports.items()
+        ]
         up = now - self.running_at
         return {
-            "uptime": int(up % self.crash.after if self.crash else up), "ports": ports,
+            "uptime": int(up % self.crash.after if self.crash else up),
+            "ports": ports,
             "gpus": [{"util": 0, "memoryUtil": 90 if loaded else 0} for _ in range(self.request.gpu.count)],
-            "cpu": {"util": 3}, "memory": {"util": 12 if loaded else 4},
+            "cpu": {"util": 3},
+            "memory": {"util": 12 if loaded else 4},
         }
 
     def logs(self, now: float | None = None) -> list[dict[str, str]]:
@@ -556,17 +634,32 @@ class FakePod:
             (self.created, "system", f"Pod assigned to a machine in {self.data_center}"),
             (self.created, "system", f"Pulling image {image}"),
             (start, "system", f"Pulled image {image}; starting container"),
-            (start, "container", f"{VLLM_PREFIX} [utils.py:233] non-default args: {{'model': '{launch.model}'"
-                                 + (f", 'max_model_len': {launch.max_model_len}" if launch.max_model_len else "")
-                                 + "}"),
+            (
+                start,
+                "container",
+                f"{VLLM_PREFIX} [utils.py:233] non-default args: {{'model': '{launch.model}'"
+                + (f", 'max_model_len': {launch.max_model_len}" if launch.max_model_len else "")
+                + "}",
+            ),
             (run, "container", f"{VLLM_PREFIX} [weight_utils.py:392] Downloading weights for {launch.model}…"),
-            (run + self.vllm_load_seconds / 2, "container",
-             f"{VLLM_PREFIX} [gpu_model_runner.py:2345] Loading model {launch.model}…"),
+            (
+                run + self.vllm_load_seconds / 2,
+                "container",
+                f"{VLLM_PREFIX} [gpu_model_runner.py:2345] Loading model {launch.model}…",
+            ),
             (ready, "container", f"{VLLM_PREFIX} [api_server.py:1911] Served model name: {served}"),
-            (ready, "container", f"{VLLM_PREFIX} [launcher.py:34] Available routes are: /health, /v1/models, "
-                                 "/v1/chat/completions, /v1/completions"),
-            (ready, "container", f"(APIServer pid=1) INFO:     Uvicorn running on http://{launch.host}:{launch.port} "
-                                 "(Press CTRL+C to quit)"),
+            (
+                ready,
+                "container",
+                f"{VLLM_PREFIX} [launcher.py:34] Available routes are: /health, /v1/models, "
+                "/v1/chat/completions, /v1/completions",
+            ),
+            (
+                ready,
+                "container",
+                f"(APIServer pid=1) INFO:     Uvicorn running on http://{launch.host}:{launch.port} "
+                "(Press CTRL+C to quit)",
+            ),
             (ready, "container", "(APIServer pid=1) INFO:     Application startup complete."),
         ]
         if self.crash is not None:

@@ -34,17 +34,46 @@ MODEL = "Qwen/Qwen2.5-7B-Instruct"
 # reads them open, as RunPod sends them)
 FAST = {"provisioning_seconds": 0.05, "starting_seconds": 0.05, "vllm_load_seconds": 0.05, "log_stream_seconds": 0}
 IDLE = {"provisioning_seconds": 60.0, "log_stream_seconds": 0}  # pods stay PROVISIONING: no mock vLLM to start or stop
-POD_FIELDS = {"id", "name", "status", "actions", "image", "args", "disk", "mounts", "ports", "env", "registry",
-              "cloud", "dataCenterId", "cudaVersion", "ssh", "template", "cost", "locked", "runtime", "createdAt",
-              "startedAt", "globalNetworking", "gpu"}
+POD_FIELDS = {
+    "id",
+    "name",
+    "status",
+    "actions",
+    "image",
+    "args",
+    "disk",
+    "mounts",
+    "ports",
+    "env",
+    "registry",
+    "cloud",
+    "dataCenterId",
+    "cudaVersion",
+    "ssh",
+    "template",
+    "cost",
+    "locked",
+    "runtime",
+    "createdAt",
+    "startedAt",
+    "globalNetworking",
+    "gpu",
+}
 
 
 def vllm_body(**overrides: Any) -> dict[str, Any]:
     """The create body llmpod sends (runpod.md 1b, "v2 vLLM create body"), with the image's CUDA floor."""
-    return {"name": "llmpod-test", "image": "vllm/vllm-openai:v0.11.0",
-            "gpu": {"id": "NVIDIA RTX A6000", "count": 1, "minCudaVersion": "12.8"},
-            "cloud": "SECURE", "disk": 60, "ports": ["8000/http"], "env": {"VLLM_API_KEY": POD_KEY, "HF_TOKEN": "hf_x"},
-            "args": f"--model {MODEL} --host 0.0.0.0 --port 8000 --max-model-len 8192", **overrides}
+    return {
+        "name": "llmpod-test",
+        "image": "vllm/vllm-openai:v0.11.0",
+        "gpu": {"id": "NVIDIA RTX A6000", "count": 1, "minCudaVersion": "12.8"},
+        "cloud": "SECURE",
+        "disk": 60,
+        "ports": ["8000/http"],
+        "env": {"VLLM_API_KEY": POD_KEY, "HF_TOKEN": "hf_x"},
+        "args": f"--model {MODEL} --host 0.0.0.0 --port 8000 --max-model-len 8192",
+        **overrides,
+    }
 
 
 def refused(port: int) -> bool:
@@ -147,26 +176,35 @@ def problem(response: httpx.Response, status: int) -> dict[str, Any]:
 def test_v2_needs_the_bearer_token(shared_fake: Fake) -> None:
     fake = shared_fake
     assert problem(httpx.get(f"{fake.url}/v2/pods"), 401) == {
-        "title": "Unauthorized", "status": 401, "detail": "missing bearer token"}
+        "title": "Unauthorized",
+        "status": 401,
+        "detail": "missing bearer token",
+    }
     wrong = httpx.post(f"{fake.url}/v2/pods", json=vllm_body(), headers={"Authorization": "Bearer nope"})
     assert problem(wrong, 401)["detail"] == "invalid bearer token"
     assert problem(httpx.get(f"{fake.url}/v2/catalog/gpus", headers={"Authorization": API_KEY}), 401)
     assert fake.api.get("/v2/pods").json() == {"pods": []}
 
 
-@pytest.mark.parametrize(("body", "status", "expected"), [
-    ({**vllm_body(), "bogus": 1}, 422, ["$: additional properties 'bogus' not allowed"]),
-    (vllm_body(gpu={"id": "NVIDIA L40S", "minVcpuCountPerGpu": 4}), 422,
-     ["$.gpu: additional properties 'minVcpuCountPerGpu' not allowed"]),
-    (vllm_body(env={"VLLM_API_KEY": POD_KEY, "MAX_JOBS": 4}), 422, ["$.env.MAX_JOBS: got integer, want string"]),
-    (vllm_body(name=""), 422, ["$.name: minLength: got 0, want 1"]),
-    (vllm_body(args=None), 422, ["$.args: got null, want string"]),
-    ({k: v for k, v in vllm_body().items() if k != "image"}, 422, ["$: missing property 'image'"]),
-    ({k: v for k, v in vllm_body().items() if k != "gpu"}, 400, "exactly one of gpu or cpu is required"),
-    (vllm_body(cpu={"id": "cpu5c", "vcpuCount": 2}), 400, "exactly one of gpu or cpu is required"),
-    (vllm_body(gpu={"id": "NVIDIA GeForce GTX 1080"}), 404, "gpu type not found"),
-    (vllm_body(gpu={"id": "NVIDIA L40S", "count": 0}), 422, ["$.gpu.count: minimum: got 0, want 1"]),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "expected"),
+    [
+        ({**vllm_body(), "bogus": 1}, 422, ["$: additional properties 'bogus' not allowed"]),
+        (
+            vllm_body(gpu={"id": "NVIDIA L40S", "minVcpuCountPerGpu": 4}),
+            422,
+            ["$.gpu: additional properties 'minVcpuCountPerGpu' not allowed"],
+        ),
+        (vllm_body(env={"VLLM_API_KEY": POD_KEY, "MAX_JOBS": 4}), 422, ["$.env.MAX_JOBS: got integer, want string"]),
+        (vllm_body(name=""), 422, ["$.name: minLength: got 0, want 1"]),
+        (vllm_body(args=None), 422, ["$.args: got null, want string"]),
+        ({k: v for k, v in vllm_body().items() if k != "image"}, 422, ["$: missing property 'image'"]),
+        ({k: v for k, v in vllm_body().items() if k != "gpu"}, 400, "exactly one of gpu or cpu is required"),
+        (vllm_body(cpu={"id": "cpu5c", "vcpuCount": 2}), 400, "exactly one of gpu or cpu is required"),
+        (vllm_body(gpu={"id": "NVIDIA GeForce GTX 1080"}), 404, "gpu type not found"),
+        (vllm_body(gpu={"id": "NVIDIA L40S", "count": 0}), 422, ["$.gpu.count: minimum: got 0, want 1"]),
+    ],
+)
 def test_create_validates_the_body(shared_fake: Fake, body: dict[str, Any], status: int, expected: Any) -> None:
     fake = shared_fake
     answer = problem(fake.api.post("/v2/pods", json=body), status)
@@ -181,8 +219,9 @@ def test_create_validates_the_body(shared_fake: Fake, body: dict[str, Any], stat
 # A pod's life: PROVISIONING -> STARTING -> RUNNING -> vLLM listening
 
 
-@pytest.mark.parametrize("fake_settings", [{"provisioning_seconds": 0.2, "starting_seconds": 0.2,
-                                            "vllm_load_seconds": 0.2}])
+@pytest.mark.parametrize(
+    "fake_settings", [{"provisioning_seconds": 0.2, "starting_seconds": 0.2, "vllm_load_seconds": 0.2}]
+)
 def test_pod_progresses_and_vllm_comes_up_last(fake: Fake) -> None:
     created = fake.create()
     assert set(created) == POD_FIELDS and re.fullmatch(r"[a-z0-9]{10}", created["id"])
@@ -234,8 +273,13 @@ def test_streamed_chat_flows_through_the_proxy_chunk_by_chunk(fake: Fake) -> Non
     pod = fake.ready()
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
     arrivals: list[tuple[float, str]] = []
-    with httpx.stream("POST", fake.pod_url(pod["id"]) + "/v1/chat/completions", json=body, timeout=10,
-                      headers={"Authorization": f"Bearer {POD_KEY}"}) as response:
+    with httpx.stream(
+        "POST",
+        fake.pod_url(pod["id"]) + "/v1/chat/completions",
+        json=body,
+        timeout=10,
+        headers={"Authorization": f"Bearer {POD_KEY}"},
+    ) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         arrivals = [(time.monotonic(), line) for line in response.iter_lines() if line.startswith("data: ")]
     assert len(arrivals) >= 5 and arrivals[-1][1] == "data: [DONE]"
@@ -257,16 +301,27 @@ def test_vllm_flags_are_read_like_vllm_reads_them() -> None:
     assert (launch.model, launch.max_model_len, launch.api_key, launch.port) == ("org/with space", None, "k2", 8000)
 
 
-@pytest.mark.parametrize(("flags", "status"), [("--enable-auto-tool-choice --tool-call-parser hermes", 200),
-                                               ("--tool-call-parser hermes", 400), ("", 400)])
+@pytest.mark.parametrize(
+    ("flags", "status"),
+    [("--enable-auto-tool-choice --tool-call-parser hermes", 200), ("--tool-call-parser hermes", 400), ("", 400)],
+)
 def test_a_pods_vllm_calls_tools_only_with_both_tool_flags(fake: Fake, flags: str, status: int) -> None:
     assert parse_vllm_args(f"--model m {flags}", {}).enable_auto_tool_choice == ("--enable" in flags)
     pod = fake.ready(args=f"--model {MODEL} {flags}")
-    tool = {"type": "function", "function": {"name": "read_file", "parameters": {
-        "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "read_file",
+            "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
+        },
+    }
     body = {"model": MODEL, "messages": [{"role": "user", "content": "use read_file"}], "tools": [tool]}
-    answer = httpx.post(fake.pod_url(pod["id"]) + "/v1/chat/completions", json=body, timeout=10,
-                        headers={"Authorization": f"Bearer {POD_KEY}"})
+    answer = httpx.post(
+        fake.pod_url(pod["id"]) + "/v1/chat/completions",
+        json=body,
+        timeout=10,
+        headers={"Authorization": f"Bearer {POD_KEY}"},
+    )
     assert answer.status_code == status
     if status == 200:
         assert answer.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "read_file"
@@ -281,7 +336,10 @@ def test_list_get_delete(fake: Fake) -> None:
     deleted = fake.api.delete(f"/v2/pods/{first['id']}")
     assert deleted.status_code == 204 and deleted.content == b""
     assert problem(fake.api.get(f"/v2/pods/{first['id']}"), 404) == {
-        "title": "Not Found", "status": 404, "detail": "pod not found"}
+        "title": "Not Found",
+        "status": 404,
+        "detail": "pod not found",
+    }
     assert [p["id"] for p in fake.api.get("/v2/pods").json()["pods"]] == [second["id"]]
     assert problem(fake.api.delete(f"/v2/pods/{first['id']}"), 404)["detail"] == "pod not found"
     assert refused(port)
@@ -317,8 +375,13 @@ def test_gpu_catalog(idle_fake: Fake) -> None:
     fake = idle_fake
     gpus = fake.api.get("/v2/catalog/gpus").json()["gpus"]
     ids = {gpu["id"] for gpu in gpus}
-    assert {"NVIDIA RTX A6000", "NVIDIA L40S", "NVIDIA GeForce RTX 4090", "NVIDIA A100 80GB PCIe",
-            "NVIDIA H100 80GB HBM3"} <= ids
+    assert {
+        "NVIDIA RTX A6000",
+        "NVIDIA L40S",
+        "NVIDIA GeForce RTX 4090",
+        "NVIDIA A100 80GB PCIe",
+        "NVIDIA H100 80GB HBM3",
+    } <= ids
     for gpu in gpus:
         assert {"id", "name", "pool", "manufacturer", "memory", "secure", "community", "price", "maxCount"} == set(gpu)
     a6000 = fake.api.get("/v2/catalog/gpus/NVIDIA%20RTX%20A6000").json()
@@ -331,8 +394,11 @@ def test_gpu_catalog(idle_fake: Fake) -> None:
     listed = {g["id"]: g for g in fake.api.get("/v2/catalog/gpus", params=query).json()["gpus"]}
     assert listed["NVIDIA L40S"]["availability"] == "NONE" and "dataCenters" not in listed["NVIDIA L40S"]
     assert listed["NVIDIA RTX A6000"]["availability"] == "HIGH"
-    assert listed["NVIDIA RTX A6000"]["dataCenters"][0] == {"id": "US-KS-2", "name": "US Kansas 2",
-                                                            "availability": "HIGH"}
+    assert listed["NVIDIA RTX A6000"]["dataCenters"][0] == {
+        "id": "US-KS-2",
+        "name": "US Kansas 2",
+        "availability": "HIGH",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,12 +410,16 @@ def test_no_capacity(idle_fake: Fake) -> None:
     fake.configure(no_capacity_gpu_ids=["NVIDIA RTX A6000"])
     live = fake_pods.NO_CAPACITY_LIVE  # "There are no longer any instances available with the requested ..."
     assert problem(fake.api.post("/v2/pods", json=vllm_body()), 400) == {
-        "title": "Bad Request", "status": 400, "detail": live}  # RunPod's words in practice (runpod.md 7)
+        "title": "Bad Request",
+        "status": 400,
+        "detail": live,
+    }  # RunPod's words in practice (runpod.md 7)
     too_many = vllm_body(cloud="COMMUNITY", gpu={"id": "NVIDIA GeForce RTX 4090", "count": 8})  # 4 at most there
     assert problem(fake.api.post("/v2/pods", json=too_many), 400)["detail"] == live
     fake.configure(capacity_wording="spec")
     assert problem(fake.api.post("/v2/pods", json=vllm_body()), 400)["detail"] == (
-        "this GPU and data center combination could not be placed")  # the spec's own description of that 400
+        "this GPU and data center combination could not be placed"
+    )  # the spec's own description of that 400
     assert fake.create(gpu={"id": "NVIDIA L40S", "count": 2})["cost"] == 1.72
 
 
@@ -417,9 +487,16 @@ def test_a_crash_cuts_the_answer_in_flight(fake: Fake) -> None:
     pod = fake.ready()
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
     lines: list[str] = []
-    with pytest.raises(httpx.RemoteProtocolError), httpx.stream(
-            "POST", fake.pod_url(pod["id"]) + "/v1/chat/completions", json=body, timeout=10,
-            headers={"Authorization": f"Bearer {POD_KEY}"}) as response:
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.stream(
+            "POST",
+            fake.pod_url(pod["id"]) + "/v1/chat/completions",
+            json=body,
+            timeout=10,
+            headers={"Authorization": f"Bearer {POD_KEY}"},
+        ) as response,
+    ):
         for line in response.iter_lines():
             lines.append(line)
             if len(lines) == 2:
@@ -445,8 +522,12 @@ def test_state_counts_calls_per_route(idle_fake: Fake) -> None:
     httpx.get(f"{fake.url}/v2/pods")
     fake.api.delete(f"/v2/pods/{pod['id']}")
     state = fake.fake_state()
-    assert state["calls"] == {"POST /v2/pods": 1, "GET /v2/pods/{pod_id}": 2, "GET /v2/pods": 1,
-                              "DELETE /v2/pods/{pod_id}": 1}
+    assert state["calls"] == {
+        "POST /v2/pods": 1,
+        "GET /v2/pods/{pod_id}": 2,
+        "GET /v2/pods": 1,
+        "DELETE /v2/pods/{pod_id}": 1,
+    }
     assert [p["id"] for p in state["pods"]] == [pod["id"]] and state["pods"][0]["deleted"]
 
 
@@ -457,9 +538,26 @@ def test_state_counts_calls_per_route(idle_fake: Fake) -> None:
 def test_runs_as_a_process_and_stops_cleanly_on_sigterm() -> None:
     port = free_port()
     env = {**os.environ, "FAKE_RUNPOD_API_KEY": API_KEY, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "tests.fakes.fake_runpod", "--port", str(port),
-                                "--provisioning-seconds", "0", "--starting-seconds", "0", "--vllm-load-seconds", "0"],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.fakes.fake_runpod",
+            "--port",
+            str(port),
+            "--provisioning-seconds",
+            "0",
+            "--starting-seconds",
+            "0",
+            "--vllm-load-seconds",
+            "0",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stderr is not None
         readable, _, _ = select.select([process.stderr], [], [], 15)
@@ -524,26 +622,33 @@ def test_an_image_on_a_host_too_old_for_it_is_refused_at_every_start_while_runni
 def test_with_the_runtime_gate_off_vllm_dies_at_every_start_instead(fake: Fake) -> None:
     # NVIDIA_DISABLE_REQUIRE (NVIDIA's workaround for the gate) lets the container start; PyTorch then finds the
     # driver too old and vLLM no device
-    pod = fake.create(image="vllm/vllm-openai:v0.33.0", gpu={"id": "NVIDIA RTX A6000", "count": 1},
-                      env={"NVIDIA_DISABLE_REQUIRE": "true"})
-    wait_until(lambda: "Failed to infer device type" in fake.api.get(f"/v2/pods/{pod['id']}/logs").text,
-               "the container dies at start")
+    pod = fake.create(
+        image="vllm/vllm-openai:v0.33.0",
+        gpu={"id": "NVIDIA RTX A6000", "count": 1},
+        env={"NVIDIA_DISABLE_REQUIRE": "true"},
+    )
+    wait_until(
+        lambda: "Failed to infer device type" in fake.api.get(f"/v2/pods/{pod['id']}/logs").text,
+        "the container dies at start",
+    )
     now = fake.api.get(f"/v2/pods/{pod['id']}").json()
     assert now["status"] == "RUNNING" and now["runtime"]["uptime"] >= 0
     assert "driver on your system is too old (found version 12040)" in fake.api.get(f"/v2/pods/{pod['id']}/logs").text
 
 
 def test_a_cuda_floor_keeps_the_pod_on_a_host_that_can_start_it(fake: Fake) -> None:
-    pod = fake.create(image="vllm/vllm-openai:v0.33.0",
-                      gpu={"id": "NVIDIA RTX A6000", "count": 1, "minCudaVersion": "13.0"})
+    pod = fake.create(
+        image="vllm/vllm-openai:v0.33.0", gpu={"id": "NVIDIA RTX A6000", "count": 1, "minCudaVersion": "13.0"}
+    )
     assert pod["cudaVersion"] == "13.0"
     wait_until(lambda: fake.proxy_get(pod["id"], "/health").status_code == 200, "vLLM answers /health")
 
 
 def test_a_crash_looping_container_restarts_with_its_uptime_from_zero() -> None:
     body = vllm_body(image="vllm/vllm-openai:v0.33.0")
-    pod = fake_pods.FakePod(fake_pods.parse_create(body), fake_pods.GPUS["NVIDIA RTX A6000"], "US-KS-2", "12.4",
-                            0.0, 0.0, 0.0)
+    pod = fake_pods.FakePod(
+        fake_pods.parse_create(body), fake_pods.GPUS["NVIDIA RTX A6000"], "US-KS-2", "12.4", 0.0, 0.0, 0.0
+    )
     pod.crash = fake_pods.CrashLoop(("torch.OutOfMemoryError: CUDA out of memory.",), after=3.0)
     assert [pod.view(pod.running_at + t)["runtime"]["uptime"] for t in (1.0, 2.5, 3.5, 6.2)] == [1, 2, 0, 0]
     lines = [item["line"] for item in pod.logs(pod.running_at + 7.0)]
@@ -555,18 +660,23 @@ def test_a_crash_looping_container_restarts_with_its_uptime_from_zero() -> None:
 
 @pytest.mark.parametrize("fake_settings", [{**FAST, "host_cuda": "12.4"}])
 def test_the_host_cuda_switch_places_a_pod_below_its_floor(fake: Fake) -> None:
-    pod = fake.create(image="vllm/vllm-openai:v0.33.0",
-                      gpu={"id": "NVIDIA RTX A6000", "count": 1, "minCudaVersion": "13.0"})
+    pod = fake.create(
+        image="vllm/vllm-openai:v0.33.0", gpu={"id": "NVIDIA RTX A6000", "count": 1, "minCudaVersion": "13.0"}
+    )
     assert pod["cudaVersion"] == "12.4"  # whatever the request asked
-    wait_until(lambda: "unsatisfied condition: cuda>=13.0" in fake.api.get(f"/v2/pods/{pod['id']}/logs").text,
-               "the container runtime refuses it")
+    wait_until(
+        lambda: "unsatisfied condition: cuda>=13.0" in fake.api.get(f"/v2/pods/{pod['id']}/logs").text,
+        "the container runtime refuses it",
+    )
     assert fake.api.get(f"/v2/pods/{pod['id']}").json()["status"] == "RUNNING"
 
 
 @pytest.mark.parametrize("fake_settings", [{**FAST, "crash_loop": ["OSError: gated repo"], "crash_after_seconds": 0.5}])
 def test_the_crash_loop_switch(fake: Fake) -> None:
     pod = fake.create()
-    wait_until(lambda: fake.api.get(f"/v2/pods/{pod['id']}/logs").text.count("OSError: gated repo") >= 2,
-               "the container dies twice")
+    wait_until(
+        lambda: fake.api.get(f"/v2/pods/{pod['id']}/logs").text.count("OSError: gated repo") >= 2,
+        "the container dies twice",
+    )
     assert fake.api.get(f"/v2/pods/{pod['id']}").json()["status"] == "RUNNING"
     assert fake.proxy_get(pod["id"], "/health").status_code == 502

@@ -29,9 +29,10 @@ def summarise(records: list[FaultRecord]) -> list[dict[str, object]]:
     """One row per (area, kind), in area order, summing injected faults and failures."""
     rows: dict[tuple[str, str], dict[str, object]] = {}
     for record in records:
-        row = rows.setdefault((record.area, record.kind), {"area": record.area, "kind": record.kind,
-                                                           "injected": 0, "tests": 0,
-                                                           **dict.fromkeys(FAILURES, 0)})
+        row = rows.setdefault(
+            (record.area, record.kind),
+            {"area": record.area, "kind": record.kind, "injected": 0, "tests": 0, **dict.fromkeys(FAILURES, 0)},
+        )
         row["injected"] = int(row["injected"]) + record.injected  # type: ignore[call-overload]
         row["tests"] = int(row["tests"]) + 1  # type: ignore[call-overload]
         for name, count in record.failures.items():
@@ -67,8 +68,18 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, LEDGER_ENV: str(ledger)}
         marks = "not soak" if args.quick else ""
         started = time.monotonic()
-        command = [sys.executable, "-m", "pytest", "tests/faults", "-m", marks, "-q", "-p", "no:cacheprovider",
-                   *args.pytest_args]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/faults",
+            "-m",
+            marks,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *args.pytest_args,
+        ]
         print("running:", " ".join(command), file=sys.stderr, flush=True)
         outcome = subprocess.run(command, cwd=ROOT, env=env, check=False)
         elapsed = time.monotonic() - started
@@ -77,15 +88,29 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarise(records)
     failed = sum(r.failed for r in records)
     print()
-    print(f"llmpod fault, abuse and leak tests: {sum(r.injected for r in records)} faults injected in "
-          f"{len(records)} records, {elapsed:.0f} s, pytest exit {outcome.returncode}")
+    print(
+        f"llmpod fault, abuse and leak tests: {sum(r.injected for r in records)} faults injected in "
+        f"{len(records)} records, {elapsed:.0f} s, pytest exit {outcome.returncode}"
+    )
     print(table(rows))
-    verdict = "every failure count is zero" if failed == 0 and outcome.returncode == 0 else (
-        f"{failed} failures counted; pytest exit {outcome.returncode}")
+    verdict = (
+        "every failure count is zero"
+        if failed == 0 and outcome.returncode == 0
+        else (f"{failed} failures counted; pytest exit {outcome.returncode}")
+    )
     print(f"result: {verdict}")
     if args.json:
-        args.json.write_text(json.dumps({"elapsed_s": round(elapsed, 1), "pytest_exit": outcome.returncode,
-                                         "rows": rows, "records": [asdict(r) for r in records]}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "elapsed_s": round(elapsed, 1),
+                    "pytest_exit": outcome.returncode,
+                    "rows": rows,
+                    "records": [asdict(r) for r in records],
+                },
+                indent=2,
+            )
+        )
     return 0 if failed == 0 and outcome.returncode == 0 else 1
 
 

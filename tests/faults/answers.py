@@ -28,8 +28,11 @@ MAX_NOTES = 8
 
 def chat_body(prompt: str, *, stream: bool, max_tokens: int = 64) -> dict[str, Any]:
     """A chat request naming the served model, so the proxy forwards it unchanged (but for stream fields)."""
-    body: dict[str, Any] = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": prompt}],
-                            "max_tokens": max_tokens}
+    body: dict[str, Any] = {
+        "model": SERVED_MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+    }
     if stream:
         body.update(stream=True, stream_options={"include_usage": True})
     return body
@@ -37,8 +40,9 @@ def chat_body(prompt: str, *, stream: bool, max_tokens: int = 64) -> dict[str, A
 
 def expected_text(body: dict[str, Any], chunk_count: int) -> str:
     """The content the mock generates for ``body`` (the proxy always asks it for a stream: same text)."""
-    key = orjson.dumps({k: v for k, v in body.items() if k not in ("stream", "stream_options")},
-                       option=orjson.OPT_SORT_KEYS)
+    key = orjson.dumps(
+        {k: v for k, v in body.items() if k not in ("stream", "stream_options")}, option=orjson.OPT_SORT_KEYS
+    )
     return _expected(key, chunk_count)
 
 
@@ -94,13 +98,18 @@ class Tally:
             self.notes.append(f"{outcome}: {detail}"[:300])
 
     def failures(self) -> dict[str, int]:
-        return {"lost_answers": self.lost_answers, "corrupt_served": self.corrupt_served,
-                "dirty_errors": self.dirty_errors}
+        return {
+            "lost_answers": self.lost_answers,
+            "corrupt_served": self.corrupt_served,
+            "dirty_errors": self.dirty_errors,
+        }
 
     def summary(self) -> str:
-        return (f"{self.requests} requests: {self.answers} answers, errors {dict(sorted(self.errors.items()))}, "
-                f"x-cache {dict(sorted(self.cache.items()))}, lost {self.lost_answers}, "
-                f"corrupt {self.corrupt_served}, dirty {self.dirty_errors}")
+        return (
+            f"{self.requests} requests: {self.answers} answers, errors {dict(sorted(self.errors.items()))}, "
+            f"x-cache {dict(sorted(self.cache.items()))}, lost {self.lost_answers}, "
+            f"corrupt {self.corrupt_served}, dirty {self.dirty_errors}"
+        )
 
 
 def error_problem(status: int, text: str, allowed: frozenset[int]) -> str | None:
@@ -118,9 +127,16 @@ def error_problem(status: int, text: str, allowed: frozenset[int]) -> str | None
     return None
 
 
-async def ask(http: httpx.AsyncClient, body: dict[str, Any], *, chunk_count: int, deadline: float,
-              allowed: frozenset[int] = HONEST_5XX) -> Verdict:
+async def ask(
+    http: httpx.AsyncClient,
+    body: dict[str, Any],
+    *,
+    chunk_count: int,
+    deadline: float,
+    allowed: frozenset[int] = HONEST_5XX,
+) -> Verdict:
     """Send ``body`` to the proxy and judge what comes back within ``deadline`` seconds (else: lost, a hang)."""
+
     async def exchange() -> tuple[httpx.Response, bytes]:
         async with http.stream("POST", "/v1/chat/completions", json=body) as response:
             return response, await response.aread()
@@ -131,12 +147,27 @@ async def ask(http: httpx.AsyncClient, body: dict[str, Any], *, chunk_count: int
         return Verdict("lost", detail=f"no answer within {deadline:g}s (a hang)")
     except httpx.HTTPError as exc:
         return Verdict("lost", detail=f"{type(exc).__name__}: {exc}")
-    return judge(body, response.status_code, raw.decode("utf-8", "replace"), response.headers.get("x-cache"),
-                 response.headers.get("x-cache-key"), chunk_count=chunk_count, allowed=allowed)
+    return judge(
+        body,
+        response.status_code,
+        raw.decode("utf-8", "replace"),
+        response.headers.get("x-cache"),
+        response.headers.get("x-cache-key"),
+        chunk_count=chunk_count,
+        allowed=allowed,
+    )
 
 
-def judge(body: dict[str, Any], status: int, text: str, cache: str | None, key: str | None, *, chunk_count: int,
-          allowed: frozenset[int] = HONEST_5XX) -> Verdict:
+def judge(
+    body: dict[str, Any],
+    status: int,
+    text: str,
+    cache: str | None,
+    key: str | None,
+    *,
+    chunk_count: int,
+    allowed: frozenset[int] = HONEST_5XX,
+) -> Verdict:
     """What an answer to ``body`` with this status and body text is (any HTTP client can use it)."""
     want = expected_text(body, chunk_count)
     if body.get("stream") and status == 200:
@@ -172,7 +203,7 @@ def judge_stream(text: str, want: str, allowed: frozenset[int], cache: str | Non
             continue  # keep-alive comments
         if not block.startswith("data: ") or "\n" in block:
             return Verdict("corrupt", 200, cache, f"malformed event sent to the client: {block[:120]!r}")
-        events.append(block[len("data: "):])
+        events.append(block[len("data: ") :])
     if not events or events[-1] != "[DONE]" or not text.endswith("\n\n"):
         return Verdict("lost", 200, cache, f"stream ended without [DONE] after {len(events)} events")
     got: list[str] = []
@@ -189,8 +220,9 @@ def judge_stream(text: str, want: str, allowed: frozenset[int], cache: str | Non
             if problem:
                 return Verdict("dirty", 200, cache, f"error event: {problem}")
             if not want.startswith("".join(got)):
-                return Verdict("corrupt", 200, cache, f"chunks before the error {''.join(got)!r} are not a prefix "
-                                                      f"of {want!r}")
+                return Verdict(
+                    "corrupt", 200, cache, f"chunks before the error {''.join(got)!r} are not a prefix of {want!r}"
+                )
             return Verdict("error", int(chunk["error"]["code"]), cache)
         for choice in chunk.get("choices") or ():
             got.append(choice.get("delta", {}).get("content") or "")
@@ -200,8 +232,16 @@ def judge_stream(text: str, want: str, allowed: frozenset[int], cache: str | Non
     return Verdict("answer", 200, cache)
 
 
-async def ask_all(http: httpx.AsyncClient, bodies: list[dict[str, Any]], tally: Tally, *, chunk_count: int,
-                  deadline: float, allowed: frozenset[int] = HONEST_5XX, concurrency: int = 8) -> list[Verdict]:
+async def ask_all(
+    http: httpx.AsyncClient,
+    bodies: list[dict[str, Any]],
+    tally: Tally,
+    *,
+    chunk_count: int,
+    deadline: float,
+    allowed: frozenset[int] = HONEST_5XX,
+    concurrency: int = 8,
+) -> list[Verdict]:
     """Ask every body, ``concurrency`` at a time (identical bodies among them may coalesce)."""
     gate = asyncio.Semaphore(concurrency)
 
@@ -216,8 +256,9 @@ def cache_files(cache_dir: Path) -> list[Path]:
     return sorted(cache_dir.glob("*.json")) if cache_dir.is_dir() else []
 
 
-async def check_cache_dir(http: httpx.AsyncClient, cache_dir: Path, tally: Tally, *, chunk_count: int,
-                          deadline: float, reask: bool = True) -> int:
+async def check_cache_dir(
+    http: httpx.AsyncClient, cache_dir: Path, tally: Tally, *, chunk_count: int, deadline: float, reask: bool = True
+) -> int:
     """Every entry on disk parses, is the complete answer to the request it records, and (``reask``) a HIT,
     plain and streamed, serves exactly that answer. Problems count as corrupt_served in ``tally``; returns
     the number of entries."""
@@ -228,8 +269,11 @@ async def check_cache_dir(http: httpx.AsyncClient, cache_dir: Path, tally: Tally
             request, response = document["request"], document["response"]
             stored = response["choices"][0]["message"]["content"]
             finish = response["choices"][0]["finish_reason"]
-            chunks = "".join(orjson.loads(c)["choices"][0]["delta"].get("content") or ""
-                             for c in document["chunks"] if orjson.loads(c).get("choices"))
+            chunks = "".join(
+                orjson.loads(c)["choices"][0]["delta"].get("content") or ""
+                for c in document["chunks"]
+                if orjson.loads(c).get("choices")
+            )
         except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
             tally.fail("corrupt", f"cache file {path.name[:16]} is not a whole entry ({type(exc).__name__})")
             continue
@@ -244,6 +288,8 @@ async def check_cache_dir(http: httpx.AsyncClient, cache_dir: Path, tally: Tally
             body = {**request, **({"stream": True, "stream_options": {"include_usage": True}} if stream else {})}
             verdict = await ask(http, body, chunk_count=chunk_count, deadline=deadline)
             if verdict.outcome != "answer" or verdict.cache != "HIT":
-                tally.fail("corrupt" if verdict.outcome in ("answer", "corrupt") else verdict.outcome,
-                           f"re-asking a stored entry: {verdict.outcome} {verdict.cache} {verdict.detail}")
+                tally.fail(
+                    "corrupt" if verdict.outcome in ("answer", "corrupt") else verdict.outcome,
+                    f"re-asking a stored entry: {verdict.outcome} {verdict.cache} {verdict.detail}",
+                )
     return len(files)

@@ -100,8 +100,13 @@ def raw_request(port: int, payload: bytes, *, half_close: bool = False, bound: f
 # ------------------------------------------------------------------------------------------ the proxy process
 def proxy_process(tmp_path: Path, upstream: str, **env: str) -> ServerProcess:
     """``proxy_fastapi.py`` as a user runs it (uvicorn's own HTTP parser, not the tests' h11), not yet started."""
-    settings = {"RUNPOD_ENDPOINT": upstream, "CACHE_DIR": str(tmp_path / "proxy_cache"),
-                "LOG_FILE": str(tmp_path / "proxy_requests.log"), "UPSTREAM_TIMEOUT": "20", **env}
+    settings = {
+        "RUNPOD_ENDPOINT": upstream,
+        "CACHE_DIR": str(tmp_path / "proxy_cache"),
+        "LOG_FILE": str(tmp_path / "proxy_requests.log"),
+        "UPSTREAM_TIMEOUT": "20",
+        **env,
+    }
     argv = [sys.executable, str(ROOT / "proxy_fastapi.py"), "--port", "{port}"]
     return ServerProcess("proxy", argv, base_env(settings), tmp_path / "proxy_process.log")
 

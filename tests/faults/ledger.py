@@ -51,8 +51,9 @@ class FaultLedger:
         self.path = path
         self.records: list[FaultRecord] = []
 
-    def record(self, area: str, kind: str, *, injected: int, notes: list[str] | None = None,
-               **failures: int) -> FaultRecord:
+    def record(
+        self, area: str, kind: str, *, injected: int, notes: list[str] | None = None, **failures: int
+    ) -> FaultRecord:
         """Write down ``injected`` faults of ``kind`` and what they ended with; fail the test on any failure.
 
         ``failures`` takes the keys of ``FAILURES`` (anything else is a typo, and an error); ``notes`` are
@@ -65,8 +66,9 @@ class FaultLedger:
             raise ValueError(f"unknown failure kinds {sorted(unknown)}; known: {sorted(FAILURES)}")
         if injected < 1:
             raise ValueError("a fault record needs at least one injected fault")
-        entry = FaultRecord(area, kind, injected, {k: int(v) for k, v in failures.items() if v}, list(notes or []),
-                            self.test)
+        entry = FaultRecord(
+            area, kind, injected, {k: int(v) for k, v in failures.items() if v}, list(notes or []), self.test
+        )
         self.records.append(entry)
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as ledger:

@@ -51,9 +51,13 @@ class Tally:
     notes: list[str] = field(default_factory=list)
 
     def failures(self) -> dict[str, int]:
-        return {"pods_left_running": self.pods_left_running, "unrecorded_pods": self.unrecorded_pods,
-                "leaked_processes": self.leaked_processes, "leaked_ports": self.leaked_ports,
-                "dirty_errors": self.dirty_errors}
+        return {
+            "pods_left_running": self.pods_left_running,
+            "unrecorded_pods": self.unrecorded_pods,
+            "leaked_processes": self.leaked_processes,
+            "leaked_ports": self.leaked_ports,
+            "dirty_errors": self.dirty_errors,
+        }
 
     def dirty(self, note: str) -> None:
         self.dirty_errors += 1
@@ -78,9 +82,14 @@ class Started:
         self.out_path = work.path / f".{label}.stdout"
         self.err_path = work.path / f".{label}.stderr"
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.process = subprocess.Popen([sys.executable, str(ROOT / "manage_pod.py"), *args], cwd=work.path,
-                                            env={**work.env, **(env or {})}, stdout=out, stderr=err,
-                                            stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "manage_pod.py"), *args],
+                cwd=work.path,
+                env={**work.env, **(env or {})},
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+            )
 
     @property
     def pid(self) -> int:
@@ -121,14 +130,16 @@ def reported_leaks(output: str) -> set[str]:
     return {name for match in LEAK_LINE.finditer(output) for name in match.groups()}
 
 
-def count_unrecorded(live: list[dict[str, Any]], state: dict[str, Any] | None, status_output: str,
-                     tally: Tally) -> None:
+def count_unrecorded(
+    live: list[dict[str, Any]], state: dict[str, Any] | None, status_output: str, tally: Tally
+) -> None:
     """A pod is accounted for if the state names it (by id; by name only while the id is not known yet) or
     ``--status`` lists it as not recorded."""
     leaks = reported_leaks(status_output)
     for pod in live:
-        in_state = state is not None and (pod["id"] == state.get("pod_id") or
-                                          (state.get("pod_id") is None and pod["name"] == state.get("pod_name")))
+        in_state = state is not None and (
+            pod["id"] == state.get("pod_id") or (state.get("pod_id") is None and pod["name"] == state.get("pod_name"))
+        )
         if not in_state and pod["id"] not in leaks and pod["name"] not in leaks:
             tally.unrecorded_pods += 1
             tally.notes.append(f"pod {pod['name']} ({pod['id']}) neither in pod_state.json nor listed by --status")
@@ -161,8 +172,11 @@ def count_survivors(work: Workdir, tally: Tally) -> None:
     root = str(work.path.resolve())
 
     def survivors() -> list[int]:
-        return [pid for marker in ("LLMPOD_PROXY_OF", "LLMPOD_WATCHDOG_OF")
-                for pid in processes.find_by_environ(marker, root)]
+        return [
+            pid
+            for marker in ("LLMPOD_PROXY_OF", "LLMPOD_WATCHDOG_OF")
+            for pid in processes.find_by_environ(marker, root)
+        ]
 
     try:
         wait_until(lambda: not survivors(), "helpers exited", timeout=10, interval=0.1)
@@ -211,19 +225,26 @@ class Phase:
 def _held_at(checkpoint: str) -> Callable[[Workdir, FakeRunPod], Started]:
     def start(work: Workdir, fake: FakeRunPod) -> Started:
         run = Started(work, env={"LLMPOD_HOLD_AT": checkpoint})
-        wait_until(lambda: run.says(f"holding at {checkpoint}") or run.process.poll() is not None,
-                   f"manage_pod.py holding at {checkpoint}", timeout=90, interval=0.05)
+        wait_until(
+            lambda: run.says(f"holding at {checkpoint}") or run.process.poll() is not None,
+            f"manage_pod.py holding at {checkpoint}",
+            timeout=90,
+            interval=0.05,
+        )
         return run
+
     return start
 
 
-def _with_fake(switches: dict[str, Any], reached: Callable[[Workdir, FakeRunPod], bool],
-               what: str) -> Callable[[Workdir, FakeRunPod], Started]:
+def _with_fake(
+    switches: dict[str, Any], reached: Callable[[Workdir, FakeRunPod], bool], what: str
+) -> Callable[[Workdir, FakeRunPod], Started]:
     def start(work: Workdir, fake: FakeRunPod) -> Started:
         fake.configure(**switches)
         run = Started(work)
         wait_until(lambda: reached(work, fake) or run.process.poll() is not None, what, timeout=90, interval=0.1)
         return run
+
     return start
 
 
@@ -244,8 +265,12 @@ def _release_create(work: Workdir, fake: FakeRunPod) -> None:
 
 def _release_deletes(work: Workdir, fake: FakeRunPod) -> None:
     fake.configure(hold_deletes=False)
-    wait_until(lambda: any(p["deleted"] for p in fake.state()["pods"]), "the held DELETE went through",
-               timeout=30, interval=0.1)
+    wait_until(
+        lambda: any(p["deleted"] for p in fake.state()["pods"]),
+        "the held DELETE went through",
+        timeout=30,
+        interval=0.1,
+    )
 
 
 def _up(work: Workdir) -> None:
@@ -267,8 +292,12 @@ def _watchdog_expiring(work: Workdir, fake: FakeRunPod) -> int:
     pod_id = recorded(work)["pod_id"]  # type: ignore[index]
     fake.configure(hold_deletes=True)
     jump_past_expiry(work)
-    wait_until(lambda: calls(fake, "DELETE /v2/pods/{pod_id}") >= 1, f"the watchdog's DELETE of {pod_id} sent",
-               timeout=30, interval=0.1)
+    wait_until(
+        lambda: calls(fake, "DELETE /v2/pods/{pod_id}") >= 1,
+        f"the watchdog's DELETE of {pod_id} sent",
+        timeout=30,
+        interval=0.1,
+    )
     return pid
 
 
@@ -276,49 +305,80 @@ def _shutdown_deleting(work: Workdir, fake: FakeRunPod) -> Started:
     _up(work)
     fake.configure(hold_deletes=True)
     run = Started(work, "--shutdown", label="shutdown")
-    wait_until(lambda: calls(fake, "DELETE /v2/pods/{pod_id}") >= 1 or run.process.poll() is not None,
-               "--shutdown's DELETE sent", timeout=60, interval=0.1)
+    wait_until(
+        lambda: calls(fake, "DELETE /v2/pods/{pod_id}") >= 1 or run.process.poll() is not None,
+        "--shutdown's DELETE sent",
+        timeout=60,
+        interval=0.1,
+    )
     return run
 
 
 def _shutdown_held(work: Workdir, fake: FakeRunPod) -> Started:
     _up(work)
     run = Started(work, "--shutdown", env={"LLMPOD_HOLD_AT": "terminating"}, label="shutdown")
-    wait_until(lambda: run.says("holding at terminating") or run.process.poll() is not None,
-               "--shutdown holding before its DELETE", timeout=60, interval=0.05)
+    wait_until(
+        lambda: run.says("holding at terminating") or run.process.poll() is not None,
+        "--shutdown holding before its DELETE",
+        timeout=60,
+        interval=0.05,
+    )
     return run
 
 
 def _watchdog_finishes(work: Workdir, fake: FakeRunPod) -> None:
     # nobody else will terminate the pod until the user comes back: the watchdog, still running, must
-    wait_until(lambda: not work.state_file.exists() and not live_pods(fake),
-               "the watchdog finished the interrupted shutdown", timeout=60, interval=0.1)
+    wait_until(
+        lambda: not work.state_file.exists() and not live_pods(fake),
+        "the watchdog finished the interrupted shutdown",
+        timeout=60,
+        interval=0.1,
+    )
 
 
-PHASES: dict[str, Phase] = {p.name: p for p in [
-    Phase("config loaded", "manage_pod.py", _held_at("config loaded")),
-    Phase("intent written", "manage_pod.py", _held_at("intent written")),
-    Phase("create sent, no pod yet", "manage_pod.py",
-          _with_fake({"hold_creates": "before_pod"}, lambda w, f: calls(f, "POST /v2/pods") >= 1, "create sent"),
-          _release_create),
-    Phase("create sent, pod made, no answer", "manage_pod.py",
-          _with_fake({"hold_creates": "after_pod"}, lambda w, f: len(f.state()["pods"]) >= 1, "pod made"),
-          lambda work, fake: fake.configure(hold_creates="")),
-    Phase("create answered, id not saved", "manage_pod.py", _held_at("create answered")),
-    Phase("waiting for RUNNING", "manage_pod.py",
-          _with_fake({"provisioning_seconds": 300}, lambda w, f: _state_phase(w, "waiting"), "waiting")),
-    Phase("waiting for vLLM health", "manage_pod.py",
-          _with_fake({"hold_vllm": True},
-                     lambda w, f: _state_phase(w, "waiting") and _pod_status(f, "RUNNING")
-                     and calls(f, "PROXY GET /health") >= 1, "polling vLLM"),
-          lambda work, fake: fake.configure(hold_vllm=False)),
-    Phase("proxy starting", "manage_pod.py", _held_at("proxy starting")),
-    Phase("ready", "manage_pod.py", _held_at("ready")),
-    Phase("checking the pod", "watchdog", _watchdog_running),
-    Phase("terminating an expired pod", "watchdog", _watchdog_expiring, _release_deletes),
-    Phase("terminating, DELETE sent", "manage_pod.py --shutdown", _shutdown_deleting, _release_deletes),
-    Phase("terminating, before the DELETE", "manage_pod.py --shutdown", _shutdown_held, _watchdog_finishes),
-]}
+PHASES: dict[str, Phase] = {
+    p.name: p
+    for p in [
+        Phase("config loaded", "manage_pod.py", _held_at("config loaded")),
+        Phase("intent written", "manage_pod.py", _held_at("intent written")),
+        Phase(
+            "create sent, no pod yet",
+            "manage_pod.py",
+            _with_fake({"hold_creates": "before_pod"}, lambda w, f: calls(f, "POST /v2/pods") >= 1, "create sent"),
+            _release_create,
+        ),
+        Phase(
+            "create sent, pod made, no answer",
+            "manage_pod.py",
+            _with_fake({"hold_creates": "after_pod"}, lambda w, f: len(f.state()["pods"]) >= 1, "pod made"),
+            lambda work, fake: fake.configure(hold_creates=""),
+        ),
+        Phase("create answered, id not saved", "manage_pod.py", _held_at("create answered")),
+        Phase(
+            "waiting for RUNNING",
+            "manage_pod.py",
+            _with_fake({"provisioning_seconds": 300}, lambda w, f: _state_phase(w, "waiting"), "waiting"),
+        ),
+        Phase(
+            "waiting for vLLM health",
+            "manage_pod.py",
+            _with_fake(
+                {"hold_vllm": True},
+                lambda w, f: (
+                    _state_phase(w, "waiting") and _pod_status(f, "RUNNING") and calls(f, "PROXY GET /health") >= 1
+                ),
+                "polling vLLM",
+            ),
+            lambda work, fake: fake.configure(hold_vllm=False),
+        ),
+        Phase("proxy starting", "manage_pod.py", _held_at("proxy starting")),
+        Phase("ready", "manage_pod.py", _held_at("ready")),
+        Phase("checking the pod", "watchdog", _watchdog_running),
+        Phase("terminating an expired pod", "watchdog", _watchdog_expiring, _release_deletes),
+        Phase("terminating, DELETE sent", "manage_pod.py --shutdown", _shutdown_deleting, _release_deletes),
+        Phase("terminating, before the DELETE", "manage_pod.py --shutdown", _shutdown_held, _watchdog_finishes),
+    ]
+}
 
 
 def kill_at(work: Workdir, fake: FakeRunPod, phase: Phase, sig: signal.Signals) -> Tally:
@@ -333,12 +393,17 @@ def kill_at(work: Workdir, fake: FakeRunPod, phase: Phase, sig: signal.Signals) 
             if sig == signal.SIGINT:
                 # the interrupt is taken once it exits or says it is terminating the pod (perhaps still waiting on
                 # what the fake holds): only then does the held request go on
-                wait_until(lambda: target.process.poll() is not None or target.says("terminating pod"),
-                           "the interrupt taken", timeout=30, interval=0.05)
+                wait_until(
+                    lambda: target.process.poll() is not None or target.says("terminating pod"),
+                    "the interrupt taken",
+                    timeout=30,
+                    interval=0.05,
+                )
             phase.release(work, fake)
             code = target.wait(timeout=300)
-            tally.check_run(f"{phase.target} ({SIGNAL_NAMES[sig]} while {phase.name})", code, target.output(),
-                            EXIT_ON[sig])
+            tally.check_run(
+                f"{phase.target} ({SIGNAL_NAMES[sig]} while {phase.name})", code, target.output(), EXIT_ON[sig]
+            )
         else:
             os.kill(target, sig)
             phase.release(work, fake)

@@ -16,19 +16,40 @@ from tests.support.helpers import SERVED_MODEL
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def proxy_process(log_dir: Path, upstream: str, cache_dir: Path, name: str, *,
-                  upstream_timeout: float = 10.0) -> ServerProcess:
+def proxy_process(
+    log_dir: Path, upstream: str, cache_dir: Path, name: str, *, upstream_timeout: float = 10.0
+) -> ServerProcess:
     """``proxy_fastapi.py`` in front of ``upstream`` (a base URL without ``/v1``)."""
-    env = base_env({"RUNPOD_ENDPOINT": f"{upstream}/v1", "CACHE_DIR": str(cache_dir),
-                    "UPSTREAM_TIMEOUT": str(upstream_timeout), "LOG_FILE": str(log_dir / f"{name}.requests.log")})
-    return ServerProcess(name, [sys.executable, str(ROOT / "proxy_fastapi.py"), "--port", "{port}"], env,
-                         log_dir / f"{name}.log", start_timeout=60)
+    env = base_env(
+        {
+            "RUNPOD_ENDPOINT": f"{upstream}/v1",
+            "CACHE_DIR": str(cache_dir),
+            "UPSTREAM_TIMEOUT": str(upstream_timeout),
+            "LOG_FILE": str(log_dir / f"{name}.requests.log"),
+        }
+    )
+    return ServerProcess(
+        name,
+        [sys.executable, str(ROOT / "proxy_fastapi.py"), "--port", "{port}"],
+        env,
+        log_dir / f"{name}.log",
+        start_timeout=60,
+    )
 
 
 def mock_process(log_dir: Path, name: str, *switches: str) -> ServerProcess:
     """``mock_vllm_server.py`` serving SERVED_MODEL with ``switches`` (its command-line flags)."""
-    argv = [sys.executable, str(ROOT / "mock_vllm_server.py"), "--port", "{port}", "--model", SERVED_MODEL,
-            "--max-model-len", "4096", *switches]
+    argv = [
+        sys.executable,
+        str(ROOT / "mock_vllm_server.py"),
+        "--port",
+        "{port}",
+        "--model",
+        SERVED_MODEL,
+        "--max-model-len",
+        "4096",
+        *switches,
+    ]
     return ServerProcess(name, argv, base_env({}), log_dir / f"{name}.log", start_timeout=60)
 
 

@@ -66,8 +66,9 @@ def hostile_bodies(huge: int) -> dict[str, bytes]:
         "model is an object": dumps(_chat(model={"id": SERVED_MODEL})),
         "messages is a string": dumps(_chat(messages="hi")),
         "role and content are numbers": dumps(_chat(messages=[{"role": 1, "content": 2}])),
-        "content part text is a number": dumps(_chat(messages=[{"role": "user", "content": [{"type": "text",
-                                                                                            "text": 5}]}])),
+        "content part text is a number": dumps(
+            _chat(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}])
+        ),
         "content is an object": dumps(_chat(messages=[{"role": "user", "content": {"a": 1}}])),
         "max_tokens is a string": dumps(_chat(max_tokens="lots")),
         "max_tokens is negative": dumps(_chat(max_tokens=-5)),
@@ -88,10 +89,21 @@ def hostile_bodies(huge: int) -> dict[str, bytes]:
     }
 
 
-QUICK_BODIES = ("invalid UTF-8", "NaN", "arrays nested 100k deep", "nested 300 deep (orjson reads, cannot write)",
-                "model is a number", "messages is a string", "content part text is a number",
-                "stream is a string", "model name with a newline", "integer beyond 64 bits", "100k messages",
-                "huge model name", "over the body limit")
+QUICK_BODIES = (
+    "invalid UTF-8",
+    "NaN",
+    "arrays nested 100k deep",
+    "nested 300 deep (orjson reads, cannot write)",
+    "model is a number",
+    "messages is a string",
+    "content part text is a number",
+    "stream is a string",
+    "model name with a newline",
+    "integer beyond 64 bits",
+    "100k messages",
+    "huge model name",
+    "over the body limit",
+)
 
 
 # ------------------------------------------------------------------------------------------ lying framing
@@ -107,14 +119,19 @@ LYING_HEADERS: dict[str, tuple[bytes, bool]] = {  # name -> (bytes sent, then ha
     "Content-Length not a number": (_request(f"{PATH}Content-Length: abc\n", BODY), False),
     "Content-Length negative": (_request(f"{PATH}Content-Length: -1\n", BODY), False),
     "Content-Length of 10^20": (_request(f"{PATH}Content-Length: 100000000000000000000\n", BODY), True),
-    "two different Content-Lengths": (_request(f"{PATH}Content-Length: 5\nContent-Length: {len(BODY)}\n", BODY),
-                                      False),
-    "Content-Length and chunked": (_request(f"{PATH}Content-Length: {len(BODY)}\nTransfer-Encoding: chunked\n",
-                                            f"{len(BODY):x}\r\n".encode() + BODY + b"\r\n0\r\n\r\n"), False),
-    "chunk size not hex": (_request(f"{PATH}Transfer-Encoding: chunked\n", b"zz\r\n" + BODY + b"\r\n0\r\n\r\n"),
-                           False),
-    "chunked, cut before the last chunk": (_request(f"{PATH}Transfer-Encoding: chunked\n",
-                                                    f"{len(BODY):x}\r\n".encode() + BODY + b"\r\n"), True),
+    "two different Content-Lengths": (_request(f"{PATH}Content-Length: 5\nContent-Length: {len(BODY)}\n", BODY), False),
+    "Content-Length and chunked": (
+        _request(
+            f"{PATH}Content-Length: {len(BODY)}\nTransfer-Encoding: chunked\n",
+            f"{len(BODY):x}\r\n".encode() + BODY + b"\r\n0\r\n\r\n",
+        ),
+        False,
+    ),
+    "chunk size not hex": (_request(f"{PATH}Transfer-Encoding: chunked\n", b"zz\r\n" + BODY + b"\r\n0\r\n\r\n"), False),
+    "chunked, cut before the last chunk": (
+        _request(f"{PATH}Transfer-Encoding: chunked\n", f"{len(BODY):x}\r\n".encode() + BODY + b"\r\n"),
+        True,
+    ),
     "no Content-Length, body then close": (_request(PATH, BODY), True),
     "header line without a colon": (_request(f"{PATH}Content-Length: {len(BODY)}\nnot a header\n", BODY), False),
     "100 KiB header": (_request(f"{PATH}X-Junk: {'j' * 100_000}\nContent-Length: {len(BODY)}\n", BODY), False),
@@ -140,8 +157,9 @@ def _send_bodies(base: str, bodies: dict[str, bytes], notes: list[str]) -> int:
             for name, body in bodies.items():
                 try:
                     response = http.post(route, content=body, headers={"Content-Type": "application/json"})
-                    problem = answer_problem(response.status_code, response.headers.get("content-type", ""),
-                                             response.content)
+                    problem = answer_problem(
+                        response.status_code, response.headers.get("content-type", ""), response.content
+                    )
                 except httpx.TimeoutException:
                     problem = f"no answer within {REQUEST_BOUND:.0f}s"
                 except httpx.HTTPError as exc:
@@ -169,7 +187,7 @@ def _after_checks(server: Any, log_paths: list[Path], notes: list[str]) -> int:
         text = path.read_text(errors="replace") if path.exists() else ""
         if "Traceback" in text:
             failures += 1
-            notes.append(f"traceback in {path.name}: {text[text.index('Traceback'):][:300]!r}")
+            notes.append(f"traceback in {path.name}: {text[text.index('Traceback') :][:300]!r}")
         forged = [line for line in text.splitlines() if line.startswith("FORGED")]
         if forged:
             failures += 1
@@ -179,7 +197,8 @@ def _after_checks(server: Any, log_paths: list[Path], notes: list[str]) -> int:
 
 @pytest.mark.parametrize("rounds", [pytest.param(1, id="quick"), pytest.param(3, id="soak", marks=pytest.mark.soak)])
 def test_hostile_bodies_and_lying_headers_get_clean_4xx_with_bounded_memory(
-        proxy_subprocess: Any, tmp_path: Path, fault_ledger: FaultLedger, rounds: int) -> None:
+    proxy_subprocess: Any, tmp_path: Path, fault_ledger: FaultLedger, rounds: int
+) -> None:
     server = proxy_subprocess
     logs = [server.log_path, tmp_path / "proxy_requests.log"]
     every = hostile_bodies(huge=MAX_BODY - MIB)
@@ -205,10 +224,15 @@ def test_hostile_bodies_and_lying_headers_get_clean_4xx_with_bounded_memory(
         dirty += 1
         notes.append(f"RSS keeps growing with each round: {', '.join(f'{r:.0f}' for r in after_round)} MiB")
     fault_ledger.record(
-        AREA, "hostile request bodies (bad UTF-8, deep nesting, huge strings, wrong types, 100k messages)",
-        injected=2 * len(bodies) * rounds, dirty_errors=dirty,
-        notes=[*notes, f"RSS MiB: {before:.0f} warmed up, after each round {[round(r) for r in after_round]}; "
-                       f"{elapsed:.1f}s"])
+        AREA,
+        "hostile request bodies (bad UTF-8, deep nesting, huge strings, wrong types, 100k messages)",
+        injected=2 * len(bodies) * rounds,
+        dirty_errors=dirty,
+        notes=[
+            *notes,
+            f"RSS MiB: {before:.0f} warmed up, after each round {[round(r) for r in after_round]}; {elapsed:.1f}s",
+        ],
+    )
 
     # the same proxy, on raw sockets: framing that lies must get a 4xx or a clean close, never a 5xx or a hang
     notes, dirty = [], 0
@@ -221,10 +245,16 @@ def test_hostile_bodies_and_lying_headers_get_clean_4xx_with_bounded_memory(
                 dirty += 1
                 notes.append(f"{name}: {problem}")
     dirty += _after_checks(server, logs, notes)
-    fault_ledger.record(AREA, "request framing that lies (Content-Length, chunked, header junk)",
-                        injected=len(LYING_HEADERS) * rounds, dirty_errors=dirty,
-                        notes=[*notes, "; ".join(f"{name}: {o.status or ('closed' if o.closed else '?')}"
-                                                 for name, o in outcomes.items())])
+    fault_ledger.record(
+        AREA,
+        "request framing that lies (Content-Length, chunked, header junk)",
+        injected=len(LYING_HEADERS) * rounds,
+        dirty_errors=dirty,
+        notes=[
+            *notes,
+            "; ".join(f"{name}: {o.status or ('closed' if o.closed else '?')}" for name, o in outcomes.items()),
+        ],
+    )
 
 
 # ------------------------------------------------------------------------------------------ schemathesis
@@ -244,8 +274,14 @@ def _fuzz_from_schema(base: str, examples: int, reproducible: bool) -> tuple[int
     counts = {"sent": 0, "dirty": 0}
     statuses: dict[str, int] = {}
     notes: list[str] = []
-    config = settings(max_examples=examples, deadline=None, database=None, derandomize=reproducible,
-                      phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    config = settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=reproducible,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
 
     def served_model(pair: tuple[Any, bool]) -> Any:
         # half the generated bodies name the served model, so fuzzed fields get past the model check to vLLM;
@@ -270,14 +306,20 @@ def _fuzz_from_schema(base: str, examples: int, reproducible: bool) -> tuple[int
             request = case.as_transport_kwargs(base_url=base)
             content = json.dumps(request["json"]).encode() if "json" in request else request.get("data")
             try:
-                response = http.request(request["method"], request["url"], headers=request["headers"],
-                                        params=request.get("params"), content=content)
+                response = http.request(
+                    request["method"],
+                    request["url"],
+                    headers=request["headers"],
+                    params=request.get("params"),
+                    content=content,
+                )
             except httpx.HTTPError as exc:
                 problem: str | None = f"no answer: {type(exc).__name__}"
             else:
                 statuses[str(response.status_code)] = statuses.get(str(response.status_code), 0) + 1
-                problem = answer_problem(response.status_code, response.headers.get("content-type", ""),
-                                         response.content)
+                problem = answer_problem(
+                    response.status_code, response.headers.get("content-type", ""), response.content
+                )
             if problem:
                 counts["dirty"] += 1
                 notes.append(f"{label}: {problem}; sent {str(content)[:120]}")
@@ -298,10 +340,8 @@ def _fuzz_from_schema(base: str, examples: int, reproducible: bool) -> tuple[int
     return counts["sent"], counts["dirty"], notes, statuses
 
 
-@pytest.mark.parametrize("examples", [pytest.param(3, id="quick"),
-                                      pytest.param(50, id="soak", marks=pytest.mark.soak)])
-def test_schemathesis_fuzz_of_the_published_schema(start_proxy: Any, fault_ledger: FaultLedger,
-                                                   examples: int) -> None:
+@pytest.mark.parametrize("examples", [pytest.param(3, id="quick"), pytest.param(50, id="soak", marks=pytest.mark.soak)])
+def test_schemathesis_fuzz_of_the_published_schema(start_proxy: Any, fault_ledger: FaultLedger, examples: int) -> None:
     proxy = start_proxy(max_body_bytes=MAX_BODY)
     started = time.monotonic()
     sent, dirty, notes, statuses = _fuzz_from_schema(proxy.url, examples, reproducible=examples < 100)
@@ -310,9 +350,13 @@ def test_schemathesis_fuzz_of_the_published_schema(start_proxy: Any, fault_ledge
     if health.status_code != 200 or health.json()["status"] != "healthy":
         dirty += 1
         notes.append(f"/health afterwards: {health.status_code} {health.text[:120]}")
-    fault_ledger.record(AREA, "schemathesis cases from the proxy's OpenAPI schema (positive and negative)",
-                        injected=sent, dirty_errors=dirty,
-                        notes=[*notes, f"answers by status {dict(sorted(statuses.items()))}; {elapsed:.1f}s"])
+    fault_ledger.record(
+        AREA,
+        "schemathesis cases from the proxy's OpenAPI schema (positive and negative)",
+        injected=sent,
+        dirty_errors=dirty,
+        notes=[*notes, f"answers by status {dict(sorted(statuses.items()))}; {elapsed:.1f}s"],
+    )
 
 
 # ------------------------------------------------------------------------------------------ manage_pod.py's files
@@ -339,8 +383,9 @@ def _damaged(good: bytes) -> dict[str, bytes]:
         "duplicate key": good.rstrip().rstrip(b"}") + f', "{first}": null}}'.encode(),
         "unknown key": edit(surprise=True),
         "number where a string belongs": edit(**{first: 12345}),
-        "string where a number belongs": edit(**{k: "soon" for k, v in document.items()
-                                                 if isinstance(v, int | float) and not isinstance(v, bool)}),
+        "string where a number belongs": edit(
+            **{k: "soon" for k, v in document.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        ),
         "every value null": json.dumps(dict.fromkeys(document)).encode(),
     }
 
@@ -356,23 +401,39 @@ def _record_a_running_pod(workdir: Any, fake: Any) -> None:
     from tests.support.e2e_harness import API_KEY, MODEL
 
     name = f"llmpod-{os.urandom(4).hex()}"
-    body = {"name": name, "image": "vllm/vllm-openai:v0.33.0", "gpu": {"id": "NVIDIA L40S", "count": 1},
-            "ports": ["8000/http"]}
-    created = httpx.post(f"{fake.url}/v2/pods", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
-                         timeout=10)
+    body = {
+        "name": name,
+        "image": "vllm/vllm-openai:v0.33.0",
+        "gpu": {"id": "NVIDIA L40S", "count": 1},
+        "ports": ["8000/http"],
+    }
+    created = httpx.post(f"{fake.url}/v2/pods", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
     created.raise_for_status()
     now = time.time()
     paths = RuntimePaths(workdir.path)
     paths.ensure()
-    save_state(paths, PodState(provider="runpod", phase="ready", pod_name=name, pod_id=created.json()["id"],
-                               model_id=MODEL, served_model=MODEL, vllm_api_key=os.urandom(16).hex(),
-                               created_at=now, ready_at=now, expires_at=now + 3600, idle_timeout_seconds=0,
-                               proxy_port=workdir.proxy_port))
+    save_state(
+        paths,
+        PodState(
+            provider="runpod",
+            phase="ready",
+            pod_name=name,
+            pod_id=created.json()["id"],
+            model_id=MODEL,
+            served_model=MODEL,
+            vllm_api_key=os.urandom(16).hex(),
+            created_at=now,
+            ready_at=now,
+            expires_at=now + 3600,
+            idle_timeout_seconds=0,
+            proxy_port=workdir.proxy_port,
+        ),
+    )
 
 
 def _clean_exit_2(result: Any, *, one_line: bool) -> str | None:
     if "Traceback" in result.stderr:
-        return "traceback: " + result.stderr[result.stderr.index("Traceback"):][-200:]
+        return "traceback: " + result.stderr[result.stderr.index("Traceback") :][-200:]
     if result.returncode != 2:
         return f"exit {result.returncode}: {result.stderr.strip()[-200:]}"
     lines = result.stderr.strip().splitlines()
@@ -384,8 +445,9 @@ def _clean_exit_2(result: Any, *, one_line: bool) -> str | None:
 @pytest.mark.slow
 @pytest.mark.soak  # the default run has tests/pod/test_manage_pod_e2e.py's bad configs and pod/test_config.py's fuzz
 @pytest.mark.parametrize("full", [True])
-def test_a_bad_pod_config_exits_2_in_one_line_creating_nothing(workdir: Any, fake_runpod: Any,
-                                                               fault_ledger: FaultLedger, full: bool) -> None:
+def test_a_bad_pod_config_exits_2_in_one_line_creating_nothing(
+    workdir: Any, fake_runpod: Any, fault_ledger: FaultLedger, full: bool
+) -> None:
     config = workdir.path / "pod_config.json"
     damage = _damaged(config.read_bytes())
     cases = damage if full else {name: damage[name] for name in QUICK_CONFIG_DAMAGE}
@@ -403,15 +465,22 @@ def test_a_bad_pod_config_exits_2_in_one_line_creating_nothing(workdir: Any, fak
     creates = fake_runpod.creates()
     if creates:
         notes.append(f"{creates} pod(s) created from a bad config")
-    fault_ledger.record(AREA, "damaged pod_config.json (truncated, wrong types, unknown keys, garbage)",
-                        injected=runs, dirty_errors=dirty, pods_left_running=len(fake_runpod.live_pods()),
-                        unrecorded_pods=creates, notes=notes)
+    fault_ledger.record(
+        AREA,
+        "damaged pod_config.json (truncated, wrong types, unknown keys, garbage)",
+        injected=runs,
+        dirty_errors=dirty,
+        pods_left_running=len(fake_runpod.live_pods()),
+        unrecorded_pods=creates,
+        notes=notes,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("full", QUICK_AND_SOAK)
-def test_a_damaged_state_file_never_loses_the_running_pod(workdir: Any, fake_runpod: Any, fault_ledger: FaultLedger,
-                                                          full: bool) -> None:
+def test_a_damaged_state_file_never_loses_the_running_pod(
+    workdir: Any, fake_runpod: Any, fault_ledger: FaultLedger, full: bool
+) -> None:
     if full:
         up = workdir.run()
         assert up.returncode == 0, up.stderr
@@ -453,6 +522,12 @@ def test_a_damaged_state_file_never_loses_the_running_pod(workdir: Any, fake_run
         notes.append(f"--status after cleaning up: exit {again.returncode}: {again.stderr.strip()[-200:]}")
     left = [p for p in fake_runpod.live_pods() if p["name"] == pod]
     creates = fake_runpod.creates()
-    fault_ledger.record(AREA, "damaged pod_state.json while the pod runs", injected=runs, dirty_errors=dirty,
-                        unrecorded_pods=unrecorded, pods_left_running=len(left) + max(0, creates - 1),
-                        notes=notes)
+    fault_ledger.record(
+        AREA,
+        "damaged pod_state.json while the pod runs",
+        injected=runs,
+        dirty_errors=dirty,
+        unrecorded_pods=unrecorded,
+        pods_left_running=len(left) + max(0, creates - 1),
+        notes=notes,
+    )

@@ -43,9 +43,16 @@ AREA = "cost safety"
 # (the watchdog's expiry and idle decisions are tests/pod/test_watchdog.py's, in-process; its process ending an idle
 # session is tests/pod/test_manage_pod_e2e.py's)
 DEFAULT_RUN = {("create sent, no pod yet", signal.SIGINT), ("waiting for vLLM health", signal.SIGINT)}
-MATRIX = [pytest.param(name, sig, id=f"{SIGNAL_NAMES[sig]}-{name.replace(' ', '_').replace(',', '')}",
-                       marks=() if (name, sig) in DEFAULT_RUN else (pytest.mark.soak,))
-          for name in PHASES for sig in (signal.SIGKILL, signal.SIGINT)]
+MATRIX = [
+    pytest.param(
+        name,
+        sig,
+        id=f"{SIGNAL_NAMES[sig]}-{name.replace(' ', '_').replace(',', '')}",
+        marks=() if (name, sig) in DEFAULT_RUN else (pytest.mark.soak,),
+    )
+    for name in PHASES
+    for sig in (signal.SIGKILL, signal.SIGINT)
+]
 
 
 def record(ledger: FaultLedger, kind: str, tally: Tally) -> None:
@@ -53,8 +60,9 @@ def record(ledger: FaultLedger, kind: str, tally: Tally) -> None:
 
 
 @pytest.mark.parametrize(("phase", "sig"), MATRIX)
-def test_kill_at_each_phase(workdir: Workdir, fake_runpod: FakeRunPod, fault_ledger: FaultLedger, phase: str,
-                            sig: signal.Signals) -> None:
+def test_kill_at_each_phase(
+    workdir: Workdir, fake_runpod: FakeRunPod, fault_ledger: FaultLedger, phase: str, sig: signal.Signals
+) -> None:
     """Hold at ``phase``, kill with ``sig``, then --status and --shutdown as the user would."""
     held = PHASES[phase]
     tally = kill_at(workdir, fake_runpod, held, sig)
@@ -64,8 +72,9 @@ def test_kill_at_each_phase(workdir: Workdir, fake_runpod: FakeRunPod, fault_led
 # ------------------------------------------------------------------------------------- RunPod's own faults
 # in the default run in-process: tests/pod/test_session.py (a 5xx create that made its pod is found by name)
 @pytest.mark.soak
-def test_create_answers_500_but_the_pod_exists(workdir: Workdir, fake_runpod: FakeRunPod,
-                                               fault_ledger: FaultLedger) -> None:
+def test_create_answers_500_but_the_pod_exists(
+    workdir: Workdir, fake_runpod: FakeRunPod, fault_ledger: FaultLedger
+) -> None:
     fake_runpod.configure(create_500_after_create=1)
     tally = Tally(injected=1)
     up = workdir.run()
@@ -79,8 +88,9 @@ def test_create_answers_500_but_the_pod_exists(workdir: Workdir, fake_runpod: Fa
 
 
 @pytest.mark.soak
-def test_create_times_out_and_runpod_makes_the_pod_later(workdir: Workdir, fake_runpod: FakeRunPod,
-                                                         fault_ledger: FaultLedger) -> None:
+def test_create_times_out_and_runpod_makes_the_pod_later(
+    workdir: Workdir, fake_runpod: FakeRunPod, fault_ledger: FaultLedger
+) -> None:
     """The create never answers (our client gives up after 30 s) and no pod is found by name, so the create is
     retried; then RunPod makes both. The second is recorded by id; the first, with the same name, must be
     listed as not recorded and removed by a plain --shutdown."""
@@ -88,8 +98,12 @@ def test_create_times_out_and_runpod_makes_the_pod_later(workdir: Workdir, fake_
     tally = Tally(injected=1)
     run = Started(workdir)
     try:
-        wait_until(lambda: calls(fake_runpod, "POST /v2/pods") >= 2 or run.process.poll() is not None,
-                   "manage_pod.py gave up on the create and sent it again", timeout=150, interval=0.2)
+        wait_until(
+            lambda: calls(fake_runpod, "POST /v2/pods") >= 2 or run.process.poll() is not None,
+            "manage_pod.py gave up on the create and sent it again",
+            timeout=150,
+            interval=0.2,
+        )
         fake_runpod.configure(hold_creates="")
         tally.check_run("manage_pod.py", run.wait(timeout=120), run.output(), 0)
     finally:
@@ -111,8 +125,9 @@ def test_a_gpu_pool_answers_403(workdir: Workdir, fake_runpod: FakeRunPod, fault
     state = recorded(workdir) or {}
     if state.get("gpu_type_id") != "NVIDIA L40S" or len(live_pods(fake_runpod)) != 1:
         tally.pods_left_running += max(0, len(live_pods(fake_runpod)) - 1)
-        tally.dirty(f"not one pod on the next GPU type: {state.get('gpu_type_id')}, {len(live_pods(fake_runpod))} "
-                    "live pods")
+        tally.dirty(
+            f"not one pod on the next GPU type: {state.get('gpu_type_id')}, {len(live_pods(fake_runpod))} live pods"
+        )
     user_checks(workdir, fake_runpod, tally)
     fake_runpod.configure(forbidden_gpu_ids=["NVIDIA RTX A6000", "NVIDIA L40S"])
     refused = workdir.run()
@@ -129,8 +144,9 @@ def test_a_gpu_pool_answers_403(workdir: Workdir, fake_runpod: FakeRunPod, fault
 
 # in the default run in-process: tests/pod/test_session.py (terminate retried until the pod is gone)
 @pytest.mark.soak
-def test_delete_answers_500_twice_then_works(workdir: Workdir, fake_runpod: FakeRunPod,
-                                             fault_ledger: FaultLedger) -> None:
+def test_delete_answers_500_twice_then_works(
+    workdir: Workdir, fake_runpod: FakeRunPod, fault_ledger: FaultLedger
+) -> None:
     assert workdir.run().returncode == 0
     fake_runpod.configure(delete_500_next=2)
     tally = Tally(injected=2)
@@ -203,8 +219,7 @@ def test_clock_jumps_past_expiry(workdir: Workdir, fake_runpod: FakeRunPod, faul
     record(fault_ledger, "the clock jumps past the expiry (laptop slept)", tally)
 
 
-def test_two_runs_at_once_create_one_pod(workdir: Workdir, fake_runpod: FakeRunPod,
-                                         fault_ledger: FaultLedger) -> None:
+def test_two_runs_at_once_create_one_pod(workdir: Workdir, fake_runpod: FakeRunPod, fault_ledger: FaultLedger) -> None:
     first, second = Started(workdir, label="first"), Started(workdir, label="second")
     tally = Tally(injected=1)
     try:
@@ -221,10 +236,17 @@ def test_two_runs_at_once_create_one_pod(workdir: Workdir, fake_runpod: FakeRunP
     record(fault_ledger, "two manage_pod.py started at the same moment", tally)
 
 
-@pytest.mark.parametrize("phase", [pytest.param("create sent, pod made, no answer", marks=pytest.mark.soak),
-                                   "waiting for vLLM health", pytest.param("ready", marks=pytest.mark.soak)])
-def test_sigkill_then_the_next_run_adopts_the_pod(workdir: Workdir, fake_runpod: FakeRunPod,
-                                                  fault_ledger: FaultLedger, phase: str) -> None:
+@pytest.mark.parametrize(
+    "phase",
+    [
+        pytest.param("create sent, pod made, no answer", marks=pytest.mark.soak),
+        "waiting for vLLM health",
+        pytest.param("ready", marks=pytest.mark.soak),
+    ],
+)
+def test_sigkill_then_the_next_run_adopts_the_pod(
+    workdir: Workdir, fake_runpod: FakeRunPod, fault_ledger: FaultLedger, phase: str
+) -> None:
     """The user's other way out of a killed run: run manage_pod.py again. It adopts (or replaces) the pod,
     never adding a second one, and its endpoint answers."""
     held = PHASES[phase]
@@ -255,23 +277,26 @@ def test_sigkill_then_the_next_run_adopts_the_pod(workdir: Workdir, fake_runpod:
     record(fault_ledger, f"SIGKILL manage_pod.py while {phase}, then run it again", tally)
 
 
-
 # ------------------------------------------------------------------------ a container that dies at every start
 # RunPod restarts it: the pod reads RUNNING and bills while vLLM never answers. ready_timeout_seconds is set far
 # past the run's own 120 s, so waiting for it (as before crash loops were recognised) fails the test.
 CRASH_LOOPS = {
     "a container crash-loops (gated model, no HF token)": (
         lambda: {"crash_loop": vllm_crash_lines("gated_model_no_token"), "crash_after_seconds": 3},
-        "Access to model meta-llama/Llama-3.1-8B-Instruct is restricted"),
+        "Access to model meta-llama/Llama-3.1-8B-Instruct is restricted",
+    ),
     "CUDA mismatch: the vLLM 0.33 image on a host whose driver runs CUDA 12.4": (
-        lambda: {"host_cuda": "12.4"}, "unsatisfied condition: cuda>=13.0"),
+        lambda: {"host_cuda": "12.4"},
+        "unsatisfied condition: cuda>=13.0",
+    ),
 }
 CRASH_BILLED_LIMIT = 180  # seconds a crash-looping pod may bill before it is terminated: "a few minutes"
 
 
 @pytest.mark.parametrize("kind", list(CRASH_LOOPS))
-def test_a_container_that_never_starts_is_given_up_on(workdir: Workdir, fake_runpod: FakeRunPod,
-                                                      fault_ledger: FaultLedger, kind: str) -> None:
+def test_a_container_that_never_starts_is_given_up_on(
+    workdir: Workdir, fake_runpod: FakeRunPod, fault_ledger: FaultLedger, kind: str
+) -> None:
     """Exit 1 with one line quoting the log line that says why, the pod terminated, within minutes of billing."""
     switches, says = CRASH_LOOPS[kind]
     fake_runpod.configure(**switches())

@@ -56,8 +56,10 @@ class Sample:
     other_fds: int
 
     def __str__(self) -> str:
-        return (f"RSS {self.rss_mib:.1f} MiB, {self.connections + self.other_fds} fds "
-                f"({self.connections} connections, {self.other_fds} other)")
+        return (
+            f"RSS {self.rss_mib:.1f} MiB, {self.connections + self.other_fds} fds "
+            f"({self.connections} connections, {self.other_fds} other)"
+        )
 
 
 def sample(pid: int) -> Sample:
@@ -103,8 +105,9 @@ async def drive(url: str, pid: int, clients: int, warmup: float, seconds: float)
     connector = aiohttp.TCPConnector(limit=clients + 10)
     async with aiohttp.ClientSession(url, connector=connector) as http:
         # the questions the hits ask, answered (and so stored) first
-        for verdict in await asyncio.gather(*(ask(http, chat_body(f"load warm {i}", stream=False))
-                                              for i in range(WARM_QUESTIONS))):
+        for verdict in await asyncio.gather(
+            *(ask(http, chat_body(f"load warm {i}", stream=False)) for i in range(WARM_QUESTIONS))
+        ):
             tally.add(verdict)
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -135,29 +138,41 @@ async def drive(url: str, pid: int, clients: int, warmup: float, seconds: float)
 
 def run_load(tmp_path: Path, ledger: FaultLedger, clients: int, warmup: float, seconds: float) -> None:
     began = time.monotonic()
-    with running(mock_process(tmp_path, "mock", *MOCK_SWITCHES)) as mock, \
-            running(proxy_process(tmp_path, mock.url, tmp_path / "cache", "proxy",
-                                  upstream_timeout=UPSTREAM_TIMEOUT)) as proxy:
+    with (
+        running(mock_process(tmp_path, "mock", *MOCK_SWITCHES)) as mock,
+        running(
+            proxy_process(tmp_path, mock.url, tmp_path / "cache", "proxy", upstream_timeout=UPSTREAM_TIMEOUT)
+        ) as proxy,
+    ):
         idle = sample(proxy.pid)
         tally, streams, samples = asyncio.run(drive(proxy.url, proxy.pid, clients, warmup, seconds))
         alive = proxy.alive()
     before, end, after = samples
     rate = tally.requests / (warmup + seconds)
-    print(f"\n[load] {clients} clients, {warmup:g} s warm-up + {seconds:g} s: {tally.summary()}; {streams} streamed, "
-          f"{rate:.0f} requests/s; wall {time.monotonic() - began:.1f} s")
+    print(
+        f"\n[load] {clients} clients, {warmup:g} s warm-up + {seconds:g} s: {tally.summary()}; {streams} streamed, "
+        f"{rate:.0f} requests/s; wall {time.monotonic() - began:.1f} s"
+    )
     print(f"[load] proxy idle: {idle}; after warm-up: {before}; end of load: {end}; clients done: {after}")
     if not alive:
         tally.fail("lost", "the proxy process died under load")
     for log in tmp_path.glob("*.log"):  # the proxy's and the mock's output
         if "Traceback" in log.read_text(errors="replace"):
             tally.fail("dirty", f"traceback in {log.name}")
-    ledger.record("load", f"{clients} clients mixing hits, misses, coalesced and streams", injected=tally.requests,
-                  notes=tally.notes, **tally.failures())
+    ledger.record(
+        "load",
+        f"{clients} clients mixing hits, misses, coalesced and streams",
+        injected=tally.requests,
+        notes=tally.notes,
+        **tally.failures(),
+    )
     assert {"HIT", "MISS", "COALESCED"} <= set(tally.cache) and streams, f"the mix did not happen: {tally.summary()}"
-    assert end.rss_mib - before.rss_mib <= RSS_GROWTH_MIB and after.rss_mib - before.rss_mib <= RSS_GROWTH_MIB, \
+    assert end.rss_mib - before.rss_mib <= RSS_GROWTH_MIB and after.rss_mib - before.rss_mib <= RSS_GROWTH_MIB, (
         f"proxy memory grew under load: {before} -> {end} -> {after}"
-    assert after.other_fds - before.other_fds <= OTHER_FD_GROWTH, \
+    )
+    assert after.other_fds - before.other_fds <= OTHER_FD_GROWTH, (
         f"proxy file descriptors other than connections grew under load: {before} -> {end} -> {after}"
+    )
     assert max(s.connections for s in samples) <= max_connections(clients), f"connections beyond the bound: {samples}"
 
 

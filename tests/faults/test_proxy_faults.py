@@ -57,8 +57,9 @@ def deadline(timeout: float = TIMEOUT) -> float:
 def workload(label: str, prompts: int, repeats: int, seed: int = 0) -> list[dict[str, Any]]:
     """``prompts`` distinct questions, each asked ``repeats`` times, streamed and plain, shuffled: identical
     requests end up in flight together (coalesced) and after one another (hits)."""
-    bodies = [chat_body(f"{label} question {p}", stream=(p + r) % 2 == 0)
-              for p in range(prompts) for r in range(repeats)]
+    bodies = [
+        chat_body(f"{label} question {p}", stream=(p + r) % 2 == 0) for p in range(prompts) for r in range(repeats)
+    ]
     random.Random(seed).shuffle(bodies)
     return bodies
 
@@ -72,8 +73,10 @@ async def settled(cache_dir: Path, keys: Iterable[str]) -> None:
         if wanted <= names and not any(n.startswith(llmpod.proxy.cache.TMP_PREFIX) for n in names):
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"30 s after answering, {len(wanted - names)} of {len(wanted)} answers are not stored "
-                         f"or temp files are left: {sorted(names)[:4]}")
+    raise AssertionError(
+        f"30 s after answering, {len(wanted - names)} of {len(wanted)} answers are not stored "
+        f"or temp files are left: {sorted(names)[:4]}"
+    )
 
 
 async def still_up(http: httpx.AsyncClient, tally: Tally) -> None:
@@ -117,8 +120,7 @@ def tracebacks() -> Iterator[Tracebacks]:
     logging.getLogger().removeHandler(catcher.handler)
 
 
-def record(ledger: FaultLedger, kind: str, injected: int, tally: Tally, tracebacks: Tracebacks,
-           log_dir: Path) -> None:
+def record(ledger: FaultLedger, kind: str, injected: int, tally: Tally, tracebacks: Tracebacks, log_dir: Path) -> None:
     """Into the ledger; a traceback logged in this process or in a log file of a proxy process is a dirty error."""
     for seen in tracebacks.seen:
         tally.fail("dirty", f"traceback logged: {seen}")
@@ -143,22 +145,38 @@ class UpstreamFault:
 
 UPSTREAM_FAULTS = [
     UpstreamFault("upstream refuses connections", {}, refused=True, answers_expected=False),
-    UpstreamFault("upstream silent past UPSTREAM_TIMEOUT before the first token", {"first_token_delay": 1.0},
-                  timeout=0.3, answers_expected=False),
+    UpstreamFault(
+        "upstream silent past UPSTREAM_TIMEOUT before the first token",
+        {"first_token_delay": 1.0},
+        timeout=0.3,
+        answers_expected=False,
+    ),
     UpstreamFault("upstream slow but within UPSTREAM_TIMEOUT", {"first_token_delay": 0.2, "chunk_delay": 0.03}),
-    UpstreamFault("upstream answers 429 and 500 at random", {"error_rate": 0.25, "rate_limit_rate": 0.25},
-                  allowed=HONEST_5XX | {429, 500}),
+    UpstreamFault(
+        "upstream answers 429 and 500 at random",
+        {"error_rate": 0.25, "rate_limit_rate": 0.25},
+        allowed=HONEST_5XX | {429, 500},
+    ),
     UpstreamFault("upstream closes the connection mid-stream", {"die_after_chunks": 3}, answers_expected=False),
     UpstreamFault("upstream sends malformed SSE", {"stream_fault": "malformed_sse", "stream_fault_rate": 0.5}),
     UpstreamFault("upstream sends an invalid JSON event", {"stream_fault": "invalid_json", "stream_fault_rate": 0.5}),
     UpstreamFault("upstream ends a stream without [DONE]", {"stream_fault": "no_done", "stream_fault_rate": 0.5}),
-    UpstreamFault("upstream stalls mid-stream past UPSTREAM_TIMEOUT",
-                  {"stream_fault": "stall", "stream_fault_rate": 0.5, "stream_fault_after": 4}, timeout=0.4),
+    UpstreamFault(
+        "upstream stalls mid-stream past UPSTREAM_TIMEOUT",
+        {"stream_fault": "stall", "stream_fault_rate": 0.5, "stream_fault_after": 4},
+        timeout=0.4,
+    ),
 ]
 
 
-async def run_upstream_fault(fault: UpstreamFault, start_proxy: ProxyFactory, mock_control: MockControl,
-                             tmp_path: Path, prompts: int, repeats: int) -> tuple[int, Tally]:
+async def run_upstream_fault(
+    fault: UpstreamFault,
+    start_proxy: ProxyFactory,
+    mock_control: MockControl,
+    tmp_path: Path,
+    prompts: int,
+    repeats: int,
+) -> tuple[int, Tally]:
     mock_control.configure(chunk_count=CHUNKS, **fault.mock)
     cache_dir = tmp_path / "cache"
     overrides: dict[str, Any] = {"upstream_timeout": fault.timeout, "cache_dir": cache_dir, **fault.proxy}
@@ -168,8 +186,7 @@ async def run_upstream_fault(fault: UpstreamFault, start_proxy: ProxyFactory, mo
     tally = Tally()
     bodies = workload(fault.kind, prompts, repeats)
     async with httpx.AsyncClient(base_url=proxy.url, timeout=deadline(fault.timeout) + 5) as http:
-        await ask_all(http, bodies, tally, chunk_count=CHUNKS, deadline=deadline(fault.timeout),
-                      allowed=fault.allowed)
+        await ask_all(http, bodies, tally, chunk_count=CHUNKS, deadline=deadline(fault.timeout), allowed=fault.allowed)
         await still_up(http, tally)
         await settled(cache_dir, tally.answered_keys)
         stored = await check_cache_dir(http, cache_dir, tally, chunk_count=CHUNKS, deadline=deadline(fault.timeout))
@@ -193,23 +210,36 @@ QUICK_FAULTS = [f for f in UPSTREAM_FAULTS if "within" not in f.kind]
 
 
 @pytest.mark.parametrize("fault", QUICK_FAULTS, ids=[f.kind for f in QUICK_FAULTS])
-async def test_hostile_upstream(fault: UpstreamFault, start_proxy: ProxyFactory, mock_control: MockControl,
-                                tmp_path: Path, fault_ledger: FaultLedger, tracebacks: Tracebacks) -> None:
+async def test_hostile_upstream(
+    fault: UpstreamFault,
+    start_proxy: ProxyFactory,
+    mock_control: MockControl,
+    tmp_path: Path,
+    fault_ledger: FaultLedger,
+    tracebacks: Tracebacks,
+) -> None:
     injected, tally = await run_upstream_fault(fault, start_proxy, mock_control, tmp_path, prompts=4, repeats=3)
     record(fault_ledger, fault.kind, injected, tally, tracebacks, tmp_path)
 
 
 @pytest.mark.soak
 @pytest.mark.parametrize("fault", UPSTREAM_FAULTS, ids=[f.kind for f in UPSTREAM_FAULTS])
-async def test_hostile_upstream_soak(fault: UpstreamFault, start_proxy: ProxyFactory, mock_control: MockControl,
-                                     tmp_path: Path, fault_ledger: FaultLedger, tracebacks: Tracebacks) -> None:
+async def test_hostile_upstream_soak(
+    fault: UpstreamFault,
+    start_proxy: ProxyFactory,
+    mock_control: MockControl,
+    tmp_path: Path,
+    fault_ledger: FaultLedger,
+    tracebacks: Tracebacks,
+) -> None:
     injected, tally = await run_upstream_fault(fault, start_proxy, mock_control, tmp_path, prompts=30, repeats=4)
     record(fault_ledger, fault.kind, injected, tally, tracebacks, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------- clients leave
-async def run_disconnects(proxy: LoopbackServer, cache_dir: Path, mock_control: MockControl,
-                          prompts: int) -> tuple[int, Tally]:
+async def run_disconnects(
+    proxy: LoopbackServer, cache_dir: Path, mock_control: MockControl, prompts: int
+) -> tuple[int, Tally]:
     """Per question: a stream that leaves after two chunks, a plain request that gives up, and (for two questions
     in three) a client that stays for the whole answer; then every question again, which must be answered whole."""
     chunks = 3 * CHUNKS
@@ -264,15 +294,25 @@ async def wait_for_idle(http: httpx.AsyncClient) -> None:
     raise AssertionError("requests still in flight 30 s after every client left or finished")
 
 
-async def test_clients_leaving_mid_answer(start_proxy: ProxyFactory, mock_control: MockControl, tmp_path: Path,
-                                          fault_ledger: FaultLedger, tracebacks: Tracebacks) -> None:
+async def test_clients_leaving_mid_answer(
+    start_proxy: ProxyFactory,
+    mock_control: MockControl,
+    tmp_path: Path,
+    fault_ledger: FaultLedger,
+    tracebacks: Tracebacks,
+) -> None:
     left, tally = await run_disconnects(start_proxy(), tmp_path / "cache", mock_control, prompts=6)
     record(fault_ledger, "client disconnects mid-answer", left, tally, tracebacks, tmp_path)
 
 
 @pytest.mark.soak
-async def test_clients_leaving_mid_answer_soak(start_proxy: ProxyFactory, mock_control: MockControl, tmp_path: Path,
-                                               fault_ledger: FaultLedger, tracebacks: Tracebacks) -> None:
+async def test_clients_leaving_mid_answer_soak(
+    start_proxy: ProxyFactory,
+    mock_control: MockControl,
+    tmp_path: Path,
+    fault_ledger: FaultLedger,
+    tracebacks: Tracebacks,
+) -> None:
     left, tally = await run_disconnects(start_proxy(), tmp_path / "cache", mock_control, prompts=40)
     record(fault_ledger, "client disconnects mid-answer", left, tally, tracebacks, tmp_path)
 
@@ -327,12 +367,22 @@ class Clock:
         return getattr(time, name)
 
 
-DISK_FAULTS = ["cache disk full (ENOSPC)", "cache directory read-only (EROFS)",
-               "cache directory cannot be created", "cache directory deleted while running"]
+DISK_FAULTS = [
+    "cache disk full (ENOSPC)",
+    "cache directory read-only (EROFS)",
+    "cache directory cannot be created",
+    "cache directory deleted while running",
+]
 
 
-async def run_disk_fault(kind: str, start_proxy: ProxyFactory, mock_control: MockControl, tmp_path: Path,
-                         monkeypatch: pytest.MonkeyPatch, rounds: int) -> tuple[int, Tally, list[str]]:
+async def run_disk_fault(
+    kind: str,
+    start_proxy: ProxyFactory,
+    mock_control: MockControl,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    rounds: int,
+) -> tuple[int, Tally, list[str]]:
     """Answers before, during and after the fault; returns the faults injected, the tally, and what went wrong
     with storing (it must stop during the fault and resume once the disk is usable and the pause is over)."""
     cache_dir = tmp_path / "cache"
@@ -381,8 +431,9 @@ async def run_disk_fault(kind: str, start_proxy: ProxyFactory, mock_control: Moc
                 refused = disk.refused
                 await ask_all(http, [*during[1:], *before, *during], tally, chunk_count=CHUNKS, deadline=deadline())
                 if disk.refused != refused or (await metrics(http))["cache_storing"]:
-                    problems.append(f"round {number}: storing went on during the fault (refused writes {refused} "
-                                    f"-> {disk.refused})")
+                    problems.append(
+                        f"round {number}: storing went on during the fault (refused writes {refused} -> {disk.refused})"
+                    )
             # the disk is usable again; "a minute later"
             disk.broken = False
             if kind == "cache directory cannot be created":
@@ -424,9 +475,15 @@ def key_of(body: dict[str, Any]) -> str:
 
 
 @pytest.mark.parametrize("kind", [k for k in DISK_FAULTS if "cannot be created" not in k])  # that one: soak
-async def test_broken_cache_disk(kind: str, start_proxy: ProxyFactory, mock_control: MockControl, tmp_path: Path,
-                                 monkeypatch: pytest.MonkeyPatch, fault_ledger: FaultLedger,
-                                 tracebacks: Tracebacks) -> None:
+async def test_broken_cache_disk(
+    kind: str,
+    start_proxy: ProxyFactory,
+    mock_control: MockControl,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fault_ledger: FaultLedger,
+    tracebacks: Tracebacks,
+) -> None:
     injected, tally, problems = await run_disk_fault(kind, start_proxy, mock_control, tmp_path, monkeypatch, rounds=1)
     record(fault_ledger, kind, injected, tally, tracebacks, tmp_path)
     assert not problems, problems
@@ -434,9 +491,15 @@ async def test_broken_cache_disk(kind: str, start_proxy: ProxyFactory, mock_cont
 
 @pytest.mark.soak
 @pytest.mark.parametrize("kind", DISK_FAULTS)
-async def test_broken_cache_disk_soak(kind: str, start_proxy: ProxyFactory, mock_control: MockControl,
-                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault_ledger: FaultLedger,
-                                      tracebacks: Tracebacks) -> None:
+async def test_broken_cache_disk_soak(
+    kind: str,
+    start_proxy: ProxyFactory,
+    mock_control: MockControl,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fault_ledger: FaultLedger,
+    tracebacks: Tracebacks,
+) -> None:
     injected, tally, problems = await run_disk_fault(kind, start_proxy, mock_control, tmp_path, monkeypatch, rounds=3)
     record(fault_ledger, kind, injected, tally, tracebacks, tmp_path)
     assert not problems, problems
@@ -481,8 +544,9 @@ def kill_mid_write(pid: int, cache_dir: Path, armed: threading.Event, killed: th
     os.kill(pid, signal.SIGKILL)
 
 
-async def kill_round(number: int, tmp_path: Path, upstream: str, cache_dir: Path, tally: Tally,
-                     answers_before_kill: int) -> tuple[list[dict[str, Any]], list[tuple[str, dict[str, Any]]]]:
+async def kill_round(
+    number: int, tmp_path: Path, upstream: str, cache_dir: Path, tally: Tally, answers_before_kill: int
+) -> tuple[list[dict[str, Any]], list[tuple[str, dict[str, Any]]]]:
     """Drive unique questions at a proxy process and SIGKILL it while it writes an answer to the cache."""
     proxy = proxy_process(tmp_path, upstream, cache_dir, f"proxy-kill-{number}", upstream_timeout=TIMEOUT)
     proxy.start()
@@ -493,12 +557,14 @@ async def kill_round(number: int, tmp_path: Path, upstream: str, cache_dir: Path
     killer.start()
     try:
         async with httpx.AsyncClient(base_url=proxy.url, timeout=deadline() + 5) as http:
+
             async def worker(w: int) -> None:
                 for i in range(10_000):
                     if killed.is_set():
                         return
-                    body = chat_body(f"kill {number} worker {w} question {i}", stream=(w + i) % 2 == 0,
-                                     max_tokens=KILL_CHUNKS + 100)
+                    body = chat_body(
+                        f"kill {number} worker {w} question {i}", stream=(w + i) % 2 == 0, max_tokens=KILL_CHUNKS + 100
+                    )
                     asked.append(body)
                     verdict = await ask(http, body, chunk_count=KILL_CHUNKS, deadline=deadline())
                     if killed.is_set():
@@ -535,8 +601,10 @@ async def run_kills(tmp_path: Path, upstream: str, rounds: int) -> tuple[int, Ta
             if left:
                 problems.append(f"round {number}: temp files kept after the restart: {left[:3]}")
             async with httpx.AsyncClient(base_url=proxy.url, timeout=deadline() + 5) as http:
-                again = [{**b, **({"stream": True, "stream_options": {"include_usage": True}} if i % 2 else {})}
-                         for i, b in enumerate(_keyed(b) for b in asked)]
+                again = [
+                    {**b, **({"stream": True, "stream_options": {"include_usage": True}} if i % 2 else {})}
+                    for i, b in enumerate(_keyed(b) for b in asked)
+                ]
                 verdicts = await ask_all(http, again, tally, chunk_count=KILL_CHUNKS, deadline=deadline())
                 served = {v.key: v.cache for v in verdicts}
                 for key in corrupt:
@@ -548,19 +616,24 @@ async def run_kills(tmp_path: Path, upstream: str, rounds: int) -> tuple[int, Ta
                     problems.append(f"round {number}: cache_corrupt_discarded {discarded} < {len(corrupt)} planted")
                 await still_up(http, tally)
                 # every question was just asked again (a HIT must be whole): here, what is on disk
-                await check_cache_dir(http, cache_dir, tally, chunk_count=KILL_CHUNKS, deadline=deadline(),
-                                      reask=False)
-                print(f"  round {number}: {len(answered)} answered before SIGKILL, {len(asked)} asked, "
-                      f"{len(torn)} writes cut and {len(unwritten)} answers left unwritten by the kill; after the "
-                      f"restart {len(cache_files(cache_dir))} entries, {discarded} corrupt discarded")
+                await check_cache_dir(http, cache_dir, tally, chunk_count=KILL_CHUNKS, deadline=deadline(), reask=False)
+                print(
+                    f"  round {number}: {len(answered)} answered before SIGKILL, {len(asked)} asked, "
+                    f"{len(torn)} writes cut and {len(unwritten)} answers left unwritten by the kill; after the "
+                    f"restart {len(cache_files(cache_dir))} entries, {discarded} corrupt discarded"
+                )
         finally:
             proxy.stop()
     return injected, tally, problems
 
 
-async def test_sigkill_while_writing_cache_entries(mock_vllm: LoopbackServer, mock_control: MockControl,
-                                                   tmp_path: Path, fault_ledger: FaultLedger,
-                                                   tracebacks: Tracebacks) -> None:
+async def test_sigkill_while_writing_cache_entries(
+    mock_vllm: LoopbackServer,
+    mock_control: MockControl,
+    tmp_path: Path,
+    fault_ledger: FaultLedger,
+    tracebacks: Tracebacks,
+) -> None:
     mock_control.configure(chunk_count=KILL_CHUNKS)
     injected, tally, problems = await run_kills(tmp_path, mock_vllm.url, rounds=1)
     record(fault_ledger, SIGKILL_KIND, injected, tally, tracebacks, tmp_path)
@@ -568,9 +641,13 @@ async def test_sigkill_while_writing_cache_entries(mock_vllm: LoopbackServer, mo
 
 
 @pytest.mark.soak
-async def test_sigkill_while_writing_cache_entries_soak(mock_vllm: LoopbackServer, mock_control: MockControl,
-                                                        tmp_path: Path, fault_ledger: FaultLedger,
-                                                        tracebacks: Tracebacks) -> None:
+async def test_sigkill_while_writing_cache_entries_soak(
+    mock_vllm: LoopbackServer,
+    mock_control: MockControl,
+    tmp_path: Path,
+    fault_ledger: FaultLedger,
+    tracebacks: Tracebacks,
+) -> None:
     mock_control.configure(chunk_count=KILL_CHUNKS)
     injected, tally, problems = await run_kills(tmp_path, mock_vllm.url, rounds=4)
     record(fault_ledger, SIGKILL_KIND, injected, tally, tracebacks, tmp_path)

@@ -41,8 +41,9 @@ def _private(path: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_a_whole_session_leaves_no_secret_outside_the_state_file(workdir: Workdir, fake_runpod: FakeRunPod,
-                                                                 fault_ledger: FaultLedger) -> None:
+def test_a_whole_session_leaves_no_secret_outside_the_state_file(
+    workdir: Workdir, fake_runpod: FakeRunPod, fault_ledger: FaultLedger
+) -> None:
     workdir.env.update(HF_TOKEN=HF_TOKEN, PROXY_API_KEY=PROXY_KEY)
     auth = {"Authorization": f"Bearer {PROXY_KEY}"}
     base = f"http://127.0.0.1:{workdir.proxy_port}"
@@ -82,10 +83,10 @@ def test_a_whole_session_leaves_no_secret_outside_the_state_file(workdir: Workdi
         key = answered.headers["x-cache-key"]
         responses["debug entry"] = http.get(f"/debug/cache/{key}", headers=auth)
         for label, response in responses.items():
-            artefacts[f"{label} answer"] = b"\n".join(f"{k}: {v}".encode() for k, v in response.headers.items()) + \
-                response.content
-            problem = answer_problem(response.status_code, response.headers.get("content-type", ""),
-                                     response.content)
+            artefacts[f"{label} answer"] = (
+                b"\n".join(f"{k}: {v}".encode() for k, v in response.headers.items()) + response.content
+            )
+            problem = answer_problem(response.status_code, response.headers.get("content-type", ""), response.content)
             if problem:
                 dirty += 1
                 notes.append(f"{label}: {problem}")
@@ -112,52 +113,89 @@ def test_a_whole_session_leaves_no_secret_outside_the_state_file(workdir: Workdi
     loose = [p.name for p in holders if p.is_file() and not _private(p)]
     if loose or not _private(workdir.path / ".llmpod"):
         exposed.append(f"readable by others in .llmpod: {loose or ['the directory itself']}")
-    fault_ledger.record(AREA, "secrets in logs, files, answers and command lines of a whole session",
-                        injected=len(secrets) * len(artefacts), secrets_exposed=len(exposed), dirty_errors=dirty,
-                        notes=[*exposed, *notes, f"{len(artefacts)} artefacts searched for {len(secrets)} secrets"])
+    fault_ledger.record(
+        AREA,
+        "secrets in logs, files, answers and command lines of a whole session",
+        injected=len(secrets) * len(artefacts),
+        secrets_exposed=len(exposed),
+        dirty_errors=dirty,
+        notes=[*exposed, *notes, f"{len(artefacts)} artefacts searched for {len(secrets)} secrets"],
+    )
 
 
 # ------------------------------------------------------------------------------------------ /debug/cache paths
 CANARY = "CANARY-outside-the-cache-7f3a"
 TRAVERSALS = [
-    "..", "../canary.json", "..%2Fcanary.json", "%2e%2e%2fcanary.json", "%2e%2e/%2e%2e/canary.json",
-    "..%2F..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "/etc/passwd", "//etc/passwd", "..\\canary.json",
-    "%00", "canary.json%00", "a" * 64 + "%2F..%2F..%2Fcanary", "A" * 64, "a" * 63, "a" * 65, "a" * 64 + ".json",
+    "..",
+    "../canary.json",
+    "..%2Fcanary.json",
+    "%2e%2e%2fcanary.json",
+    "%2e%2e/%2e%2e/canary.json",
+    "..%2F..%2F..%2Fetc%2Fpasswd",
+    "%2Fetc%2Fpasswd",
+    "/etc/passwd",
+    "//etc/passwd",
+    "..\\canary.json",
+    "%00",
+    "canary.json%00",
+    "a" * 64 + "%2F..%2F..%2Fcanary",
+    "A" * 64,
+    "a" * 63,
+    "a" * 65,
+    "a" * 64 + ".json",
     "%252e%252e%252fcanary.json",
 ]
 
 
-def test_debug_cache_never_reads_or_deletes_outside_the_cache(start_proxy: ProxyFactory, tmp_path: Path,
-                                                              fault_ledger: FaultLedger) -> None:
+def test_debug_cache_never_reads_or_deletes_outside_the_cache(
+    start_proxy: ProxyFactory, tmp_path: Path, fault_ledger: FaultLedger
+) -> None:
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
     outside = tmp_path / "canary.json"
     planted = "b" * 64
     # a canary that would pass for a cache entry if the proxy followed a link to it
-    outside.write_bytes(orjson.dumps({"format": 1, "key": planted, "canary": CANARY, "response": {"x": CANARY},
-                                      "chunks": [], "completion_tokens": 0}))
+    outside.write_bytes(
+        orjson.dumps(
+            {
+                "format": 1,
+                "key": planted,
+                "canary": CANARY,
+                "response": {"x": CANARY},
+                "chunks": [],
+                "completion_tokens": 0,
+            }
+        )
+    )
     (cache_dir / f"{planted}.json").symlink_to(outside)
     (cache_dir / f"{'c' * 64}.json").symlink_to(tmp_path)  # a link to a directory, too
     proxy = start_proxy(cache_dir=cache_dir)
     notes: list[str] = []
     echoed = dirty = sent = 0
     with httpx.Client(base_url=proxy.url, timeout=30) as http:
-        real = http.post("/v1/chat/completions", json={"model": SERVED_MODEL, "max_tokens": 8,
-                                                       "messages": [{"role": "user", "content": "hi"}]})
+        real = http.post(
+            "/v1/chat/completions",
+            json={"model": SERVED_MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert real.status_code == 200
         wait_for_stored(http, 1)
-        requests = [(method, f"/debug/cache/{key}") for key in [*TRAVERSALS, planted, "c" * 64]
-                    for method in ("GET", "DELETE")]
-        requests += [("GET", "/debug/cache"), ("GET", "/debug/cache?limit=500"), ("GET", "/debug/cache/"),
-                     ("GET", f"/debug/cache?offset={2**70}&limit=-{2**70}"), ("DELETE", "/debug/cache")]
+        requests = [
+            (method, f"/debug/cache/{key}") for key in [*TRAVERSALS, planted, "c" * 64] for method in ("GET", "DELETE")
+        ]
+        requests += [
+            ("GET", "/debug/cache"),
+            ("GET", "/debug/cache?limit=500"),
+            ("GET", "/debug/cache/"),
+            ("GET", f"/debug/cache?offset={2**70}&limit=-{2**70}"),
+            ("DELETE", "/debug/cache"),
+        ]
         for method, path in requests:
             sent += 1
             response = http.request(method, path)
             if CANARY.encode() in response.content or b"root:" in response.content:
                 echoed += 1
                 notes.append(f"{method} {path}: answered with a file outside the cache")
-            problem = answer_problem(response.status_code, response.headers.get("content-type", ""),
-                                     response.content)
+            problem = answer_problem(response.status_code, response.headers.get("content-type", ""), response.content)
             if problem:
                 dirty += 1
                 notes.append(f"{method} {path}: {problem}")
@@ -167,13 +205,21 @@ def test_debug_cache_never_reads_or_deletes_outside_the_cache(start_proxy: Proxy
         if not tmp_path.is_dir():
             dirty += 1
             notes.append("the directory a planted link pointed to is gone")
-        served = http.post("/v1/chat/completions", json={"model": SERVED_MODEL, "max_tokens": 8,
-                                                         "messages": [{"role": "user", "content": "hi"}]})
+        served = http.post(
+            "/v1/chat/completions",
+            json={"model": SERVED_MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]},
+        )
         if served.status_code != 200:
             dirty += 1
             notes.append(f"the proxy no longer answers: {served.status_code}")
-    fault_ledger.record(AREA, "path traversal and planted symlinks on /debug/cache/{key}", injected=sent,
-                        secrets_exposed=echoed, dirty_errors=dirty, notes=notes)
+    fault_ledger.record(
+        AREA,
+        "path traversal and planted symlinks on /debug/cache/{key}",
+        injected=sent,
+        secrets_exposed=echoed,
+        dirty_errors=dirty,
+        notes=notes,
+    )
 
 
 # ------------------------------------------------------------------------------------------ PROXY_API_KEY
@@ -181,11 +227,21 @@ def test_the_proxy_key_guards_every_route_but_health(start_proxy: ProxyFactory, 
     proxy = start_proxy(proxy_api_key=PROXY_KEY)
     routes = {(method, path) for route in _routes(proxy) for method, path in route}
     routes.discard(("GET", "/health"))
-    routes |= {("GET", "/nowhere"), ("GET", "/health/"), ("GET", "/HEALTH"), ("GET", "//health"),
-               ("GET", "/health/../metrics")}
-    wrong = [{}, {"Authorization": f"Bearer {PROXY_KEY[:-1]}"}, {"Authorization": f"Basic {PROXY_KEY}"},
-             {"Authorization": PROXY_KEY}, {"api-key": "wrong", "x-api-key": ""},
-             {"Authorization": f"Bearer {PROXY_KEY.upper()}"}]
+    routes |= {
+        ("GET", "/nowhere"),
+        ("GET", "/health/"),
+        ("GET", "/HEALTH"),
+        ("GET", "//health"),
+        ("GET", "/health/../metrics"),
+    }
+    wrong = [
+        {},
+        {"Authorization": f"Bearer {PROXY_KEY[:-1]}"},
+        {"Authorization": f"Basic {PROXY_KEY}"},
+        {"Authorization": PROXY_KEY},
+        {"api-key": "wrong", "x-api-key": ""},
+        {"Authorization": f"Bearer {PROXY_KEY.upper()}"},
+    ]
     notes: list[str] = []
     let_in = leaked = dirty = sent = 0
     with httpx.Client(base_url=proxy.url, timeout=30) as http:
@@ -210,8 +266,14 @@ def test_the_proxy_key_guards_every_route_but_health(start_proxy: ProxyFactory, 
             if http.get("/v1/models", headers=headers).status_code != 200:
                 dirty += 1
                 notes.append(f"the right key in {sorted(headers)} is refused")
-    fault_ledger.record(AREA, "requests without the right PROXY_API_KEY", injected=sent, dirty_errors=let_in + dirty,
-                        secrets_exposed=leaked, notes=notes)
+    fault_ledger.record(
+        AREA,
+        "requests without the right PROXY_API_KEY",
+        injected=sent,
+        dirty_errors=let_in + dirty,
+        secrets_exposed=leaked,
+        notes=notes,
+    )
 
 
 def _routes(proxy: Any) -> list[list[tuple[str, str]]]:
@@ -226,8 +288,9 @@ def _routes(proxy: Any) -> list[list[tuple[str, str]]]:
         if path is None:
             continue
         concrete = path.replace("{key}", "a" * 64)
-        found.append([(method, concrete) for method in sorted(getattr(route, "methods", None) or {"GET"})
-                      if method != "HEAD"])
+        found.append(
+            [(method, concrete) for method in sorted(getattr(route, "methods", None) or {"GET"}) if method != "HEAD"]
+        )
     return found
 
 
@@ -238,10 +301,20 @@ PUBLIC_HOSTS = [pytest.param(host, marks=pytest.mark.soak) for host in ("::", "0
 @pytest.mark.parametrize("host", PUBLIC_HOSTS)
 def test_a_public_bind_without_a_proxy_key_is_refused(tmp_path: Path, fault_ledger: FaultLedger, host: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PROXY_API_KEY"}
-    result = subprocess.run([sys.executable, str(ROOT / "proxy_fastapi.py"), "--host", host, "--port", "1"],
-                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "proxy_fastapi.py"), "--host", host, "--port", "1"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     lines = result.stderr.strip().splitlines()
     refused = result.returncode == 2 and len(lines) == 1 and "PROXY_API_KEY" in lines[0]
-    fault_ledger.record(AREA, "public bind address without PROXY_API_KEY", injected=1,
-                        dirty_errors=0 if refused and "Traceback" not in result.stderr else 1,
-                        notes=[f"--host {host}: exit {result.returncode}: {result.stderr.strip()[-200:]}"])
+    fault_ledger.record(
+        AREA,
+        "public bind address without PROXY_API_KEY",
+        injected=1,
+        dirty_errors=0 if refused and "Traceback" not in result.stderr else 1,
+        notes=[f"--host {host}: exit {result.returncode}: {result.stderr.strip()[-200:]}"],
+    )

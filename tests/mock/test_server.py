@@ -29,8 +29,11 @@ WEATHER_TOOL = {
     "function": {
         "name": "get_weather",
         "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
-                       "required": ["city"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+            "required": ["city"],
+        },
     },
 }
 
@@ -53,7 +56,7 @@ def sse(response: httpx.Response) -> list[Any]:
     events = []
     for block in text.split("\n\n")[:-1]:
         assert block.startswith("data: "), block
-        data = block[len("data: "):]
+        data = block[len("data: ") :]
         events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
@@ -81,14 +84,30 @@ async def test_models_lists_the_served_name_with_the_model_path_as_root() -> Non
         assert body["object"] == "list"
         [card] = body["data"]
         assert {k: card[k] for k in ("id", "object", "owned_by", "root", "parent", "max_model_len")} == {
-            "id": "big", "object": "model", "owned_by": "vllm", "root": "org/big-model", "parent": None,
-            "max_model_len": 2048}
+            "id": "big",
+            "object": "model",
+            "owned_by": "vllm",
+            "root": "org/big-model",
+            "parent": None,
+            "max_model_len": 2048,
+        }
         assert isinstance(card["created"], int)
         [perm] = card["permission"]
         assert perm["object"] == "model_permission" and perm["id"].startswith("modelperm-")
-        assert set(perm) == {"id", "object", "created", "allow_create_engine", "allow_sampling", "allow_logprobs",
-                             "allow_search_indices", "allow_view", "allow_fine_tuning", "organization", "group",
-                             "is_blocking"}
+        assert set(perm) == {
+            "id",
+            "object",
+            "created",
+            "allow_create_engine",
+            "allow_sampling",
+            "allow_logprobs",
+            "allow_search_indices",
+            "allow_view",
+            "allow_fine_tuning",
+            "organization",
+            "group",
+            "is_blocking",
+        }
         answer = await client.post(CHAT, json={"model": "big", "messages": HELLO})
         assert answer.json()["model"] == "big"
         by_path = await client.post(CHAT, json={"model": "org/big-model", "messages": HELLO})
@@ -139,11 +158,23 @@ async def test_chat_answer_has_every_vllm_field(client: httpx.AsyncClient) -> No
     assert choice["finish_reason"] == "stop"
     message = choice["message"]
     # vLLM 0.33 leaves out an empty tool_calls list
-    assert message == {"role": "assistant", "content": message["content"], "refusal": None, "annotations": None,
-                       "audio": None, "function_call": None, "reasoning": None}
+    assert message == {
+        "role": "assistant",
+        "content": message["content"],
+        "refusal": None,
+        "annotations": None,
+        "audio": None,
+        "function_call": None,
+        "reasoning": None,
+    }
     assert message["content"].startswith("Mock answer to: What is the capital")
-    assert list(body["usage"]) == ["prompt_tokens", "total_tokens", "completion_tokens", "prompt_tokens_details",
-                                   "completion_tokens_details"]
+    assert list(body["usage"]) == [
+        "prompt_tokens",
+        "total_tokens",
+        "completion_tokens",
+        "prompt_tokens_details",
+        "completion_tokens_details",
+    ]
     assert body["usage"]["completion_tokens"] == 12
 
 
@@ -157,21 +188,32 @@ async def test_chat_stream_order(client: httpx.AsyncClient, include_usage: bool)
     chunks = events[:-1]
     assert {c["id"] for c in chunks} == {chunks[0]["id"]} and chunks[0]["id"] != whole["id"]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
-    assert chunks[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                     "finish_reason": None}]
+    assert chunks[0]["choices"] == [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    ]
     if include_usage:
         usage_chunk = chunks.pop()
         assert usage_chunk["choices"] == []
-        assert usage_chunk["usage"] == {k: whole["usage"][k] for k in ("prompt_tokens", "total_tokens",
-                                                                        "completion_tokens")}
+        assert usage_chunk["usage"] == {
+            k: whole["usage"][k] for k in ("prompt_tokens", "total_tokens", "completion_tokens")
+        }
         assert usage_chunk["system_fingerprint"] == whole["system_fingerprint"]
     content, final = chunks[1:-1], chunks[-1]
     assert all("usage" not in c for c in content)
     assert len(content) == whole["usage"]["completion_tokens"]  # one token per chunk
     assert all(c["choices"][0]["finish_reason"] is None and c["choices"][0]["delta"]["content"] for c in content)
     # vLLM 0.33 ends an answer that stopped on its own with a chunk of its own, without a tool parser {"content": ""}
-    assert final["choices"] == [{"index": 0, "delta": {"content": ""}, "logprobs": None, "finish_reason": "stop",
-                                 "stop_reason": None, "token_ids": None, "weight_versions": None}]
+    assert final["choices"] == [
+        {
+            "index": 0,
+            "delta": {"content": ""},
+            "logprobs": None,
+            "finish_reason": "stop",
+            "stop_reason": None,
+            "token_ids": None,
+            "weight_versions": None,
+        }
+    ]
     assert ("system_fingerprint" in final) is not include_usage
     text = "".join(c["choices"][0]["delta"]["content"] for c in content)
     assert text == whole["choices"][0]["message"]["content"]
@@ -186,8 +228,11 @@ async def test_completions_in_both_modes(client: httpx.AsyncClient) -> None:
     assert choice["text"].startswith(" Mock completion of: Once upon a time") and choice["finish_reason"] == "stop"
     assert body["usage"]["prompt_tokens"] == await tokens_in(client, prompt=request["prompt"])
 
-    events = sse(await client.post("/v1/completions", json={**request, "stream": True,
-                                                              "stream_options": {"include_usage": True}}))
+    events = sse(
+        await client.post(
+            "/v1/completions", json={**request, "stream": True, "stream_options": {"include_usage": True}}
+        )
+    )
     assert events[-1] == "[DONE]" and events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 12
     chunks = events[:-2]
     assert {c["object"] for c in chunks} == {"text_completion"}
@@ -248,8 +293,7 @@ TOOLS_ON = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
 
 
 async def test_tool_call_in_both_modes() -> None:
-    request = {"messages": [{"role": "user", "content": "Please call get_weather for Paris"}],
-               "tools": [WEATHER_TOOL]}
+    request = {"messages": [{"role": "user", "content": "Please call get_weather for Paris"}], "tools": [WEATHER_TOOL]}
     async with client_for(create_app(MockSettings(**TOOLS_ON))) as client:
         body = (await client.post(CHAT, json=request)).json()
         chunks = sse(await client.post(CHAT, json={**request, "stream": True}))[:-1]
@@ -262,8 +306,12 @@ async def test_tool_call_in_both_modes() -> None:
 
     # as vLLM 0.33's hermes parser streams it: id, type and name first (no arguments key), then fragments
     head = chunks[1]["choices"][0]["delta"]
-    assert head == {"content": None, "tool_calls": [{"id": head["tool_calls"][0]["id"], "type": "function",
-                                                     "index": 0, "function": {"name": "get_weather"}}]}
+    assert head == {
+        "content": None,
+        "tool_calls": [
+            {"id": head["tool_calls"][0]["id"], "type": "function", "index": 0, "function": {"name": "get_weather"}}
+        ],
+    }
     pieces = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks[2:-1]]
     assert len(pieces) > 1 and all(set(p) == {"index", "function"} for p in pieces)
     assert "".join(p["function"]["arguments"] for p in pieces) == call["function"]["arguments"]
@@ -273,14 +321,25 @@ async def test_tool_call_in_both_modes() -> None:
 
 async def test_no_tool_call_when_not_asked_for() -> None:
     unasked = {"messages": HELLO, "tools": [WEATHER_TOOL]}
-    refused = {"messages": [{"role": "user", "content": "use get_weather"}], "tools": [WEATHER_TOOL],
-               "tool_choice": "none"}
-    answered = {"messages": [{"role": "user", "content": "use get_weather"},
-                             {"role": "assistant", "content": None, "tool_calls": [
-                                 {"id": "t1", "type": "function",
-                                  "function": {"name": "get_weather", "arguments": "{}"}}]},
-                             {"role": "tool", "tool_call_id": "t1", "content": "Sunny"}],
-                "tools": [WEATHER_TOOL]}
+    refused = {
+        "messages": [{"role": "user", "content": "use get_weather"}],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": "none",
+    }
+    answered = {
+        "messages": [
+            {"role": "user", "content": "use get_weather"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "t1", "content": "Sunny"},
+        ],
+        "tools": [WEATHER_TOOL],
+    }
     async with client_for(create_app(MockSettings(**TOOLS_ON))) as client:
         for request in (unasked, refused, answered):
             choice = (await client.post(CHAT, json=request)).json()["choices"][0]
@@ -294,13 +353,18 @@ async def test_no_tool_call_when_not_asked_for() -> None:
         assert required["finish_reason"] == "tool_calls" and required["message"]["content"] == ""
 
 
-@pytest.mark.parametrize(("choice", "message"), [
-    (None, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'),
-    ("auto", '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'),
-    ("required", 'tool_choice="required" requires --tool-call-parser to be set'),
-    ({"type": "function", "function": {"name": "get_weather"}},
-     'tool_choice=function "get_weather" requires --tool-call-parser to be set'),
-])
+@pytest.mark.parametrize(
+    ("choice", "message"),
+    [
+        (None, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'),
+        ("auto", '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'),
+        ("required", 'tool_choice="required" requires --tool-call-parser to be set'),
+        (
+            {"type": "function", "function": {"name": "get_weather"}},
+            'tool_choice=function "get_weather" requires --tool-call-parser to be set',
+        ),
+    ],
+)
 @pytest.mark.parametrize("settings", [{}, {"tool_call_parser": "hermes"}])
 async def test_tools_need_both_flags_as_in_vllm(choice: Any, message: str, settings: dict[str, Any]) -> None:
     request: dict[str, Any] = {"messages": HELLO, "tools": [WEATHER_TOOL]}
@@ -319,16 +383,26 @@ def test_tool_flags_are_checked_as_vllm_checks_them() -> None:
         MockSettings(enable_auto_tool_choice=True)
     with pytest.raises(ValueError, match="invalid tool call parser: nope"):
         MockSettings(enable_auto_tool_choice=True, tool_call_parser="nope")
-    settings = mock_vllm_server.parse(["--enable-auto-tool-choice", "--tool-call-parser", "qwen3_coder",
-                                       "--chat-template", "/x/tool_chat_template.jinja"], {})[0]
+    settings = mock_vllm_server.parse(
+        [
+            "--enable-auto-tool-choice",
+            "--tool-call-parser",
+            "qwen3_coder",
+            "--chat-template",
+            "/x/tool_chat_template.jinja",
+        ],
+        {},
+    )[0]
     assert (settings.enable_auto_tool_choice, settings.tool_call_parser) == (True, "qwen3_coder")
     assert mock_vllm_server.parse(["--tool-call-parser", "hermes"], {})[0].tool_parser is None
     with pytest.raises(mock_vllm_server.UsageError, match=r"^--enable-auto-tool-choice requires --tool-call-parser$"):
         mock_vllm_server.parse(["--enable-auto-tool-choice"], {})
 
 
-@pytest.mark.parametrize(("wire_format", "key", "absent"), [("modern", "reasoning", "reasoning_content"),
-                                                            ("legacy", "reasoning_content", "reasoning")])
+@pytest.mark.parametrize(
+    ("wire_format", "key", "absent"),
+    [("modern", "reasoning", "reasoning_content"), ("legacy", "reasoning_content", "reasoning")],
+)
 async def test_reasoning_comes_before_the_content(wire_format: str, key: str, absent: str) -> None:
     async with client_for(create_app(MockSettings(reasoning=True, wire_format=wire_format))) as client:
         message = (await client.post(CHAT, json={"messages": HELLO})).json()["choices"][0]["message"]
@@ -353,25 +427,28 @@ def nested(response: httpx.Response) -> dict[str, Any]:
     return dict(body["error"])
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    (CHAT, b"{not json"),
-    (CHAT, b"[1, 2]"),
-    (CHAT, {"model": "mock-model"}),
-    (CHAT, {"messages": []}),
-    (CHAT, {"messages": "hello"}),
-    (CHAT, {"messages": [{"content": "no role"}]}),
-    (CHAT, {"messages": HELLO, "max_tokens": "many"}),
-    (CHAT, {"messages": HELLO, "max_tokens": [5]}),
-    (CHAT, {"messages": HELLO, "max_tokens": 0}),
-    (CHAT, {"messages": HELLO, "n": 1.5}),
-    (CHAT, {"messages": HELLO, "temperature": "hot"}),
-    (CHAT, {"messages": HELLO, "stream_options": {"include_usage": True}}),
-    (CHAT, {"messages": HELLO, "tools": [{"type": "function"}]}),
-    (CHAT, {"messages": HELLO, "tool_choice": "required"}),
-    ("/v1/completions", {"model": "mock-model"}),
-    ("/v1/completions", {"prompt": ""}),
-    ("/v1/completions", {"prompt": {"text": "x"}}),
-])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (CHAT, b"{not json"),
+        (CHAT, b"[1, 2]"),
+        (CHAT, {"model": "mock-model"}),
+        (CHAT, {"messages": []}),
+        (CHAT, {"messages": "hello"}),
+        (CHAT, {"messages": [{"content": "no role"}]}),
+        (CHAT, {"messages": HELLO, "max_tokens": "many"}),
+        (CHAT, {"messages": HELLO, "max_tokens": [5]}),
+        (CHAT, {"messages": HELLO, "max_tokens": 0}),
+        (CHAT, {"messages": HELLO, "n": 1.5}),
+        (CHAT, {"messages": HELLO, "temperature": "hot"}),
+        (CHAT, {"messages": HELLO, "stream_options": {"include_usage": True}}),
+        (CHAT, {"messages": HELLO, "tools": [{"type": "function"}]}),
+        (CHAT, {"messages": HELLO, "tool_choice": "required"}),
+        ("/v1/completions", {"model": "mock-model"}),
+        ("/v1/completions", {"prompt": ""}),
+        ("/v1/completions", {"prompt": {"text": "x"}}),
+    ],
+)
 async def test_bad_requests_are_400(client: httpx.AsyncClient, path: str, body: Any) -> None:
     if isinstance(body, bytes):
         response = await client.post(path, content=body, headers={"content-type": "application/json"})
@@ -384,8 +461,12 @@ async def test_bad_requests_are_400(client: httpx.AsyncClient, path: str, body: 
 
 async def test_unknown_model_is_404_and_a_missing_model_is_the_served_one(client: httpx.AsyncClient) -> None:
     error = nested(await client.post(CHAT, json={"model": "gpt-4", "messages": HELLO}))
-    assert error == {"message": "The model `gpt-4` does not exist. Valid aliases: mock-model.",
-                     "type": "NotFoundError", "param": "model", "code": 404}
+    assert error == {
+        "message": "The model `gpt-4` does not exist. Valid aliases: mock-model.",
+        "type": "NotFoundError",
+        "param": "model",
+        "code": 404,
+    }
     assert (await client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"})).status_code == 404
     assert (await client.post(CHAT, json={"messages": HELLO})).json()["model"] == "mock-model"
 
@@ -396,8 +477,11 @@ async def test_context_length_errors_match_vllm() -> None:
         # vLLM 0.33 (vllm/renderers/params.py): max_tokens beyond the context is refused...
         assert nested(await client.post(CHAT, json={"messages": HELLO, "max_tokens": 41})) == {
             "message": "max_tokens=41 cannot be greater than max_model_len=40. Please request fewer output tokens. "
-                       "(parameter=max_tokens, value=41)", "type": "BadRequestError", "param": "max_tokens",
-            "code": 400}
+            "(parameter=max_tokens, value=41)",
+            "type": "BadRequestError",
+            "param": "max_tokens",
+            "code": 400,
+        }
         huge = nested(await client.post(CHAT, json={"messages": HELLO, "max_completion_tokens": 10**20}))
         assert huge["message"].startswith("max_completion_tokens=100000000000000000000 cannot be greater")
         assert huge["param"] == "max_completion_tokens"
@@ -411,26 +495,39 @@ async def test_context_length_errors_match_vllm() -> None:
         assert rest["usage"]["total_tokens"] == 40 and rest["choices"][0]["finish_reason"] == "length"
         assert prompt < 40
         # a prompt that fills the window leaves max_tokens 0, which vLLM's SamplingParams refuses
-        full = [{"role": "user", "content": "word " * (40 - await tokens_in(client, messages=[
-            {"role": "user", "content": ""}]))}]
+        full = [
+            {
+                "role": "user",
+                "content": "word " * (40 - await tokens_in(client, messages=[{"role": "user", "content": ""}])),
+            }
+        ]
         assert await tokens_in(client, messages=full) == 40
         assert nested(await client.post(CHAT, json={"messages": full}))["message"] == (
-            "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)")
+            "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"
+        )
         # a prompt beyond the window: vLLM tokenizes max_model_len + 1 tokens, so "at least 41"
         long_messages = [{"role": "user", "content": "word " * 40}]
         assert nested(await client.post(CHAT, json={"messages": long_messages})) == {
             "message": "This model's maximum context length is 40 tokens. However, your prompt contains at least 41 "
-                       "input tokens, which exceeds this limit even without any output tokens. Please reduce the "
-                       "length of the input prompt. (parameter=input_tokens, value=41)",
-            "type": "BadRequestError", "param": "input_tokens", "code": 400}
+            "input tokens, which exceeds this limit even without any output tokens. Please reduce the "
+            "length of the input prompt. (parameter=input_tokens, value=41)",
+            "type": "BadRequestError",
+            "param": "input_tokens",
+            "code": 400,
+        }
 
 
 async def test_legacy_errors_are_flat() -> None:
     async with client_for(create_app(MockSettings(wire_format="legacy"))) as client:
         response = await client.post(CHAT, json={"model": "nope", "messages": HELLO})
     assert response.status_code == 404
-    assert response.json() == {"object": "error", "message": "The model `nope` does not exist.",
-                               "type": "NotFoundError", "param": None, "code": 404}
+    assert response.json() == {
+        "object": "error",
+        "message": "The model `nope` does not exist.",
+        "type": "NotFoundError",
+        "param": None,
+        "code": 404,
+    }
 
 
 async def test_api_key_guards_only_v1() -> None:
@@ -456,8 +553,15 @@ async def test_injected_errors() -> None:
         assert limited.status_code == 429 and limited.headers["retry-after"] == "3"
         assert nested(limited)["type"] == "RateLimitError"
         injected = (await client.get("/mock/stats")).json()["injected"]
-        assert injected == {"500": 1, "429": 1, "cut": 0, "invalid_json": 0, "malformed_sse": 0, "no_done": 0,
-                            "stall": 0}
+        assert injected == {
+            "500": 1,
+            "429": 1,
+            "cut": 0,
+            "invalid_json": 0,
+            "malformed_sse": 0,
+            "no_done": 0,
+            "stall": 0,
+        }
 
 
 async def test_injected_errors_follow_the_seed() -> None:
@@ -516,8 +620,9 @@ async def test_a_stalled_stream_goes_quiet_and_frees_its_slot_when_the_client_le
         async with httpx.AsyncClient(base_url=server.url) as client:
             received: list[str] = []
             with pytest.raises(httpx.ReadTimeout):
-                async with client.stream("POST", CHAT, json={"messages": HELLO, "stream": True},
-                                         timeout=httpx.Timeout(5, read=0.5)) as response:
+                async with client.stream(
+                    "POST", CHAT, json={"messages": HELLO, "stream": True}, timeout=httpx.Timeout(5, read=0.5)
+                ) as response:
                     async for line in response.aiter_lines():
                         if line:
                             received.append(line)
@@ -533,16 +638,19 @@ async def test_stream_fault_rate_breaks_some_streams_by_the_seed() -> None:
     async def broken(seed: int) -> list[bool]:
         app = create_app(MockSettings(stream_fault="no_done", stream_fault_rate=0.5, seed=seed))
         async with client_for(app) as client:
-            return [blocks(await client.post(CHAT, json={"messages": HELLO, "stream": True}))[-1] != "data: [DONE]"
-                    for _ in range(20)]
+            return [
+                blocks(await client.post(CHAT, json={"messages": HELLO, "stream": True}))[-1] != "data: [DONE]"
+                for _ in range(20)
+            ]
 
     first = await broken(3)
     assert first == await broken(3) and 0 < sum(first) < 20
 
 
 def test_stream_fault_flags_and_environment() -> None:
-    settings = mock_vllm_server.parse(["--stream-fault", "stall", "--stream-fault-after", "5"],
-                                      {"MOCK_STREAM_FAULT_RATE": "0.25"})[0]
+    settings = mock_vllm_server.parse(
+        ["--stream-fault", "stall", "--stream-fault-after", "5"], {"MOCK_STREAM_FAULT_RATE": "0.25"}
+    )[0]
     assert (settings.stream_fault, settings.stream_fault_after, settings.stream_fault_rate) == ("stall", 5, 0.25)
     with pytest.raises(mock_vllm_server.UsageError, match="--stream-fault"):
         mock_vllm_server.parse(["--stream-fault", "sometimes"], {})
@@ -617,13 +725,19 @@ async def test_stats_config_and_reset(client: httpx.AsyncClient) -> None:
     await client.get("/health")
     await client.post("/tokenize", json={"prompt": "x"})
     stats = (await client.get("/mock/stats")).json()
-    assert {k: stats["requests"][k] for k in ("chat.completions", "completions", "models", "health", "tokenize")} \
-        == {"chat.completions": 2, "completions": 1, "models": 1, "health": 1, "tokenize": 1}
+    assert {k: stats["requests"][k] for k in ("chat.completions", "completions", "models", "health", "tokenize")} == {
+        "chat.completions": 2,
+        "completions": 1,
+        "models": 1,
+        "health": 1,
+        "tokenize": 1,
+    }
     assert stats["streams"] == 1 and stats["errors"] == {"404": 1} and stats["in_flight"] == 0
     assert stats["last_request"]["body"] == {"prompt": "x"}
 
-    effective = (await client.post("/mock/config", json={"chunk_count": 3, "served_model_name": "renamed",
-                                                         "api_key": "k"})).json()
+    effective = (
+        await client.post("/mock/config", json={"chunk_count": 3, "served_model_name": "renamed", "api_key": "k"})
+    ).json()
     assert effective["chunk_count"] == 3 and effective["api_key"] == "**********"
     assert effective["model"] == "mock-model" and effective["first_token_delay"] == 0
     auth = {"Authorization": "Bearer k"}
@@ -644,8 +758,9 @@ async def test_stats_config_and_reset(client: httpx.AsyncClient) -> None:
 async def test_delays_do_not_block_other_requests() -> None:
     async with client_for(create_app(MockSettings(first_token_delay=0.3))) as client:
         started = time.monotonic()
-        answers = await asyncio.gather(*(
-            client.post(CHAT, json={"messages": HELLO, "stream": i % 2 == 0}) for i in range(10)))
+        answers = await asyncio.gather(
+            *(client.post(CHAT, json={"messages": HELLO, "stream": i % 2 == 0}) for i in range(10))
+        )
         elapsed = time.monotonic() - started
         assert [a.status_code for a in answers] == [200] * 10
         assert 0.3 <= elapsed < 2.0
@@ -660,8 +775,11 @@ async def test_openai_sdk_reads_both_modes() -> None:
             answer = await client.chat.completions.create(model="mock-model", messages=HELLO)  # type: ignore[arg-type]
             assert answer.choices[0].message.content and answer.usage and answer.usage.completion_tokens == 12
             stream = await client.chat.completions.create(
-                model="mock-model", messages=HELLO, stream=True,  # type: ignore[arg-type]
-                stream_options={"include_usage": True})
+                model="mock-model",
+                messages=HELLO,
+                stream=True,  # type: ignore[arg-type]
+                stream_options={"include_usage": True},
+            )
             parts, usage = [], None
             async for chunk in stream:
                 parts += [c.delta.content or "" for c in chunk.choices]
@@ -678,15 +796,37 @@ async def test_openai_sdk_reads_both_modes() -> None:
 
 
 def test_flags_win_over_environment() -> None:
-    env = {"MODEL_NAME": "from-env", "VLLM_API_KEY": "env-key", "MOCK_CHUNK_DELAY": "0.5", "PORT": "9000",
-           "MOCK_REASONING": "1"}
+    env = {
+        "MODEL_NAME": "from-env",
+        "VLLM_API_KEY": "env-key",
+        "MOCK_CHUNK_DELAY": "0.5",
+        "PORT": "9000",
+        "MOCK_REASONING": "1",
+    }
     settings, host, port, slow = mock_vllm_server.parse(["--model", "flag-model", "--api-key", "flag-key"], env)
     assert (settings.model, settings.chunk_delay, settings.reasoning, host, port, slow) == (
-        "flag-model", 0.5, True, "127.0.0.1", 9000, 0.0)
+        "flag-model",
+        0.5,
+        True,
+        "127.0.0.1",
+        9000,
+        0.0,
+    )
     assert settings.api_key is not None and settings.api_key.get_secret_value() == "flag-key"
     # a pod's `vllm serve` options are accepted (and ignored), so the same command line runs locally
-    pod_flags = ["--model", "m", "--quantization", "awq", "--gpu-memory-utilization", "0.95",
-                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--max-model-len", "8192"]
+    pod_flags = [
+        "--model",
+        "m",
+        "--quantization",
+        "awq",
+        "--gpu-memory-utilization",
+        "0.95",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "hermes",
+        "--max-model-len",
+        "8192",
+    ]
     assert mock_vllm_server.parse(pod_flags, {})[0].max_model_len == 8192
     with pytest.raises(mock_vllm_server.UsageError, match="unrecognized"):
         mock_vllm_server.parse(["--chunk-dela", "1"], {})
@@ -706,7 +846,12 @@ def test_slow_start_refuses_connections_then_serves(tmp_path: Path) -> None:
     started = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "mock_vllm_server.py"), "--port", str(port), "--model", "m", "--slow-start", "1"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(0.3)
         assert proc.poll() is None and _refused(port)
@@ -715,8 +860,9 @@ def test_slow_start_refuses_connections_then_serves(tmp_path: Path) -> None:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
             assert client.get("/health").status_code == 200
             assert client.get("/v1/models").status_code == 401
-            answer = client.post(CHAT, json={"model": "m", "messages": HELLO},
-                                 headers={"Authorization": "Bearer env-key"}).json()
+            answer = client.post(
+                CHAT, json={"model": "m", "messages": HELLO}, headers={"Authorization": "Bearer env-key"}
+            ).json()
             assert answer["usage"]["completion_tokens"] == 3
     finally:
         proc.terminate()
@@ -729,7 +875,12 @@ def test_slow_start_refuses_connections_then_serves(tmp_path: Path) -> None:
 
 
 def test_bad_flag_value_exits_2_with_one_line(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "mock_vllm_server.py"), "--chunk-delay", "-1"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "mock_vllm_server.py"), "--chunk-delay", "-1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "--chunk-delay" in result.stderr

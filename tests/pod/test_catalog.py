@@ -44,8 +44,9 @@ def error(call: Callable[[], Any]) -> str:
 def priced_catalog(**prices: float) -> Catalog:
     """The built-in catalog with secure-cloud prices for some GPUs (keyed by display name, spaces as _)."""
     gpus = [gpu.model_copy(update={"price_secure": prices.get(gpu.name.replace(" ", "_"))}) for gpu in BUILTIN_GPUS]
-    return Catalog(models=list(BUILTIN_MODELS), gpus=gpus, models_source="built-in", gpus_source="runpod",
-                   refreshed_at=1.0)
+    return Catalog(
+        models=list(BUILTIN_MODELS), gpus=gpus, models_source="built-in", gpus_source="runpod", refreshed_at=1.0
+    )
 
 
 # -------------------------------------------------------------------------------------------- built-in figures
@@ -77,10 +78,14 @@ def test_every_builtin_model_fits_a_builtin_gpu_and_the_default_is_in_the_store(
 
 # vLLM 0.33.0's parser per family (vllm/tool_parsers/__init__.py and docs/features/tool_calling.md)
 TOOL_PARSERS = {
-    "deepseek-coder-33b-instruct-awq": None, "deepseek-coder-6.7b-instruct": None,
-    "deepseek-coder-v2-lite-instruct": None, "qwen2.5-coder-7b-instruct": "hermes",
-    "qwen2.5-coder-14b-instruct-awq": "hermes", "qwen2.5-coder-32b-instruct-awq": "hermes",
-    "qwen3-coder-30b-a3b-instruct-fp8": "qwen3_coder", "qwen3-coder-30b-a3b-instruct": "qwen3_coder",
+    "deepseek-coder-33b-instruct-awq": None,
+    "deepseek-coder-6.7b-instruct": None,
+    "deepseek-coder-v2-lite-instruct": None,
+    "qwen2.5-coder-7b-instruct": "hermes",
+    "qwen2.5-coder-14b-instruct-awq": "hermes",
+    "qwen2.5-coder-32b-instruct-awq": "hermes",
+    "qwen3-coder-30b-a3b-instruct-fp8": "qwen3_coder",
+    "qwen3-coder-30b-a3b-instruct": "qwen3_coder",
     "codellama-13b-instruct-awq": None,
 }
 
@@ -100,8 +105,18 @@ def test_a_cache_from_before_tool_calling_gets_the_builtin_facts(tmp_path: Path)
     path = tmp_path / "catalog.json"
     old = [m.model_dump(exclude={"tool_call_parser", "chat_template", "tool_calling_source"}) for m in BUILTIN_MODELS]
     old[0]["tool_call_parser"] = "pythonic"  # a stale fact
-    path.write_text(json.dumps({"version": 1, "models": old, "gpus": [], "models_source": "huggingface",
-                                "gpus_source": "built-in", "refreshed_at": 1.0}))
+    path.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "models": old,
+                "gpus": [],
+                "models_source": "huggingface",
+                "gpus_source": "built-in",
+                "refreshed_at": 1.0,
+            }
+        )
+    )
 
     catalog = load_catalog(path)
 
@@ -112,25 +127,46 @@ def test_a_cache_from_before_tool_calling_gets_the_builtin_facts(tmp_path: Path)
 def test_builtin_gpus_are_sane() -> None:
     ids = [gpu.id for gpu in BUILTIN_GPUS]
     assert len(set(ids)) == len(ids) and len({gpu.name for gpu in BUILTIN_GPUS}) == len(ids)
-    assert {"NVIDIA GeForce RTX 4090", "NVIDIA RTX A6000", "NVIDIA L40S", "NVIDIA A100 80GB PCIe",
-            "NVIDIA H100 80GB HBM3", "NVIDIA RTX A5000", "NVIDIA L4"} <= set(ids)
+    assert {
+        "NVIDIA GeForce RTX 4090",
+        "NVIDIA RTX A6000",
+        "NVIDIA L40S",
+        "NVIDIA A100 80GB PCIe",
+        "NVIDIA H100 80GB HBM3",
+        "NVIDIA RTX A5000",
+        "NVIDIA L4",
+    } <= set(ids)
     assert all(gpu.memory_gb >= 24 and gpu.price_secure is None and gpu.availability is None for gpu in BUILTIN_GPUS)
 
 
 # ---------------------------------------------------------------------------------------------------- lookups
-@pytest.mark.parametrize("name", [DS33, "DeepSeek-Coder-33B-Instruct-AWQ", "TheBloke/deepseek-coder-33B-instruct-AWQ",
-                                  "thebloke/deepseek-coder-33b-instruct-awq", "deepseek-coder-33b-awq",
-                                  "deepseek-ai/deepseek-coder-33b-awq"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        DS33,
+        "DeepSeek-Coder-33B-Instruct-AWQ",
+        "TheBloke/deepseek-coder-33B-instruct-AWQ",
+        "thebloke/deepseek-coder-33b-instruct-awq",
+        "deepseek-coder-33b-awq",
+        "deepseek-ai/deepseek-coder-33b-awq",
+    ],
+)
 def test_model_lookup_by_id_repo_or_alias_in_any_case(name: str) -> None:
     assert builtin_catalog().model(name).id == DS33
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("deepseek-coder-34b", "unknown modelStoreId 'deepseek-coder-34b': did you mean 'deepseek-coder-33b-instruct-awq'"),
-    ("qwen3 coder", "did you mean 'qwen3-coder-30b-a3b-instruct-fp8' or 'qwen3-coder-30b-a3b-instruct'?"),
-    ("qwen2.5-coder-7b", "did you mean 'qwen2.5-coder-7b-instruct'?"),
-    ("mistral-7b", "unknown modelStoreId 'mistral-7b'; known: deepseek-coder-33b-instruct-awq, "),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (
+            "deepseek-coder-34b",
+            "unknown modelStoreId 'deepseek-coder-34b': did you mean 'deepseek-coder-33b-instruct-awq'",
+        ),
+        ("qwen3 coder", "did you mean 'qwen3-coder-30b-a3b-instruct-fp8' or 'qwen3-coder-30b-a3b-instruct'?"),
+        ("qwen2.5-coder-7b", "did you mean 'qwen2.5-coder-7b-instruct'?"),
+        ("mistral-7b", "unknown modelStoreId 'mistral-7b'; known: deepseek-coder-33b-instruct-awq, "),
+    ],
+)
 def test_unknown_models_suggest_close_ids(name: str, expected: str) -> None:
     assert expected in error(lambda: builtin_catalog().model(name))
 
@@ -141,19 +177,24 @@ def test_gpu_lookup_by_id_or_name_in_any_case_and_spacing(name: str) -> None:
 
 
 def test_gpu_lookup_prefers_the_exact_id() -> None:
-    gpus = [GpuEntry(id="NVIDIA  RTX A4500", name="RTX A4500", memory_gb=20),
-            GpuEntry(id="NVIDIA RTX A4500", name="RTX A4500", memory_gb=20)]
+    gpus = [
+        GpuEntry(id="NVIDIA  RTX A4500", name="RTX A4500", memory_gb=20),
+        GpuEntry(id="NVIDIA RTX A4500", name="RTX A4500", memory_gb=20),
+    ]
     catalog = Catalog(models=[], gpus=gpus, models_source="built-in", gpus_source="runpod", refreshed_at=None)
     assert catalog.gpu("NVIDIA RTX A4500") is gpus[1]
     assert catalog.gpu("NVIDIA  RTX A4500") is gpus[0]
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("4090", "unknown GPU type '4090': did you mean 'NVIDIA GeForce RTX 4090'?"),
-    ("A100", "did you mean 'NVIDIA A100 80GB PCIe' or 'NVIDIA A100-SXM4-80GB'?"),
-    ("NVIDIA RTX A600", "did you mean 'NVIDIA RTX A6000'"),
-    ("V100", "unknown GPU type 'V100'; known: NVIDIA GeForce RTX 4090, "),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("4090", "unknown GPU type '4090': did you mean 'NVIDIA GeForce RTX 4090'?"),
+        ("A100", "did you mean 'NVIDIA A100 80GB PCIe' or 'NVIDIA A100-SXM4-80GB'?"),
+        ("NVIDIA RTX A600", "did you mean 'NVIDIA RTX A6000'"),
+        ("V100", "unknown GPU type 'V100'; known: NVIDIA GeForce RTX 4090, "),
+    ],
+)
 def test_unknown_gpus_suggest_close_ids(name: str, expected: str) -> None:
     assert expected in error(lambda: builtin_catalog().gpu(name))
 
@@ -176,8 +217,11 @@ def test_check_fit_with_a_longer_context() -> None:
 
     coder6 = catalog.model("deepseek-coder-6.7b-instruct")
     too_long = error(lambda: check_fit(coder6, catalog.gpu("RTX 4090"), 16384))
-    assert re.fullmatch(rf"model {coder6.id} with max_model_len=16384 needs about \d+ GB of GPU memory; GPU "
-                        r"NVIDIA GeForce RTX 4090 has 24 GB \(about \d+ tokens fit\)", too_long)
+    assert re.fullmatch(
+        rf"model {coder6.id} with max_model_len=16384 needs about \d+ GB of GPU memory; GPU "
+        r"NVIDIA GeForce RTX 4090 has 24 GB \(about \d+ tokens fit\)",
+        too_long,
+    )
     check_fit(coder6, catalog.gpu("RTX A6000"), 16384)
 
 
@@ -192,9 +236,11 @@ def test_check_fit_uses_the_hubs_weight_size_when_known() -> None:
 def test_validate_config_refuses_an_unknown_model_or_gpu() -> None:
     catalog = builtin_catalog()
     assert "unknown modelStoreId 'deepseek-coder-34b'" in error(
-        lambda: validate_config(PodConfig(modelStoreId="deepseek-coder-34b"), catalog))
+        lambda: validate_config(PodConfig(modelStoreId="deepseek-coder-34b"), catalog)
+    )
     assert "unknown GPU type 'RTX 4091': did you mean 'NVIDIA GeForce RTX 4090'" in error(
-        lambda: validate_config(PodConfig(gpu_type_ids=["NVIDIA L40S", "RTX 4091"]), catalog))
+        lambda: validate_config(PodConfig(gpu_type_ids=["NVIDIA L40S", "RTX 4091"]), catalog)
+    )
 
 
 def test_validate_config_refuses_a_first_gpu_that_is_too_small() -> None:
@@ -210,8 +256,10 @@ def test_validate_config_drops_fallbacks_that_do_not_fit_and_duplicates() -> Non
 
     assert model.id == DEFAULT
     assert [gpu.id for gpu in gpus] == ["NVIDIA RTX A6000", "NVIDIA L40S", "NVIDIA A100 80GB PCIe"]
-    assert notes == [f"fallback GPU NVIDIA GeForce RTX 4090 dropped: model {DEFAULT} needs at least 48 GB of GPU "
-                     "memory; GPU NVIDIA GeForce RTX 4090 has 24 GB"]
+    assert notes == [
+        f"fallback GPU NVIDIA GeForce RTX 4090 dropped: model {DEFAULT} needs at least 48 GB of GPU "
+        "memory; GPU NVIDIA GeForce RTX 4090 has 24 GB"
+    ]
 
 
 def test_validate_config_applies_max_hourly_cost_where_prices_are_known() -> None:
@@ -224,33 +272,46 @@ def test_validate_config_applies_max_hourly_cost_where_prices_are_known() -> Non
     assert [gpu.id for gpu in gpus] == ["NVIDIA RTX A6000", "NVIDIA A40"]
     assert notes == ["GPU NVIDIA L40S dropped: $0.86/h on SECURE cloud is over max_hourly_cost"]
     assert [gpu.id for gpu in validate_config(config.model_copy(update={"cloud_type": "COMMUNITY"}), catalog)[1]] == [
-        "NVIDIA RTX A6000", "NVIDIA L40S", "NVIDIA A40"]  # no community prices known
+        "NVIDIA RTX A6000",
+        "NVIDIA L40S",
+        "NVIDIA A40",
+    ]  # no community prices known
 
 
 def test_validate_config_refuses_when_every_gpu_costs_too_much() -> None:
     config = PodConfig(gpu_type_ids=["NVIDIA L40S"], max_hourly_cost=0.25)
     message = error(lambda: validate_config(config, priced_catalog(RTX_A6000=0.49, L40S=0.86)))
-    assert message == ("max_hourly_cost=0.25: every GPU candidate costs more on SECURE cloud "
-                       "(NVIDIA RTX A6000 $0.49/h, NVIDIA L40S $0.86/h)")
+    assert message == (
+        "max_hourly_cost=0.25: every GPU candidate costs more on SECURE cloud "
+        "(NVIDIA RTX A6000 $0.49/h, NVIDIA L40S $0.86/h)"
+    )
 
 
 def test_validate_config_refuses_a_context_longer_than_the_model() -> None:
-    config = PodConfig(modelStoreId="qwen2.5-coder-7b-instruct", gpu_type_id="NVIDIA H100 80GB HBM3",
-                       max_model_len=131072)
+    config = PodConfig(
+        modelStoreId="qwen2.5-coder-7b-instruct", gpu_type_id="NVIDIA H100 80GB HBM3", max_model_len=131072
+    )
     assert "is more than model qwen2.5-coder-7b-instruct supports" in error(
-        lambda: validate_config(config, builtin_catalog()))
+        lambda: validate_config(config, builtin_catalog())
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the cache
 def test_load_catalog_without_a_cache_is_the_builtin_one(tmp_path: Path) -> None:
     catalog = load_catalog(tmp_path / "catalog.json")
     assert (catalog.models_source, catalog.gpus_source, catalog.refreshed_at, catalog.notes) == (
-        "built-in", "built-in", None, [])
+        "built-in",
+        "built-in",
+        None,
+        [],
+    )
     assert catalog.models == list(BUILTIN_MODELS) and catalog.gpus == list(BUILTIN_GPUS)
 
 
-@pytest.mark.parametrize("content", [b"", b"{", b"\xff\xfe", b"[]", b'{"version": 2}', b"null",
-                                     b'{"version": 1, "models": [{"id": 1}], "gpus": []}'])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"{", b"\xff\xfe", b"[]", b'{"version": 2}', b"null", b'{"version": 1, "models": [{"id": 1}], "gpus": []}'],
+)
 def test_a_corrupt_cache_falls_back_to_the_builtin_catalog_with_a_note(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "catalog.json"
     path.write_bytes(content)
@@ -265,10 +326,22 @@ def test_a_corrupt_cache_falls_back_to_the_builtin_catalog_with_a_note(tmp_path:
 def runpod_gpus() -> list[Any]:
     """What the RunPod client's ``gpu_types`` gives: objects with attributes (a dict is accepted too)."""
     return [
-        SimpleNamespace(id="NVIDIA RTX A6000", name="RTX A6000", memory_gb=48, price_secure=0.49,
-                        price_community=0.33, availability="HIGH"),
-        SimpleNamespace(id="NVIDIA GeForce RTX 4090", name="RTX 4090", memory_gb=24, price_secure=0.69,
-                        price_community=0.34, availability=SimpleNamespace(value="LOW")),
+        SimpleNamespace(
+            id="NVIDIA RTX A6000",
+            name="RTX A6000",
+            memory_gb=48,
+            price_secure=0.49,
+            price_community=0.33,
+            availability="HIGH",
+        ),
+        SimpleNamespace(
+            id="NVIDIA GeForce RTX 4090",
+            name="RTX 4090",
+            memory_gb=24,
+            price_secure=0.69,
+            price_community=0.34,
+            availability=SimpleNamespace(value="LOW"),
+        ),
         {"id": "NVIDIA B200", "name": "B200", "memory_gb": 180, "price_secure": 5.99, "price_community": 0.0},
         SimpleNamespace(id="broken", name="x", memory_gb=None, price_secure=None, price_community=None),
     ]
@@ -277,9 +350,15 @@ def runpod_gpus() -> list[Any]:
 def hub_answers(request: httpx.Request) -> httpx.Response:
     repo = request.url.path.removeprefix("/api/models/")
     if repo == "TheBloke/deepseek-coder-33B-instruct-AWQ":
-        return httpx.Response(200, json={"id": repo, "gated": "manual", "usedStorage": 90_000_000_000,
-                                         "safetensors": {"parameters": {"I32": 3_900_000_000, "F16": 1_200_000_000},
-                                                         "total": 5_100_000_000}})
+        return httpx.Response(
+            200,
+            json={
+                "id": repo,
+                "gated": "manual",
+                "usedStorage": 90_000_000_000,
+                "safetensors": {"parameters": {"I32": 3_900_000_000, "F16": 1_200_000_000}, "total": 5_100_000_000},
+            },
+        )
     if repo == "Qwen/Qwen2.5-Coder-7B-Instruct":
         return httpx.Response(404, json={"error": "Repository not found"})
     if repo == "TheBloke/CodeLlama-13B-Instruct-AWQ":
@@ -309,8 +388,10 @@ def test_refresh_from_runpod_and_the_hub_writes_a_cache_that_loads_as_cache(tmp_
     assert catalog.gpu("RTX 4090").availability == "LOW" and catalog.gpu("B200").price("COMMUNITY") is None
     assert "GPU types: 3 from RunPod, with current prices" in notes
     assert any(note.startswith("skipped a GPU type RunPod listed") for note in notes)
-    assert f"model {DS33} is gated on Hugging Face: accept its terms there and put a token in the variable named " \
-           "by hf_token_env" in notes
+    assert (
+        f"model {DS33} is gated on Hugging Face: accept its terms there and put a token in the variable named "
+        "by hf_token_env" in notes
+    )
     assert "model qwen2.5-coder-7b-instruct not found on the Hub (Qwen/Qwen2.5-Coder-7B-Instruct, HTTP 404)" in notes
     assert any("HTTP 503 for TheBloke/CodeLlama-13B-Instruct-AWQ" in note for note in notes)
     count = len(BUILTIN_MODELS)
@@ -365,10 +446,13 @@ def test_a_silent_network_keeps_the_cache_and_says_so(tmp_path: Path) -> None:
     assert (catalog.models_source, catalog.gpus_source) == ("cache", "cache")
     assert catalog.models == first.models and catalog.gpus == first.gpus
     assert catalog.refreshed_at == first.refreshed_at
-    assert notes[0].startswith("warning: RunPod did not list its GPU types (RunPodAuthError: RUNPOD_API_KEY was "
-                               "refused (401)): using the cached GPU list from ")
-    assert notes[1].startswith("Hugging Face did not answer (ConnectError: Name or service not known): "
-                               "using the cached model figures from ")
+    assert notes[0].startswith(
+        "warning: RunPod did not list its GPU types (RunPodAuthError: RUNPOD_API_KEY was "
+        "refused (401)): using the cached GPU list from "
+    )
+    assert notes[1].startswith(
+        "Hugging Face did not answer (ConnectError: Name or service not known): using the cached model figures from "
+    )
     assert load_catalog(path).models == first.models
 
 
@@ -376,8 +460,10 @@ def test_nothing_reachable_and_no_cache_gives_the_builtin_catalog(tmp_path: Path
     catalog, notes = refresh_catalog(tmp_path / "catalog.json", gpu_source=None, hub=None)
 
     assert (catalog.models_source, catalog.gpus_source, catalog.refreshed_at) == ("built-in", "built-in", None)
-    assert notes == ["RunPod was not asked: using the built-in GPU list",
-                     "Hugging Face was not asked: using the built-in model figures"]
+    assert notes == [
+        "RunPod was not asked: using the built-in GPU list",
+        "Hugging Face was not asked: using the built-in model figures",
+    ]
     assert load_catalog(tmp_path / "catalog.json").models_source == "built-in"
     assert DEFAULT_HF_API_BASE == "https://huggingface.co"
 

@@ -43,8 +43,17 @@ EVERY_KEY: dict[str, Any] = {
     "ready_timeout_seconds": 5,
     "watchdog_interval_seconds": 0.05,
     "command": ["python3", "my_server.py"],
-    "args": ["--port", "{port}", "--model", "{model}", "--served-model-name", "{served_model_name}",
-             "--max-model-len", "{max_model_len}", "{{literal}}"],
+    "args": [
+        "--port",
+        "{port}",
+        "--model",
+        "{model}",
+        "--served-model-name",
+        "{served_model_name}",
+        "--max-model-len",
+        "{max_model_len}",
+        "{{literal}}",
+    ],
     "env": {"MOCK_CHUNK_DELAY": "0", "lower_case_ok": "1"},
 }
 
@@ -97,9 +106,17 @@ def test_every_key_round_trips(tmp_path: Path) -> None:
 
 
 def test_the_original_test_plans_example_loads(tmp_path: Path) -> None:
-    example = {"modelStoreId": "deepseek-ai/deepseek-coder-33b-awq", "gpu_type_id": "NVIDIA RTX A6000",
-               "runtime_seconds": 1800, "template_id": "vllm", "proxy_port": 8000, "cache_dir": "/tmp/llm_cache",
-               "max_cache_size": 1000, "max_cache_bytes": 1073741824, "enable_profiling": True}
+    example = {
+        "modelStoreId": "deepseek-ai/deepseek-coder-33b-awq",
+        "gpu_type_id": "NVIDIA RTX A6000",
+        "runtime_seconds": 1800,
+        "template_id": "vllm",
+        "proxy_port": 8000,
+        "cache_dir": "/tmp/llm_cache",
+        "max_cache_size": 1000,
+        "max_cache_bytes": 1073741824,
+        "enable_profiling": True,
+    }
     config = load_pod_config(write(tmp_path, example))
 
     assert config.model_dump(include=set(example)) == example
@@ -111,15 +128,17 @@ def test_a_byte_order_mark_and_lower_case_cloud_are_accepted(tmp_path: Path) -> 
     assert load_pod_config(path).cloud_type == "COMMUNITY"
 
 
-@pytest.mark.parametrize("image", ["vllm/vllm-openai:v0.10.1.1", "localhost:5000/vllm:v1",
-                                   "vllm/vllm-openai@sha256:" + "a" * 64])
+@pytest.mark.parametrize(
+    "image", ["vllm/vllm-openai:v0.10.1.1", "localhost:5000/vllm:v1", "vllm/vllm-openai@sha256:" + "a" * 64]
+)
 def test_pinned_images_are_accepted(tmp_path: Path, image: str) -> None:
     assert load_pod_config(write(tmp_path, {"image": image})).image == image
 
 
 def test_gpu_candidates_keep_order_and_drop_duplicates() -> None:
-    config = PodConfig(gpu_type_id="NVIDIA L40S",
-                       gpu_type_ids=["NVIDIA A40", "NVIDIA L40S", "NVIDIA RTX A6000", "NVIDIA A40"])
+    config = PodConfig(
+        gpu_type_id="NVIDIA L40S", gpu_type_ids=["NVIDIA A40", "NVIDIA L40S", "NVIDIA RTX A6000", "NVIDIA A40"]
+    )
 
     assert config.gpu_candidates == ["NVIDIA L40S", "NVIDIA A40", "NVIDIA RTX A6000"]
     assert PodConfig().gpu_candidates == ["NVIDIA RTX A6000", "NVIDIA L40S", "NVIDIA A40"]
@@ -207,13 +226,22 @@ BAD_FILES: list[tuple[str, str | bytes, str]] = [
     ("vllm_args len", '{"vllm_args": ["--max-model-len=8192"]}', "use the max_model_len key instead"),
     ("vllm_args port", '{"vllm_args": ["--port", "1"]}', "must not contain --port: manage_pod.py sets it itself"),
     ("vllm_args item", '{"vllm_args": [1]}', "vllm_args[0]=1 is not a string"),
-    ("vllm_args parser twice", '{"vllm_args": ["--tool-call-parser", "hermes", "--tool-call-parser=pythonic"]}',
-     "vllm_args gives --tool-call-parser more than once"),
-    ("vllm_args parser no value", '{"vllm_args": ["--tool-call-parser", "--enable-prefix-caching"]}',
-     "vllm_args gives --tool-call-parser without a value"),
+    (
+        "vllm_args parser twice",
+        '{"vllm_args": ["--tool-call-parser", "hermes", "--tool-call-parser=pythonic"]}',
+        "vllm_args gives --tool-call-parser more than once",
+    ),
+    (
+        "vllm_args parser no value",
+        '{"vllm_args": ["--tool-call-parser", "--enable-prefix-caching"]}',
+        "vllm_args gives --tool-call-parser without a value",
+    ),
     ("vllm_args template last", '{"vllm_args": ["--chat-template"]}', "gives --chat-template without a value"),
-    ("vllm_args tools off", '{"vllm_args": ["--no-enable-auto-tool-choice"]}',
-     "must not contain --no-enable-auto-tool-choice: manage_pod.py turns tool calling on"),
+    (
+        "vllm_args tools off",
+        '{"vllm_args": ["--no-enable-auto-tool-choice"]}',
+        "must not contain --no-enable-auto-tool-choice: manage_pod.py turns tool calling on",
+    ),
     ("command empty", '{"command": []}', "command=[] must not be empty"),
     ("command string", '{"command": "python3 x.py"}', "command='python3 x.py' is not a list or null"),
     ("command blank item", '{"command": [""]}', "command must not contain blank items"),
@@ -222,8 +250,11 @@ BAD_FILES: list[tuple[str, str | bytes, str]] = [
     ("env not object", '{"env": ["A=1"]}', "env is not an object"),
     ("env value", '{"env": {"A": 1}}', "env['A'] is not a string"),
     ("env name", '{"env": {"A B": "1"}}', "env has 'A B', which is not an environment variable name"),
-    ("two problems", '{"proxy_port": 0, "runtime_seconds": 0}', "runtime_seconds=0 must be at least 1 (and 1 more "
-                                                                 "problem)"),
+    (
+        "two problems",
+        '{"proxy_port": 0, "runtime_seconds": 0}',
+        "runtime_seconds=0 must be at least 1 (and 1 more problem)",
+    ),
     ("three problems", '{"proxy_port": 0, "runtime_seconds": 0, "provider": 1}', "(and 2 more problems)"),
 ]
 
@@ -240,13 +271,16 @@ def test_a_token_written_instead_of_its_variable_name_is_not_echoed(tmp_path: Pa
     assert "hf_token_env" in message
 
 
-@pytest.mark.parametrize("document", [
-    {"env": {"HF_TOKEN": SECRET, "bad name": SECRET}},
-    {"env": [f"HF_TOKEN={SECRET}"]},
-    {"hf_token": SECRET},
-    {"vllm_args": ["--api-key", SECRET]},
-    {"command": f"serve --token {SECRET}"},
-])
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"env": {"HF_TOKEN": SECRET, "bad name": SECRET}},
+        {"env": [f"HF_TOKEN={SECRET}"]},
+        {"hf_token": SECRET},
+        {"vllm_args": ["--api-key", SECRET]},
+        {"command": f"serve --token {SECRET}"},
+    ],
+)
 def test_secrets_are_not_echoed(tmp_path: Path, document: dict[str, Any]) -> None:
     message = config_error(write(tmp_path, document))
     assert SECRET not in message and SECRET[:10] not in message
@@ -263,8 +297,27 @@ def _mutations(seed: int, count: int) -> list[bytes]:
     replaced, cut short, or with a value replaced by another JSON value."""
     rng = random.Random(seed)
     original = SHIPPED.read_bytes()
-    odd_values: list[Any] = [None, True, False, 0, -1, 1.5, 1e308, "", " ", "x", "{port}", [], [1], {}, {"a": "b"},
-                             2**70, "vllm/vllm-openai:latest", ["--model"], "\u00e9\n\t"]
+    odd_values: list[Any] = [
+        None,
+        True,
+        False,
+        0,
+        -1,
+        1.5,
+        1e308,
+        "",
+        " ",
+        "x",
+        "{port}",
+        [],
+        [1],
+        {},
+        {"a": "b"},
+        2**70,
+        "vllm/vllm-openai:latest",
+        ["--model"],
+        "\u00e9\n\t",
+    ]
     results = []
     for _ in range(count):
         data = bytearray(original)
@@ -276,7 +329,7 @@ def _mutations(seed: int, count: int) -> list[bytes]:
                 del data[rng.randrange(len(data))]
         elif kind == 2:  # insert a few structural characters
             for _ in range(rng.randint(1, 3)):
-                data.insert(rng.randrange(len(data)), rng.choice(b'{}[],:"\\/#\' 0\x00\xff'))
+                data.insert(rng.randrange(len(data)), rng.choice(b"{}[],:\"\\/#' 0\x00\xff"))
         elif kind == 3:  # replace a value
             document = json.loads(original)
             document[rng.choice(list(document))] = rng.choice(odd_values)
@@ -319,12 +372,15 @@ def test_check_port_free_on_a_free_port() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ paths
-@pytest.mark.parametrize(("written", "expected"), [
-    ("cache", "{folder}/cache"),
-    ("./answers/../cache", "{folder}/cache"),
-    ("~/llm-cache", "{home}/llm-cache"),
-    ("/var/tmp/answers", "/var/tmp/answers"),
-])
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("cache", "{folder}/cache"),
+        ("./answers/../cache", "{folder}/cache"),
+        ("~/llm-cache", "{home}/llm-cache"),
+        ("/var/tmp/answers", "/var/tmp/answers"),
+    ],
+)
 def test_cache_dir_is_resolved_against_the_config_files_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: str, expected: str
 ) -> None:
@@ -339,4 +395,5 @@ def test_cache_dir_is_resolved_against_the_config_files_folder(
 
     assert load_pod_config(path).cache_dir == expected.format(folder=folder, home=home)
     assert load_pod_config(Path("..") / "project" / "pod_config.json").cache_dir == expected.format(
-        folder=folder, home=home)
+        folder=folder, home=home
+    )

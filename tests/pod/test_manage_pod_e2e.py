@@ -123,10 +123,15 @@ def test_bad_config_and_busy_port_exit_2_before_creating(workdir: Workdir, fake_
 
 
 def test_leaked_pod_is_reported_and_removed_with_all(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
-    body = {"name": "llmpod-leaked01", "image": "vllm/vllm-openai:v0.33.0", "gpu": {"id": "NVIDIA L40S", "count": 1},
-            "ports": ["8000/http"]}
-    httpx.post(f"{fake_runpod.url}/v2/pods", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
-               timeout=10).raise_for_status()
+    body = {
+        "name": "llmpod-leaked01",
+        "image": "vllm/vllm-openai:v0.33.0",
+        "gpu": {"id": "NVIDIA L40S", "count": 1},
+        "ports": ["8000/http"],
+    }
+    httpx.post(
+        f"{fake_runpod.url}/v2/pods", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10
+    ).raise_for_status()
     status = workdir.run("--status")
     assert "llmpod-leaked01" in status.stderr and "--shutdown --all" in status.stderr
     down = workdir.run("--shutdown", "--all")

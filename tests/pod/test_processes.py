@@ -10,14 +10,19 @@ from pathlib import Path
 from llmpod.pod import processes
 
 SLEEPER = "import time; time.sleep(60)"
-STUBBORN = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
-            "time.sleep(60)")
+STUBBORN = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+)
 
 
 def test_spawn_find_and_stop(tmp_path: Path) -> None:
     pid_file = tmp_path / "sleeper.pid"
-    pid = processes.spawn_detached([sys.executable, "-c", SLEEPER, "--marker-x"], env={"SECRET_IN_ENV": "s3cret"},
-                                   log_path=tmp_path / "sleeper.log", pid_path=pid_file)
+    pid = processes.spawn_detached(
+        [sys.executable, "-c", SLEEPER, "--marker-x"],
+        env={"SECRET_IN_ENV": "s3cret"},
+        log_path=tmp_path / "sleeper.log",
+        pid_path=pid_file,
+    )
     try:
         assert processes.read_pid(pid_file) == pid
         assert oct(pid_file.stat().st_mode)[-3:] == "600"
@@ -34,8 +39,7 @@ def test_spawn_find_and_stop(tmp_path: Path) -> None:
 
 def test_stop_kills_what_ignores_sigterm(tmp_path: Path) -> None:
     log = tmp_path / "stubborn.log"
-    pid = processes.spawn_detached([sys.executable, "-c", STUBBORN], env=dict(os.environ), log_path=log,
-                                   pid_path=None)
+    pid = processes.spawn_detached([sys.executable, "-c", STUBBORN], env=dict(os.environ), log_path=log, pid_path=None)
     try:
         deadline = time.monotonic() + 10
         while "ready" not in log.read_text() and time.monotonic() < deadline:

@@ -21,12 +21,27 @@ CATALOG = builtin_catalog()
 
 def ready(tmp_path: Path, model_id: str, **config: Any) -> str:
     pod_config = PodConfig(provider="local", modelStoreId=model_id, proxy_port=8123, **config)
-    session = Session(config=pod_config, config_path=tmp_path / "pod_config.json", paths=RuntimePaths(tmp_path),
-                      provider=LocalProvider(pod_config, tmp_path / "pod.log"), catalog=CATALOG,
-                      model=CATALOG.model(model_id), gpus=[])
-    state = PodState(provider="local", phase="ready", pod_name="llmpod-0123abcd", model_id=model_id,
-                     served_model=model_id, vllm_api_key="vllm-key", created_at=0.0, expires_at=3600.0,
-                     idle_timeout_seconds=1800, proxy_port=8123)
+    session = Session(
+        config=pod_config,
+        config_path=tmp_path / "pod_config.json",
+        paths=RuntimePaths(tmp_path),
+        provider=LocalProvider(pod_config, tmp_path / "pod.log"),
+        catalog=CATALOG,
+        model=CATALOG.model(model_id),
+        gpus=[],
+    )
+    state = PodState(
+        provider="local",
+        phase="ready",
+        pod_name="llmpod-0123abcd",
+        model_id=model_id,
+        served_model=model_id,
+        vllm_api_key="vllm-key",
+        created_at=0.0,
+        expires_at=3600.0,
+        idle_timeout_seconds=1800,
+        proxy_port=8123,
+    )
     return ready_text(session, state)
 
 
@@ -46,10 +61,15 @@ def test_the_kilo_json_block_configures_the_proxy_as_a_provider(tmp_path: Path) 
     assert provider["options"] == {"baseURL": "http://127.0.0.1:8123/v1", "apiKey": "none"}
     # Kilo asks for max_tokens = min(limit.output, 32000): a quarter of the context leaves the prompt room
     assert provider["models"]["qwen2.5-coder-32b-instruct-awq"] == {
-        "name": "qwen2.5-coder-32b-instruct-awq", "tool_call": True, "limit": {"context": 32768, "output": 8192}}
+        "name": "qwen2.5-coder-32b-instruct-awq",
+        "tool_call": True,
+        "limit": {"context": 32768, "output": 8192},
+    }
     assert "works as an agent" in text
-    assert "Kilo Code (legacy 5.x extension): provider 'OpenAI Compatible', Base URL http://127.0.0.1:8123/v1, " \
-           "API key 'none', model 'qwen2.5-coder-32b-instruct-awq'" in text
+    assert (
+        "Kilo Code (legacy 5.x extension): provider 'OpenAI Compatible', Base URL http://127.0.0.1:8123/v1, "
+        "API key 'none', model 'qwen2.5-coder-32b-instruct-awq'" in text
+    )
     assert "API key:  none set (PROXY_API_KEY): any value works" in text
 
 

@@ -17,9 +17,18 @@ SECRET = "vllm-key-0123456789abcdef"
 
 
 def make_state(**overrides: object) -> PodState:
-    values: dict[str, object] = dict(provider="runpod", phase="creating", pod_name="llmpod-1234abcd", model_id="m",
-                                     served_model="m", vllm_api_key=SECRET, created_at=1.0, expires_at=2.0,
-                                     idle_timeout_seconds=0, proxy_port=8000)
+    values: dict[str, object] = dict(
+        provider="runpod",
+        phase="creating",
+        pod_name="llmpod-1234abcd",
+        model_id="m",
+        served_model="m",
+        vllm_api_key=SECRET,
+        created_at=1.0,
+        expires_at=2.0,
+        idle_timeout_seconds=0,
+        proxy_port=8000,
+    )
     values.update(overrides)
     return PodState(**values)  # type: ignore[arg-type]
 
@@ -59,10 +68,18 @@ def test_lock_is_exclusive(tmp_path: Path) -> None:
 def test_lock_of_a_killed_process_is_taken_over(tmp_path: Path) -> None:
     paths = RuntimePaths(tmp_path)
     paths.ensure()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from filelock import FileLock\n"
-        f"lock = FileLock({str(paths.lock_file)!r}); lock.acquire(); print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from filelock import FileLock\n"
+                f"lock = FileLock({str(paths.lock_file)!r}); lock.acquire(); print('held', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         with pytest.raises(LockBusyError), exclusive(paths, 0.2):

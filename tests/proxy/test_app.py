@@ -31,19 +31,21 @@ def sse_events(text: str) -> list[Any]:
     for block in text.split("\n\n"):
         for line in block.splitlines():
             if line.startswith("data: "):
-                data = line[len("data: "):]
+                data = line[len("data: ") :]
                 events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
 
 def streamed_text(events: list[Any]) -> str:
-    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events
-                   if isinstance(e, dict) and e.get("choices"))
+    return "".join(
+        e["choices"][0]["delta"].get("content") or "" for e in events if isinstance(e, dict) and e.get("choices")
+    )
 
 
 # ----------------------------------------------------------------------------------------------- caching
-def test_repeat_request_is_served_from_cache_without_reaching_vllm(client: httpx.Client,
-                                                                   mock_control: MockControl) -> None:
+def test_repeat_request_is_served_from_cache_without_reaching_vllm(
+    client: httpx.Client, mock_control: MockControl
+) -> None:
     first = client.post("/v1/chat/completions", json=chat())
     second = client.post("/v1/chat/completions", json=chat())
     assert first.status_code == second.status_code == 200
@@ -88,8 +90,9 @@ def test_streamed_and_plain_requests_share_one_entry(client: httpx.Client, mock_
 
 def test_usage_chunk_only_when_the_client_asks(client: httpx.Client) -> None:
     without = sse_events(client.post("/v1/chat/completions", json=chat(stream=True)).text)
-    with_usage = sse_events(client.post("/v1/chat/completions",
-                                        json=chat(stream=True, stream_options={"include_usage": True})).text)
+    with_usage = sse_events(
+        client.post("/v1/chat/completions", json=chat(stream=True, stream_options={"include_usage": True})).text
+    )
     assert not any(e != "[DONE]" and e["choices"] == [] for e in without)
     assert with_usage[-2]["choices"] == [] and "usage" in with_usage[-2]
     assert with_usage[:-2] == without[:-1]  # otherwise the very same replayed chunks
@@ -105,11 +108,15 @@ def test_different_questions_are_different_entries(client: httpx.Client, mock_co
 
 
 def test_fields_that_do_not_change_the_answer_share_the_entry(client: httpx.Client) -> None:
-    first = client.post("/v1/chat/completions", json=chat(user="alice"),
-                        headers={"X-Session-Id": "one", "Authorization": "Bearer a"})
+    first = client.post(
+        "/v1/chat/completions", json=chat(user="alice"), headers={"X-Session-Id": "one", "Authorization": "Bearer a"}
+    )
     reordered = {"max_tokens": 50, "messages": chat()["messages"], "model": SERVED_MODEL, "user": "bob"}
-    second = client.post("/v1/chat/completions", content=json.dumps(reordered),
-                         headers={"X-Session-Id": "two", "Content-Type": "application/json"})
+    second = client.post(
+        "/v1/chat/completions",
+        content=json.dumps(reordered),
+        headers={"X-Session-Id": "two", "Content-Type": "application/json"},
+    )
     assert second.headers["x-cache"] == "HIT"
     assert second.headers["x-cache-key"] == first.headers["x-cache-key"]
 
@@ -130,17 +137,25 @@ def test_completions_endpoint_stream_and_plain(client: httpx.Client, mock_contro
 
 @pytest.mark.parametrize("mock_vllm_settings", [{"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}])
 def test_tool_calls_pass_through_in_both_modes(client: httpx.Client, mock_vllm_settings: dict[str, Any]) -> None:
-    tools = [{"type": "function", "function": {
-        "name": "read_file", "description": "Read a file",
-        "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "read_file",
+                "description": "Read a file",
+                "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
+            },
+        }
+    ]
     body = chat("Please call read_file on main.py", tools=tools, tool_choice="auto")
     streamed = sse_events(client.post("/v1/chat/completions", json={**body, "stream": True}).text)
     plain = client.post("/v1/chat/completions", json=body).json()
     call = plain["choices"][0]["message"]["tool_calls"][0]
     assert plain["choices"][0]["finish_reason"] == "tool_calls"
     assert call["function"]["name"] == "read_file"
-    deltas = [d for e in streamed if e != "[DONE]" and e["choices"]
-              for d in e["choices"][0]["delta"].get("tool_calls") or []]
+    deltas = [
+        d for e in streamed if e != "[DONE]" and e["choices"] for d in e["choices"][0]["delta"].get("tool_calls") or []
+    ]
     assert deltas[0]["id"] == call["id"] and deltas[0]["function"]["name"] == "read_file"
     assert "".join(d["function"].get("arguments") or "" for d in deltas) == call["function"]["arguments"]
     assert "path" in json.loads(call["function"]["arguments"])
@@ -166,8 +181,10 @@ def test_cache_control_no_cache_skips_lookup_but_stores(client: httpx.Client, mo
     assert fresh.headers["x-cache"] == "BYPASS"
     assert mock_control.generations() == 2
     key = fresh.headers["x-cache-key"]
-    wait_until(lambda: client.get(f"/debug/cache/{key}").json()["response"]["id"] == fresh.json()["id"],
-               "the fresh answer replaced the stored one")
+    wait_until(
+        lambda: client.get(f"/debug/cache/{key}").json()["response"]["id"] == fresh.json()["id"],
+        "the fresh answer replaced the stored one",
+    )
     assert client.post("/v1/chat/completions", json=chat()).json() == fresh.json()
 
 
@@ -213,8 +230,9 @@ def test_unknown_model_gets_vllm_404_listing_served_ids(client: httpx.Client, mo
 
 
 @pytest.mark.parametrize("mock_vllm_settings", [{"max_model_len": 512}])
-def test_kilo_code_default_max_tokens_is_fitted_to_the_context(client: httpx.Client,
-                                                               mock_vllm_settings: dict[str, Any]) -> None:
+def test_kilo_code_default_max_tokens_is_fitted_to_the_context(
+    client: httpx.Client, mock_vllm_settings: dict[str, Any]
+) -> None:
     response = client.post("/v1/chat/completions", json=chat(max_tokens=32000))
     assert response.status_code == 200, response.text
     wait_for_stored(client, 1)
@@ -268,8 +286,10 @@ def test_metrics_prometheus_when_prometheus_asks(client: httpx.Client) -> None:
     client.post("/v1/chat/completions", json=chat())
     wait_for_stored(client, 1)
     client.post("/v1/chat/completions", json=chat())
-    scrape = client.get("/metrics", headers={
-        "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"})
+    scrape = client.get(
+        "/metrics",
+        headers={"Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"},
+    )
     assert scrape.headers["content-type"].startswith("application/openmetrics-text")
     text = client.get("/metrics?format=prometheus").text
     assert f'llm_proxy_requests_total{{cache="HIT",model="{SERVED_MODEL}",status="200"}} 1.0' in text
@@ -279,8 +299,7 @@ def test_metrics_prometheus_when_prometheus_asks(client: httpx.Client) -> None:
 
 
 def test_debug_cache_lists_shows_and_deletes_entries(client: httpx.Client) -> None:
-    keys = [client.post("/v1/chat/completions", json=chat(f"question {i}")).headers["x-cache-key"]
-            for i in range(3)]
+    keys = [client.post("/v1/chat/completions", json=chat(f"question {i}")).headers["x-cache-key"] for i in range(3)]
     wait_for_stored(client, 3)
     client.post("/v1/chat/completions", json=chat("question 0"))  # a hit on the oldest
     listing = client.get("/debug/cache", params={"limit": 2}).json()
@@ -314,8 +333,9 @@ def test_profiling_adds_server_timing(start_proxy: ProxyFactory, tmp_path: Path)
     with httpx.Client(base_url=proxy.url, timeout=20) as http:
         miss = http.post("/v1/chat/completions", json=chat())
         hit = http.post("/v1/chat/completions", json=chat())
-    assert {"cache", "upstream", "total"} <= {part.split(";")[0].strip()
-                                               for part in miss.headers["server-timing"].split(",")}
+    assert {"cache", "upstream", "total"} <= {
+        part.split(";")[0].strip() for part in miss.headers["server-timing"].split(",")
+    }
     assert hit.headers["server-timing"].startswith("cache;dur=")
     log = (tmp_path / "proxy.log").read_text()
     assert "cache=MISS" in log and "upstream_ms=" in log and "cache=HIT" in log
@@ -333,8 +353,7 @@ def test_one_log_line_per_request(client: httpx.Client, tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- restarts
-def test_cache_survives_a_proxy_restart(start_proxy: ProxyFactory, mock_control: MockControl,
-                                        tmp_path: Path) -> None:
+def test_cache_survives_a_proxy_restart(start_proxy: ProxyFactory, mock_control: MockControl, tmp_path: Path) -> None:
     first = start_proxy()
     answer = httpx.post(f"{first.url}/v1/chat/completions", json=chat(), timeout=20).json()
     first.stop()
@@ -346,13 +365,12 @@ def test_cache_survives_a_proxy_restart(start_proxy: ProxyFactory, mock_control:
     assert mock_control.generations() == 1
 
 
-def test_a_restarted_proxy_serves_its_cache_while_the_index_loads(start_proxy: ProxyFactory,
-                                                                   mock_control: MockControl,
-                                                                   held_scan: HeldScan) -> None:
+def test_a_restarted_proxy_serves_its_cache_while_the_index_loads(
+    start_proxy: ProxyFactory, mock_control: MockControl, held_scan: HeldScan
+) -> None:
     held_scan.armed = False
     first = start_proxy()
-    answers = [httpx.post(f"{first.url}/v1/chat/completions", json=chat(f"q{i}"), timeout=20).json()
-               for i in range(3)]
+    answers = [httpx.post(f"{first.url}/v1/chat/completions", json=chat(f"q{i}"), timeout=20).json() for i in range(3)]
     first.stop()
     held_scan.armed = True
     second = start_proxy()  # ready while the scan of the cache directory is held
@@ -364,7 +382,9 @@ def test_a_restarted_proxy_serves_its_cache_while_the_index_loads(start_proxy: P
         wait_until(lambda: http.get("/health").json()["cache_loading"] is False, "the index loaded")
         assert http.get("/metrics").json()["cache_entries"] == 3
         assert [http.post("/v1/chat/completions", json=chat(f"q{i}")).headers["x-cache"] for i in (0, 2)] == [
-            "HIT", "HIT"]
+            "HIT",
+            "HIT",
+        ]
     assert mock_control.generations() == 3
 
 

@@ -28,14 +28,16 @@ BASE_BODY: dict[str, Any] = {
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "What is 2+2?"},
     ],
-    "tools": [{
-        "type": "function",
-        "function": {
-            "name": "add",
-            "description": "Add two numbers",
-            "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
-        },
-    }],
+    "tools": [
+        {
+            "type": "function",
+            "function": {
+                "name": "add",
+                "description": "Add two numbers",
+                "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
+            },
+        }
+    ],
     "temperature": 0.7,
     "max_tokens": 64,
 }
@@ -49,9 +51,19 @@ def key_for(question: str) -> str:
 def answer_document(text: str, *, usage: bool = True) -> dict[str, Any]:
     """A document shaped like the one the proxy stores after a streamed upstream answer."""
     response = {
-        "id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": "qwen-7b",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []},
-                     "logprobs": None, "finish_reason": "stop", "stop_reason": None}],
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "qwen-7b",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "tool_calls": []},
+                "logprobs": None,
+                "finish_reason": "stop",
+                "stop_reason": None,
+            }
+        ],
         "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
     }
     head = '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"qwen-7b"'
@@ -181,37 +193,42 @@ def test_key_ignores_key_order_at_every_depth() -> None:
     # the reordering really happened, inside messages and tools too
     assert list(shuffled) != list(BASE_BODY)
     assert list(shuffled["messages"][0]) != list(BASE_BODY["messages"][0])
-    assert list(shuffled["tools"][0]["function"]["parameters"]) != list(
-        BASE_BODY["tools"][0]["function"]["parameters"])
+    assert list(shuffled["tools"][0]["function"]["parameters"]) != list(BASE_BODY["tools"][0]["function"]["parameters"])
     assert cache_key(CHAT, shuffled) == cache_key(CHAT, BASE_BODY)
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("stream", True),
-    ("stream_options", {"include_usage": True}),
-    ("user", "alice"),
-    ("cache", {"no-store": True}),
-    ("metadata", {"trace": "abc"}),
-    ("store", True),
-    ("request_id", "req-123"),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("stream", True),
+        ("stream_options", {"include_usage": True}),
+        ("user", "alice"),
+        ("cache", {"no-store": True}),
+        ("metadata", {"trace": "abc"}),
+        ("store", True),
+        ("request_id", "req-123"),
+    ],
+)
 def test_transport_and_label_fields_do_not_change_the_key(field: str, value: Any) -> None:
     assert cache_key(CHAT, {**BASE_BODY, field: value}) == cache_key(CHAT, BASE_BODY)
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("messages", [{"role": "user", "content": "What is 3+3?"}]),
-    ("tools", []),
-    ("tool_choice", "required"),
-    ("temperature", 0.2),
-    ("top_p", 0.9),
-    ("max_tokens", 65),
-    ("seed", 42),
-    ("response_format", {"type": "json_object"}),
-    ("stop", ["\n"]),
-    ("model", "llama-8b"),
-    ("n", 2),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("messages", [{"role": "user", "content": "What is 3+3?"}]),
+        ("tools", []),
+        ("tool_choice", "required"),
+        ("temperature", 0.2),
+        ("top_p", 0.9),
+        ("max_tokens", 65),
+        ("seed", 42),
+        ("response_format", {"type": "json_object"}),
+        ("stop", ["\n"]),
+        ("model", "llama-8b"),
+        ("n", 2),
+    ],
+)
 def test_answer_changing_fields_change_the_key(field: str, value: Any) -> None:
     assert cache_key(CHAT, {**BASE_BODY, field: value}) != cache_key(CHAT, BASE_BODY)
 
@@ -223,7 +240,8 @@ def test_chat_and_text_completion_endpoints_never_share_a_key() -> None:
 @pytest.mark.parametrize(("as_int", "as_float"), [(0, 0.0), (1, 1.0), (2, 2.0)])
 def test_integral_floats_and_ints_share_a_key(as_int: int, as_float: float) -> None:
     assert cache_key(CHAT, {**BASE_BODY, "temperature": as_int}) == cache_key(
-        CHAT, {**BASE_BODY, "temperature": as_float})
+        CHAT, {**BASE_BODY, "temperature": as_float}
+    )
 
 
 @pytest.mark.parametrize("huge", [1e20, 1e300, -1e20])
@@ -249,8 +267,17 @@ async def test_put_then_get_serves_the_stored_answer(cache: ResponseCache) -> No
     assert answer.completion_tokens == 2
     stored = cache.read_document(key)
     assert stored is not None
-    for field in ("endpoint", "model", "created", "preview", "completion_tokens", "request", "response",
-                  "chunks", "usage_chunk"):
+    for field in (
+        "endpoint",
+        "model",
+        "created",
+        "preview",
+        "completion_tokens",
+        "request",
+        "response",
+        "chunks",
+        "usage_chunk",
+    ):
         assert stored[field] == document[field], field
     assert stored["key"] == key
 
@@ -323,7 +350,8 @@ async def test_a_served_answer_replaced_by_a_new_one_is_served_new(cache: Respon
 
 
 async def test_a_served_answer_whose_file_was_deleted_is_no_longer_served(
-        cache: ResponseCache, cache_dir: Path) -> None:
+    cache: ResponseCache, cache_dir: Path
+) -> None:
     key = key_for("deleted behind our back")
     cache.put(key, CacheEntry(**answer_document("cached")))
     assert cache.get(key) is not None
@@ -335,7 +363,8 @@ async def test_a_served_answer_whose_file_was_deleted_is_no_longer_served(
 
 
 async def test_answers_served_again_come_from_memory_yet_still_count_their_use(
-        cache: ResponseCache, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache: ResponseCache, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     key = key_for("popular")
     cache.put(key, CacheEntry(**answer_document("again and again")))
     assert cache.get(key) is not None
@@ -351,7 +380,8 @@ async def test_answers_served_again_come_from_memory_yet_still_count_their_use(
 
 
 async def test_memory_for_served_answers_is_bounded(
-        cache_dir: Path, open_cache: Callable[..., ResponseCache], monkeypatch: pytest.MonkeyPatch) -> None:
+    cache_dir: Path, open_cache: Callable[..., ResponseCache], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(llmpod.proxy.cache, "HOT_BYTES", 32 * 1024)
     cache = open_cache()
     keys = [key_for(f"bounded {i}") for i in range(40)]
@@ -435,9 +465,7 @@ async def test_count_limit_evicts_least_recently_used(
     assert cache.total_bytes == disk_bytes(cache_dir)
 
 
-async def test_byte_limit_evicts_least_recently_used(
-    open_cache: Callable[..., ResponseCache], cache_dir: Path
-) -> None:
+async def test_byte_limit_evicts_least_recently_used(open_cache: Callable[..., ResponseCache], cache_dir: Path) -> None:
     a, b, c = (key_for(name) for name in "abc")
     documents = {key: answer_document("same length") for key in (a, b, c)}
     size = stored_size(a, documents[a])
@@ -535,9 +563,7 @@ async def test_a_hit_before_a_restart_counts_as_recent_use(
     assert entry_files(cache_dir) == {f"{a}.json"}
 
 
-async def test_load_enforces_a_smaller_byte_limit(
-    open_cache: Callable[..., ResponseCache], cache_dir: Path
-) -> None:
+async def test_load_enforces_a_smaller_byte_limit(open_cache: Callable[..., ResponseCache], cache_dir: Path) -> None:
     first = open_cache()
     keys = [key_for(f"bytes {i}") for i in range(4)]
     for i, key in enumerate(keys):
@@ -588,16 +614,19 @@ async def test_a_corrupt_file_is_a_miss_and_is_deleted(
     assert answer.response["choices"][0]["message"]["content"] == "repaired"
 
 
-@pytest.mark.parametrize("name", [
-    "notes.txt",
-    "README",
-    "0" * 63 + ".json",
-    "0" * 65 + ".json",
-    "A" * 64 + ".json",
-    "g" * 64 + ".json",
-    "0" * 64 + ".json.bak",
-    "0" * 64,
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "notes.txt",
+        "README",
+        "0" * 63 + ".json",
+        "0" * 65 + ".json",
+        "A" * 64 + ".json",
+        "g" * 64 + ".json",
+        "0" * 64 + ".json.bak",
+        "0" * 64,
+    ],
+)
 def test_load_ignores_files_that_are_not_entries(
     open_cache: Callable[..., ResponseCache], cache_dir: Path, name: str
 ) -> None:
@@ -611,9 +640,7 @@ def test_load_ignores_files_that_are_not_entries(
     assert (cache_dir / name).exists()  # not ours: left alone
 
 
-async def test_a_file_deleted_behind_the_caches_back_is_a_plain_miss(
-    cache: ResponseCache, cache_dir: Path
-) -> None:
+async def test_a_file_deleted_behind_the_caches_back_is_a_plain_miss(cache: ResponseCache, cache_dir: Path) -> None:
     key = key_for("vanishing")
     cache.put(key, CacheEntry(**answer_document("gone soon")))
     (cache_dir / f"{key}.json").unlink()
@@ -661,8 +688,9 @@ async def test_a_full_or_read_only_disk_stops_storing_but_keeps_serving(
 
 
 @pytest.mark.parametrize("start", ["load", "load_behind"])
-async def test_a_cache_directory_that_cannot_be_made_stops_storing_and_serves_nothing(tmp_path: Path,
-                                                                                      start: str) -> None:
+async def test_a_cache_directory_that_cannot_be_made_stops_storing_and_serves_nothing(
+    tmp_path: Path, start: str
+) -> None:
     (tmp_path / "a-file").write_text("not a directory")
     cache = ResponseCache(tmp_path / "a-file" / "cache", max_entries=10, max_bytes=10**6)
     if start == "load":
@@ -721,18 +749,21 @@ def test_path_for_a_key_is_inside_the_directory(cache: ResponseCache, cache_dir:
     assert cache.path_for(key) == cache_dir / f"{key}.json"
 
 
-@pytest.mark.parametrize("not_a_key", [
-    "../x",
-    "../" + "0" * 61,
-    "0" * 60 + "/../",
-    "/etc/passwd",
-    "",
-    "0" * 63,
-    "0" * 65,
-    "A" * 64,
-    "0" * 64 + ".json",
-    "0" * 64 + "\n",
-])
+@pytest.mark.parametrize(
+    "not_a_key",
+    [
+        "../x",
+        "../" + "0" * 61,
+        "0" * 60 + "/../",
+        "/etc/passwd",
+        "",
+        "0" * 63,
+        "0" * 65,
+        "A" * 64,
+        "0" * 64 + ".json",
+        "0" * 64 + "\n",
+    ],
+)
 def test_path_for_rejects_anything_but_a_key(cache: ResponseCache, not_a_key: str) -> None:
     with pytest.raises(ValueError, match="not a cache key"):
         cache.path_for(not_a_key)
@@ -772,8 +803,9 @@ async def test_write_behind_delete_wins_over_a_write_in_progress(tmp_path: Path)
     assert not (tmp_path / f"{key}.json").exists()
 
 
-async def test_write_behind_failure_stops_storing_and_keeps_serving(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_write_behind_failure_stops_storing_and_keeps_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = ResponseCache(tmp_path, max_entries=10, max_bytes=10**9)
     cache.load()
 
@@ -830,8 +862,9 @@ async def test_deletes_made_while_the_index_loads_stay_deleted(cache_dir: Path, 
     assert entry_files(cache_dir) == {f"{kept}.json"} and cache.total_bytes == disk_bytes(cache_dir)
 
 
-async def test_a_clear_while_the_index_loads_removes_what_it_has_not_reached(cache_dir: Path,
-                                                                            held_scan: HeldScan) -> None:
+async def test_a_clear_while_the_index_loads_removes_what_it_has_not_reached(
+    cache_dir: Path, held_scan: HeldScan
+) -> None:
     on_disk(cache_dir, "a", "b", "c")
     cache = ResponseCache(cache_dir, max_entries=100, max_bytes=10**9)
 
@@ -874,8 +907,9 @@ async def test_loading_behind_removes_crash_leftovers_before_serving(cache_dir: 
     assert entry_files(cache_dir) == {f"{key}.json"}
 
 
-async def test_a_directory_removed_while_the_index_loads_is_an_empty_cache(cache_dir: Path,
-                                                                          held_scan: HeldScan) -> None:
+async def test_a_directory_removed_while_the_index_loads_is_an_empty_cache(
+    cache_dir: Path, held_scan: HeldScan
+) -> None:
     on_disk(cache_dir, "a", "b")
     cache = ResponseCache(cache_dir, max_entries=100, max_bytes=10**9)
     held_scan.look_late = True

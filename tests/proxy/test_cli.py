@@ -21,19 +21,28 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_proxy(env: dict[str, str], *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "proxy_fastapi.py"), *args], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "proxy_fastapi.py"), *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
-@pytest.mark.parametrize(("env", "named"), [
-    ({"PROXY_PORT": "eighty"}, "PROXY_PORT='eighty'"),
-    ({"MAX_CACHE_SIZE": "-5"}, "MAX_CACHE_SIZE='-5'"),
-    ({"CACHE_SIZE_BYTES": "lots"}, "CACHE_SIZE_BYTES='lots'"),
-    ({"RUNPOD_ENDPOINT": "pod-1234"}, "RUNPOD_ENDPOINT='pod-1234'"),
-    ({"UPSTREAM_TIMEOUT": "-1"}, "UPSTREAM_TIMEOUT='-1'"),
-    ({"ENABLE_PROFILING": "sometimes"}, "ENABLE_PROFILING='sometimes'"),
-    ({"PROXY_HOST": "0.0.0.0"}, "PROXY_API_KEY"),
-])
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"PROXY_PORT": "eighty"}, "PROXY_PORT='eighty'"),
+        ({"MAX_CACHE_SIZE": "-5"}, "MAX_CACHE_SIZE='-5'"),
+        ({"CACHE_SIZE_BYTES": "lots"}, "CACHE_SIZE_BYTES='lots'"),
+        ({"RUNPOD_ENDPOINT": "pod-1234"}, "RUNPOD_ENDPOINT='pod-1234'"),
+        ({"UPSTREAM_TIMEOUT": "-1"}, "UPSTREAM_TIMEOUT='-1'"),
+        ({"ENABLE_PROFILING": "sometimes"}, "ENABLE_PROFILING='sometimes'"),
+        ({"PROXY_HOST": "0.0.0.0"}, "PROXY_API_KEY"),
+    ],
+)
 def test_bad_setting_is_one_line_and_exit_2(env: dict[str, str], named: str) -> None:
     result = run_proxy(env)
     assert result.returncode == 2
@@ -56,10 +65,21 @@ def test_busy_port_is_one_line_and_exit_2() -> None:
 @pytest.fixture
 def proxy_process(mock_vllm: LoopbackServer, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     port = free_port()
-    env = {**os.environ, "RUNPOD_ENDPOINT": f"{mock_vllm.url}/v1/chat/completions", "CACHE_DIR": str(tmp_path / "c"),
-           "LOG_FILE": str(tmp_path / "proxy.log"), "UPSTREAM_API_KEY": "not-needed-by-the-mock-but-secret"}
-    process = subprocess.Popen([sys.executable, str(ROOT / "proxy_fastapi.py"), "--port", str(port)], env=env,
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "RUNPOD_ENDPOINT": f"{mock_vllm.url}/v1/chat/completions",
+        "CACHE_DIR": str(tmp_path / "c"),
+        "LOG_FILE": str(tmp_path / "proxy.log"),
+        "UPSTREAM_API_KEY": "not-needed-by-the-mock-but-secret",
+    }
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "proxy_fastapi.py"), "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_port(port)
         yield process, port
@@ -69,8 +89,9 @@ def proxy_process(mock_vllm: LoopbackServer, tmp_path: Path) -> Iterator[tuple[s
         process.communicate(timeout=10)
 
 
-def test_proxy_serves_and_stops_cleanly_on_sigterm(proxy_process: tuple[subprocess.Popen[str], int],
-                                                   tmp_path: Path) -> None:
+def test_proxy_serves_and_stops_cleanly_on_sigterm(
+    proxy_process: tuple[subprocess.Popen[str], int], tmp_path: Path
+) -> None:
     process, port = proxy_process
     base = f"http://127.0.0.1:{port}"
     assert httpx.get(f"{base}/health", timeout=10).json()["status"] == "healthy"

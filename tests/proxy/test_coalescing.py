@@ -27,7 +27,8 @@ async def wait_until(condition: Any, timeout: float = 10.0) -> None:
 
 
 async def test_concurrent_identical_plain_requests_make_one_upstream_call(
-        proxy: LoopbackServer, mock_control: MockControl, mock_vllm_settings: dict[str, Any]) -> None:
+    proxy: LoopbackServer, mock_control: MockControl, mock_vllm_settings: dict[str, Any]
+) -> None:
     async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
         responses = await asyncio.gather(*(http.post("/v1/chat/completions", json=chat()) for _ in range(10)))
         metrics = (await http.get("/metrics")).json()
@@ -39,8 +40,9 @@ async def test_concurrent_identical_plain_requests_make_one_upstream_call(
     assert metrics["coalesced_requests"] == 9 and metrics["upstream_calls"] == 1
 
 
-async def test_streamed_followers_receive_every_chunk(proxy: LoopbackServer, mock_control: MockControl,
-                                                      mock_vllm_settings: dict[str, Any]) -> None:
+async def test_streamed_followers_receive_every_chunk(
+    proxy: LoopbackServer, mock_control: MockControl, mock_vllm_settings: dict[str, Any]
+) -> None:
     body = chat(stream=True, stream_options={"include_usage": True})
     async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
         streamed = await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(5)))
@@ -52,13 +54,15 @@ async def test_streamed_followers_receive_every_chunk(proxy: LoopbackServer, moc
     assert mock_control.generations() == 1
 
 
-async def test_late_joiner_gets_what_was_sent_so_far_then_follows(proxy: LoopbackServer,
-                                                                  mock_control: MockControl,
-                                                                  mock_vllm_settings: dict[str, Any]) -> None:
+async def test_late_joiner_gets_what_was_sent_so_far_then_follows(
+    proxy: LoopbackServer, mock_control: MockControl, mock_vllm_settings: dict[str, Any]
+) -> None:
     mock_control.configure(first_token_delay=0.0, chunk_delay=0.1, chunk_count=15)
     body = chat(stream=True)
-    async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http, \
-            http.stream("POST", "/v1/chat/completions", json=body) as leader:
+    async with (
+        httpx.AsyncClient(base_url=proxy.url, timeout=30) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as leader,
+    ):
         pieces = leader.aiter_text()
         leader_text = ""
         while leader_text.count("data: ") < 4:
@@ -71,8 +75,9 @@ async def test_late_joiner_gets_what_was_sent_so_far_then_follows(proxy: Loopbac
     assert mock_control.generations() == 1
 
 
-async def test_leader_leaving_does_not_stop_the_others(proxy: LoopbackServer, mock_control: MockControl,
-                                                       mock_vllm_settings: dict[str, Any]) -> None:
+async def test_leader_leaving_does_not_stop_the_others(
+    proxy: LoopbackServer, mock_control: MockControl, mock_vllm_settings: dict[str, Any]
+) -> None:
     mock_control.configure(first_token_delay=0.0, chunk_delay=0.1, chunk_count=15)
     body = chat(stream=True)
     async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
@@ -91,9 +96,9 @@ async def test_leader_leaving_does_not_stop_the_others(proxy: LoopbackServer, mo
     assert mock_control.generations() == 1
 
 
-async def test_upstream_call_is_cancelled_when_every_client_leaves(proxy: LoopbackServer,
-                                                                   mock_control: MockControl,
-                                                                   mock_vllm_settings: dict[str, Any]) -> None:
+async def test_upstream_call_is_cancelled_when_every_client_leaves(
+    proxy: LoopbackServer, mock_control: MockControl, mock_vllm_settings: dict[str, Any]
+) -> None:
     mock_control.configure(first_token_delay=0.0, chunk_delay=0.2, chunk_count=100)  # 20 s if not cancelled
     async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
         async with http.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as stream:

@@ -34,64 +34,86 @@ from tests.support.helpers import wait_for_stored
 from tests.support.servers import LoopbackServer
 
 
-@pytest.mark.parametrize(("text", "parsed", "lowers"), [
-    ("0.27.1", (0, 27, 1), False),
-    ("0.31.0", (0, 31, 0), False),  # still refuses prompt + max_tokens over the context
-    ("0.32.0", (0, 32, 0), True),  # the first release that lowers max_tokens itself
-    ("0.33.0", (0, 33, 0), True),
-    ("0.34.0+cu128", (0, 34, 0), True),
-    ("0.32.1rc2.dev14+g1a2b3c", (0, 32, 1), True),
-    ("v1.0", (1, 0, 0), True),
-    ("", None, False),
-    ("unknown", None, False),
-    (None, None, False),
-    (33, None, False),
-])
+@pytest.mark.parametrize(
+    ("text", "parsed", "lowers"),
+    [
+        ("0.27.1", (0, 27, 1), False),
+        ("0.31.0", (0, 31, 0), False),  # still refuses prompt + max_tokens over the context
+        ("0.32.0", (0, 32, 0), True),  # the first release that lowers max_tokens itself
+        ("0.33.0", (0, 33, 0), True),
+        ("0.34.0+cu128", (0, 34, 0), True),
+        ("0.32.1rc2.dev14+g1a2b3c", (0, 32, 1), True),
+        ("v1.0", (1, 0, 0), True),
+        ("", None, False),
+        ("unknown", None, False),
+        (None, None, False),
+        (33, None, False),
+    ],
+)
 def test_version_decides_whether_the_server_lowers_max_tokens(text: Any, parsed: Any, lowers: bool) -> None:
     assert parse_version(text) == parsed
     assert lowers_max_tokens_itself(parsed) is lowers
 
 
 # vLLM 0.33.0's own server (serve_stub.py), max_model_len 16384: the exact 400 messages
-V0330_MAX_TOKENS = ("max_tokens=32000 cannot be greater than max_model_len=16384. Please request fewer output "
-                    "tokens. (parameter=max_tokens, value=32000)")
-V0330_MAX_COMPLETION_TOKENS = ("max_completion_tokens=32000 cannot be greater than max_model_len=16384. Please "
-                               "request fewer output tokens. (parameter=max_completion_tokens, value=32000)")
-V0330_PROMPT_ALONE = ("This model's maximum context length is 16384 tokens. However, your prompt contains at least "
-                      "16385 input tokens, which exceeds this limit even without any output tokens. Please reduce "
-                      "the length of the input prompt. (parameter=input_tokens, value=16385)")
+V0330_MAX_TOKENS = (
+    "max_tokens=32000 cannot be greater than max_model_len=16384. Please request fewer output "
+    "tokens. (parameter=max_tokens, value=32000)"
+)
+V0330_MAX_COMPLETION_TOKENS = (
+    "max_completion_tokens=32000 cannot be greater than max_model_len=16384. Please "
+    "request fewer output tokens. (parameter=max_completion_tokens, value=32000)"
+)
+V0330_PROMPT_ALONE = (
+    "This model's maximum context length is 16384 tokens. However, your prompt contains at least "
+    "16385 input tokens, which exceeds this limit even without any output tokens. Please reduce "
+    "the length of the input prompt. (parameter=input_tokens, value=16385)"
+)
 # vLLM 0.27.1 (also 0.28.0-0.30.0 for the first; 0.31.0 prints "max_model_len=16384" there), rendered from the
 # f-strings of vllm/renderers/params.py with VLLMValidationError's "(parameter=..., value=...)" (vllm/exceptions.py)
-V0271_MAX_TOKENS = ("max_tokens=32000 cannot be greater than max_model_len=max_total_tokens=16384. Please request "
-                    "fewer output tokens. (parameter=max_tokens, value=32000)")
-V0271_TOTAL = ("This model's maximum context length is 16384 tokens. However, you requested 8000 output tokens and "
-               "your prompt contains 12000 input tokens, for a total of 20000 tokens. Please reduce the length of "
-               "the input prompt or the number of requested output tokens. (parameter=input_tokens, value=12000)")
-V0271_AT_LEAST = ("This model's maximum context length is 16384 tokens. However, you requested 16000 output tokens "
-                  "and your prompt contains at least 385 input tokens, for a total of at least 16385 tokens. Please "
-                  "reduce the length of the input prompt or the number of requested output tokens. "
-                  "(parameter=input_tokens, value=385)")
-V0271_CHARACTERS = ("This model's maximum context length is 16384 tokens. However, you requested 16000 output tokens "
-                    "and your prompt contains 52873 characters (more than 6144 characters, which is the upper bound "
-                    "for 384 input tokens). Please reduce the length of the input prompt or the number of requested "
-                    "output tokens. (parameter=input_text, value=52873)")
+V0271_MAX_TOKENS = (
+    "max_tokens=32000 cannot be greater than max_model_len=max_total_tokens=16384. Please request "
+    "fewer output tokens. (parameter=max_tokens, value=32000)"
+)
+V0271_TOTAL = (
+    "This model's maximum context length is 16384 tokens. However, you requested 8000 output tokens and "
+    "your prompt contains 12000 input tokens, for a total of 20000 tokens. Please reduce the length of "
+    "the input prompt or the number of requested output tokens. (parameter=input_tokens, value=12000)"
+)
+V0271_AT_LEAST = (
+    "This model's maximum context length is 16384 tokens. However, you requested 16000 output tokens "
+    "and your prompt contains at least 385 input tokens, for a total of at least 16385 tokens. Please "
+    "reduce the length of the input prompt or the number of requested output tokens. "
+    "(parameter=input_tokens, value=385)"
+)
+V0271_CHARACTERS = (
+    "This model's maximum context length is 16384 tokens. However, you requested 16000 output tokens "
+    "and your prompt contains 52873 characters (more than 6144 characters, which is the upper bound "
+    "for 384 input tokens). Please reduce the length of the input prompt or the number of requested "
+    "output tokens. (parameter=input_text, value=52873)"
+)
 # before the renderers (as users quote it from older releases; not checked against a wheel here)
-PRE_RENDERER = ("'max_tokens' or 'max_completion_tokens' is too large: 32000. This model's maximum context length "
-                "is 16384 tokens and your request has 120 input tokens (32000 > 16384 - 120).")
+PRE_RENDERER = (
+    "'max_tokens' or 'max_completion_tokens' is too large: 32000. This model's maximum context length "
+    "is 16384 tokens and your request has 120 input tokens (32000 > 16384 - 120)."
+)
 
 
-@pytest.mark.parametrize(("message", "refusal"), [
-    (V0330_MAX_TOKENS, (16384, None)),
-    (V0330_MAX_COMPLETION_TOKENS, (16384, None)),
-    (V0330_PROMPT_ALONE, (16384, None)),  # "at least": no count, and nothing fits anyway
-    (V0271_MAX_TOKENS, (16384, None)),
-    (V0271_TOTAL, (16384, 12000)),
-    (V0271_AT_LEAST, (16384, None)),  # the prompt was cut at the limit: its real count is unknown
-    (V0271_CHARACTERS, (16384, None)),
-    (PRE_RENDERER, (16384, 120)),
-    ("The model `x` does not exist. Valid aliases: my-model.", None),
-    ('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set', None),
-])
+@pytest.mark.parametrize(
+    ("message", "refusal"),
+    [
+        (V0330_MAX_TOKENS, (16384, None)),
+        (V0330_MAX_COMPLETION_TOKENS, (16384, None)),
+        (V0330_PROMPT_ALONE, (16384, None)),  # "at least": no count, and nothing fits anyway
+        (V0271_MAX_TOKENS, (16384, None)),
+        (V0271_TOTAL, (16384, 12000)),
+        (V0271_AT_LEAST, (16384, None)),  # the prompt was cut at the limit: its real count is unknown
+        (V0271_CHARACTERS, (16384, None)),
+        (PRE_RENDERER, (16384, 120)),
+        ("The model `x` does not exist. Valid aliases: my-model.", None),
+        ('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set', None),
+    ],
+)
 def test_vllm_context_refusals_are_read_per_release(message: str, refusal: Any) -> None:
     assert refusal_from_error(message) == refusal
 
@@ -104,15 +126,23 @@ def test_cap_max_tokens_only_lowers() -> None:
 
 
 def turn(messages: list[dict[str, Any]], max_tokens: int = 32000) -> dict[str, Any]:
-    return {"model": "m", "messages": messages, "tools": [{"type": "function", "function": {"name": "read_file"}}],
-            "max_tokens": max_tokens, "stream": True}
+    return {
+        "model": "m",
+        "messages": messages,
+        "tools": [{"type": "function", "function": {"name": "read_file"}}],
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
 
 
 SYSTEM = {"role": "system", "content": "You are Kilo Code. " * 2000}
 FIRST = [SYSTEM, {"role": "user", "content": "<task>add a flag</task>"}]
-SECOND = [*FIRST, {"role": "assistant", "content": "reading"},
-          {"role": "tool", "tool_call_id": "c", "content": "x = 1"},
-          {"role": "user", "content": "<environment_details>12:01</environment_details>"}]
+SECOND = [
+    *FIRST,
+    {"role": "assistant", "content": "reading"},
+    {"role": "tool", "tool_call_id": "c", "content": "x = 1"},
+    {"role": "user", "content": "<environment_details>12:01</environment_details>"},
+]
 
 
 def size(body: dict[str, Any]) -> int:
@@ -124,7 +154,7 @@ def test_a_remembered_prefix_bounds_the_next_turn_by_its_count_plus_the_added_by
     first, second = turn(FIRST), turn(SECOND)
     assert memory.bound(second, size(second)) == (size(second) + TOKEN_MARGIN, 0)  # nothing known: bytes
     memory.learn(first, 9000)
-    added = sum(len(orjson.dumps(m)) for m in SECOND[len(FIRST):])
+    added = sum(len(orjson.dumps(m)) for m in SECOND[len(FIRST) :])
     assert memory.bound(second, size(second)) == (9000 + added + TOKEN_MARGIN, 9000)
     assert memory.bound(first, size(first)) == (9000, 9000)  # the same prompt again: its exact count
     other_tools = {**second, "tools": []}  # the template renders the tools: another prompt
@@ -162,7 +192,7 @@ async def test_an_older_server_is_counted_on_the_first_turn_only() -> None:
     memory.learn(first, len(orjson.dumps(FIRST)) // 4)  # the answer's usage.prompt_tokens
     fitted = await fit(second, size(second), 32768, False, memory, tokenizer)
     assert tokenizer.calls == 1  # the second turn is bounded by the first's count
-    added = sum(len(orjson.dumps(m)) for m in SECOND[len(FIRST):])
+    added = sum(len(orjson.dumps(m)) for m in SECOND[len(FIRST) :])
     assert fitted["max_tokens"] == 32768 - (len(orjson.dumps(FIRST)) // 4 + added + TOKEN_MARGIN)
 
 
@@ -228,8 +258,9 @@ class FakeVllm:
             return JSONResponse({"version": self.version})
 
         async def models(request: Request) -> Response:
-            return JSONResponse({"object": "list", "data": [
-                {"id": "m", "object": "model", "max_model_len": self.max_model_len}]})
+            return JSONResponse(
+                {"object": "list", "data": [{"id": "m", "object": "model", "max_model_len": self.max_model_len}]}
+            )
 
         async def tokenize(request: Request) -> Response:
             self.tokenized += 1
@@ -244,21 +275,35 @@ class FakeVllm:
             refused = self.refusal(body["max_tokens"], prompt)
             if refused is not None:
                 self.refused += 1
-                return JSONResponse({"error": {"message": refused, "type": "BadRequestError", "param": "max_tokens",
-                                               "code": 400}}, status_code=400)
+                return JSONResponse(
+                    {"error": {"message": refused, "type": "BadRequestError", "param": "max_tokens", "code": 400}},
+                    status_code=400,
+                )
             self.forwarded.append(body["max_tokens"])
             head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
-            events = [{**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "ok"},
-                                            "finish_reason": None}]},
-                      {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
-                      {**head, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": 1,
-                                                        "total_tokens": prompt + 1}}]
+            events = [
+                {
+                    **head,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": "ok"}, "finish_reason": None}],
+                },
+                {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                {
+                    **head,
+                    "choices": [],
+                    "usage": {"prompt_tokens": prompt, "completion_tokens": 1, "total_tokens": prompt + 1},
+                },
+            ]
             sse = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
             return Response(sse, media_type="text/event-stream")
 
-        return Starlette(routes=[Route("/version", version), Route("/v1/models", models),
-                                 Route("/tokenize", tokenize, methods=["POST"]),
-                                 Route("/v1/chat/completions", chat, methods=["POST"])])
+        return Starlette(
+            routes=[
+                Route("/version", version),
+                Route("/v1/models", models),
+                Route("/tokenize", tokenize, methods=["POST"]),
+                Route("/v1/chat/completions", chat, methods=["POST"]),
+            ]
+        )
 
 
 class FakeVllm0271(FakeVllm):
@@ -269,13 +314,17 @@ class FakeVllm0271(FakeVllm):
     def refusal(self, max_tokens: int, prompt: int) -> str | None:
         limit = self.max_model_len
         if max_tokens > limit:
-            return (f"max_tokens={max_tokens} cannot be greater than max_model_len=max_total_tokens={limit}. "
-                    "Please request fewer output tokens. (parameter=max_tokens, value={max_tokens})")
+            return (
+                f"max_tokens={max_tokens} cannot be greater than max_model_len=max_total_tokens={limit}. "
+                "Please request fewer output tokens. (parameter=max_tokens, value={max_tokens})"
+            )
         if prompt + max_tokens > limit:
-            return (f"This model's maximum context length is {limit} tokens. However, you requested {max_tokens} "
-                    f"output tokens and your prompt contains {prompt} input tokens, for a total of "
-                    f"{prompt + max_tokens} tokens. Please reduce the length of the input prompt or the number of "
-                    f"requested output tokens. (parameter=input_tokens, value={prompt})")
+            return (
+                f"This model's maximum context length is {limit} tokens. However, you requested {max_tokens} "
+                f"output tokens and your prompt contains {prompt} input tokens, for a total of "
+                f"{prompt + max_tokens} tokens. Please reduce the length of the input prompt or the number of "
+                f"requested output tokens. (parameter=input_tokens, value={prompt})"
+            )
         return None
 
 
@@ -286,8 +335,10 @@ class FakeVllm0330(FakeVllm):
 
     def refusal(self, max_tokens: int, prompt: int) -> str | None:
         if max_tokens > self.max_model_len:
-            return (f"max_tokens={max_tokens} cannot be greater than max_model_len={self.max_model_len}. Please "
-                    f"request fewer output tokens. (parameter=max_tokens, value={max_tokens})")
+            return (
+                f"max_tokens={max_tokens} cannot be greater than max_model_len={self.max_model_len}. Please "
+                f"request fewer output tokens. (parameter=max_tokens, value={max_tokens})"
+            )
         return None
 
 
@@ -297,17 +348,30 @@ def kilo_session(turns: int) -> list[dict[str, Any]]:
     bodies = []
     for i in range(turns):
         bodies.append({**turn(list(messages)), "stream_options": {"include_usage": True}})
-        messages += [{"role": "assistant", "content": f"reading part {i}"},
-                     {"role": "tool", "tool_call_id": f"c{i}", "content": f"part {i}: " + "code line\n" * 200},
-                     {"role": "user", "content": f"<environment_details>12:{i:02d}</environment_details>"}]
+        messages += [
+            {"role": "assistant", "content": f"reading part {i}"},
+            {"role": "tool", "tool_call_id": f"c{i}", "content": f"part {i}: " + "code line\n" * 200},
+            {"role": "user", "content": f"<environment_details>12:{i:02d}</environment_details>"},
+        ]
     return bodies
 
 
 @contextlib.contextmanager
 def proxy_to(fake: FakeVllm, tmp_path: Path) -> Iterator[httpx.Client]:
-    with LoopbackServer(fake.app()) as upstream, LoopbackServer(create_app(ProxySettings(
-            upstream_url=f"{upstream.url}/v1", cache_dir=tmp_path / "cache", log_file=tmp_path / "proxy.log",
-            upstream_timeout=10.0))) as proxy, httpx.Client(base_url=proxy.url, timeout=20) as client:
+    with (
+        LoopbackServer(fake.app()) as upstream,
+        LoopbackServer(
+            create_app(
+                ProxySettings(
+                    upstream_url=f"{upstream.url}/v1",
+                    cache_dir=tmp_path / "cache",
+                    log_file=tmp_path / "proxy.log",
+                    upstream_timeout=10.0,
+                )
+            )
+        ) as proxy,
+        httpx.Client(base_url=proxy.url, timeout=20) as client,
+    ):
         yield client
 
 

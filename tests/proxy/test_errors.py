@@ -24,13 +24,16 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]
     return error  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize(("content", "words"), [
-    (b"{not json", "not valid JSON"),
-    (b"[1, 2, 3]", "JSON object"),
-    (b'"a string"', "JSON object"),
-    (b"\xff\xfe invalid utf-8", "not valid JSON"),
-    (b"", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2, 3]", "JSON object"),
+        (b'"a string"', "JSON object"),
+        (b"\xff\xfe invalid utf-8", "not valid JSON"),
+        (b"", "not valid JSON"),
+    ],
+)
 def test_bad_bodies_are_400(client: httpx.Client, mock_control: MockControl, content: bytes, words: str) -> None:
     response = client.post("/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
     assert words in assert_openai_error(response, 400)["message"]
@@ -46,7 +49,7 @@ def test_body_over_the_limit_is_413(start_proxy: ProxyFactory, mock_control: Moc
     def chunked() -> Iterator[bytes]:  # no Content-Length: the limit holds while reading
         data = json.dumps(big).encode()
         for i in range(0, len(data), 1000):
-            yield data[i:i + 1000]
+            yield data[i : i + 1000]
 
     response = httpx.post(f"{proxy.url}/v1/chat/completions", content=chunked(), timeout=20)
     assert_openai_error(response, 413)
@@ -103,8 +106,8 @@ def test_old_flat_vllm_errors_are_normalised(client: httpx.Client, mock_vllm_set
 
 @pytest.mark.parametrize("mock_vllm_settings", [{"die_after_chunks": 3, "chunk_count": 20}])
 def test_upstream_dying_mid_stream_ends_the_stream_with_an_error_and_caches_nothing(
-        client: httpx.Client, mock_control: MockControl, tmp_path: Path,
-        mock_vllm_settings: dict[str, Any]) -> None:
+    client: httpx.Client, mock_control: MockControl, tmp_path: Path, mock_vllm_settings: dict[str, Any]
+) -> None:
     streamed = client.post("/v1/chat/completions", json=chat(stream=True))
     assert streamed.status_code == 200
     events = sse_events(streamed.text)
@@ -124,8 +127,7 @@ def test_the_openai_sdk_raises_on_a_mid_stream_error(start_proxy: ProxyFactory, 
     mock_control.configure(die_after_chunks=2, chunk_count=20)
     proxy = start_proxy()
     sdk = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="none", max_retries=0)
-    stream = sdk.chat.completions.create(model=SHORT_MODEL, messages=[{"role": "user", "content": "hi"}],
-                                         stream=True)
+    stream = sdk.chat.completions.create(model=SHORT_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True)
     with pytest.raises(openai.APIError, match="mid-stream"):
         for _ in stream:
             pass
@@ -136,8 +138,14 @@ def test_proxy_key_required_on_every_route_but_health(start_proxy: ProxyFactory)
     proxy = start_proxy(proxy_api_key="proxy-secret")
     with httpx.Client(base_url=proxy.url, timeout=20) as http:
         assert http.get("/health").status_code == 200
-        for method, path in (("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
-                             ("GET", "/metrics"), ("GET", "/debug/cache"), ("DELETE", "/debug/cache")):
+        for method, path in (
+            ("POST", "/v1/chat/completions"),
+            ("POST", "/v1/completions"),
+            ("GET", "/v1/models"),
+            ("GET", "/metrics"),
+            ("GET", "/debug/cache"),
+            ("DELETE", "/debug/cache"),
+        ):
             assert_openai_error(http.request(method, path, json=chat()), 401)
             wrong = http.request(method, path, json=chat(), headers={"Authorization": "Bearer nope"})
             assert_openai_error(wrong, 401)
@@ -159,8 +167,13 @@ def test_upstream_key_is_sent_and_never_shown(start_proxy: ProxyFactory, tmp_pat
             wait_for_stored(http, 1, base=proxy.url)
             refused = http.post(f"{unkeyed.url}/v1/chat/completions", json={**chat(), "model": "m"})
             assert "UPSTREAM_API_KEY" in assert_openai_error(refused, 401)["message"]
-            seen = [ok.text, refused.text, http.get(f"{proxy.url}/health").text,
-                    http.get(f"{proxy.url}/metrics").text, http.get(f"{proxy.url}/debug/cache").text]
+            seen = [
+                ok.text,
+                refused.text,
+                http.get(f"{proxy.url}/health").text,
+                http.get(f"{proxy.url}/metrics").text,
+                http.get(f"{proxy.url}/debug/cache").text,
+            ]
     seen.append((tmp_path / "proxy.log").read_text())
     seen.extend(p.read_text() for p in (tmp_path / "cache").glob("*.json"))
     assert not any(secret in text for text in seen)
@@ -172,7 +185,8 @@ def test_unknown_route_is_an_openai_shaped_404(client: httpx.Client) -> None:
 
 
 def test_a_bug_in_the_proxy_is_a_clean_500_and_the_proxy_stays_up(
-        client: httpx.Client, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    client: httpx.Client, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     def broken_key(endpoint: str, body: dict[str, Any]) -> str:
         raise RuntimeError("secret internals")
 

@@ -10,8 +10,10 @@ import pytest
 
 from llmpod.proxy.flights import Flight, FlightRegistry
 
-EVENT = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"},' \
-        b'"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+EVENT = (
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"},'
+    b'"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+)
 
 
 class OneEventResponse:
@@ -57,8 +59,15 @@ async def test_a_finished_flight_is_joinable_only_while_its_answer_is_being_stor
         storing.set()
         await release_store.wait()
 
-    flight = registry.launch("k", "chat.completions", "/chat/completions", {}, upstream,  # type: ignore[arg-type]
-                             store, stored=stored)
+    flight = registry.launch(
+        "k",
+        "chat.completions",
+        "/chat/completions",
+        {},
+        upstream,  # type: ignore[arg-type]
+        store,
+        stored=stored,
+    )
     assert registry.join("k") is flight  # running: always joinable
     upstream.go.set()
     assert await asyncio.wait_for(flight.wait(None), 5)
@@ -87,8 +96,14 @@ class HeldUpstream(StubUpstream):
 async def test_a_streamed_client_leaving_before_the_upstream_answers_does_not_fail_the_others() -> None:
     registry = FlightRegistry()
     upstream = HeldUpstream()
-    flight = registry.launch("k", "chat.completions", "/chat/completions", {}, upstream,  # type: ignore[arg-type]
-                             _no_store)
+    flight = registry.launch(
+        "k",
+        "chat.completions",
+        "/chat/completions",
+        {},
+        upstream,  # type: ignore[arg-type]
+        _no_store,
+    )
 
     async def listen() -> bytes:
         flight.attach()
@@ -115,8 +130,14 @@ async def test_a_plain_listener_has_its_answer_before_the_cache_write_starts() -
     async def store(flight: Flight) -> None:
         seen_at_store.append(len(answered))
 
-    flight = registry.launch("k", "chat.completions", "/chat/completions", {}, upstream,  # type: ignore[arg-type]
-                             store)
+    flight = registry.launch(
+        "k",
+        "chat.completions",
+        "/chat/completions",
+        {},
+        upstream,  # type: ignore[arg-type]
+        store,
+    )
 
     async def listen() -> None:
         if await flight.wait(None):

@@ -33,8 +33,11 @@ class ScriptedServer:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:"))
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
                 self.requests.append(head + await reader.readexactly(length))
                 await self.handler(reader, writer, len(self.requests))
                 if writer.is_closing():
@@ -67,10 +70,12 @@ async def scripted_server() -> AsyncIterator[Start]:
         await server.wait_closed()
 
 
-def pool_for(script: ScriptedServer, read_timeout: float = 5.0, scheme: str = "http",
-             ssl_context: ssl.SSLContext | None = None) -> HTTPPool:
-    return HTTPPool(f"{scheme}://127.0.0.1:{script.port}", connect_timeout=5, read_timeout=read_timeout,
-                    ssl_context=ssl_context)
+def pool_for(
+    script: ScriptedServer, read_timeout: float = 5.0, scheme: str = "http", ssl_context: ssl.SSLContext | None = None
+) -> HTTPPool:
+    return HTTPPool(
+        f"{scheme}://127.0.0.1:{script.port}", connect_timeout=5, read_timeout=read_timeout, ssl_context=ssl_context
+    )
 
 
 def chunked(*pieces: bytes) -> bytes:
@@ -83,8 +88,10 @@ def answer(writer: asyncio.StreamWriter, body: bytes, status: str = "200 OK", ex
 
 async def test_keeps_one_connection_alive_across_requests(scripted_server: Start) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
-                     + chunked(b"data: %d\n\n" % n, b"data: [DONE]\n\n"))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
+            + chunked(b"data: %d\n\n" % n, b"data: [DONE]\n\n")
+        )
 
     script = await scripted_server(handler)
     pool = pool_for(script)
@@ -192,7 +199,8 @@ async def test_cut_mid_body_is_an_error_not_a_short_body(scripted_server: Start)
 
 
 async def test_an_idle_connection_the_server_closed_is_replaced_without_losing_the_request(
-        scripted_server: Start) -> None:
+    scripted_server: Start,
+) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         answer(writer, b"ok %d" % n)
         if n == 1:  # like a keep-alive timeout firing the moment the client reuses the connection

@@ -33,8 +33,9 @@ def test_sdk_non_stream_then_cache_hit(sdk: openai.OpenAI, mock_control: MockCon
 def test_sdk_stream_with_usage_like_kilo_code_then_cache_hit(sdk: openai.OpenAI, mock_control: MockControl) -> None:
     def run() -> tuple[str, int, str | None]:
         text, completion_tokens, finish = "", 0, None
-        stream = sdk.chat.completions.create(model=SHORT_MODEL, messages=QUESTION, stream=True,
-                                             stream_options={"include_usage": True}, max_tokens=32000)
+        stream = sdk.chat.completions.create(
+            model=SHORT_MODEL, messages=QUESTION, stream=True, stream_options={"include_usage": True}, max_tokens=32000
+        )
         for chunk in stream:
             if chunk.usage is not None:
                 assert chunk.choices == []
@@ -63,7 +64,8 @@ def test_sdk_lists_models_and_raises_not_found(sdk: openai.OpenAI) -> None:
 async def test_async_sdk_completions_endpoint(proxy: LoopbackServer) -> None:
     async with openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="none", max_retries=0) as client:
         plain = await client.completions.create(model=SHORT_MODEL, prompt="def reverse(s):", max_tokens=16)
-        stream = await client.completions.create(model=SHORT_MODEL, prompt="def reverse(s):", max_tokens=16,
-                                                 stream=True)
+        stream = await client.completions.create(
+            model=SHORT_MODEL, prompt="def reverse(s):", max_tokens=16, stream=True
+        )
         text = "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
     assert text == plain.choices[0].text

@@ -90,10 +90,22 @@ def test_an_explicit_mapping_ignores_the_process_environment(monkeypatch: pytest
     assert ProxySettings.from_env({}).port == 8000
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("1", True), ("true", True), ("TRUE", True), ("yes", True), ("on", True), (" On ", True),
-    ("0", False), ("false", False), ("no", False), ("off", False), ("", False),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1", True),
+        ("true", True),
+        ("TRUE", True),
+        ("yes", True),
+        ("on", True),
+        (" On ", True),
+        ("0", False),
+        ("false", False),
+        ("no", False),
+        ("off", False),
+        ("", False),
+    ],
+)
 def test_enable_profiling_spellings(value: str, expected: bool) -> None:
     assert ProxySettings.from_env({"ENABLE_PROFILING": value}).enable_profiling is expected
 
@@ -105,11 +117,16 @@ def test_empty_log_file_means_no_log_file(value: str) -> None:
 
 # --------------------------------------------------------------------------------------------- overrides
 def test_overrides_win_over_the_environment(tmp_path: Path) -> None:
-    environ = {"PROXY_PORT": "9000", "ENABLE_PROFILING": "1", "CACHE_DIR": str(tmp_path / "env"),
-               "MAX_CACHE_SIZE": "10"}
+    environ = {
+        "PROXY_PORT": "9000",
+        "ENABLE_PROFILING": "1",
+        "CACHE_DIR": str(tmp_path / "env"),
+        "MAX_CACHE_SIZE": "10",
+    }
 
-    settings = ProxySettings.from_env(environ, port=9100, enable_profiling=False, cache_dir=tmp_path / "flag",
-                                      max_cache_entries=20)
+    settings = ProxySettings.from_env(
+        environ, port=9100, enable_profiling=False, cache_dir=tmp_path / "flag", max_cache_entries=20
+    )
 
     assert settings.port == 9100
     assert settings.enable_profiling is False
@@ -131,16 +148,19 @@ def test_overrides_are_validated_too() -> None:
 
 
 # --------------------------------------------------------------------------------------------- upstream URLs
-@pytest.mark.parametrize("url", [
-    "http://10.0.0.5:8001/v1/chat/completions",
-    "http://10.0.0.5:8001/v1/completions",
-    "http://10.0.0.5:8001/v1/models",
-    "http://10.0.0.5:8001/v1",
-    "http://10.0.0.5:8001/v1/",
-    "http://10.0.0.5:8001",
-    "http://10.0.0.5:8001/",
-    "  http://10.0.0.5:8001/v1/chat/completions  ",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.5:8001/v1/chat/completions",
+        "http://10.0.0.5:8001/v1/completions",
+        "http://10.0.0.5:8001/v1/models",
+        "http://10.0.0.5:8001/v1",
+        "http://10.0.0.5:8001/v1/",
+        "http://10.0.0.5:8001",
+        "http://10.0.0.5:8001/",
+        "  http://10.0.0.5:8001/v1/chat/completions  ",
+    ],
+)
 def test_runpod_endpoint_forms_give_the_same_base_and_root(url: str) -> None:
     settings = ProxySettings.from_env({"RUNPOD_ENDPOINT": url})
 
@@ -164,22 +184,25 @@ def test_a_path_prefix_before_v1_is_kept() -> None:
 
 
 # --------------------------------------------------------------------------------------------- bad values
-@pytest.mark.parametrize(("name", "value"), [
-    ("PROXY_PORT", "abc"),
-    ("PROXY_PORT", "0"),
-    ("PROXY_PORT", "70000"),
-    ("MAX_CACHE_SIZE", "-1"),
-    ("MAX_CACHE_SIZE", "lots"),
-    ("CACHE_SIZE_BYTES", "10"),
-    ("MAX_BODY_BYTES", "1.5"),
-    ("ENABLE_PROFILING", "maybe"),
-    ("RUNPOD_ENDPOINT", "ftp://x"),
-    ("RUNPOD_ENDPOINT", "nonsense"),
-    ("RUNPOD_ENDPOINT", "http://"),
-    ("UPSTREAM_TIMEOUT", "0"),
-    ("UPSTREAM_TIMEOUT", "-5"),
-    ("UPSTREAM_TIMEOUT", "soon"),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PROXY_PORT", "abc"),
+        ("PROXY_PORT", "0"),
+        ("PROXY_PORT", "70000"),
+        ("MAX_CACHE_SIZE", "-1"),
+        ("MAX_CACHE_SIZE", "lots"),
+        ("CACHE_SIZE_BYTES", "10"),
+        ("MAX_BODY_BYTES", "1.5"),
+        ("ENABLE_PROFILING", "maybe"),
+        ("RUNPOD_ENDPOINT", "ftp://x"),
+        ("RUNPOD_ENDPOINT", "nonsense"),
+        ("RUNPOD_ENDPOINT", "http://"),
+        ("UPSTREAM_TIMEOUT", "0"),
+        ("UPSTREAM_TIMEOUT", "-5"),
+        ("UPSTREAM_TIMEOUT", "soon"),
+    ],
+)
 def test_a_bad_value_is_one_line_naming_the_variable_and_the_value(name: str, value: str) -> None:
     message = config_error({name: value})
 
@@ -259,9 +282,19 @@ def test_a_loopback_host_needs_no_key(host: str) -> None:
     assert ProxySettings.from_env({"PROXY_HOST": host}).host == host
 
 
-@pytest.mark.parametrize(("host", "expected"), [
-    ("127.0.0.1", True), ("127.255.0.9", True), ("::1", True), ("localhost", True),
-    ("0.0.0.0", False), ("::", False), ("10.0.0.1", False), ("example.com", False), ("", False),
-])
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("127.0.0.1", True),
+        ("127.255.0.9", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.1", False),
+        ("example.com", False),
+        ("", False),
+    ],
+)
 def test_is_loopback(host: str, expected: bool) -> None:
     assert is_loopback(host) is expected

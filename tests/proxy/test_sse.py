@@ -38,31 +38,54 @@ def parse(pieces: Iterable[bytes]) -> list[bytes]:
 
 
 def one_byte_at_a_time(data: bytes) -> list[bytes]:
-    return [data[i:i + 1] for i in range(len(data))]
+    return [data[i : i + 1] for i in range(len(data))]
 
 
-HEAD: dict[str, Any] = {"id": "chatcmpl-42", "object": "chat.completion.chunk", "created": 1700000000,
-                        "model": "qwen-7b"}
+HEAD: dict[str, Any] = {
+    "id": "chatcmpl-42",
+    "object": "chat.completion.chunk",
+    "created": 1700000000,
+    "model": "qwen-7b",
+}
 
 
-def chat_chunk(delta: dict[str, Any] | None = None, *, index: int = 0, finish_reason: str | None = None,
-               stop_reason: Any = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": index, "delta": delta or {}, "logprobs": logprobs,
-                              "finish_reason": finish_reason}
+def chat_chunk(
+    delta: dict[str, Any] | None = None,
+    *,
+    index: int = 0,
+    finish_reason: str | None = None,
+    stop_reason: Any = None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": index,
+        "delta": delta or {},
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }
     if finish_reason is not None:
         choice["stop_reason"] = stop_reason
     return {**HEAD, "choices": [choice]}
 
 
 def usage_chunk(prompt: int = 7, completion: int = 3) -> dict[str, Any]:
-    return {**HEAD, "choices": [],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+    return {
+        **HEAD,
+        "choices": [],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+    }
 
 
 def text_chunk(text: str, *, index: int = 0, finish_reason: str | None = None) -> dict[str, Any]:
-    return {"id": "cmpl-7", "object": "text_completion", "created": 1700000001, "model": "qwen-7b",
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason,
-                         "stop_reason": None}]}
+    return {
+        "id": "cmpl-7",
+        "object": "text_completion",
+        "created": 1700000001,
+        "model": "qwen-7b",
+        "choices": [
+            {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None}
+        ],
+    }
 
 
 def assemble(chunks: Iterable[dict[str, Any]], endpoint: str = "chat.completions") -> Assembler:
@@ -123,12 +146,15 @@ def test_parser_ignores_comments() -> None:
     assert parse([stream]) == [b"a\nb"]
 
 
-@pytest.mark.parametrize(("line", "data"), [
-    (b"data: x", b"x"),
-    (b"data:x", b"x"),
-    (b"data:  x", b" x"),  # only the one space after the colon goes
-    (b"data: ", b""),
-])
+@pytest.mark.parametrize(
+    ("line", "data"),
+    [
+        (b"data: x", b"x"),
+        (b"data:x", b"x"),
+        (b"data:  x", b" x"),  # only the one space after the colon goes
+        (b"data: ", b""),
+    ],
+)
 def test_parser_strips_one_optional_space_after_data(line: bytes, data: bytes) -> None:
     assert parse([line + b"\n\n"]) == [data]
 
@@ -148,12 +174,15 @@ def test_parser_waits_for_the_blank_line() -> None:
     assert parser.feed(b"\n") == [b"x"]
 
 
-@pytest.mark.parametrize("fed", [
-    b'data: {"id":"c1","choi',
-    b"data: x\n",
-    b"data: x\r\n",
-    b"data: x\ndata: y",
-])
+@pytest.mark.parametrize(
+    "fed",
+    [
+        b'data: {"id":"c1","choi',
+        b"data: x\n",
+        b"data: x\r\n",
+        b"data: x\ndata: y",
+    ],
+)
 def test_parser_pending_for_an_unfinished_event(fed: bytes) -> None:
     parser = SSEParser()
     parser.feed(fed)
@@ -172,26 +201,31 @@ def test_the_include_usage_chunk_is_usage_only() -> None:
     assert is_usage_only(usage_chunk()) is True
 
 
-@pytest.mark.parametrize("chunk", [
-    chat_chunk({"content": "x"}),
-    {**chat_chunk({"content": "x"}), "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}},
-    {**HEAD, "choices": []},
-    {**HEAD, "choices": [], "usage": None},
-])
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        chat_chunk({"content": "x"}),
+        {**chat_chunk({"content": "x"}), "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}},
+        {**HEAD, "choices": []},
+        {**HEAD, "choices": [], "usage": None},
+    ],
+)
 def test_other_chunks_are_not_usage_only(chunk: dict[str, Any]) -> None:
     assert is_usage_only(chunk) is False
 
 
 # --------------------------------------------------------------------------------------------- chat assembly
 def test_chat_content_is_joined_into_one_message() -> None:
-    assembler = assemble([
-        chat_chunk({"role": "assistant", "content": ""}),
-        chat_chunk({"content": "Hel"}),
-        chat_chunk({"content": "lo, "}),
-        chat_chunk({"content": "world"}),
-        chat_chunk({}, finish_reason="stop", stop_reason="###"),
-        usage_chunk(prompt=7, completion=3),
-    ])
+    assembler = assemble(
+        [
+            chat_chunk({"role": "assistant", "content": ""}),
+            chat_chunk({"content": "Hel"}),
+            chat_chunk({"content": "lo, "}),
+            chat_chunk({"content": "world"}),
+            chat_chunk({}, finish_reason="stop", stop_reason="###"),
+            usage_chunk(prompt=7, completion=3),
+        ]
+    )
 
     result = assembler.result()
 
@@ -223,22 +257,33 @@ def test_assembled_answer_is_json_serialisable() -> None:
 
 
 def test_tool_call_arguments_are_joined() -> None:
-    assembler = assemble([
-        chat_chunk({"role": "assistant", "content": None}),
-        chat_chunk({"tool_calls": [{"index": 0, "id": "call_abc", "type": "function",
-                                    "function": {"name": "get_weather", "arguments": ""}}]}),
-        chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}),
-        chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}),
-        chat_chunk({}, finish_reason="tool_calls"),
-        usage_chunk(completion=12),
-    ])
+    assembler = assemble(
+        [
+            chat_chunk({"role": "assistant", "content": None}),
+            chat_chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_abc",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": ""},
+                        }
+                    ]
+                }
+            ),
+            chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}),
+            chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}),
+            chat_chunk({}, finish_reason="tool_calls"),
+            usage_chunk(completion=12),
+        ]
+    )
 
     [choice] = assembler.result()["choices"]
 
     assert choice["message"]["content"] is None
     assert choice["message"]["tool_calls"] == [
-        {"id": "call_abc", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
     ]
     assert choice["finish_reason"] == "tool_calls"
     assert assembler.complete is True
@@ -246,30 +291,46 @@ def test_tool_call_arguments_are_joined() -> None:
 
 
 def test_parallel_tool_calls_stay_separate_and_in_order() -> None:
-    result = assemble([
-        chat_chunk({"tool_calls": [{"index": 0, "id": "call_0", "type": "function",
-                                    "function": {"name": "a", "arguments": ""}}]}),
-        chat_chunk({"tool_calls": [{"index": 1, "id": "call_1", "type": "function",
-                                    "function": {"name": "b", "arguments": ""}}]}),
-        chat_chunk({"tool_calls": [{"index": 1, "function": {"arguments": '{"y": 2}'}}]}),
-        chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"x": 1}'}}]}),
-        chat_chunk({}, finish_reason="tool_calls"),
-    ]).result()
+    result = assemble(
+        [
+            chat_chunk(
+                {
+                    "tool_calls": [
+                        {"index": 0, "id": "call_0", "type": "function", "function": {"name": "a", "arguments": ""}}
+                    ]
+                }
+            ),
+            chat_chunk(
+                {
+                    "tool_calls": [
+                        {"index": 1, "id": "call_1", "type": "function", "function": {"name": "b", "arguments": ""}}
+                    ]
+                }
+            ),
+            chat_chunk({"tool_calls": [{"index": 1, "function": {"arguments": '{"y": 2}'}}]}),
+            chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"x": 1}'}}]}),
+            chat_chunk({}, finish_reason="tool_calls"),
+        ]
+    ).result()
 
     calls = result["choices"][0]["message"]["tool_calls"]
     assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
-        ("call_0", "a", '{"x": 1}'), ("call_1", "b", '{"y": 2}')]
+        ("call_0", "a", '{"x": 1}'),
+        ("call_1", "b", '{"y": 2}'),
+    ]
 
 
 @pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
 def test_reasoning_is_joined_under_its_own_field(field: str) -> None:
-    assembler = assemble([
-        chat_chunk({"role": "assistant", "content": ""}),
-        chat_chunk({field: "Two plus "}),
-        chat_chunk({field: "two is four."}),
-        chat_chunk({"content": "4"}),
-        chat_chunk({}, finish_reason="stop"),
-    ])
+    assembler = assemble(
+        [
+            chat_chunk({"role": "assistant", "content": ""}),
+            chat_chunk({field: "Two plus "}),
+            chat_chunk({field: "two is four."}),
+            chat_chunk({"content": "4"}),
+            chat_chunk({}, finish_reason="stop"),
+        ]
+    )
 
     message = assembler.result()["choices"][0]["message"]
 
@@ -283,28 +344,32 @@ def test_reasoning_is_joined_under_its_own_field(field: str) -> None:
 def test_chat_logprobs_are_concatenated() -> None:
     first = [token("Hel", -0.1)]
     second = [token("lo", -0.2), token("!", -1.5)]
-    result = assemble([
-        chat_chunk({"role": "assistant", "content": ""}),
-        chat_chunk({"content": "Hel"}, logprobs={"content": first}),
-        chat_chunk({"content": "lo!"}, logprobs={"content": second}),
-        chat_chunk({}, finish_reason="stop"),
-    ]).result()
+    result = assemble(
+        [
+            chat_chunk({"role": "assistant", "content": ""}),
+            chat_chunk({"content": "Hel"}, logprobs={"content": first}),
+            chat_chunk({"content": "lo!"}, logprobs={"content": second}),
+            chat_chunk({}, finish_reason="stop"),
+        ]
+    ).result()
 
     assert result["choices"][0]["logprobs"]["content"] == first + second
 
 
 def test_two_interleaved_choices_are_assembled_per_index() -> None:
-    assembler = assemble([
-        chat_chunk({"role": "assistant", "content": ""}, index=0),
-        chat_chunk({"role": "assistant", "content": ""}, index=1),
-        chat_chunk({"content": "Red "}, index=1),
-        chat_chunk({"content": "Blue "}, index=0),
-        chat_chunk({"content": "sky"}, index=0),
-        chat_chunk({"content": "rose"}, index=1),
-        chat_chunk({}, index=1, finish_reason="length"),
-        chat_chunk({}, index=0, finish_reason="stop"),
-        usage_chunk(completion=4),
-    ])
+    assembler = assemble(
+        [
+            chat_chunk({"role": "assistant", "content": ""}, index=0),
+            chat_chunk({"role": "assistant", "content": ""}, index=1),
+            chat_chunk({"content": "Red "}, index=1),
+            chat_chunk({"content": "Blue "}, index=0),
+            chat_chunk({"content": "sky"}, index=0),
+            chat_chunk({"content": "rose"}, index=1),
+            chat_chunk({}, index=1, finish_reason="length"),
+            chat_chunk({}, index=0, finish_reason="stop"),
+            usage_chunk(completion=4),
+        ]
+    )
 
     choices = assembler.result()["choices"]
 
@@ -314,20 +379,37 @@ def test_two_interleaved_choices_are_assembled_per_index() -> None:
     assert assembler.complete is True
 
 
-@pytest.mark.parametrize("chunks", [
-    pytest.param([], id="no chunks"),
-    pytest.param([chat_chunk({"content": "cut off"})], id="no finish_reason"),
-    pytest.param([chat_chunk({"content": "partial"}), chat_chunk({}, finish_reason="abort")], id="aborted"),
-    pytest.param([chat_chunk({"content": "partial"}), chat_chunk({}, finish_reason="error")], id="errored"),
-    pytest.param([chat_chunk({"role": "assistant", "content": ""}), chat_chunk({}, finish_reason="stop")],
-                 id="nothing produced"),
-    pytest.param([chat_chunk({"role": "assistant", "content": "", "reasoning": ""}),
-                  chat_chunk({}, finish_reason="stop")], id="only empty reasoning"),
-    pytest.param([chat_chunk({"content": "done"}, index=0, finish_reason="stop"),
-                  chat_chunk({"content": "still going"}, index=1)], id="second choice unfinished"),
-    pytest.param([chat_chunk({"content": "done"}, index=0, finish_reason="stop"),
-                  chat_chunk({"content": ""}, index=1, finish_reason="stop")], id="second choice empty"),
-])
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        pytest.param([], id="no chunks"),
+        pytest.param([chat_chunk({"content": "cut off"})], id="no finish_reason"),
+        pytest.param([chat_chunk({"content": "partial"}), chat_chunk({}, finish_reason="abort")], id="aborted"),
+        pytest.param([chat_chunk({"content": "partial"}), chat_chunk({}, finish_reason="error")], id="errored"),
+        pytest.param(
+            [chat_chunk({"role": "assistant", "content": ""}), chat_chunk({}, finish_reason="stop")],
+            id="nothing produced",
+        ),
+        pytest.param(
+            [chat_chunk({"role": "assistant", "content": "", "reasoning": ""}), chat_chunk({}, finish_reason="stop")],
+            id="only empty reasoning",
+        ),
+        pytest.param(
+            [
+                chat_chunk({"content": "done"}, index=0, finish_reason="stop"),
+                chat_chunk({"content": "still going"}, index=1),
+            ],
+            id="second choice unfinished",
+        ),
+        pytest.param(
+            [
+                chat_chunk({"content": "done"}, index=0, finish_reason="stop"),
+                chat_chunk({"content": ""}, index=1, finish_reason="stop"),
+            ],
+            id="second choice empty",
+        ),
+    ],
+)
 def test_incomplete_answers_are_not_complete(chunks: list[dict[str, Any]]) -> None:
     assert assemble(chunks).complete is False
 
@@ -338,13 +420,22 @@ def test_completion_tokens_without_usage_is_zero() -> None:
 
 # --------------------------------------------------------------------------------------------- text completions
 def test_text_completion_pieces_are_joined() -> None:
-    assembler = assemble([
-        text_chunk("Once "),
-        text_chunk("upon "),
-        text_chunk("a time", finish_reason="length"),
-        {"id": "cmpl-7", "object": "text_completion", "created": 1700000001, "model": "qwen-7b", "choices": [],
-         "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}},
-    ], endpoint="completions")
+    assembler = assemble(
+        [
+            text_chunk("Once "),
+            text_chunk("upon "),
+            text_chunk("a time", finish_reason="length"),
+            {
+                "id": "cmpl-7",
+                "object": "text_completion",
+                "created": 1700000001,
+                "model": "qwen-7b",
+                "choices": [],
+                "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5},
+            },
+        ],
+        endpoint="completions",
+    )
 
     result = assembler.result()
 

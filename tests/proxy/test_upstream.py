@@ -33,15 +33,29 @@ SERVED = "TheBloke/deepseek-coder-33B-instruct-AWQ"
 
 
 def models_body(*ids: str, max_model_len: int = 16384) -> dict[str, Any]:
-    return {"object": "list", "data": [
-        {"id": i, "object": "model", "created": 1, "owned_by": "vllm", "root": i, "parent": None,
-         "max_model_len": max_model_len, "permission": []} for i in ids]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": i,
+                "object": "model",
+                "created": 1,
+                "owned_by": "vllm",
+                "root": i,
+                "parent": None,
+                "max_model_len": max_model_len,
+                "permission": [],
+            }
+            for i in ids
+        ],
+    }
 
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
-    settings = ProxySettings(upstream_url=f"{BASE}/v1/chat/completions", upstream_api_key="upstream-secret",
-                             upstream_timeout=5)
+    settings = ProxySettings(
+        upstream_url=f"{BASE}/v1/chat/completions", upstream_api_key="upstream-secret", upstream_timeout=5
+    )
     async with httpx.AsyncClient() as client:
         yield Upstream(settings, client)
 
@@ -66,8 +80,9 @@ def test_match_model_accepts_full_id_basename_case_and_unique_parts() -> None:
     assert match_model("coder", ambiguous) is None
 
 
-async def test_resolve_rewrites_alias_and_404_lists_served_ids(upstream: Upstream,
-                                                               mocked_vllm: respx.MockRouter) -> None:
+async def test_resolve_rewrites_alias_and_404_lists_served_ids(
+    upstream: Upstream, mocked_vllm: respx.MockRouter
+) -> None:
     route = mocked_vllm.get("/v1/models").respond(json=models_body(SERVED))
     assert (await upstream.resolve("deepseek-coder-33b-awq")).id == SERVED
     assert (await upstream.resolve(None)).id == SERVED  # vLLM uses its only model when none is named
@@ -80,14 +95,14 @@ async def test_resolve_rewrites_alias_and_404_lists_served_ids(upstream: Upstrea
     assert route.calls[0].request.headers["authorization"] == "Bearer upstream-secret"
 
 
-async def test_resolve_forwards_as_is_when_models_unknown(upstream: Upstream,
-                                                          mocked_vllm: respx.MockRouter) -> None:
+async def test_resolve_forwards_as_is_when_models_unknown(upstream: Upstream, mocked_vllm: respx.MockRouter) -> None:
     mocked_vllm.get("/v1/models").mock(side_effect=httpx.ConnectError("refused"))
     assert await upstream.resolve("anything") is None
 
 
 async def test_an_expired_model_list_is_fetched_once_for_all_waiting_requests(
-        upstream: Upstream, mocked_vllm: respx.MockRouter) -> None:
+    upstream: Upstream, mocked_vllm: respx.MockRouter
+) -> None:
     asked, release = asyncio.Event(), asyncio.Event()
 
     async def slow_list(request: httpx.Request) -> httpx.Response:
@@ -109,7 +124,8 @@ KILO_TURN = {"model": SERVED, "messages": [{"role": "user", "content": "hi " * 8
 
 
 async def test_the_version_is_asked_once_and_a_vllm_that_lowers_max_tokens_gets_no_count(
-        upstream: Upstream, mocked_vllm: respx.MockRouter) -> None:
+    upstream: Upstream, mocked_vllm: respx.MockRouter
+) -> None:
     version = mocked_vllm.get("/version").respond(json={"version": "0.33.0"})
     mocked_vllm.get("/v1/models").respond(json=models_body(SERVED))
     tokenize = mocked_vllm.post("/tokenize").respond(json={"count": 5})
@@ -124,17 +140,22 @@ async def test_the_version_is_asked_once_and_a_vllm_that_lowers_max_tokens_gets_
     assert "/v1/" not in str(version.calls[0].request.url)  # vLLM serves /version at the root
 
 
-@pytest.mark.parametrize("answer", [
-    {"status_code": 404, "json": {"detail": "Not Found"}},  # not vLLM, or too old to say
-    {"status_code": 200, "json": {"version": "0.27.1"}},
-    {"status_code": 200, "json": ["not", "an", "object"]},
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"status_code": 404, "json": {"detail": "Not Found"}},  # not vLLM, or too old to say
+        {"status_code": 200, "json": {"version": "0.27.1"}},
+        {"status_code": 200, "json": ["not", "an", "object"]},
+    ],
+)
 async def test_an_upstream_that_does_not_say_it_lowers_max_tokens_is_counted(
-        upstream: Upstream, mocked_vllm: respx.MockRouter, answer: dict[str, Any]) -> None:
+    upstream: Upstream, mocked_vllm: respx.MockRouter, answer: dict[str, Any]
+) -> None:
     version = mocked_vllm.get("/version").respond(**answer)
     mocked_vllm.get("/v1/models").respond(json=models_body(SERVED))
-    tokenize = mocked_vllm.post("/tokenize").respond(json={"count": 384, "max_model_len": 16384,
-                                                           "tokens": [], "token_strs": None})
+    tokenize = mocked_vllm.post("/tokenize").respond(
+        json={"count": 384, "max_model_len": 16384, "tokens": [], "token_strs": None}
+    )
     model = await upstream.resolve(SERVED)
     fitted = await upstream.fit_context(KILO_TURN, model, len(json.dumps(KILO_TURN)))
     assert fitted["max_tokens"] == 16384 - 384
@@ -148,14 +169,18 @@ async def test_an_upstream_that_does_not_say_it_lowers_max_tokens_is_counted(
     assert version.call_count == 1  # an answer, whatever it says, is final
 
 
-@pytest.mark.parametrize("first", [
-    httpx.ConnectError("refused"),
-    httpx.Response(502, content=b"<html>Bad Gateway</html>"),  # RunPod's edge while the pod restarts
-    httpx.Response(200, content=b"<html>"),  # a captive page or proxy, not vLLM's JSON
-    httpx.Response(401, json={"error": "Unauthorized"}),
-])
+@pytest.mark.parametrize(
+    "first",
+    [
+        httpx.ConnectError("refused"),
+        httpx.Response(502, content=b"<html>Bad Gateway</html>"),  # RunPod's edge while the pod restarts
+        httpx.Response(200, content=b"<html>"),  # a captive page or proxy, not vLLM's JSON
+        httpx.Response(401, json={"error": "Unauthorized"}),
+    ],
+)
 async def test_a_version_not_answered_is_asked_again_with_the_next_model_list(
-        upstream: Upstream, mocked_vllm: respx.MockRouter, first: Exception | httpx.Response) -> None:
+    upstream: Upstream, mocked_vllm: respx.MockRouter, first: Exception | httpx.Response
+) -> None:
     # a 0.33 pod taken for an old server would pay a /tokenize round trip per session until the proxy restarts
     version = mocked_vllm.get("/version").mock(side_effect=[first, httpx.Response(200, json={"version": "0.34.0"})])
     mocked_vllm.get("/v1/models").respond(json=models_body(SERVED))
@@ -172,16 +197,25 @@ async def test_tokenize_gets_what_the_chat_template_renders(upstream: Upstream, 
     # a thinking switch or a template of the request's own changes the prompt's count (vLLM 0.33's
     # TokenizeChatRequest takes these fields); the sampling fields do not belong there
     tokenize = mocked_vllm.post("/tokenize").respond(json={"count": 384})
-    body = {**KILO_TURN, "tools": [{"type": "function", "function": {"name": "read"}}],
-            "chat_template_kwargs": {"enable_thinking": False}, "add_generation_prompt": True, "temperature": 0.2}
+    body = {
+        **KILO_TURN,
+        "tools": [{"type": "function", "function": {"name": "read"}}],
+        "chat_template_kwargs": {"enable_thinking": False},
+        "add_generation_prompt": True,
+        "temperature": 0.2,
+    }
     assert await upstream.count_tokens(body) == 384
     sent = json.loads(tokenize.calls[0].request.content)
-    assert sent == {"model": SERVED, "messages": body["messages"], "tools": body["tools"],
-                    "chat_template_kwargs": {"enable_thinking": False}, "add_generation_prompt": True}
+    assert sent == {
+        "model": SERVED,
+        "messages": body["messages"],
+        "tools": body["tools"],
+        "chat_template_kwargs": {"enable_thinking": False},
+        "add_generation_prompt": True,
+    }
 
 
-async def test_fit_context_leaves_body_when_tokenize_fails(upstream: Upstream,
-                                                           mocked_vllm: respx.MockRouter) -> None:
+async def test_fit_context_leaves_body_when_tokenize_fails(upstream: Upstream, mocked_vllm: respx.MockRouter) -> None:
     mocked_vllm.post("/tokenize").respond(404, json={"detail": "Not Found"})
     body = {"messages": [{"role": "user", "content": "hi " * 2000}], "max_tokens": 32000}
     model = ServedModel(SERVED, 4096)
@@ -213,8 +247,12 @@ class ScriptedVllm:
             self.counted += 1
             return JSONResponse({"count": self.prompt_tokens})
 
-        return Starlette(routes=[Route("/v1/chat/completions", generate, methods=["POST"]),
-                                 Route("/tokenize", tokenize, methods=["POST"])])
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", generate, methods=["POST"]),
+                Route("/tokenize", tokenize, methods=["POST"]),
+            ]
+        )
 
 
 @pytest.fixture
@@ -245,16 +283,24 @@ def problem(status: int, payload: Any, headers: dict[str, str] | None = None) ->
 
 
 # the exact wordings: tests/proxy/test_context_fit.py says which vLLM release says each
-@pytest.mark.parametrize(("message", "lowers_itself", "retried_with", "counted"), [
-    (V0271_TOTAL, False, 16384 - 12000, 0),  # the count is in the message
-    (PRE_RENDERER, False, 16384 - 120, 0),
-    (V0271_AT_LEAST, False, 16384 - 1000, 1),  # "at least": /tokenize says how many
-    (V0271_MAX_TOKENS, False, 16384 - 1000, 1),  # the context alone: the prompt must be counted
-    (V0330_MAX_TOKENS, True, 16384, 0),  # 0.32+ lowers the rest itself
-])
+@pytest.mark.parametrize(
+    ("message", "lowers_itself", "retried_with", "counted"),
+    [
+        (V0271_TOTAL, False, 16384 - 12000, 0),  # the count is in the message
+        (PRE_RENDERER, False, 16384 - 120, 0),
+        (V0271_AT_LEAST, False, 16384 - 1000, 1),  # "at least": /tokenize says how many
+        (V0271_MAX_TOKENS, False, 16384 - 1000, 1),  # the context alone: the prompt must be counted
+        (V0330_MAX_TOKENS, True, 16384, 0),  # 0.32+ lowers the rest itself
+    ],
+)
 async def test_open_stream_retries_once_with_what_a_context_400_says_fits(
-        scripted_vllm: tuple[ScriptedVllm, str], stream_upstream: Upstream, message: str, lowers_itself: bool,
-        retried_with: int, counted: int) -> None:
+    scripted_vllm: tuple[ScriptedVllm, str],
+    stream_upstream: Upstream,
+    message: str,
+    lowers_itself: bool,
+    retried_with: int,
+    counted: int,
+) -> None:
     script, _ = scripted_vllm
     stream_upstream.lowers_itself = lowers_itself
     script.answers = [
@@ -272,11 +318,16 @@ async def test_open_stream_retries_once_with_what_a_context_400_says_fits(
 
 
 async def test_a_prompt_too_long_for_any_answer_is_refused_without_a_retry(
-        scripted_vllm: tuple[ScriptedVllm, str], stream_upstream: Upstream) -> None:
+    scripted_vllm: tuple[ScriptedVllm, str], stream_upstream: Upstream
+) -> None:
     script, _ = scripted_vllm
     stream_upstream.lowers_itself = True
-    script.answers = [problem(400, {"error": {"message": V0330_PROMPT_ALONE, "type": "BadRequestError",
-                                             "param": "input_tokens", "code": 400}})]
+    script.answers = [
+        problem(
+            400,
+            {"error": {"message": V0330_PROMPT_ALONE, "type": "BadRequestError", "param": "input_tokens", "code": 400}},
+        )
+    ]
     with pytest.raises(UpstreamError) as caught:
         await stream_upstream.open_stream("/chat/completions", {"model": "m", "max_tokens": 100, "messages": []})
     await _close(stream_upstream)
@@ -285,16 +336,29 @@ async def test_a_prompt_too_long_for_any_answer_is_refused_without_a_retry(
     assert len(script.bodies) == 1
 
 
-@pytest.mark.parametrize(("status", "payload", "expected_type"), [
-    (500, {"error": {"message": "boom", "type": "InternalServerError", "param": None, "code": 500}},
-     "InternalServerError"),
-    (400, {"object": "error", "message": "bad", "type": "BadRequestError", "param": "temperature", "code": 400},
-     "BadRequestError"),  # vLLM < 0.10.1 flat shape
-    (503, {"detail": "Service Unavailable"}, "InternalServerError"),
-])
+@pytest.mark.parametrize(
+    ("status", "payload", "expected_type"),
+    [
+        (
+            500,
+            {"error": {"message": "boom", "type": "InternalServerError", "param": None, "code": 500}},
+            "InternalServerError",
+        ),
+        (
+            400,
+            {"object": "error", "message": "bad", "type": "BadRequestError", "param": "temperature", "code": 400},
+            "BadRequestError",
+        ),  # vLLM < 0.10.1 flat shape
+        (503, {"detail": "Service Unavailable"}, "InternalServerError"),
+    ],
+)
 async def test_open_stream_passes_upstream_errors_through_in_openai_shape(
-        scripted_vllm: tuple[ScriptedVllm, str], stream_upstream: Upstream, status: int, payload: dict[str, Any],
-        expected_type: str) -> None:
+    scripted_vllm: tuple[ScriptedVllm, str],
+    stream_upstream: Upstream,
+    status: int,
+    payload: dict[str, Any],
+    expected_type: str,
+) -> None:
     scripted_vllm[0].answers = [problem(status, payload)]
     with pytest.raises(UpstreamError) as caught:
         await stream_upstream.open_stream("/chat/completions", {"model": "m"})
@@ -306,8 +370,7 @@ async def test_open_stream_passes_upstream_errors_through_in_openai_shape(
     assert error["message"] in ("boom", "bad", "Service Unavailable")
 
 
-async def test_rate_limit_keeps_retry_after(scripted_vllm: tuple[ScriptedVllm, str],
-                                            stream_upstream: Upstream) -> None:
+async def test_rate_limit_keeps_retry_after(scripted_vllm: tuple[ScriptedVllm, str], stream_upstream: Upstream) -> None:
     scripted_vllm[0].answers = [problem(429, {"error": {"message": "slow down"}}, {"Retry-After": "7"})]
     with pytest.raises(UpstreamError) as caught:
         await stream_upstream.open_stream("/chat/completions", {})
@@ -317,7 +380,8 @@ async def test_rate_limit_keeps_retry_after(scripted_vllm: tuple[ScriptedVllm, s
 
 
 async def test_upstream_auth_failure_points_at_the_proxy_key_without_showing_it(
-        scripted_vllm: tuple[ScriptedVllm, str], stream_upstream: Upstream) -> None:
+    scripted_vllm: tuple[ScriptedVllm, str], stream_upstream: Upstream
+) -> None:
     scripted_vllm[0].answers = [problem(401, {"error": "Unauthorized"})]
     with pytest.raises(UpstreamError) as caught:
         await stream_upstream.open_stream("/chat/completions", {})

@@ -58,11 +58,27 @@ class FakeRunPod:
 def running_fake_runpod(*extra_args: str) -> Iterator[FakeRunPod]:
     """The fake RunPod API as a process on a free port, with fast pod phases (``extra_args`` override)."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "tests.fakes.fake_runpod", "--port", str(port),
-                                "--api-key", API_KEY,
-                                "--provisioning-seconds", "0.2", "--starting-seconds", "0.2",
-                                "--vllm-load-seconds", "0.3", *extra_args],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.fakes.fake_runpod",
+            "--port",
+            str(port),
+            "--api-key",
+            API_KEY,
+            "--provisioning-seconds",
+            "0.2",
+            "--starting-seconds",
+            "0.2",
+            "--vllm-load-seconds",
+            "0.3",
+            *extra_args,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for_port(port)
         yield FakeRunPod(f"http://127.0.0.1:{port}")
@@ -86,24 +102,47 @@ class Workdir:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "MOCK_", "PROXY_"))}
         self.env["HF_API_BASE"] = f"http://127.0.0.1:{free_port()}"  # nobody there: the built-in catalog is used
         if fake is not None:
-            self.env.update(RUNPOD_API_KEY=API_KEY, RUNPOD_API_BASE=fake.url,
-                            RUNPOD_POD_URL_TEMPLATE=f"{fake.url}/proxy/{{pod_id}}-{{port}}")
+            self.env.update(
+                RUNPOD_API_KEY=API_KEY,
+                RUNPOD_API_BASE=fake.url,
+                RUNPOD_POD_URL_TEMPLATE=f"{fake.url}/proxy/{{pod_id}}-{{port}}",
+            )
         self.write_config()
 
     def write_config(self, **overrides: Any) -> None:
-        config = {"modelStoreId": MODEL, "gpu_type_id": "NVIDIA RTX A6000", "gpu_type_ids": ["NVIDIA L40S"],
-                  "runtime_seconds": 3600, "idle_timeout_seconds": 0, "proxy_port": self.proxy_port,
-                  "cache_dir": str(self.path / "cache"), "watchdog_interval_seconds": 0.3,
-                  "ready_timeout_seconds": 60, **overrides}
+        config = {
+            "modelStoreId": MODEL,
+            "gpu_type_id": "NVIDIA RTX A6000",
+            "gpu_type_ids": ["NVIDIA L40S"],
+            "runtime_seconds": 3600,
+            "idle_timeout_seconds": 0,
+            "proxy_port": self.proxy_port,
+            "cache_dir": str(self.path / "cache"),
+            "watchdog_interval_seconds": 0.3,
+            "ready_timeout_seconds": 60,
+            **overrides,
+        }
         (self.path / "pod_config.json").write_text(json.dumps(config))
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, str(ROOT / "manage_pod.py"), *args], cwd=self.path, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, str(ROOT / "manage_pod.py"), *args],
+            cwd=self.path,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def start(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, str(ROOT / "manage_pod.py"), *args], cwd=self.path, env=self.env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "manage_pod.py"), *args],
+            cwd=self.path,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     @property
     def state_file(self) -> Path:
@@ -119,16 +158,18 @@ class Workdir:
             return None
 
     def chat(self, content: str = "def hello", **extra: Any) -> httpx.Response:
-        return httpx.post(f"http://127.0.0.1:{self.proxy_port}/v1/chat/completions", timeout=30,
-                          json={"model": MODEL, "messages": [{"role": "user", "content": content}],
-                                "max_tokens": 32000, **extra})
+        return httpx.post(
+            f"http://127.0.0.1:{self.proxy_port}/v1/chat/completions",
+            timeout=30,
+            json={"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 32000, **extra},
+        )
 
 
 def vllm_crash_lines(name: str) -> list[str]:
     """What one life of a crashing vLLM container prints after its banner (tests/fixtures/vllm_logs/NAME.log), for
     the fake RunPod's ``crash_loop`` switch (the fake prints a banner of its own at each start)."""
     lines = (ROOT / "tests" / "fixtures" / "vllm_logs" / f"{name}.log").read_text().splitlines()
-    return lines[next((i + 1 for i, line in enumerate(lines) if "non-default args" in line), 0):]
+    return lines[next((i + 1 for i, line in enumerate(lines) if "non-default args" in line), 0) :]
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -157,8 +198,11 @@ def cleanup(work: Workdir) -> None:
 
 def assert_no_survivors(work: Workdir) -> None:
     def survivors() -> list[int]:
-        return [pid for marker in ("LLMPOD_PROXY_OF", "LLMPOD_WATCHDOG_OF")
-                for pid in processes.find_by_environ(marker, str(work.path.resolve()))]
+        return [
+            pid
+            for marker in ("LLMPOD_PROXY_OF", "LLMPOD_WATCHDOG_OF")
+            for pid in processes.find_by_environ(marker, str(work.path.resolve()))
+        ]
 
     try:  # a watchdog that ended the session exits a moment after clearing it
         wait_until(lambda: not survivors(), "every helper process exited", timeout=10)
@@ -176,5 +220,3 @@ def assert_nothing_left(work: Workdir, fake: FakeRunPod | None) -> None:
     for name in ("proxy", "watchdog"):  # a watchdog that ended the session exits right after clearing it
         wait_until(lambda name=name: not pid_alive(work.pid(name)), f"{name} exited", timeout=10)
     wait_until(lambda: port_free(work.proxy_port), "proxy port free", timeout=10)
-
-

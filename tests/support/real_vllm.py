@@ -68,8 +68,13 @@ def vllm_available() -> str | None:
 
 
 def _version_probe(python: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [python, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def vllm_version() -> str:

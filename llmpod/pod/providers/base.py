@@ -75,9 +75,20 @@ class Provider(Protocol):
 def vllm_args(spec: PodSpec, config: PodConfig, port: int = VLLM_PORT) -> list[str]:
     """``vllm serve`` arguments: bind 0.0.0.0 (RunPod's proxy cannot reach 127.0.0.1), serve under our id, with
     the model's tool calling on (agents send tools on every turn), then the user's ``vllm_args``."""
-    return ["--model", spec.model.hf_repo, "--host", "0.0.0.0", "--port", str(port),
-            "--served-model-name", spec.served_model, "--max-model-len", str(spec.max_model_len),
-            *model_tool_args(spec.model, config), *config.vllm_args]
+    return [
+        "--model",
+        spec.model.hf_repo,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        "--served-model-name",
+        spec.served_model,
+        "--max-model-len",
+        str(spec.max_model_len),
+        *model_tool_args(spec.model, config),
+        *config.vllm_args,
+    ]
 
 
 def model_tool_args(model: ModelEntry, config: PodConfig) -> list[str]:
@@ -98,5 +109,3 @@ def upstream_tool_calling(model: ModelEntry, config: PodConfig) -> bool | None:
     if config.provider == "local" and config.args:
         return None
     return serves_tools(model.tool_call_parser, config.vllm_args)
-
-

@@ -54,16 +54,27 @@ FOLLOW_IDLE = 120.0  # a log stream silent this long is reconnected (the spec do
 _SSE = {"Accept": "text/event-stream"}
 
 # v2 has no machine-readable capacity code, only `detail` (runpod.md 1b); the others are v1/GraphQL wordings (7)
-_NO_CAPACITY = re.compile(r"could not be placed|no (?:longer any )?instances|not enough free gpus|"
-                          r"(?:no|insufficient|out of) (?:gpu )?capacity|no (?:gpu )?availability", re.IGNORECASE)
+_NO_CAPACITY = re.compile(
+    r"could not be placed|no (?:longer any )?instances|not enough free gpus|"
+    r"(?:no|insufficient|out of) (?:gpu )?capacity|no (?:gpu )?availability",
+    re.IGNORECASE,
+)
 
 
 class RunPodClient:
     """RunPod REST v2: pods, their logs and the GPU catalog. Use as a context manager, or call ``close``."""
 
-    def __init__(self, api_key: str, base_url: str = DEFAULT_API_BASE, *, transport: httpx.BaseTransport | None = None,
-                 timeout: float = 30.0, max_retries: int = 4, sleep: Callable[[float], None] = time.sleep,
-                 follow_idle: float = FOLLOW_IDLE) -> None:
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str = DEFAULT_API_BASE,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = 30.0,
+        max_retries: int = 4,
+        sleep: Callable[[float], None] = time.sleep,
+        follow_idle: float = FOLLOW_IDLE,
+    ) -> None:
         self._key = api_key
         self._base = base_url.rstrip("/")
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
@@ -128,8 +139,15 @@ class RunPodClient:
         deadline = time.monotonic() + wait
         lines: list[str] = []
         try:
-            response = self._request("GET", _pod_path(pod_id) + "/logs", params={"tail": tail}, stream=True,
-                                     retries=0, headers=_SSE, timeout=httpx.Timeout(max(wait, 0.1)))
+            response = self._request(
+                "GET",
+                _pod_path(pod_id) + "/logs",
+                params={"tail": tail},
+                stream=True,
+                retries=0,
+                headers=_SSE,
+                timeout=httpx.Timeout(max(wait, 0.1)),
+            )
         except RunPodError:
             return []
         try:
@@ -159,8 +177,15 @@ class RunPodClient:
         while True:
             # the server ignores tail once Last-Event-ID is sent
             headers, params = (_SSE, {"tail": tail}) if last_id is None else ({**_SSE, "Last-Event-ID": last_id}, {})
-            response = self._request("GET", path, params=params, headers=headers, stream=True,
-                                     timeout=self._follow_timeout, allow=(404,) if opened else ())
+            response = self._request(
+                "GET",
+                path,
+                params=params,
+                headers=headers,
+                stream=True,
+                timeout=self._follow_timeout,
+                allow=(404,) if opened else (),
+            )
             if response.status_code == 404:
                 response.close()
                 return
@@ -176,14 +201,21 @@ class RunPodClient:
             except httpx.TransportError as exc:
                 failures += 1
                 if failures > self._max_retries:
-                    raise RunPodUnavailable(self._redact(
-                        f"RunPod GET {path}: log stream dropped {failures} times ({_exc_text(exc)})")) from None
+                    raise RunPodUnavailable(
+                        self._redact(f"RunPod GET {path}: log stream dropped {failures} times ({_exc_text(exc)})")
+                    ) from None
                 self._sleep(_backoff(failures - 1))
             finally:
                 response.close()
 
-    def gpu_types(self, cloud: str = "SECURE", *, availability: bool = True,
-                  min_cuda_version: str | None = None, retries: int | None = None) -> list[GpuType]:
+    def gpu_types(
+        self,
+        cloud: str = "SECURE",
+        *,
+        availability: bool = True,
+        min_cuda_version: str | None = None,
+        retries: int | None = None,
+    ) -> list[GpuType]:
         """The GPU catalog, with pod availability on ``cloud`` unless ``availability`` is False; with
         ``min_cuda_version``, availability counts only hosts whose CUDA is at least that (the image's floor).
         ``retries`` overrides the client's (a refresh tries once, then keeps the data it has)."""
@@ -197,17 +229,33 @@ class RunPodClient:
             raise RunPodError(f"RunPod GET /v2/catalog/gpus: unexpected body ({shape(data)})")
         return [GpuType.from_json(item) for item in gpus]
 
-    def _request(self, method: str, path: str, *, params: Any = None, json_body: Any = None,
-                 headers: dict[str, str] | None = None, allow: tuple[int, ...] = (), idempotent: bool = True,
-                 stream: bool = False, retries: int | None = None, timeout: httpx.Timeout | None = None,
-                 ) -> httpx.Response:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Any = None,
+        json_body: Any = None,
+        headers: dict[str, str] | None = None,
+        allow: tuple[int, ...] = (),
+        idempotent: bool = True,
+        stream: bool = False,
+        retries: int | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> httpx.Response:
         """Send with the retry policy; return a 2xx response (or one whose status is in ``allow``)."""
         max_retries = self._max_retries if retries is None else retries
         where = f"RunPod {method} {path}"
         attempt = 0
         while True:
-            request = self._client.build_request(method, self._base + path, params=params, json=json_body,
-                                                 headers=headers, timeout=timeout or self._timeout)
+            request = self._client.build_request(
+                method,
+                self._base + path,
+                params=params,
+                json=json_body,
+                headers=headers,
+                timeout=timeout or self._timeout,
+            )
             status: int | None = None
             try:
                 response = self._client.send(request, stream=stream)
@@ -261,8 +309,9 @@ class RunPodClient:
             return response.json()
         except ValueError:
             where = f"RunPod {response.request.method} {response.request.url.path}"
-            raise RunPodError(self._redact(f"{where}: not JSON: {_snippet(response.text)}"),
-                              response.status_code) from None
+            raise RunPodError(
+                self._redact(f"{where}: not JSON: {_snippet(response.text)}"), response.status_code
+            ) from None
 
     def _address(self) -> str:
         """The API base as the user set it (``RUNPOD_API_BASE``), without any user:password in it."""
