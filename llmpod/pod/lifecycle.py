@@ -274,6 +274,8 @@ class Session:
                     self._terminate_verified(pod.id)
                     state.pod_id = None
                     save_state(self.paths, state)
+                    # said in the final error too, or "every GPU too dear" would read "no GPU type to try"
+                    tried.append(f"{label}: ${pod.cost_per_hour:.2f}/h is over max_hourly_cost")
                     break
                 return pod
         raise PodError("no GPU could be had: " + "; ".join(tried) if tried else "no GPU type to try")

@@ -72,7 +72,11 @@ def test_a_gpu_over_max_hourly_cost_is_terminated_and_the_next_tried(
 
 def test_every_gpu_over_max_hourly_cost_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rig = make_session(tmp_path, monkeypatch, max_hourly_cost=0.1)
-    with pytest.raises(PodError, match=r"^no GPU type to try$"):
+    with pytest.raises(
+        PodError,
+        match=r"^no GPU could be had: NVIDIA RTX A6000: \$0\.50/h is over max_hourly_cost; "
+        r"NVIDIA L40S: \$0\.50/h is over max_hourly_cost$",
+    ):
         rig.session._create()
     assert rig.provider.live() == [] and load_state(rig.session.paths) is None
 
