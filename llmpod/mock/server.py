@@ -33,7 +33,6 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
-import httpx
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
@@ -42,9 +41,12 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmpod.mock import errors, shapes
-from llmpod.mock import generation as gen
+from llmpod.mock.faults import ConnectionCut, CutBody, install_log_filter
+from llmpod.mock.generation import Output, generate
+from llmpod.mock.requests import ParsedRequest, check_render, parse_chat, parse_completion, validate_messages
 from llmpod.mock.state import MockSettings, MockState, StreamFault
 from llmpod.mock.state import json_response as _json
+from llmpod.mock.tokens import chat_prompt_ids, text_ids
 from llmpod.sse_response import EventStream
 
 VLLM_VERSION = shapes.VLLM_VERSION
@@ -52,27 +54,6 @@ METRICS_CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"  # what vLLM 0
 _MASK = "**********"  # how pydantic shows a SecretStr, and so how /mock/config shows the key
 STALL_SECONDS = 300.0  # a stalled stream goes quiet this long (a client or proxy timeout ends it sooner)
 log = logging.getLogger("llmpod.mock.server")
-
-
-class ConnectionCut(httpx.RemoteProtocolError):
-    """Raised inside a response body to drop the connection, as a dying server does.
-
-    Over a socket uvicorn closes the connection mid-body, so clients see an incomplete message. It derives
-    from httpx's error so that an in-process client (``httpx.ASGITransport``) sees the same exception type.
-    """
-
-
-class _HideCuts(logging.Filter):
-    """Keep uvicorn from printing a traceback for every cut we cause on purpose."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc: Any = record.exc_info[1] if record.exc_info else None
-        while exc is not None:
-            if isinstance(exc, ConnectionCut):
-                return False
-            inner = getattr(exc, "exceptions", None)  # an ExceptionGroup from a task group
-            exc = inner[0] if inner and len(inner) == 1 else None
-        return True
 
 
 def _event(payload: dict[str, Any] | str) -> bytes:
@@ -124,15 +105,9 @@ async def _read_json(request: Request) -> Any:
         raise errors.json_decode_error(json.JSONDecodeError("Invalid UTF-8", "", 0)) from None
 
 
-def _install_log_filter() -> None:
-    uvicorn_log = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, _HideCuts) for f in uvicorn_log.filters):
-        uvicorn_log.addFilter(_HideCuts())
-
-
 def create_app(settings: MockSettings) -> FastAPI:
     """A FastAPI app that behaves like vLLM's OpenAI-compatible server, with its own state and metrics."""
-    _install_log_filter()
+    install_log_filter()
     mock = MockState(settings)
     app = FastAPI(title="vLLM mock", version=VLLM_VERSION)
     app.add_middleware(_ApiKeyMiddleware, mock=mock)
@@ -193,9 +168,9 @@ def create_app(settings: MockSettings) -> FastAPI:
             if not isinstance(body, dict):
                 raise errors.bad_request("Input should be a valid dictionary or object to extract fields from")
             if "messages" in body:
-                ids = gen.chat_prompt_ids(gen.validate_messages(body["messages"]))
+                ids = chat_prompt_ids(validate_messages(body["messages"]))
             elif isinstance(body.get("prompt"), str):
-                ids = gen.text_ids(body["prompt"])
+                ids = text_ids(body["prompt"])
             else:  # vLLM 0.33's TokenizeRequest is a union of the prompt and the messages form
                 missing = {"type": "missing", "msg": "Field required", "input": body}
                 raise errors.request_validation_error(
@@ -256,13 +231,13 @@ async def _generate(mock: MockState, request: Request, kind: Literal["chat", "co
     try:
         body = await _read_json(request)
         mock.last_request = {"path": request.url.path, "body": body, "headers": _safe_headers(request)}
-        req = gen.parse_chat(body) if kind == "chat" else gen.parse_completion(body)
+        req = parse_chat(body) if kind == "chat" else parse_completion(body)
         mock.check_model(req.model)
-        gen.check_render(req, max_model_len=settings.max_model_len, tool_parser=settings.tool_parser)
+        check_render(req, max_model_len=settings.max_model_len, tool_parser=settings.tool_parser)
         mock.inject_fault()
     except errors.APIError as err:
         return mock.error_response(err)
-    outputs = gen.generate(
+    outputs = generate(
         req,
         chunk_count=settings.chunk_count,
         reasoning=settings.reasoning,
@@ -312,7 +287,7 @@ async def _generate(mock: MockState, request: Request, kind: Literal["chat", "co
         mock.injected["cut"] += 1
         log.warning("mock vLLM: cutting a non-streaming response (die_after_chunks)")
         return StreamingResponse(
-            _CutBody(), media_type="application/json", headers={"content-length": str(len(payload))}
+            CutBody(), media_type="application/json", headers={"content-length": str(len(payload))}
         )
     mock.finished(req, outputs)
     return Response(payload, media_type="application/json")
@@ -321,8 +296,8 @@ async def _generate(mock: MockState, request: Request, kind: Literal["chat", "co
 async def _stream(
     mock: MockState,
     settings: MockSettings,
-    req: gen.ParsedRequest,
-    outputs: list[gen.Output],
+    req: ParsedRequest,
+    outputs: list[Output],
     steps: list[list[dict[str, Any]]],
     tail: list[dict[str, Any]],
     fault: StreamFault | None = None,
@@ -374,16 +349,6 @@ async def _stream(
         mock.end(tokens)
         if outcome == "abort":
             mock.metrics.success.labels(**mock.labels(), finished_reason="abort").inc()
-
-
-class _CutBody:
-    """A response body that fails before its first byte: the client gets headers, then a closed socket."""
-
-    def __aiter__(self) -> _CutBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        raise ConnectionCut("mock vLLM cut the connection (die_after_chunks)")
 
 
 async def _sleep(seconds: float) -> None:

@@ -13,7 +13,8 @@ import hashlib
 from typing import Any
 
 from llmpod.mock.errors import WireFormat
-from llmpod.mock.generation import Output, ParsedRequest
+from llmpod.mock.generation import Output
+from llmpod.mock.requests import ParsedRequest
 
 VLLM_VERSION = "0.33.0"
 

@@ -12,8 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from llmpod.mock import errors
-from llmpod.mock import generation as gen
 from llmpod.mock import tools as mock_tools
+from llmpod.mock.generation import Output
+from llmpod.mock.requests import ParsedRequest
 
 ENGINE_DEAD_MESSAGE = "The server had an error while processing your request."  # EngineDeadError.CLIENT_MESSAGE
 _KV_CACHE_SEQUENCES = 16  # the mock's KV cache holds this many full-length sequences
@@ -140,7 +141,7 @@ class MockState:
         capacity = _KV_CACHE_SEQUENCES * self.settings.max_model_len
         self.metrics.kv_cache.labels(**self.labels()).set(min(1.0, self._kv_tokens / capacity))
 
-    def finished(self, req: gen.ParsedRequest, outputs: list[gen.Output]) -> None:
+    def finished(self, req: ParsedRequest, outputs: list[Output]) -> None:
         m, labels = self.metrics, self.labels()
         m.prompt_tokens.labels(**labels).inc(sum(len(p.ids) for p in req.prompts))
         m.generation_tokens.labels(**labels).inc(sum(o.completion_tokens for o in outputs))

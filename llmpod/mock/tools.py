@@ -1,7 +1,7 @@
 """Tool calling in the mock vLLM server: which tool the mock model calls, and with which arguments.
 
 vLLM 0.33 only parses tool calls when started with ``--enable-auto-tool-choice --tool-call-parser NAME``; the
-refusals without them live in ``mock_generation``. With them, the mock calls at most one tool per answer:
+refusals without them live in ``llmpod.mock.requests``. With them, the mock calls at most one tool per answer:
 
 - ``tool_choice`` naming a function: that one. ``"required"``: a read-only tool (one the user's last message names
   first), else a tool it names, else the first. ``"auto"`` (or absent): only a READ-ONLY tool, and only when the

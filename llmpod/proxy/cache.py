@@ -3,6 +3,7 @@
 * The key (keys.py) is the SHA-256 of a canonical JSON of the endpoint and the request as forwarded.
 * The file layer is ``_cache_files``: a crash never leaves a half entry under a key, and a file that does not
   parse or does not match its name is deleted and counted (the request is a miss).
+* What an entry holds (``CacheEntry``) and what a hit serves (``CachedAnswer``) are ``_cache_entries``.
 * The index (key -> size and times, never bodies) lives in memory, is rebuilt from a directory scan at
   start (``stat`` only, no file is read), and evicts least-recently-used entries past either limit. The
   proxy stats on a thread while it already serves (``load_behind``): 100k stats take most of a second.
@@ -23,13 +24,16 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from llmpod.proxy import _cache_files as files
+from llmpod.proxy._cache_entries import FORMAT_VERSION as FORMAT_VERSION  # re-exported: the file format
+from llmpod.proxy._cache_entries import CachedAnswer as CachedAnswer
+from llmpod.proxy._cache_entries import CacheEntry as CacheEntry
+from llmpod.proxy._cache_entries import answer_from
 from llmpod.proxy._cache_files import TMP_PREFIX as TMP_PREFIX  # re-exported: what a crash may leave
 from llmpod.proxy._cache_files import EntryWriter, IndexEntry, index_of
 from llmpod.proxy.keys import KEY_PATTERN
@@ -39,52 +43,8 @@ from llmpod.proxy.keys import cache_key as cache_key
 
 log = logging.getLogger("llmpod.proxy.cache")
 
-FORMAT_VERSION = 1
 RETRY_STORE_AFTER = 60.0  # seconds before trying to write again after a full or read-only disk
 HOT_BYTES = 8 * 1024 * 1024  # file bytes of answers kept parsed in memory (a few times that in RSS)
-
-
-@dataclass(slots=True)
-class CacheEntry:
-    """What is stored for one answer; its file holds these fields, after ``format`` and ``key``."""
-
-    endpoint: str
-    model: Any  # the request's (a client may send any JSON there)
-    created: float
-    preview: str  # the first words of the question, for /debug/cache
-    completion_tokens: int
-    request: dict[str, Any]  # as forwarded, without ``stream``/``stream_options``
-    response: dict[str, Any]  # the answer assembled as a non-streamed response
-    chunks: list[str]  # the upstream's SSE data payloads, in order, without the usage chunk
-    usage_chunk: str | None
-
-    def document(self, key: str) -> dict[str, Any]:
-        """The file's JSON object; the fields in their declared order (``__slots__`` keeps it)."""
-        return {"format": FORMAT_VERSION, "key": key, **{name: getattr(self, name) for name in self.__slots__}}
-
-
-@dataclass(slots=True)
-class CachedAnswer:
-    """What a hit serves: the stored file, parsed."""
-
-    key: str
-    response: dict[str, Any]
-    chunks: list[str]  # the upstream's SSE data payloads, in order, without the usage chunk
-    usage_chunk: str | None
-    completion_tokens: int
-    _json: bytes | None = None  # rendered once: a hot answer is served many times
-
-    def json_bytes(self) -> bytes:
-        if self._json is None:
-            self._json = orjson.dumps(self.response)
-        return self._json
-
-    def sse_bytes(self, include_usage: bool) -> bytes:
-        parts = [f"data: {chunk}\n\n" for chunk in self.chunks]
-        if include_usage and self.usage_chunk is not None:
-            parts.append(f"data: {self.usage_chunk}\n\n")
-        parts.append("data: [DONE]\n\n")
-        return "".join(parts).encode()
 
 
 class ResponseCache:
@@ -192,7 +152,7 @@ class ResponseCache:
         if entry is None:
             pending = self._pending.get(key)
             if pending is not None:
-                return _answer(key, orjson.loads(pending))
+                return answer_from(key, orjson.loads(pending))
             if not self._loading or (entry := self._adopt(key)) is None:
                 return None
         now = time.time()
@@ -201,7 +161,7 @@ class ResponseCache:
             document = self._read(key)
             if document is None:
                 return None
-            answer = _answer(key, document)
+            answer = answer_from(key, document)
             if answer is None:
                 self._discard_corrupt(key, "missing fields")
                 return None
@@ -389,16 +349,3 @@ class ResponseCache:
             log.error("cache: %s; answers are still served but no longer stored", reason)
         self.store_disabled_reason = reason
         self._store_retry_at = time.monotonic() + RETRY_STORE_AFTER
-
-
-def _answer(key: str, document: Any) -> CachedAnswer | None:
-    try:
-        return CachedAnswer(
-            key=key,
-            response=document["response"],
-            chunks=document["chunks"],
-            usage_chunk=document.get("usage_chunk"),
-            completion_tokens=int(document.get("completion_tokens") or 0),
-        )
-    except (KeyError, TypeError, ValueError):
-        return None

@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 import orjson
 
-from llmpod.mock import generation as gen
+from llmpod.mock.generation import generate
+from llmpod.mock.requests import parse_chat
 from tests.support.helpers import SERVED_MODEL
 
 HONEST_5XX = frozenset({502, 504})  # the upstream's own failure, named as such by the proxy
@@ -49,7 +50,7 @@ def expected_text(body: dict[str, Any], chunk_count: int) -> str:
 @functools.lru_cache(maxsize=4096)
 def _expected(canonical: bytes, chunk_count: int) -> str:
     forwarded = {**orjson.loads(canonical), "stream": True, "stream_options": {"include_usage": True}}
-    outputs = gen.generate(gen.parse_chat(forwarded), chunk_count=chunk_count, reasoning=False, max_model_len=4096)
+    outputs = generate(parse_chat(forwarded), chunk_count=chunk_count, reasoning=False, max_model_len=4096)
     return "".join(outputs[0].content)
 
 

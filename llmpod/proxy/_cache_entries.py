@@ -1,0 +1,70 @@
+"""What one cache entry holds: ``CacheEntry``, the fields written to its file (and the file's ``FORMAT_VERSION``),
+and ``CachedAnswer``, what a hit serves, parsed from such a file by ``answer_from``. ``ResponseCache`` (cache.py)
+decides when; ``_cache_files`` keeps the files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+FORMAT_VERSION = 1
+
+
+@dataclass(slots=True)
+class CacheEntry:
+    """What is stored for one answer; its file holds these fields, after ``format`` and ``key``."""
+
+    endpoint: str
+    model: Any  # the request's (a client may send any JSON there)
+    created: float
+    preview: str  # the first words of the question, for /debug/cache
+    completion_tokens: int
+    request: dict[str, Any]  # as forwarded, without ``stream``/``stream_options``
+    response: dict[str, Any]  # the answer assembled as a non-streamed response
+    chunks: list[str]  # the upstream's SSE data payloads, in order, without the usage chunk
+    usage_chunk: str | None
+
+    def document(self, key: str) -> dict[str, Any]:
+        """The file's JSON object; the fields in their declared order (``__slots__`` keeps it)."""
+        return {"format": FORMAT_VERSION, "key": key, **{name: getattr(self, name) for name in self.__slots__}}
+
+
+@dataclass(slots=True)
+class CachedAnswer:
+    """What a hit serves: the stored file, parsed."""
+
+    key: str
+    response: dict[str, Any]
+    chunks: list[str]  # the upstream's SSE data payloads, in order, without the usage chunk
+    usage_chunk: str | None
+    completion_tokens: int
+    _json: bytes | None = None  # rendered once: a hot answer is served many times
+
+    def json_bytes(self) -> bytes:
+        if self._json is None:
+            self._json = orjson.dumps(self.response)
+        return self._json
+
+    def sse_bytes(self, include_usage: bool) -> bytes:
+        parts = [f"data: {chunk}\n\n" for chunk in self.chunks]
+        if include_usage and self.usage_chunk is not None:
+            parts.append(f"data: {self.usage_chunk}\n\n")
+        parts.append("data: [DONE]\n\n")
+        return "".join(parts).encode()
+
+
+def answer_from(key: str, document: Any) -> CachedAnswer | None:
+    """The answer a stored document holds; None if a field it needs is missing or of the wrong type."""
+    try:
+        return CachedAnswer(
+            key=key,
+            response=document["response"],
+            chunks=document["chunks"],
+            usage_chunk=document.get("usage_chunk"),
+            completion_tokens=int(document.get("completion_tokens") or 0),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
