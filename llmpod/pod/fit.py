@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable, Iterable
 
 from llmpod.errors import ConfigError
-from llmpod.pod.catalog import GPU_MEMORY_UTILIZATION, RUNTIME_OVERHEAD_GB, GpuEntry, ModelEntry
+from llmpod.pod.catalog_entries import GPU_MEMORY_UTILIZATION, RUNTIME_OVERHEAD_GB, GpuEntry, ModelEntry
 from llmpod.pod.config import PodConfig
 
 __all__ = [

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from llmpod.pod.catalog import GpuEntry, ModelEntry
+from llmpod.pod.catalog_entries import GpuEntry, ModelEntry
 from llmpod.pod.config import PodConfig
 from llmpod.tool_calling import CHAT_TEMPLATE, TOOL_CALL_PARSER, flag_value, serves_tools, tool_args
 

@@ -14,17 +14,15 @@ Retries happen here, so callers see only final outcomes:
   to that GPU type's pool: the caller tries the next one); anywhere else it is ``RunPodAuthError``.
 - A network failure's message names the API address and the reason ("cannot reach https://api.runpod.io:
   connection refused"), never the key.
+
+Reading an answer (Retry-After, error bodies, log-stream events) is ``runpod_answers``'s; this module decides.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
-from datetime import timezone
-from email.utils import parsedate_to_datetime
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -42,14 +40,20 @@ from llmpod.errors import (
     RunPodUnavailable,
 )
 from llmpod.pod.providers._network import network_reason
-from llmpod.pod.providers.runpod_models import SNIPPET, CreatePodRequest, GpuType, Pod, shape
+from llmpod.pod.providers.runpod_answers import (
+    attempts,
+    backoff,
+    describe,
+    exc_text,
+    retry_after,
+    snippet,
+    sse_lines,
+)
+from llmpod.pod.providers.runpod_models import CreatePodRequest, GpuType, Pod, shape
 
 DEFAULT_API_BASE = "https://api.runpod.io"
 POD_URL_TEMPLATE = "https://{pod_id}-{port}.proxy.runpod.net"
 
-RETRY_AFTER_DEFAULT = 2.0
-RETRY_AFTER_CAP = 60.0
-BACKOFF_CAP = 30.0
 FOLLOW_IDLE = 120.0  # a log stream silent this long is reconnected (the spec documents no heartbeat)
 _SSE = {"Accept": "text/event-stream"}
 
@@ -151,7 +155,7 @@ class RunPodClient:
         except RunPodError:
             return []
         try:
-            for _, line in _sse_lines(response.iter_lines()):
+            for _, line in sse_lines(response.iter_lines()):
                 lines.append(line)
                 if len(lines) >= tail or time.monotonic() >= deadline:
                     break
@@ -191,7 +195,7 @@ class RunPodClient:
                 return
             opened = True
             try:
-                for event_id, line in _sse_lines(response.iter_lines()):
+                for event_id, line in sse_lines(response.iter_lines()):
                     last_id = event_id if event_id is not None else last_id
                     failures = 0
                     yield line
@@ -202,9 +206,9 @@ class RunPodClient:
                 failures += 1
                 if failures > self._max_retries:
                     raise RunPodUnavailable(
-                        self._redact(f"RunPod GET {path}: log stream dropped {failures} times ({_exc_text(exc)})")
+                        self._redact(f"RunPod GET {path}: log stream dropped {failures} times ({exc_text(exc)})")
                     ) from None
-                self._sleep(_backoff(failures - 1))
+                self._sleep(backoff(failures - 1))
             finally:
                 response.close()
 
@@ -273,27 +277,27 @@ class RunPodClient:
                     response.read()
                     response.close()
                 if status == 429:
-                    wait = _retry_after(response.headers.get("Retry-After"))
+                    wait = retry_after(response.headers.get("Retry-After"))
                     if attempt >= max_retries:
-                        message = f"{where}: {_describe(response)}{_attempts(attempt)}"
+                        message = f"{where}: {describe(response)}{attempts(attempt)}"
                         raise RunPodRateLimited(self._redact(message), retry_after=wait)
                     self._sleep(wait)
                     attempt += 1
                     continue
                 if status < 500:
                     raise self._client_error(where, response)
-                failure, retryable = _describe(response), idempotent
+                failure, retryable = describe(response), idempotent
             if not retryable:
                 message = f"{where}: {failure} (not retried: the pod may have been created)"
                 raise RunPodUnavailable(self._redact(message), status)
             if attempt >= max_retries:
-                raise RunPodUnavailable(self._redact(f"{where}: {failure}{_attempts(attempt)}"), status)
-            self._sleep(_backoff(attempt))
+                raise RunPodUnavailable(self._redact(f"{where}: {failure}{attempts(attempt)}"), status)
+            self._sleep(backoff(attempt))
             attempt += 1
 
     def _client_error(self, where: str, response: httpx.Response) -> RunPodError:
         status = response.status_code
-        message = self._redact(f"{where}: {_describe(response)}")
+        message = self._redact(f"{where}: {describe(response)}")
         if status in (401, 403):
             return RunPodAuthError(message, status)
         if status == 402:
@@ -310,7 +314,7 @@ class RunPodClient:
         except ValueError:
             where = f"RunPod {response.request.method} {response.request.url.path}"
             raise RunPodError(
-                self._redact(f"{where}: not JSON: {_snippet(response.text)}"), response.status_code
+                self._redact(f"{where}: not JSON: {snippet(response.text)}"), response.status_code
             ) from None
 
     def _address(self) -> str:
@@ -327,87 +331,3 @@ class RunPodClient:
 
 def _pod_path(pod_id: str) -> str:
     return "/v2/pods/" + quote(pod_id, safe="")
-
-
-def _sse_lines(lines: Iterable[str]) -> Iterator[tuple[str | None, str]]:
-    """(last event id, log line) for each event of a RunPod log stream (WHATWG SSE field rules)."""
-    last_id: str | None = None
-    data: list[str] = []
-    for raw in lines:
-        if not raw:
-            if data:
-                payload = "\n".join(data)
-                data = []
-                try:
-                    event = json.loads(payload)
-                except ValueError:
-                    event = {"line": payload}  # not the documented shape: show it as it is
-                if isinstance(event, dict) and isinstance(event.get("line"), str):
-                    yield last_id, event["line"]
-            continue
-        name, _, value = raw.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            data.append(value)
-        elif name == "id" and "\0" not in value:
-            last_id = value
-
-
-def _retry_after(value: str | None) -> float:
-    """Seconds to wait from a ``Retry-After`` header: integer seconds or an HTTP date."""
-    if not value:
-        return RETRY_AFTER_DEFAULT
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return RETRY_AFTER_DEFAULT
-        if when.tzinfo is None:  # "-0000" parses naive; HTTP dates are always GMT
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = when.timestamp() - time.time()
-    if not math.isfinite(seconds):
-        return RETRY_AFTER_DEFAULT
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
-
-
-def _backoff(attempt: int) -> float:
-    return min(2.0**attempt, BACKOFF_CAP)
-
-
-def _attempts(retries: int) -> str:
-    return f" (gave up after {retries + 1} attempts)" if retries else ""
-
-
-def _describe(response: httpx.Response) -> str:
-    """``<status> <title>: <detail> (<errors>)`` from a problem+json body, or a snippet of any other body."""
-    status = response.status_code
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and (body.get("title") or body.get("detail")):
-        text = f"{status} {body.get('title') or response.reason_phrase}"
-        detail = body.get("detail")
-        if detail and detail != body.get("title"):
-            text += f": {detail}"
-        errors = body.get("errors")
-        if isinstance(errors, list) and errors:
-            text += " (" + "; ".join(str(e) for e in errors) + ")"
-        return _one_line(text, 600)
-    snippet = _snippet(response.text)
-    return f"{status} {response.reason_phrase}" + (f": {snippet}" if snippet else "")
-
-
-def _snippet(text: str) -> str:
-    return _one_line(text, SNIPPET)
-
-
-def _one_line(text: str, limit: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _exc_text(exc: Exception) -> str:
-    return _one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, SNIPPET)
