@@ -11,8 +11,7 @@ import pytest
 from pydantic import SecretStr
 
 from llmpod.errors import ConfigError
-from llmpod.pod import processes
-from llmpod.pod.config import PodConfig
+from llmpod.pod import PodConfig, processes
 from llmpod.pod.progress import Reporter
 from llmpod.pod.sidecars import PROXY_OF, Sidecars
 from llmpod.pod.state import PodState, RuntimePaths

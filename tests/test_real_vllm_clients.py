@@ -31,9 +31,8 @@ import pytest
 from pydantic import SecretStr
 
 from llmpod.errors import PodError
+from llmpod.pod import Session, load_pod_config
 from llmpod.pod.catalog import load_catalog, validate_config
-from llmpod.pod.config import load_pod_config
-from llmpod.pod.lifecycle import Session
 from llmpod.pod.progress import Reporter
 from llmpod.pod.providers import REPO_ROOT, LocalProvider, PodSpec, vllm_args
 from llmpod.pod.sidecars import Sidecars

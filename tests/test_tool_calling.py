@@ -11,13 +11,13 @@ import httpx
 import pytest
 
 from llmpod.mock.cli import parse as parse_mock_argv
+from llmpod.pod import PodConfig
 from llmpod.pod.catalog import builtin_catalog
-from llmpod.pod.config import PodConfig
 from llmpod.pod.progress import Reporter
 from llmpod.pod.providers import LocalProvider, PodSpec, upstream_tool_calling, vllm_args
 from llmpod.pod.sidecars import Sidecars
 from llmpod.pod.state import PodState, RuntimePaths
-from llmpod.proxy.settings import ProxySettings
+from llmpod.proxy import ProxySettings
 from llmpod.tool_calling import needs_tool_parser, refusal_message, serves_tools, tool_args
 from tests.proxy.test_app import chat
 from tests.support.helpers import SHORT_MODEL, MockControl, ProxyFactory

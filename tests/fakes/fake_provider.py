@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from llmpod.errors import NoCapacityError, PoolForbiddenError, RunPodUnavailable
-from llmpod.pod.providers.base import PodInfo, PodSpec
+from llmpod.pod.providers import PodInfo, PodSpec
 
 BANNER = "INFO 01-01 00:00:00 [api_server.py:1839] vLLM API server version 0.33.0"
 EXITED = "Container exited with status 1"

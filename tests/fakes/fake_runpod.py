@@ -62,8 +62,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmpod.mock.server import MockSettings
-from llmpod.mock.server import create_app as create_mock_app
+from llmpod.mock import MockSettings
+from llmpod.mock import create_app as create_mock_app
 from tests.fakes import fake_runpod_logs as fake_logs
 from tests.fakes import fake_runpod_pods as fake_pods
 from tests.fakes.fake_runpod_pods import FakePod, Problem

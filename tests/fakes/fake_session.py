@@ -16,10 +16,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from llmpod.pod import lifecycle, waiting, watchdog
+from llmpod.pod import PodConfig, Session, lifecycle, waiting, watchdog
 from llmpod.pod.catalog import builtin_catalog, validate_config
-from llmpod.pod.config import PodConfig
-from llmpod.pod.lifecycle import Session
 from llmpod.pod.progress import Reporter
 from llmpod.pod.state import PodState, RuntimePaths
 from tests.fakes.fake_provider import FakeClock, FakeProvider

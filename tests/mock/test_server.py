@@ -17,8 +17,8 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
+from llmpod.mock import MockSettings, create_app
 from llmpod.mock import cli as mock_vllm_server
-from llmpod.mock.server import MockSettings, create_app
 from tests.support.servers import LoopbackServer, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]

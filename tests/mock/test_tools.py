@@ -11,7 +11,7 @@ import httpx
 import jsonschema_rs
 import pytest
 
-from llmpod.mock.server import MockSettings, create_app
+from llmpod.mock import MockSettings, create_app
 from llmpod.mock.tokens import message_text
 from llmpod.mock.tool_arguments import arguments
 from llmpod.mock.tools import call_id, pick_tool

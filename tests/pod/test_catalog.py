@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from llmpod.errors import ConfigError, RunPodAuthError
+from llmpod.pod import PodConfig
 from llmpod.pod import catalog as catalog_module
 from llmpod.pod.catalog import (
     BUILTIN_GPUS,
@@ -26,7 +27,6 @@ from llmpod.pod.catalog import (
     validate_config,
 )
 from llmpod.pod.catalog_refresh import DEFAULT_HF_API_BASE, refresh_catalog
-from llmpod.pod.config import PodConfig
 
 HUB = "http://hub.test"
 DS33 = "deepseek-coder-33b-instruct-awq"

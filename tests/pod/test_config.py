@@ -13,7 +13,8 @@ import pytest
 
 from llmpod._net import free_port
 from llmpod.errors import ConfigError
-from llmpod.pod.config import FIELDS, MOCK_SERVER, REPO_ROOT, PodConfig, check_port_free, load_pod_config
+from llmpod.pod import PodConfig, load_pod_config
+from llmpod.pod.config import FIELDS, MOCK_SERVER, REPO_ROOT, check_port_free
 
 SHIPPED = REPO_ROOT / "pod_config.json"
 SECRET = "hf_FAKE-test-token-0123456789abcdefXYZ"  # shaped like a token, obviously fake

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from llmpod.errors import ConfigError
+from llmpod.pod import PodConfig
 from llmpod.pod.catalog import BUILTIN_GPUS, BUILTIN_MODELS, GpuEntry, ModelEntry, builtin_catalog
-from llmpod.pod.config import PodConfig
 from llmpod.pod.fit import check_disk, compute_capability, gpu_note, gpu_problem, usable_gpus
 from tests.fakes.fake_runpod_pods import GPU_TYPES as FAKE_GPUS
 

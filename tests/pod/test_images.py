@@ -12,9 +12,10 @@ import httpx
 import pytest
 
 from llmpod.errors import ConfigError
+from llmpod.pod import PodConfig, main
 from llmpod.pod.catalog import builtin_catalog
-from llmpod.pod.cli import build_session, main, parse_args
-from llmpod.pod.config import PodConfig, pod_config_from_dict
+from llmpod.pod.cli import build_session, parse_args
+from llmpod.pod.config import pod_config_from_dict
 from llmpod.pod.images import KNOWN_TAGS, cuda_floor, image_cuda_floor
 from llmpod.pod.progress import Reporter
 from llmpod.pod.providers import CreatePodRequest, Pod, PodSpec, RunPodClient, RunPodProvider

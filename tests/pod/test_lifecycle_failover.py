@@ -15,9 +15,8 @@ import pytest
 from rich.console import Console
 
 from llmpod.errors import PodError
+from llmpod.pod import PodConfig, Session
 from llmpod.pod.catalog import builtin_catalog, validate_config
-from llmpod.pod.config import PodConfig
-from llmpod.pod.lifecycle import Session
 from llmpod.pod.progress import Reporter
 from llmpod.pod.providers import RunPodClient, RunPodProvider
 from llmpod.pod.state import RuntimePaths, load_state

@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 
+from llmpod.pod import PodConfig, Session
 from llmpod.pod.catalog import builtin_catalog
-from llmpod.pod.config import PodConfig
-from llmpod.pod.lifecycle import Session
 from llmpod.pod.output import ready_text
 from llmpod.pod.providers import LocalProvider
 from llmpod.pod.state import PodState, RuntimePaths

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llmpod.proxy.app import create_app
+from llmpod.proxy import ProxySettings, create_app
 from llmpod.proxy.context_fit import (
     TOKEN_MARGIN,
     PromptMemory,
@@ -29,7 +29,6 @@ from llmpod.proxy.context_fit import (
     parse_version,
     refusal_from_error,
 )
-from llmpod.proxy.settings import ProxySettings
 from tests.support.helpers import wait_for_stored
 from tests.support.servers import LoopbackServer
 

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from llmpod.errors import ConfigError
-from llmpod.proxy.settings import GIB, MIB, ProxySettings, is_loopback, upstream_base
+from llmpod.proxy import ProxySettings
+from llmpod.proxy.settings import GIB, MIB, is_loopback, upstream_base
 
 SECRET = "sk-live-0123456789abcdef"  # a value that must never be echoed back
 

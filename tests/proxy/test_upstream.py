@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llmpod.errors import UpstreamError
-from llmpod.proxy.settings import ProxySettings
+from llmpod.proxy import ProxySettings
 from llmpod.proxy.upstream import ServedModel, Upstream, match_model, stream_pool
 from tests.proxy.test_context_fit import (
     PRE_RENDERER,
