@@ -19,23 +19,13 @@ from pathlib import Path
 import httpx
 
 from llmpod._net import free_port
+from llmpod.proxy_settings import ENV_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 # Variables our programs read: never inherited from the caller's shell, only set explicitly.
 OUR_ENV_VARS = (
+    *ENV_NAMES.values(),  # the proxy's settings, whatever they grow to (the settings contract)
     "RUNPOD_API_KEY",
-    "RUNPOD_ENDPOINT",
-    "CACHE_DIR",
-    "MAX_CACHE_SIZE",
-    "CACHE_SIZE_BYTES",
-    "PROXY_HOST",
-    "PROXY_PORT",
-    "UPSTREAM_API_KEY",
-    "PROXY_API_KEY",
-    "UPSTREAM_TIMEOUT",
-    "LOG_FILE",
-    "ENABLE_PROFILING",
-    "MAX_BODY_BYTES",
     "VLLM_API_KEY",
     "MODEL_NAME",
     "PORT",

@@ -13,6 +13,7 @@ import pytest
 
 import llmpod.proxy._cache_files
 import llmpod.proxy.cache
+from llmpod.proxy_settings import ENV_NAMES
 from tests.support.helpers import SERVED_MODEL, HeldScan, MockControl, ProxyFactory
 from tests.support.servers import LoopbackServer
 
@@ -22,27 +23,14 @@ if TYPE_CHECKING:
 # Every variable our programs read. Tests start from none of them, so a developer's shell (a real
 # RUNPOD_API_KEY, a CACHE_DIR in /tmp) can never leak into a test or be touched by one.
 OUR_ENV_VARS = (
+    *ENV_NAMES.values(),  # the proxy's settings, whatever they grow to (the settings contract)
     "RUNPOD_API_KEY",
-    "RUNPOD_ENDPOINT",
     "RUNPOD_API_BASE",
     "RUNPOD_POD_URL_TEMPLATE",
     "HF_API_BASE",
-    "CACHE_DIR",
-    "MAX_CACHE_SIZE",
-    "CACHE_SIZE_BYTES",
-    "PROXY_HOST",
-    "PROXY_PORT",
-    "UPSTREAM_API_KEY",
-    "PROXY_API_KEY",
-    "UPSTREAM_TIMEOUT",
-    "LOG_FILE",
-    "ENABLE_PROFILING",
-    "MAX_BODY_BYTES",
     "VLLM_API_KEY",
     "MODEL_NAME",
     "PORT",
-    "UPSTREAM_TOOL_CALLING",
-    "TOOL_CAPABLE_MODELS",
 )
 
 
