@@ -2,6 +2,7 @@
 
     LlmpodError                 anything we expect and can explain in one line (exit code 1)
     ├── ConfigError             a bad setting, env var, config file or state file; nothing was created (2)
+    │   └── ForeignPodError     the state file's pod id names a pod of another name: it is not terminated (2)
     ├── UpstreamError           the model server failed; carries an HTTP status and an OpenAI error body
     ├── LockBusyError           another manage_pod.py holds the lock (3)
     ├── PodError                the pod could not be made ready, or could not be removed (1)
@@ -37,6 +38,11 @@ class ConfigError(LlmpodError):
     """A setting is missing or invalid; nothing was started."""
 
     exit_code = 2
+
+
+class ForeignPodError(ConfigError):
+    """pod_state.json's ``pod_id`` names a pod whose name is not the recorded one (the file was edited, or is
+    stale): that pod is someone else's, and is never terminated on the file's word."""
 
 
 class UpstreamError(LlmpodError):

@@ -18,7 +18,7 @@ from types import FrameType
 
 import httpx
 
-from llmpod.errors import ConfigError, LlmpodError
+from llmpod.errors import ConfigError, ForeignPodError, LlmpodError
 from llmpod.pod import fit
 from llmpod.pod import output as report
 from llmpod.pod.catalog import (
@@ -41,7 +41,7 @@ from llmpod.pod.providers import (
     RunPodClient,
     RunPodProvider,
 )
-from llmpod.pod.state import RuntimePaths, discard_damaged_state, load_state
+from llmpod.pod.state import RuntimePaths, clear_state, discard_damaged_state, load_state
 
 DESCRIPTION = """Start, watch and stop a vLLM pod on RunPod, with a caching OpenAI proxy on localhost.
 
@@ -219,7 +219,16 @@ def cmd_watchdog(session: Session, args: argparse.Namespace) -> int:
 def cmd_shutdown(session: Session, args: argparse.Namespace) -> int:
     if not args.all:
         report_leaks(session)
-    print(report.shutdown_text(session.shutdown(all_ours=args.all)))
+    try:
+        result = session.shutdown(all_ours=args.all)
+    except ForeignPodError:
+        if not args.all:
+            raise
+        # --all removes every llmpod-* pod (the recorded name's among them) and forgets a record it cannot trust
+        print(f"forgot {session.paths.state_file}: its pod id names a pod that is not the recorded one")
+        clear_state(session.paths)
+        result = session.shutdown(all_ours=True)
+    print(report.shutdown_text(result))
     if args.all and discard_damaged_state(session.paths):
         print(f"removed the damaged {session.paths.state_file}: every pod it could name is terminated")
     return 0

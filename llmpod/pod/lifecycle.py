@@ -45,6 +45,7 @@ from llmpod.pod.state import (
     POD_NAME_PREFIX,
     PodState,
     RuntimePaths,
+    check_recorded_pod,
     clear_state,
     exclusive,
     load_state,
@@ -339,6 +340,7 @@ class Session:
             return ShutdownResult(removed, spend, reason, had_state=state is not None)
 
     def _terminate_recorded(self, state: PodState, reason: str, keep_watchdog: bool = False) -> list[str]:
+        check_recorded_pod(self.paths, state, self.provider.get)  # before anything changes: never another's pod
         state.phase = "terminating"
         save_state(self.paths, state)
         processes.checkpoint("terminating")

@@ -12,15 +12,15 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_serializer
 
 from llmpod._files import atomic_write
-from llmpod.errors import ConfigError, LockBusyError
+from llmpod.errors import ConfigError, ForeignPodError, LlmpodError, LockBusyError
 
 STATE_FILE = "pod_state.json"
 RUN_DIR = ".llmpod"
@@ -97,6 +97,30 @@ def load_state(paths: RuntimePaths) -> PodState | None:
             f"{paths.state_file} is damaged ({reason}); any pod it named is listed above as not recorded: "
             f"`python3 manage_pod.py --shutdown --all` removes it, and then this file"
         ) from None
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+def check_recorded_pod(paths: RuntimePaths, state: PodState, get: Callable[[str], _Named | None]) -> None:
+    """Refuse (``ForeignPodError``) when the recorded ``pod_id`` names a live pod whose name is not the recorded
+    ``pod_name``: a hand-edited or stale file must never make us terminate another pod. A pod that is gone, or a
+    provider that cannot be asked now, is no reason to refuse: terminating a gone pod does nothing, and a failed
+    start-up must still be able to remove its own pod while the API is flaky."""
+    if state.pod_id is None:
+        return
+    try:
+        pod = get(state.pod_id)
+    except LlmpodError:
+        return
+    if pod is not None and pod.name != state.pod_name:
+        raise ForeignPodError(
+            f"{paths.state_file} names pod {state.pod_id}, but that pod is {pod.name!r}, not the recorded "
+            f"{state.pod_name!r}: not terminating it (the file was edited or is stale); "
+            "`python3 manage_pod.py --shutdown --all` removes this file and every llmpod-* pod"
+        )
 
 
 def discard_damaged_state(paths: RuntimePaths) -> bool:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from llmpod.errors import CleanupFailedError, CrashLoopError, PodError
+from llmpod.errors import CleanupFailedError, CrashLoopError, ForeignPodError, PodError
 from llmpod.pod.lifecycle import TERMINATE_DEADLINE
-from llmpod.pod.state import load_state
+from llmpod.pod.state import load_state, save_state
 from tests.fakes.fake_provider import FakeClock, FakeProvider
 from tests.fakes.fake_session import A6000, L40S, Rig, make_session
 from tests.support.e2e_harness import vllm_crash_lines
@@ -157,6 +157,21 @@ def test_shutdown_all_removes_leaked_pods_too(rig: Rig) -> None:
     result = rig.session.shutdown(all_ours=True)
     assert set(result.terminated) == {state.pod_id, leaked.id}
     assert rig.provider.live() == [foreign.id]
+
+
+def test_shutdown_refuses_a_recorded_pod_id_that_names_another_pod(rig: Rig) -> None:
+    """A hand-edited or stale pod_state.json whose pod_id is another pod's: one line, and nothing terminated."""
+    state = rig.session._create()
+    foreign = rig.provider.add_pod("someone-elses")
+    state.pod_id = foreign.id
+    save_state(rig.session.paths, state)
+    with pytest.raises(ForeignPodError) as caught:
+        rig.session.shutdown()
+    message = str(caught.value)
+    assert "\n" not in message and foreign.id in message and "someone-elses" in message and state.pod_name in message
+    assert foreign.id in rig.provider.live() and rig.provider.calls["terminate"] == 0
+    recorded = load_state(rig.session.paths)
+    assert recorded is not None and recorded.phase == "ready"  # not left "terminating" for the watchdog to finish
 
 
 # ------------------------------------------------------------------------------------------------ start-up
