@@ -2,7 +2,8 @@
 
 Each runs in its own session (Ctrl-C in the user's terminal does not reach it) with output to a log file and
 its pid in a pid file. A pid file is trusted only if that pid still runs a command line carrying the
-expected marker, so a recycled pid is never signalled.
+expected marker, has the owner mark we put in its environment, and started before the pid file was written:
+so neither a recycled pid nor another program with the marker in its arguments is ever signalled.
 """
 
 from __future__ import annotations
@@ -109,11 +110,35 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def running(pid_path: Path, marker: str) -> int | None:
-    """The pid in ``pid_path`` if it is alive and its command line contains ``marker``."""
+def started_at(pid: int) -> float | None:
+    """When ``pid`` started (epoch seconds, at most a second early), None without /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+        boot = next(line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+        return float(boot.split()[1]) + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+# how much later than its pid file's mtime a process of ours may seem to start: the wall clock stepped
+START_SLACK = 2.0
+
+
+def running(pid_path: Path, marker: str, owner: tuple[str, str] | None = None) -> int | None:
+    """The pid in ``pid_path`` if it is alive, its command line contains ``marker`` and, with ``owner`` (a
+    variable and its value), it is ours: that mark in its environment (anyone can put a marker in argv) and
+    a start no later than the pid file's writing (a pid recycled since then started after it)."""
     pid = read_pid(pid_path)
     if pid is None or not alive(pid) or marker not in cmdline(pid):
         return None
+    if owner is not None:
+        started = started_at(pid)
+        try:
+            written = pid_path.stat().st_mtime
+        except OSError:
+            return None
+        if environ_value(pid, owner[0]) != owner[1] or started is None or started > written + START_SLACK:
+            return None
     return pid
 
 
@@ -134,9 +159,10 @@ def stop(pid: int, grace: float = 10.0) -> bool:
     return not alive(pid)
 
 
-def stop_pidfile(pid_path: Path, marker: str, grace: float = 10.0) -> bool:
-    """Stop the process named by ``pid_path`` (if it is ours) and remove the file. True if nothing is left."""
-    pid = running(pid_path, marker)
+def stop_pidfile(pid_path: Path, marker: str, grace: float = 10.0, owner: tuple[str, str] | None = None) -> bool:
+    """Stop the process named by ``pid_path`` (if it is ours: see ``running``) and remove the file. True if
+    nothing of ours is left."""
+    pid = running(pid_path, marker, owner)
     gone = True if pid is None else stop(pid, grace)
     if gone:
         with contextlib.suppress(FileNotFoundError):

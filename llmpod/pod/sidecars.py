@@ -1,6 +1,7 @@
 """The session's two local processes: the caching proxy and the watchdog.
 
-Each is found by its pid file (trusted only while that pid runs a command line with the right marker) or, when
+Each is found by its pid file (trusted only while that pid runs a command line with the right marker, carries
+this directory's owner mark in its environment and started before the file was written) or, when
 a run was killed before it wrote the pid file, by the directory it carries in its environment.
 """
 
@@ -40,8 +41,12 @@ class Sidecars:
     reporter: Reporter
     catalog: Catalog | None = None  # tells the proxy which models call tools
 
+    def owner(self, kind: str) -> tuple[str, str]:
+        """The environment mark (PROXY_OF or WATCHDOG_OF, with this directory) that makes a helper ours."""
+        return kind, str(self.paths.root)
+
     def proxy_pid(self) -> int | None:
-        return processes.running(self.paths.proxy_pid, PROXY_MARKER)
+        return processes.running(self.paths.proxy_pid, PROXY_MARKER, self.owner(PROXY_OF))
 
     def proxy_url(self, state: PodState | None = None) -> str:
         return f"http://127.0.0.1:{state.proxy_port if state else self.config.proxy_port}"
@@ -69,7 +74,7 @@ class Sidecars:
         if pid and health and health.get("endpoint") == state.upstream_url:
             return
         if pid:
-            processes.stop_pidfile(self.paths.proxy_pid, PROXY_MARKER)
+            processes.stop_pidfile(self.paths.proxy_pid, PROXY_MARKER, owner=self.owner(PROXY_OF))
         self._stop_strays(PROXY_OF)
         check_port_free(state.proxy_port)
         assert state.upstream_url is not None
@@ -121,7 +126,7 @@ class Sidecars:
         return env
 
     def ensure_watchdog(self) -> None:
-        if processes.running(self.paths.watchdog_pid, WATCHDOG_MARKER):
+        if processes.running(self.paths.watchdog_pid, WATCHDOG_MARKER, self.owner(WATCHDOG_OF)):
             return
         self._stop_strays(WATCHDOG_OF)
         argv = [*processes.python_module("llmpod.pod"), WATCHDOG_MARKER, "--config", str(self.config_path)]
@@ -132,10 +137,10 @@ class Sidecars:
 
     def stop(self, keep_watchdog: bool = False) -> None:
         if not keep_watchdog:
-            if not processes.stop_pidfile(self.paths.watchdog_pid, WATCHDOG_MARKER):
+            if not processes.stop_pidfile(self.paths.watchdog_pid, WATCHDOG_MARKER, owner=self.owner(WATCHDOG_OF)):
                 self.reporter.say("warning: the watchdog did not exit")
             self._stop_strays(WATCHDOG_OF)
-        if not processes.stop_pidfile(self.paths.proxy_pid, PROXY_MARKER):
+        if not processes.stop_pidfile(self.paths.proxy_pid, PROXY_MARKER, owner=self.owner(PROXY_OF)):
             self.reporter.say("warning: the proxy did not exit")
         self._stop_strays(PROXY_OF)
 

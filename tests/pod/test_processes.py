@@ -7,7 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from llmpod.pod import processes
+from llmpod.pod import PodConfig, processes
+from llmpod.pod.progress import Reporter
+from llmpod.pod.sidecars import WATCHDOG_OF, Sidecars
+from llmpod.pod.state import RuntimePaths
 
 SLEEPER = "import time; time.sleep(60)"
 STUBBORN = (
@@ -55,3 +58,42 @@ def test_missing_or_garbage_pid_file(tmp_path: Path) -> None:
     (tmp_path / "bad.pid").write_text("not a pid")
     assert processes.running(tmp_path / "bad.pid", "x") is None
     assert processes.stop_pidfile(tmp_path / "bad.pid", "x")
+
+
+def _sidecars(root: Path) -> Sidecars:
+    return Sidecars(PodConfig(provider="local"), root / "pod_config.json", RuntimePaths(root), Reporter())
+
+
+def test_shutdown_never_signals_a_process_that_only_has_the_marker_in_argv(tmp_path: Path) -> None:
+    """A pid file naming someone else's process whose command line merely contains ``--watchdog`` (or
+    ``llmpod.proxy``): --shutdown must leave it alone."""
+    sidecars = _sidecars(tmp_path)
+    sidecars.paths.ensure()
+    argv = [sys.executable, "-c", SLEEPER, "--watchdog", "llmpod.proxy"]
+    pid = processes.spawn_detached(argv, env=dict(os.environ), log_path=tmp_path / "other.log", pid_path=None)
+    try:
+        processes.write_pid(sidecars.paths.watchdog_pid, pid)
+        processes.write_pid(sidecars.paths.proxy_pid, pid)
+        sidecars.stop()
+        assert processes.alive(pid)
+    finally:
+        processes.stop(pid, grace=1)
+
+
+def test_a_pid_file_older_than_its_process_is_not_trusted(tmp_path: Path) -> None:
+    """The right marker and owner mark, but started after the pid file was written: the pid was recycled."""
+    sidecars = _sidecars(tmp_path)
+    sidecars.paths.ensure()
+    env = {**os.environ, WATCHDOG_OF: str(tmp_path)}
+    argv = [sys.executable, "-c", SLEEPER, "--watchdog"]
+    pid = processes.spawn_detached(argv, env=env, log_path=tmp_path / "w.log", pid_path=sidecars.paths.watchdog_pid)
+    try:
+        owner = sidecars.owner(WATCHDOG_OF)
+        assert processes.running(sidecars.paths.watchdog_pid, "--watchdog", owner) == pid  # ours: trusted
+        written = time.time() - 60
+        os.utime(sidecars.paths.watchdog_pid, (written, written))
+        assert processes.running(sidecars.paths.watchdog_pid, "--watchdog", owner) is None
+        assert processes.stop_pidfile(sidecars.paths.watchdog_pid, "--watchdog", owner=owner, grace=1)
+        assert processes.alive(pid)
+    finally:
+        processes.stop(pid, grace=1)
