@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from llmpod._files import atomic_write
@@ -41,6 +42,32 @@ def checkpoint(phase: str) -> None:
 def python_module(module: str) -> list[str]:
     """The command that runs one of our packages (``llmpod.proxy``, ``llmpod.mock``, ``llmpod.pod``)."""
     return [sys.executable, "-m", module]
+
+
+# Secrets of ours by name (the Hugging Face token's variable is the config's hf_token_env: callers add it),
+# and any variable whose name says it holds one (OPENAI_API_KEY, GITHUB_TOKEN, AWS_SECRET_ACCESS_KEY, PGPASSWORD):
+# a child is given only the secrets it uses, so a helper's crash dump, /proc/<pid>/environ or a library that
+# logs its environment cannot spill the RunPod key (which can create and delete billed pods) or the HF token.
+OUR_SECRETS = (
+    "RUNPOD_API_KEY",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "PROXY_API_KEY",
+    "UPSTREAM_API_KEY",
+    "VLLM_API_KEY",
+)
+# (at the end of the name: MOCK_FIRST_TOKEN_DELAY is a setting, not a token)
+SECRET_NAME = re.compile(r"(?:^|_)(?:API_?KEY|TOKEN|SECRET|PRIVATE_KEY|ACCESS_KEY|CREDENTIALS?)$|PASSW(?:OR)?D", re.I)
+
+
+def child_env(
+    env: Mapping[str, str], *, keep: Iterable[str] = (), secrets: Iterable[str] = (), by_name: bool = True
+) -> dict[str, str]:
+    """``env`` without the secrets a child does not use: ours (``OUR_SECRETS`` and ``secrets``) and, with
+    ``by_name``, any whose name looks like one; those in ``keep`` stay."""
+    kept = set(keep)
+    dropped = (set(OUR_SECRETS) | set(secrets)) - kept
+    return {k: v for k, v in env.items() if k in kept or not (k in dropped or (by_name and SECRET_NAME.search(k)))}
 
 
 def importable(env: Mapping[str, str]) -> dict[str, str]:

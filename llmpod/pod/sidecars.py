@@ -108,7 +108,9 @@ class Sidecars:
             enable_profiling=self.config.enable_profiling,
             log_file="",  # stderr only: spawn_detached sends it to proxy.log
         )
-        return {**inherited, **settings.to_env(), PROXY_OF: str(self.paths.root)}
+        # the proxy's secrets are its settings' (its upstream key and PROXY_API_KEY): no other is passed on
+        own = processes.child_env(inherited, secrets=(self.config.hf_token_env,))
+        return {**own, **settings.to_env(), PROXY_OF: str(self.paths.root)}
 
     def tool_env(self, state: PodState) -> dict[str, str]:
         """The proxy's UPSTREAM_TOOL_CALLING (does the pod call tools?) and TOOL_CAPABLE_MODELS (which catalog
@@ -130,7 +132,14 @@ class Sidecars:
             return
         self._stop_strays(WATCHDOG_OF)
         argv = [*processes.python_module("llmpod.pod"), WATCHDOG_MARKER, "--config", str(self.config_path)]
-        env = {**{k: v for k, v in os.environ.items() if k != processes.HOLD_AT}, WATCHDOG_OF: str(self.paths.root)}
+        # it terminates pods (RUNPOD_API_KEY) and reads and restarts the proxy (PROXY_API_KEY); it creates nothing,
+        # so it never needs the Hugging Face token
+        inherited = processes.child_env(
+            {k: v for k, v in os.environ.items() if k != processes.HOLD_AT},
+            keep=("RUNPOD_API_KEY", "PROXY_API_KEY"),
+            secrets=(self.config.hf_token_env,),
+        )
+        env = {**inherited, WATCHDOG_OF: str(self.paths.root)}
         processes.spawn_detached(
             argv, env=env, log_path=self.paths.watchdog_log, pid_path=self.paths.watchdog_pid, cwd=self.paths.root
         )

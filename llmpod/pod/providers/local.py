@@ -41,7 +41,7 @@ class LocalProvider:
     def create(self, spec: PodSpec) -> PodInfo:
         port = free_port()
         env = {
-            **os.environ,
+            **self.inherited_env(),
             **self.config.env,
             "VLLM_API_KEY": spec.api_key,
             self.NAME_VAR: spec.name,
@@ -53,6 +53,14 @@ class LocalProvider:
             log.write(f"{self.START_MARK}{spec.name}\n")
         pid = processes.spawn_detached(argv, env=env, log_path=self.log_path, pid_path=None)
         return PodInfo(f"local-{pid}-{port}", spec.name, "RUNNING", 0.0, None, None, f"http://127.0.0.1:{port}/v1")
+
+    def inherited_env(self) -> dict[str, str]:
+        """What the process inherits of our environment: never the RunPod key or the proxy's keys. The bundled mock
+        downloads nothing and uses no secret but its VLLM_API_KEY (set in ``create``); a ``command`` of the
+        user's (a real vLLM) keeps the Hugging Face token a pod would get, and the rest of the user's variables."""
+        if self.config.command:
+            return processes.child_env(os.environ, keep=(self.config.hf_token_env,), by_name=False)
+        return processes.child_env(os.environ, secrets=(self.config.hf_token_env,))
 
     def _argv(self, spec: PodSpec, port: int) -> list[str]:
         command = self.config.command or processes.python_module("llmpod.mock")
