@@ -8,6 +8,7 @@ kill -9, ports, leaks, exit codes end to end: tests/pod/test_manage_pod_e2e.py, 
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from llmpod.errors import CleanupFailedError, CrashLoopError, ForeignPodError, PodError
+from llmpod.pod import cli
 from llmpod.pod.lifecycle import TERMINATE_DEADLINE
 from llmpod.pod.state import load_state, save_state
 from tests.fakes.fake_provider import FakeClock, FakeProvider
@@ -172,6 +174,18 @@ def test_shutdown_refuses_a_recorded_pod_id_that_names_another_pod(rig: Rig) -> 
     assert foreign.id in rig.provider.live() and rig.provider.calls["terminate"] == 0
     recorded = load_state(rig.session.paths)
     assert recorded is not None and recorded.phase == "ready"  # not left "terminating" for the watchdog to finish
+
+
+def test_shutdown_all_forgets_a_foreign_record_and_removes_our_pods(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = rig.session._create()
+    foreign = rig.provider.add_pod("someone-elses")
+    state.pod_id = foreign.id
+    save_state(rig.session.paths, state)
+    assert cli.cmd_shutdown(rig.session, argparse.Namespace(all=True)) == 0
+    assert rig.provider.live() == [foreign.id] and load_state(rig.session.paths) is None
+    assert "forgot" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ start-up
