@@ -47,12 +47,12 @@ def test_failing_requests_and_polls_are_not_activity(client: httpx.Client) -> No
 @pytest.fixture
 def mock_vllm_settings() -> dict[str, object]:
     # a long answer (megabytes of SSE) so that a client that stops reading fills the socket buffers
-    return {"chunk_count": 40_000, "max_model_len": 1_000_000}
+    return {"chunk_count": 80_000, "max_model_len": 1_000_000}
 
 
 def test_a_client_that_stops_reading_a_stream_is_cut(start_proxy: ProxyFactory) -> None:
     proxy = start_proxy(send_timeout=0.5)
-    body = json.dumps(chat("stall me", stream=True, max_tokens=40_000)).encode()
+    body = json.dumps(chat("stall me", stream=True, max_tokens=80_000)).encode()
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect(("127.0.0.1", proxy.port))
@@ -72,7 +72,7 @@ def test_a_client_that_stops_reading_a_stream_is_cut(start_proxy: ProxyFactory) 
             assert metrics["in_flight"] == 0  # abandoned: no longer holds the pod awake
             assert metrics["last_request_at"] is None  # an answer nobody got is not activity
             # the flight was released: a new client gets the answer (generated or stored), not a wait
-            answer = client.post("/v1/chat/completions", json=chat("stall me", max_tokens=40_000))
+            answer = client.post("/v1/chat/completions", json=chat("stall me", max_tokens=80_000))
             assert answer.status_code == 200
     finally:
         stalled.close()
