@@ -42,6 +42,7 @@ ENV_NAMES: dict[str, str] = {
     "max_body_bytes": "MAX_BODY_BYTES",
     "upstream_tool_calling": "UPSTREAM_TOOL_CALLING",
     "tool_capable_models": "TOOL_CAPABLE_MODELS",
+    "send_timeout": "PROXY_SEND_TIMEOUT",
 }
 SECRET_FIELDS = {"upstream_api_key", "proxy_api_key"}
 _TRUE = {"1", "true", "yes", "on"}
@@ -92,6 +93,9 @@ class ProxySettings(BaseModel):
     # with tools get the proxy's one-line 400 naming tool_capable_models; None = unknown, everything is forwarded
     upstream_tool_calling: bool | None = None
     tool_capable_models: tuple[str, ...] = ()
+    # a client that stops reading its answer is cut after this long blocked on one send: otherwise it stays in
+    # flight forever, holding its flight and keeping the pod from going idle
+    send_timeout: float = Field(60.0, gt=0, le=3600)
 
     @field_validator("upstream_url")
     @classmethod

@@ -7,6 +7,12 @@ request's own task, and one watcher task waits for ``http.disconnect``; when the
 cancels the sending task, which ends quietly. The body generator is always closed, right away, so whatever it
 holds (a coalesced flight's listener slot, the mock's in-flight count) is released when the client goes,
 not when the garbage collector gets to it.
+
+HTTP/1.0 knows no chunked encoding, and uvicorn's httptools protocol would chunk a body sent without a length:
+an HTTP/1.0 client gets the whole stream at once, with a ``Content-Length``.
+
+``SendDeadline`` bounds how long one send to a client may block (a client that stopped reading): past it, the
+task serving the request is cancelled, so the answer is abandoned and what it holds is released.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import contextlib
 from collections.abc import AsyncGenerator, Mapping
 
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 
 class EventStream(Response):
@@ -53,6 +59,12 @@ class EventStream(Response):
 
         watcher = asyncio.get_running_loop().create_task(watch())
         try:
+            if scope.get("http_version") == "1.0":
+                body = b"".join([piece async for piece in self.stream])
+                headers = [*self.raw_headers, (b"content-length", str(len(body)).encode())]
+                await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for piece in self.stream:
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
@@ -68,3 +80,54 @@ class EventStream(Response):
             if left and cancelling is not None and uncancel is not None and cancelling():
                 uncancel()  # 3.11+: the cancellation was ours, and it is handled
             await self.stream.aclose()
+
+
+class SendDeadline:
+    """Wraps an ASGI ``send``: one send blocked ``timeout`` seconds cancels the task that serves the request.
+
+    One timer per request, re-armed at most once per ``timeout`` (not a ``wait_for`` task per chunk). The server
+    task catches the cancellation and calls ``settle()``: True means it was ours (the client stalled).
+    """
+
+    def __init__(self, send: Send, timeout: float) -> None:
+        self._send = send
+        self.timeout = timeout
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        self._sending_since: float | None = None
+        self.started = False  # a message went out: the status line can no longer change
+        self.stalled = False
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        since, now = self._sending_since, self._loop.time()
+        if since is not None and now - since >= self.timeout and self._task is not None:
+            self.stalled = True
+            self._timer = None
+            self._task.cancel()
+            return
+        wait = self.timeout if since is None else self.timeout - (now - since)
+        self._timer = self._loop.call_later(wait, self._check)
+
+    async def send(self, message: Message) -> None:
+        self.started = True
+        self._sending_since = self._loop.time()
+        try:
+            await self._send(message)
+        finally:
+            self._sending_since = None
+
+    def settle(self) -> bool:
+        """After a CancelledError: True (and the cancellation marked handled) if it was the deadline's."""
+        if not self.stalled:
+            return False
+        cancelling = getattr(self._task, "cancelling", None)
+        uncancel = getattr(self._task, "uncancel", None)
+        if cancelling is not None and uncancel is not None and cancelling():
+            uncancel()  # 3.11+: the cancellation was ours, and it is handled
+        return True
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -9,6 +9,7 @@ repeat must not get a new key, nor a /tokenize round trip before its hit).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from llmpod.errors import UpstreamError
 from llmpod.proxy._requestlog import RequestLog
@@ -28,7 +29,7 @@ from llmpod.proxy.metrics import ProxyMetrics
 from llmpod.proxy.settings import ProxySettings
 from llmpod.proxy.upstream import Upstream
 from llmpod.proxy.wire import error_body, error_response, json_response
-from llmpod.sse_response import EventStream
+from llmpod.sse_response import EventStream, SendDeadline
 from llmpod.tool_calling import needs_tool_parser, refusal_message
 
 log = logging.getLogger("llmpod.proxy")
@@ -156,20 +157,22 @@ class GenerationEndpoint:
         self._handler = handler  # the running service's: it exists only once the app's lifespan started
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
+        handler = self._handler()
+        # a client that stopped reading is cut: in flight forever, it would hold its flight and keep the pod billing
+        deadline = SendDeadline(send, handler.settings.send_timeout)
         try:
-            await self._handler().serve(Request(scope, receive, send), self.endpoint, self.upstream_path, tracked_send)
+            await handler.serve(Request(scope, receive, send), self.endpoint, self.upstream_path, deadline.send)
+        except asyncio.CancelledError:
+            if not deadline.settle():
+                raise
+            log.warning("%s: the client stopped reading for %ss: answer abandoned", scope["path"], deadline.timeout)
         except Exception:
             log.exception("error answering %s", scope["path"])
-            if started:
+            if deadline.started:
                 raise  # the status line is out: the server closes the connection, the client sees it cut
             await error_response("internal proxy error (logged)", 500)(scope, receive, send)
+        finally:
+            deadline.close()
 
 
 class GenerationHandler:
@@ -199,6 +202,9 @@ class GenerationHandler:
         try:
             response, streaming = await self._answer(request, exchange, path)
             await response(request.scope, request.receive, send)
+        except BaseException:
+            exchange.status = 499 if exchange.status < 300 else exchange.status  # not delivered: not activity
+            raise
         finally:
             if not streaming:  # a stream is logged when it ends (_observe)
                 self._done(request, exchange)

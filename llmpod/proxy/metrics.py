@@ -48,6 +48,8 @@ class ProxyMetrics:
         self.upstream_calls = 0
         self.tokens_from_cache = 0
         self.in_flight = 0
+        # the watchdog's idleness clock (``last_request_at`` in /metrics): only successful generation work moves
+        # it, so a page posting malformed requests every few seconds, or /health polls, do not keep a pod billing
         self.last_request_at: float | None = None
         self.hit_latency: deque[float] = deque(maxlen=RESERVOIR)
         self.upstream_latency: deque[float] = deque(maxlen=RESERVOIR)
@@ -91,9 +93,13 @@ class ProxyMetrics:
 
     # ----------------------------------------------------------------- recording
     def record(self, *, model: str, status: int, cache: str, seconds: float, cached_tokens: int = 0) -> None:
-        """One answered request. ``cache`` is HIT, MISS, BYPASS, COALESCED or NONE (rejected early)."""
+        """One answered request. ``cache`` is HIT, MISS, BYPASS, COALESCED or NONE (rejected early).
+
+        Only a 2xx (a stream that delivered to its end) counts as activity for idle shutdown.
+        """
         self.requests_total += 1
-        self.last_request_at = time.time()
+        if 200 <= status < 300:
+            self.last_request_at = time.time()
         if cache == "HIT":
             self.cache_hits += 1
             self.hit_latency.append(seconds)

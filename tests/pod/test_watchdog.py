@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from llmpod.errors import RunPodUnavailable
 from llmpod.pod.state import PodState, load_state, save_state
 from llmpod.pod.watchdog import Ended, KeepWatching, check_once
+from llmpod.proxy import metrics as proxy_metrics
 from tests.fakes.fake_session import Rig, make_session
 
 
@@ -71,6 +73,23 @@ def test_a_generation_or_a_recent_request_is_activity(rig: Rig, metrics: dict[st
     ended = check_once(rig.session, since)
     assert isinstance(ended, KeepWatching) and (ended.last_activity or 0.0) > since
     assert load_state(rig.session.paths) is not None and rig.provider.live()
+
+
+def test_failing_requests_do_not_keep_the_pod_alive(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page posting malformed requests every few seconds (and a 499 from a client that left) is not activity."""
+    monkeypatch.setattr(proxy_metrics, "time", rig.clock)
+    metrics = proxy_metrics.ProxyMetrics(cast(Any, None))  # the proxy's own counters, as /metrics reports them
+    since = rig.clock.time()
+    rig.clock.advance(100)
+    metrics.record(model="m", status=200, cache="MISS", seconds=1.0)  # the last real work
+    for _ in range(61):
+        rig.clock.advance(10)
+        metrics.record(model="-", status=400, cache="NONE", seconds=0.001)
+        metrics.record(model="-", status=499, cache="MISS", seconds=0.001)
+    rig.sidecars.metrics = {"in_flight": metrics.in_flight, "last_request_at": metrics.last_request_at}
+    ended = check_once(rig.session, since)
+    assert isinstance(ended, Ended) and ended.why.startswith("pod idle: terminated")
+    assert "idle: no request for 610s" in reason(rig)
 
 
 def test_no_idle_timeout_means_never_idle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

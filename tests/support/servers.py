@@ -14,16 +14,19 @@ from llmpod._net import free_port as free_port  # the repo's one free-port helpe
 
 
 class LoopbackServer:
-    """Serve ``app`` on 127.0.0.1 and a free port for the duration of a ``with`` block."""
+    """Serve ``app`` on 127.0.0.1 and a free port for the duration of a ``with`` block.
 
-    def __init__(self, app: Any, *, startup_timeout: float = 10.0) -> None:
+    ``http="httptools"`` is what the proxy runs with in production (``http="auto"`` with httptools installed).
+    """
+
+    def __init__(self, app: Any, *, startup_timeout: float = 10.0, http: str = "h11") -> None:
         self._app = app
         self._startup_timeout = startup_timeout
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self.port: int = self._sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", loop="asyncio", http="h11")
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", loop="asyncio", http=http)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"loopback-{self.port}", daemon=True)
 
