@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +19,7 @@ import pytest
 from llmpod.errors import ConfigError
 from llmpod.proxy._requestlog import RequestLog
 from llmpod.proxy.cache import CacheEntry, ResponseCache
+from llmpod.proxy.metrics import ProxyMetrics
 from tests.proxy.test_cache import answer_document, key_for
 from tests.proxy.test_cli import run_proxy
 
@@ -113,6 +115,7 @@ def test_a_fifo_planted_as_an_entry_does_not_freeze_the_proxy(tmp_path: Path) ->
         reader.join(5)
         pytest.fail("reading a FIFO planted as a cache entry blocked")
     assert results == [None] and cache.foreign_skipped == 1
+    assert ProxyMetrics(cache).as_json(0)["cache_foreign_skipped"] == 1
     assert stat.S_ISFIFO(path.lstat().st_mode)  # not ours to delete
 
 
@@ -189,7 +192,12 @@ def test_a_log_file_owned_by_another_user_is_refused(tmp_path: Path) -> None:
 def test_logged_model_names_carry_no_control_or_shell_characters(client: httpx.Client, tmp_path: Path) -> None:
     hostile = "x\n$(touch /tmp/pwned); `id` 'q' \"d\" | > \x1b[2J"
     client.post("/v1/chat/completions", json={"model": hostile, "messages": [{"role": "user", "content": "hi"}]})
-    lines = [line for line in (tmp_path / "proxy.log").read_text().splitlines() if "POST /v1/" in line]
+    deadline = time.monotonic() + 5
+    while True:  # the line is written once the answer has gone out: it may land just after
+        lines = [line for line in (tmp_path / "proxy.log").read_text().splitlines() if "POST /v1/" in line]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     assert len(lines) == 1
     field = lines[0].split(" model=", 1)[1].split(" status=", 1)[0]
     assert not set(field) & set("\n\x1b$();`'\"|> "), field
