@@ -25,13 +25,46 @@ from typing import Any
 import orjson
 
 from llmpod._files import atomic_write
+from llmpod.errors import ConfigError
 
 ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.json\Z")  # what the start-up scan indexes; matched from the start
 TMP_PREFIX = ".tmp-"
+# exactly the temp names ``write_atomically`` makes (key, writer id, clock): start-up removes only these
+TMP_NAME = re.compile(r"\.tmp-[0-9a-f]{64}-[0-9]+-[0-9]+\Z")
 log = logging.getLogger("llmpod.proxy.cache")
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 # what a full, read-only or vanished disk answers a write with: storing pauses rather than failing every answer
 DISK_REFUSALS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR})
+
+
+def check_directory(directory: str | os.PathLike[str]) -> None:
+    """Make the cache directory 0700 if it is missing; refuse one another user could have planted answers in.
+
+    The default lives in a shared /tmp: whoever creates ``/tmp/llm_cache`` first owns what is in it. Raises
+    ``ConfigError`` (one line, the fix) for a directory owned by another user or writable by group or others.
+    """
+    path = os.fspath(directory)
+    try:
+        os.makedirs(path, mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot create cache dir {path}: {exc.strerror} (set CACHE_DIR)") from None
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot use cache dir {path}: {exc.strerror} (set CACHE_DIR)") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"cache dir {path} is not a directory: remove it or set CACHE_DIR")
+    if info.st_uid != os.geteuid():
+        raise ConfigError(f"cache dir {path} is owned by uid {info.st_uid}: remove it or set CACHE_DIR")
+    if info.st_mode & 0o022:
+        raise ConfigError(f"cache dir {path} is writable by others: remove it or set CACHE_DIR")
+
+
+class NotOurs(OSError):
+    """An entry file another user owns, or that is not a regular file: never served, never deleted."""
 
 
 @dataclass(slots=True)
@@ -49,7 +82,8 @@ def index_of(directory: str, names: list[str]) -> tuple[OrderedDict[str, IndexEn
     relative to the directory's descriptor, one pattern for the whole name, one ``lstat``.
     """
     found: list[tuple[float, str, int]] = []
-    append, is_entry_name, is_file = found.append, ENTRY_NAME.match, stat.S_ISREG
+    append, is_entry_name, is_file, uid = found.append, ENTRY_NAME.match, stat.S_ISREG, os.geteuid()
+    foreign = 0
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         for name in names:
@@ -61,9 +95,14 @@ def index_of(directory: str, names: list[str]) -> tuple[OrderedDict[str, IndexEn
                 continue
             # not a link: in a shared /tmp one may point at anyone's file; nor a directory
             if is_file(info.st_mode):
+                if info.st_uid != uid:  # planted (or left by a run as another user): not ours to serve or delete
+                    foreign += 1
+                    continue
                 append((info.st_mtime, name[:-5], info.st_size))
     finally:
         os.close(fd)
+    if foreign:
+        log.warning("cache: %d entries in %s are owned by another user: ignored", foreign, directory)
     found.sort()  # oldest use first = first to evict
     index = OrderedDict((key, IndexEntry(size, mtime, mtime)) for mtime, key, size in found)
     return index, sum(size for _, _, size in found)
@@ -101,13 +140,17 @@ def merge_scan(
 
 
 def list_and_tidy(directory: str) -> list[str]:
-    """Every name in the directory; the temp files of writes that a crash interrupted are removed (never
-    served). Call it before this process starts writing."""
+    """Every name in the directory; the temp files of our writes that a crash interrupted are removed (never
+    served): only names ``write_atomically`` makes, and only files we own. Call it before this process
+    starts writing."""
     names = os.listdir(directory)
+    uid = os.geteuid()
     for name in names:
-        if name.startswith(TMP_PREFIX):
+        if TMP_NAME.match(name):
             with contextlib.suppress(OSError):
-                os.unlink(f"{directory}/{name}")
+                info = os.stat(f"{directory}/{name}", follow_symlinks=False)
+                if stat.S_ISREG(info.st_mode) and info.st_uid == uid:
+                    os.unlink(f"{directory}/{name}")
     return names
 
 
@@ -117,7 +160,7 @@ def stat_entry(directory: str, key: str) -> IndexEntry | None:
         info = os.stat(f"{directory}/{key}.json", follow_symlinks=False)
     except OSError:
         return None
-    if not stat.S_ISREG(info.st_mode):
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
         return None
     return IndexEntry(size=info.st_size, created=info.st_mtime, last_used=info.st_mtime)
 
@@ -127,8 +170,19 @@ class CorruptEntry(Exception):
 
 
 def read_document(directory: str, key: str) -> dict[str, Any]:
-    """``key``'s file, parsed; a link swapped in is not followed. Raises ``OSError`` or ``CorruptEntry``."""
-    fd = os.open(f"{directory}/{key}.json", os.O_RDONLY | NOFOLLOW)
+    """``key``'s file, parsed; a link swapped in is not followed. Raises ``OSError`` (``NotOurs`` for a file
+    another user owns or one that is not a regular file) or ``CorruptEntry``."""
+    # non-blocking: opening a FIFO planted under an entry's name would otherwise wait for a writer forever
+    fd = os.open(f"{directory}/{key}.json", os.O_RDONLY | NOFOLLOW | NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotOurs(errno.EINVAL, "not a regular file")
+        if info.st_uid != os.geteuid():
+            raise NotOurs(errno.EPERM, f"owned by uid {info.st_uid}")
+    except BaseException:
+        os.close(fd)
+        raise
     with os.fdopen(fd, "rb") as handle:
         data = handle.read()
     try:
@@ -153,10 +207,13 @@ def remove_entry(directory: str, key: str) -> None:
 def remove_unindexed(directory: str, indexed: Container[str]) -> int:
     """Remove the entry files whose keys are not in ``indexed``; how many went."""
     removed = 0
+    uid = os.geteuid()
     with contextlib.suppress(OSError):
         for name in os.listdir(directory):
             if ENTRY_NAME.match(name) and name[:-5] not in indexed:
                 with contextlib.suppress(OSError):
+                    if os.stat(f"{directory}/{name}", follow_symlinks=False).st_uid != uid:
+                        continue  # another user's file is not ours to delete (nor served)
                     os.unlink(f"{directory}/{name}")
                     removed += 1
     return removed
@@ -167,7 +224,15 @@ def write_atomically(directory: str, key: str, data: bytes, writer_id: int) -> N
     directory is made again if it is gone (``rm -rf`` to clear the cache, a /tmp cleaner), or every answer from
     here on would go unstored until a restart. No fsync: a lost entry is only a future miss."""
     tmp = f"{directory}/{TMP_PREFIX}{key}-{writer_id}-{time.monotonic_ns()}"
-    atomic_write(f"{directory}/{key}.json", data, mode=0o644, fsync=False, make_dirs=True, tmp=tmp)
+    target = f"{directory}/{key}.json"
+    try:  # 0600: every prompt and answer of the user's day; only they may read it
+        atomic_write(target, data, mode=0o600, fsync=False, tmp=tmp)
+    except FileNotFoundError:
+        try:
+            check_directory(directory)  # made again 0700, and still refused if someone else got there first
+        except ConfigError as exc:
+            raise PermissionError(errno.EACCES, str(exc)) from None
+        atomic_write(target, data, mode=0o600, fsync=False, tmp=tmp)
 
 
 class EntryWriter(threading.Thread):

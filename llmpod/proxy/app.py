@@ -27,6 +27,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from llmpod.proxy._requestlog import LogFileHandler
 from llmpod.proxy.auth import ProxyKey
 from llmpod.proxy.generation import GenerationEndpoint, GenerationHandler
 from llmpod.proxy.routes import add_routes
@@ -96,8 +97,8 @@ def _configure_logging(settings: ProxySettings) -> list[logging.Handler]:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings.log_file is not None:
-        settings.log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(settings.log_file, encoding="utf-8"))
+        # opened as the request log is: never through a link, never another user's file (open_log)
+        handlers.append(LogFileHandler(settings.log_file))
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)

@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from llmpod.errors import ConfigError
 from llmpod.proxy import _cache_files as files
 from llmpod.proxy._cache_entries import FORMAT_VERSION as FORMAT_VERSION  # re-exported: the file format
 from llmpod.proxy._cache_entries import CachedAnswer as CachedAnswer
@@ -60,6 +61,8 @@ class ResponseCache:
         self.total_bytes = 0
         self.evictions = 0
         self.corrupt_discarded = 0
+        self.foreign_skipped = 0  # entry files another user owns, or not regular files: not served, kept
+        self._refused = False  # the directory is not ours (``check_directory``): nothing in it is read
         self.store_errors = 0
         self.stores = 0
         self.store_disabled_reason: str | None = None
@@ -106,11 +109,13 @@ class ResponseCache:
         self._hot.clear()
         self._hot_bytes = 0
         self.total_bytes = 0
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            self._disable_store(f"cannot create {self.directory}: {exc.strerror}")
+        try:  # made 0700; another user's (or a world-writable) directory is refused: they would plant answers
+            files.check_directory(self._dir)
+        except ConfigError as exc:
+            self._disable_store(str(exc))
+            self._refused = True
             return []
+        self._refused = False
         try:
             names = files.list_and_tidy(self._dir)
         except OSError as exc:  # unreadable: nothing on it can be found, but answers may still be stored
@@ -153,7 +158,7 @@ class ResponseCache:
             pending = self._pending.get(key)
             if pending is not None:
                 return answer_from(key, orjson.loads(pending))
-            if not self._loading or (entry := self._adopt(key)) is None:
+            if not self._loading or self._refused or (entry := self._adopt(key)) is None:
                 return None
         now = time.time()
         hot = self._hot.get(key)
@@ -208,6 +213,10 @@ class ResponseCache:
             return files.read_document(self._dir, key)
         except (FileNotFoundError, NotADirectoryError):
             self._drop(key)  # removed behind our back (with its directory, even): gone, not corrupt
+        except files.NotOurs as exc:  # planted: not served, and not ours to delete
+            log.warning("cache entry %s skipped: %s", key[:12], exc.strerror)
+            self.foreign_skipped += 1
+            self._drop(key)
         except OSError as exc:
             log.warning("cache entry %s unreadable (%s): treated as a miss", key[:12], exc.strerror)
             self._discard_corrupt(key, "unreadable")
@@ -223,6 +232,8 @@ class ResponseCache:
     @property
     def storing(self) -> bool:
         # after a pause, try again: the disk may have been freed or remounted
+        if self._refused:  # not our directory: no later retry makes it ours
+            return False
         return self.store_disabled_reason is None or time.monotonic() >= self._store_retry_at
 
     def put(self, key: str, entry: CacheEntry) -> bool:

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from llmpod.errors import UpstreamError
-from llmpod.proxy._requestlog import RequestLog
+from llmpod.proxy._requestlog import RequestLog, loggable
 from llmpod.proxy.cache import CachedAnswer, CacheEntry, ResponseCache, UnkeyableRequest, cache_key
 from llmpod.proxy.flights import Flight, FlightRegistry
 from llmpod.proxy.metrics import ProxyMetrics
@@ -35,7 +35,6 @@ from llmpod.tool_calling import needs_tool_parser, refusal_message
 log = logging.getLogger("llmpod.proxy")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PREVIEW_WORDS = 12
-LOG_NAME_CHARS = 200
 
 
 class RequestProblem(Exception):
@@ -367,15 +366,10 @@ class GenerationHandler:
         )
         upstream = "" if exchange.upstream_s is None else f" upstream_ms={exchange.upstream_s * 1000:.1f}"
         self.request_log.write(
-            f"{request.method} {request.scope['path']} model={_loggable(exchange.model)} status={exchange.status} "
+            f"{request.method} {request.scope['path']} model={loggable(exchange.model)} status={exchange.status} "
             f"cache={exchange.cache} latency_ms={seconds * 1000:.2f} lookup_ms={exchange.lookup_s * 1000:.3f}"
             f"{upstream} tokens={exchange.tokens}"
         )
-
-
-def _loggable(name: str) -> str:
-    """A client's model name as it may go into the log: a newline would forge log lines, 30 MB fill the disk."""
-    return name if len(name) <= LOG_NAME_CHARS and name.isprintable() else repr(name[:LOG_NAME_CHARS])
 
 
 async def _skip_store(flight: Flight) -> None:

@@ -86,6 +86,10 @@ class ProxyMetrics:
             "llm_proxy_cache_bytes": ("Bytes of answers in the cache", lambda: cache.total_bytes),
             "llm_proxy_cache_evictions": ("Entries evicted since start", lambda: cache.evictions),
             "llm_proxy_cache_corrupt_discarded": ("Corrupt entries deleted", lambda: cache.corrupt_discarded),
+            "llm_proxy_cache_foreign_skipped": (
+                "Entries not served: another user's file, or not a regular file",
+                lambda: cache.foreign_skipped,
+            ),
             "llm_proxy_uptime_seconds": ("Seconds since the proxy started", lambda: time.time() - self.started_at),
         }
         for name, (doc, read) in gauges.items():
@@ -150,6 +154,7 @@ class ProxyMetrics:
             "cache_max_bytes": cache.max_bytes,
             "cache_evictions": cache.evictions,
             "cache_corrupt_discarded": cache.corrupt_discarded,
+            "cache_foreign_skipped": cache.foreign_skipped,
             "cache_store_errors": cache.store_errors,
             "cache_storing": cache.store_disabled_reason is None,
             "cache_store_problem": cache.store_disabled_reason,

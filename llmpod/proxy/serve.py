@@ -12,6 +12,10 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llmpod.proxy.settings import ProxySettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = ProxySettings.from_env(host=args.host, port=args.port)
+        _check_files(settings)
         sock = _bind(settings.host, settings.port)
     except LlmpodError as exc:
         print(f"proxy_fastapi: {exc}", file=sys.stderr)
@@ -51,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _check_files(settings: ProxySettings) -> None:
+    """Refuse (``ConfigError``) a cache dir or log file another local user could have planted."""
+    from llmpod.proxy._cache_files import check_directory
+    from llmpod.proxy._requestlog import open_log
+
+    check_directory(settings.cache_dir)
+    if settings.log_file is not None:
+        open_log(settings.log_file).close()
 
 
 def _bind(host: str, port: int) -> socket.socket:
