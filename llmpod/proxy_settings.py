@@ -43,6 +43,7 @@ ENV_NAMES: dict[str, str] = {
     "upstream_tool_calling": "UPSTREAM_TOOL_CALLING",
     "tool_capable_models": "TOOL_CAPABLE_MODELS",
     "send_timeout": "PROXY_SEND_TIMEOUT",
+    "allowed_hosts": "PROXY_ALLOWED_HOSTS",
 }
 SECRET_FIELDS = {"upstream_api_key", "proxy_api_key"}
 _TRUE = {"1", "true", "yes", "on"}
@@ -96,6 +97,9 @@ class ProxySettings(BaseModel):
     # a client that stops reading its answer is cut after this long blocked on one send: otherwise it stays in
     # flight forever, holding its flight and keeping the pod from going idle
     send_timeout: float = Field(60.0, gt=0, le=3600)
+    # names besides this machine's (localhost, 127.0.0.1, [::1], the bound host) that Host and Origin may carry:
+    # anything else is refused, so a page whose domain is rebound to 127.0.0.1 cannot read the cache
+    allowed_hosts: tuple[str, ...] = ()
 
     @field_validator("upstream_url")
     @classmethod
@@ -145,8 +149,9 @@ class ProxySettings(BaseModel):
         if "upstream_tool_calling" in raw:
             value = raw["upstream_tool_calling"].strip()
             raw["upstream_tool_calling"] = _parse_bool("UPSTREAM_TOOL_CALLING", value) if value else None
-        if "tool_capable_models" in raw:
-            raw["tool_capable_models"] = tuple(n.strip() for n in raw["tool_capable_models"].split(",") if n.strip())
+        for field in ("tool_capable_models", "allowed_hosts"):
+            if field in raw:
+                raw[field] = tuple(n.strip() for n in raw[field].split(",") if n.strip())
         raw.update({k: v for k, v in overrides.items() if v is not None})
         if raw.get("log_file") in ("", "-"):  # an override too: the pod manager's proxy logs to stderr only
             raw["log_file"] = None

@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from llmpod.proxy._requestlog import LogFileHandler
 from llmpod.proxy.auth import ProxyKey
+from llmpod.proxy.browser import HostGuard, json_only
 from llmpod.proxy.generation import GenerationEndpoint, GenerationHandler
 from llmpod.proxy.routes import add_routes
 from llmpod.proxy.service import ProxyService
@@ -47,6 +48,7 @@ class ProxyApp(FastAPI):
     """FastAPI, with the API key checked first and the generation endpoints answered in front (module doc)."""
 
     proxy_key: ProxyKey | None = None
+    host_guard: HostGuard | None = None
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -80,13 +82,17 @@ class ProxyApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            # a rebound domain or a foreign page is refused before anything else, even /health (browser.py)
+            if self.host_guard is not None and not await self.host_guard.check(scope, receive, send):
+                return
             if self.proxy_key is not None and not self.proxy_key.allows(scope):
                 await self.proxy_key.deny(scope, receive, send)
                 return
             if scope["method"] == "POST":
                 endpoint = self._front.get(scope["path"])
                 if endpoint is not None:
-                    await endpoint(scope, receive, send)
+                    if await json_only(scope, receive, send):
+                        await endpoint(scope, receive, send)
                     return
         await super().__call__(scope, receive, send)
 
@@ -145,6 +151,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
         lifespan=lifespan,
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
+    app.host_guard = HostGuard(settings.host, settings.port, settings.allowed_hosts)
     if settings.proxy_api_key is not None:
         app.proxy_key = ProxyKey(settings.proxy_api_key)
 
