@@ -51,7 +51,9 @@ def test_body_over_the_limit_is_413(start_proxy: ProxyFactory, mock_control: Moc
         for i in range(0, len(data), 1000):
             yield data[i : i + 1000]
 
-    response = httpx.post(f"{proxy.url}/v1/chat/completions", content=chunked(), timeout=20)
+    response = httpx.post(
+        f"{proxy.url}/v1/chat/completions", content=chunked(), headers={"Content-Type": "application/json"}, timeout=20
+    )
     assert_openai_error(response, 413)
     assert mock_control.generations() == 0
 
