@@ -14,7 +14,7 @@ from pathlib import Path
 
 LEDGER_ENV = "LLMPOD_FAULT_LEDGER"  # set by the runner: where records are appended, one JSON line each
 
-AREAS = ("cost safety", "proxy faults", "bad input", "load", "security")
+AREAS = ("cost safety", "proxy faults", "bad input", "load", "security", "hostile neighbour")
 
 # What counts as a failure, each with the target zero. The table prints them in this order.
 FAILURES: dict[str, str] = {
@@ -26,6 +26,9 @@ FAILURES: dict[str, str] = {
     "unrecorded_pods": "pods unaccounted",  # a pod neither in pod_state.json nor in the leaked-pods listing
     "dirty_errors": "dirty errors",  # a 5xx that is not an honest 502/504, a traceback, a hang, exit != expected
     "secrets_exposed": "secrets exposed",  # a key in a log, listing, error, /debug output or world-readable file
+    # a hostile neighbour got what it was after: read or cleared the cache, generated, planted an answer, kept
+    # the pod billing, had a process or a pod that is not ours stopped
+    "attacks_worked": "attacks that worked",
 }
 
 
