@@ -39,7 +39,8 @@ DISK_REFUSALS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM,
 
 
 def check_directory(directory: str | os.PathLike[str]) -> None:
-    """Make the cache directory 0700 if it is missing; refuse one another user could have planted answers in.
+    """Make the cache directory 0700 (made, or closed if it is ours); refuse one another user could have planted
+    answers in.
 
     The default lives in a shared /tmp: whoever creates ``/tmp/llm_cache`` first owns what is in it. Raises
     ``ConfigError`` (one line, the fix) for a directory owned by another user or writable by group or others.
@@ -61,6 +62,13 @@ def check_directory(directory: str | os.PathLike[str]) -> None:
         raise ConfigError(f"cache dir {path} is owned by uid {info.st_uid}: remove it or set CACHE_DIR")
     if info.st_mode & 0o022:
         raise ConfigError(f"cache dir {path} is writable by others: remove it or set CACHE_DIR")
+    if info.st_mode & 0o077:
+        # ours, but readable by others: made by an older version (0755, entries 0644) or by hand. Closing the
+        # directory hides every entry in it, whatever the entries' own modes.
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:
+            raise ConfigError(f"cache dir {path} is readable by others and chmod 700 failed: {exc.strerror}") from None
 
 
 class NotOurs(OSError):

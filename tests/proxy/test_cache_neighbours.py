@@ -51,6 +51,18 @@ def test_cache_dir_and_entries_are_private(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "cache" / f"{key}.json").stat().st_mode) == 0o600
 
 
+def test_our_cache_dir_readable_by_others_is_closed(tmp_path: Path) -> None:
+    """A cache dir an older version made (0755, entries 0644): other users could read every prompt in it."""
+    old = tmp_path / "cache"
+    old.mkdir()
+    old.chmod(0o755)
+    key = key_for("2+2?")
+    (old / f"{key}.json").write_bytes(b"{}")
+    (old / f"{key}.json").chmod(0o644)
+    loaded(old)
+    assert stat.S_IMODE(old.stat().st_mode) == 0o700
+
+
 def test_cache_dir_writable_by_others_is_refused(tmp_path: Path) -> None:
     planted = tmp_path / "cache"
     planted.mkdir()
