@@ -111,7 +111,9 @@ class PodConfig(BaseModel):
         "HF_TOKEN", description="The NAME of the environment variable holding a Hugging Face token (gated models)."
     )
     idle_timeout_seconds: int = Field(
-        1800, ge=0, description="Terminate the pod after this long without a request through the proxy; 0 = never."
+        1800,
+        ge=0,
+        description="Terminate the pod after this long with no answer generated or served by the proxy; 0 = never.",
     )
     max_hourly_cost: float | None = Field(
         None, gt=0, description="Refuse GPU types whose list price per hour (on cloud_type) is higher; null = any."

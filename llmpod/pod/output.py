@@ -93,7 +93,7 @@ def status_text(report: dict[str, Any]) -> str:
             "idle shutdown",
             "off"
             if pod["idle_shutdown_in_seconds"] is None
-            else f"in {_duration(pod['idle_shutdown_in_seconds'])} without a request",
+            else f"in {_duration(pod['idle_shutdown_in_seconds'])} with no answer served",
         ),
         ("endpoint", report["endpoint"]),
         (
@@ -183,7 +183,7 @@ def ready_text(session: Session, state: PodState) -> str:
             else "API key:  none set (PROXY_API_KEY): any value works",
             f"cost:     ${state.cost_per_hour or 0:.2f}/h, expires {clock(state.expires_at)}"
             + (
-                f", idle shutdown after {state.idle_timeout_seconds // 60} min without a request"
+                f", idle shutdown after {state.idle_timeout_seconds // 60} min with no answer served"
                 if state.idle_timeout_seconds
                 else ""
             ),

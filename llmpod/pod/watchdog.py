@@ -107,7 +107,10 @@ def check_once(session: Session, last_activity: float) -> Decision:
     idle_for = now - max(last_activity, state.ready_at or 0.0)
     if state.idle_timeout_seconds and idle_for >= state.idle_timeout_seconds:
         result = session.shutdown(
-            reason=f"idle: no request for {idle_for:.0f}s (idle_timeout_seconds={state.idle_timeout_seconds})",
+            reason=(
+                f"idle: no answer generated or served for {idle_for:.0f}s "
+                f"(idle_timeout_seconds={state.idle_timeout_seconds})"
+            ),
             from_watchdog=True,
         )
         return Ended(f"pod idle: terminated {result.terminated} (spend ${result.spend_usd or 0:.2f})")

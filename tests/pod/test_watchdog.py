@@ -60,7 +60,8 @@ def test_idleness_terminates_the_pod(rig: Rig) -> None:
     rig.sidecars.metrics = {"in_flight": 0, "last_request_at": since - 5}
     ended = check_once(rig.session, since)
     assert isinstance(ended, Ended) and ended.why.startswith("pod idle: terminated")
-    assert rig.provider.live() == [] and "idle: no request for 601s (idle_timeout_seconds=600)" in reason(rig)
+    assert rig.provider.live() == []
+    assert "idle: no answer generated or served for 601s (idle_timeout_seconds=600)" in reason(rig)
 
 
 @pytest.mark.parametrize("metrics", [{"in_flight": 2}, {"last_request_at": "recent"}])
@@ -89,7 +90,7 @@ def test_failing_requests_do_not_keep_the_pod_alive(rig: Rig, monkeypatch: pytes
     rig.sidecars.metrics = {"in_flight": metrics.in_flight, "last_request_at": metrics.last_request_at}
     ended = check_once(rig.session, since)
     assert isinstance(ended, Ended) and ended.why.startswith("pod idle: terminated")
-    assert "idle: no request for 610s" in reason(rig)
+    assert "idle: no answer generated or served for 610s" in reason(rig)
 
 
 def test_no_idle_timeout_means_never_idle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
