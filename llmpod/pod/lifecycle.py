@@ -329,7 +329,7 @@ class Session:
             removed: list[str] = []
             spend = None
             if state is not None:
-                spend = self.spend(state, self.provider.get(state.pod_id) if state.pod_id else None)
+                spend = self.spend(state)  # the recorded rate: a flaky GET must not stop a shutdown
                 removed += self._terminate_recorded(state, reason, keep_watchdog=from_watchdog)
             if all_ours:
                 for pod in self.provider.list_ours():
@@ -340,11 +340,11 @@ class Session:
             return ShutdownResult(removed, spend, reason, had_state=state is not None)
 
     def _terminate_recorded(self, state: PodState, reason: str, keep_watchdog: bool = False) -> list[str]:
-        check_recorded_pod(self.paths, state, self.provider.get)  # before anything changes: never another's pod
+        checked = check_recorded_pod(self.paths, state, self.provider.get)  # before anything changes
         state.phase = "terminating"
         save_state(self.paths, state)
         processes.checkpoint("terminating")
-        removed = self._pods_of(state)
+        removed = self._pods_of(state, trust_id=checked)
         spend = self.spend(state) if removed else 0.0
         for pod_id in removed:
             self._terminate_verified(pod_id)
@@ -353,9 +353,10 @@ class Session:
         clear_state(self.paths)
         return removed
 
-    def _pods_of(self, state: PodState) -> list[str]:
-        """The recorded pod and every live pod with the record's unique name: a create killed before its answer,
-        or one that answered 5xx or timed out and was retried, may have made one after all."""
+    def _pods_of(self, state: PodState, trust_id: bool = True) -> list[str]:
+        """The recorded pod (unless its name could not be checked) and every live pod with the record's unique
+        name: a create killed before its answer, or one that answered 5xx or timed out and was retried, may have
+        made one after all."""
         named = [p.id for p in self.provider.list_ours() if p.name == state.pod_name]
         sent = state.create_sent_at
         if state.pod_id is None and sent is not None and not named and self.provider.create_may_land_late:
@@ -368,7 +369,7 @@ class Session:
             while not named and time.time() < settle_until:
                 self.sleep(1.0)
                 named = [p.id for p in self.provider.list_ours() if p.name == state.pod_name]
-        return list(dict.fromkeys([state.pod_id, *named] if state.pod_id else named))
+        return list(dict.fromkeys([state.pod_id, *named] if state.pod_id and trust_id else named))
 
     def _terminate_verified(self, pod_id: str) -> None:
         """DELETE, then read back until the pod is gone; retried for a bounded time, loud if it never goes."""

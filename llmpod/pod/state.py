@@ -104,23 +104,24 @@ class _Named(Protocol):
     def name(self) -> str: ...
 
 
-def check_recorded_pod(paths: RuntimePaths, state: PodState, get: Callable[[str], _Named | None]) -> None:
+def check_recorded_pod(paths: RuntimePaths, state: PodState, get: Callable[[str], _Named | None]) -> bool:
     """Refuse (``ForeignPodError``) when the recorded ``pod_id`` names a live pod whose name is not the recorded
-    ``pod_name``: a hand-edited or stale file must never make us terminate another pod. A pod that is gone, or a
-    provider that cannot be asked now, is no reason to refuse: terminating a gone pod does nothing, and a failed
-    start-up must still be able to remove its own pod while the API is flaky."""
+    ``pod_name``: a hand-edited or stale file must never make us terminate another pod. True when the id was
+    checked (or there is none); False when the provider could not be asked now: a failed start-up must still be
+    able to remove its own pod while the API is flaky, so the caller then goes by the recorded name alone."""
     if state.pod_id is None:
-        return
+        return True
     try:
         pod = get(state.pod_id)
     except LlmpodError:
-        return
+        return False
     if pod is not None and pod.name != state.pod_name:
         raise ForeignPodError(
             f"{paths.state_file} names pod {state.pod_id}, but that pod is {pod.name!r}, not the recorded "
             f"{state.pod_name!r}: not terminating it (the file was edited or is stale); "
             "`python3 manage_pod.py --shutdown --all` removes this file and every llmpod-* pod"
         )
+    return True
 
 
 def discard_damaged_state(paths: RuntimePaths) -> bool:

@@ -80,6 +80,7 @@ class FakeProvider:
     terminate_failures: int = 0  # the next N terminate calls answer 5xx (the pod stays)
     terminate_ignored: bool = False  # terminate answers OK but the pod never goes
     list_failures: int = 0  # the next N list/find calls answer 5xx
+    get_failures: int = 0  # the next N get calls answer 5xx
     crash_lines: list[str] = field(default_factory=list)  # new pods crash-loop printing these
     crash_every: float = 0.0  # seconds per life of a crash-looping container
     exits_at_start: bool = False  # new pods end EXITED at once (a local process that dies at start)
@@ -147,6 +148,9 @@ class FakeProvider:
 
     def get(self, pod_id: str) -> PodInfo | None:
         self.calls["get"] += 1
+        if self.get_failures:
+            self.get_failures -= 1
+            raise RunPodUnavailable(f"get pod {pod_id}: HTTP 502", 502)
         self._land_pending()
         pod = self.pods.get(pod_id)
         return None if pod is None else self._info(pod)

@@ -176,6 +176,20 @@ def test_shutdown_refuses_a_recorded_pod_id_that_names_another_pod(rig: Rig) -> 
     assert recorded is not None and recorded.phase == "ready"  # not left "terminating" for the watchdog to finish
 
 
+def test_shutdown_while_the_recorded_id_cannot_be_checked_goes_by_the_recorded_name(rig: Rig) -> None:
+    """RunPod failing the name check must not let a foreign pod_id through: our pod (found by its unique name)
+    is terminated, the other is not touched."""
+    state = rig.session._create()
+    ours = state.pod_id
+    foreign = rig.provider.add_pod("someone-elses")
+    state.pod_id = foreign.id
+    save_state(rig.session.paths, state)
+    rig.provider.get_failures = 1
+    result = rig.session.shutdown()
+    assert result.terminated == [ours]
+    assert rig.provider.live() == [foreign.id]
+
+
 def test_shutdown_all_forgets_a_foreign_record_and_removes_our_pods(
     rig: Rig, capsys: pytest.CaptureFixture[str]
 ) -> None:
