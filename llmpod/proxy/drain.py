@@ -131,7 +131,10 @@ class Drain:
 
     async def _end(self, request: _Request) -> None:
         """The answer an interrupted request gets, bounded: its client may not be reading."""
-        message = f"the proxy is shutting down: the answer did not finish within {self.seconds:g}s (retry)"
+        message = (
+            f"the proxy is shutting down and this answer did not finish within its {self.seconds:g}s drain "
+            "(PROXY_DRAIN_SECONDS); nothing was cached: retry once it is back"
+        )
         with contextlib.suppress(asyncio.TimeoutError, OSError, RuntimeError):
             if not request.started:
                 await asyncio.wait_for(self._refuse(request.send_app, message=message), LAST_SEND_SECONDS)

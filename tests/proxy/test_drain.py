@@ -8,6 +8,7 @@ the process exits within the drain plus a margin, with no traceback, no upstream
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import signal
@@ -21,8 +22,9 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from starlette.types import Message, Receive, Scope, Send
 
-from llmpod.proxy.drain import DrainingServer
+from llmpod.proxy.drain import Drain, DrainingServer
 from llmpod.proxy.sse import DONE, SSEParser
 from llmpod.proxy_settings import DRAIN_SECONDS, STOP_MARGIN_SECONDS, proxy_stop_grace
 from tests.faults.hostile import ERROR_FIELDS, proxy_process
@@ -206,3 +208,87 @@ def test_the_uvicorn_hook_still_exists() -> None:
     assert list(inspect.signature(uvicorn.Server.shutdown).parameters) == ["self", "sockets"]
     assert DrainingServer.shutdown is not uvicorn.Server.shutdown
     assert hasattr(uvicorn.Server, "force_exit") or "force_exit" in inspect.getsource(uvicorn.Server.__init__)
+
+
+# ------------------------------------------------------------------------------------------ Drain in-process
+def _hanging_app(*messages: Message) -> Any:
+    """An ASGI app that sends ``messages``, then waits for ever (an answer still being generated)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        for message in messages:
+            await send(message)
+        await asyncio.Event().wait()
+
+    return app
+
+
+async def _drained(app: Any, *, begin_first: bool = False) -> list[Message]:
+    """What one request to ``app`` behind a ``Drain`` of 0.05 s sends, the drain begun while it is in flight (or,
+    ``begin_first``, before it arrives)."""
+    drain, sent = Drain(app, 0.05), []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError
+
+    if begin_first:
+        drain.begin()
+    task = asyncio.create_task(drain({"type": "http", "method": "POST", "path": "/"}, receive, send))
+    await asyncio.sleep(0.01)
+    drain.begin()
+    await asyncio.wait_for(task, 5)
+    return sent
+
+
+SSE_START: Message = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"text/event-stream")],
+}
+
+
+def _body(sent: list[Message]) -> bytes:
+    assert sent[-1]["type"] == "http.response.body" and not sent[-1].get("more_body")  # a clean end
+    return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+async def test_drain_ends_a_stream_with_an_error_event_unless_it_already_said_done() -> None:
+    chunk = b'data: {"choices": []}\n\n'
+    sent = await _drained(_hanging_app(SSE_START, {"type": "http.response.body", "body": chunk, "more_body": True}))
+    events = SSEParser().feed(_body(sent))
+    assert events[0] == chunk[6:-2] and events[-1] == DONE and len(events) == 3
+    _openai_error(events[1], 503)
+    # an answer whose [DONE] went out but not its end (a cached stream sent in one piece) is ended, nothing added
+    done = {"type": "http.response.body", "body": chunk + b"data: [DONE]\n\n", "more_body": True}
+    assert _body(await _drained(_hanging_app(SSE_START, done))) == chunk + b"data: [DONE]\n\n"
+
+
+async def test_drain_answers_what_has_not_started_with_a_json_503() -> None:
+    for begin_first, retry in ((False, None), (True, b"1")):  # in flight; or arriving during the drain (pipelined)
+        sent = await _drained(_hanging_app(), begin_first=begin_first)
+        start, body = sent[0], _body(sent)
+        assert start["status"] == 503 and (b"content-type", b"application/json") in start["headers"]
+        assert dict(start["headers"]).get(b"retry-after") == retry
+        assert json.loads(body)["error"]["code"] == 503
+
+
+async def test_a_cancellation_that_is_not_the_drains_goes_through() -> None:
+    drain = Drain(_hanging_app(), 60)
+
+    async def send(message: Message) -> None:
+        raise AssertionError(message)
+
+    task = asyncio.create_task(drain({"type": "http"}, _never, send))
+    await asyncio.sleep(0.01)
+    task.cancel()  # the client left, a send deadline, uvicorn's backstop
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not drain._requests
+
+
+async def _never() -> Message:
+    await asyncio.Event().wait()
+    raise AssertionError
