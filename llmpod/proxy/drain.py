@@ -40,6 +40,7 @@ BACKSTOP_SECONDS = 3.0
 # one last send to a client that does not read must not hold up the exit
 LAST_SEND_SECONDS = 1.0
 _DONE_TAIL = b"data: [DONE]\n\n"
+SCOPE_KEY = "llmpod.drain"  # the request's _Request, for stopped_by_drain
 
 
 class _Request:
@@ -92,7 +93,7 @@ class Drain:
             # uvicorn closes a connection once its answer is done, so a request seldom gets here (pipelined)
             await self._refuse(send, retry=True)
             return
-        request = self._requests[task] = _Request(send, task)
+        request = self._requests[task] = scope[SCOPE_KEY] = _Request(send, task)
         try:
             await self.app(scope, receive, request.send)
         except asyncio.CancelledError:
@@ -174,6 +175,12 @@ class DrainingServer(uvicorn.Server):
         if not self.force_exit:  # a second Ctrl-C: uvicorn stops at once
             self.drain.begin()
         await super().shutdown(sockets)
+
+
+def stopped_by_drain(scope: Scope) -> bool:
+    """True once the drain has ended this request (its request log line then says 503, not 499)."""
+    request = scope.get(SCOPE_KEY)
+    return isinstance(request, _Request) and request.interrupted
 
 
 def _uncancel(task: asyncio.Task[Any]) -> None:

@@ -83,6 +83,10 @@ class Call(threading.Thread):
         return SSEParser().feed(self.content)
 
 
+def _lines(path: Path, word: str) -> list[str]:
+    return [line for line in path.read_text(errors="replace").splitlines() if word in line]
+
+
 def _openai_error(payload: bytes, code: int) -> dict[str, Any]:
     error = json.loads(payload)["error"]
     assert set(error) == ERROR_FIELDS and error["code"] == code and "shutting down" in error["message"], error
@@ -178,6 +182,9 @@ def test_a_stop_signal_drains_then_ends_streams_and_plain_requests_cleanly(
     for log in (server.log_path, tmp_path / "proxy_requests.log"):
         text = log.read_text(errors="replace") if log.exists() else ""
         assert "Traceback" not in text and "Exception in ASGI" not in text, text[-2000:]
+    # the request log says what each client got (503, not 499: no client left)
+    statuses = [line.split(" status=")[1].split()[0] for line in _lines(tmp_path / "proxy_requests.log", " status=")]
+    assert sorted(statuses) == ["200", "503", "503"]
     # (e) no generation left upstream, nobody listening on the port (closed connections may linger in TIME_WAIT,
     # which SO_REUSEADDR lets a new listener pass, as the proxy's own does)
     wait_until(lambda: mock.stats()["in_flight"] == 0, "the interrupted generations cancelled upstream", 10)
