@@ -67,7 +67,7 @@ class _Request:
         elif message["type"] == "http.response.body":
             body = message.get("body", b"")
             if body:
-                self.tail = (self.tail + body)[-len(_DONE_TAIL) :]
+                self.tail = (self.tail + body[-len(_DONE_TAIL) :])[-len(_DONE_TAIL) :]  # never a copy of the body
             if not message.get("more_body", False):
                 self.ended = True
         await self.send_app(message)
