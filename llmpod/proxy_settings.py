@@ -24,6 +24,10 @@ from llmpod.errors import ConfigError
 
 DEFAULT_UPSTREAM = "http://127.0.0.1:8001/v1"
 GIB = 1024**3
+DRAIN_SECONDS = 5.0
+# what a stopped proxy needs after its drain: ending the last requests (1 s each, at once), stopping the flights and
+# flushing the cache writes
+STOP_MARGIN_SECONDS = 5.0
 MIB = 1024**2
 
 # field name -> environment variable
@@ -44,6 +48,7 @@ ENV_NAMES: dict[str, str] = {
     "tool_capable_models": "TOOL_CAPABLE_MODELS",
     "send_timeout": "PROXY_SEND_TIMEOUT",
     "allowed_hosts": "PROXY_ALLOWED_HOSTS",
+    "drain_seconds": "PROXY_DRAIN_SECONDS",
 }
 SECRET_FIELDS = {"upstream_api_key", "proxy_api_key"}
 _TRUE = {"1", "true", "yes", "on"}
@@ -100,6 +105,9 @@ class ProxySettings(BaseModel):
     # names besides this machine's (localhost, 127.0.0.1, [::1], the bound host) that Host and Origin may carry:
     # anything else is refused, so a page whose domain is rebound to 127.0.0.1 cannot read the cache
     allowed_hosts: tuple[str, ...] = ()
+    # on SIGTERM/Ctrl-C, requests in flight get this long to finish before they are ended with a 503 error; the pod
+    # manager waits this plus STOP_MARGIN_SECONDS before it kills the proxy (proxy_stop_grace)
+    drain_seconds: float = Field(DRAIN_SECONDS, ge=0, le=600)
 
     @field_validator("upstream_url")
     @classmethod
@@ -201,3 +209,15 @@ def _one_line(exc: ValidationError, raw: Mapping[str, Any]) -> ConfigError:
     if field in SECRET_FIELDS:
         return ConfigError(f"{name} is invalid: {message}")
     return ConfigError(f"{name}={raw.get(field)!r} is invalid: {message}")
+
+
+def proxy_stop_grace(drain_seconds: str | None) -> float:
+    """Seconds to wait after SIGTERM before killing a proxy whose environment says ``PROXY_DRAIN_SECONDS=drain_seconds``
+    (None, unset or unreadable: the default): its drain, then STOP_MARGIN_SECONDS to end and flush."""
+    try:
+        drain = float(drain_seconds) if drain_seconds else DRAIN_SECONDS
+    except ValueError:
+        drain = DRAIN_SECONDS
+    if not 0 <= drain <= 600:  # out of range (or nan): such a proxy refused to start with it
+        drain = DRAIN_SECONDS
+    return drain + STOP_MARGIN_SECONDS

@@ -22,7 +22,7 @@ from llmpod.pod.config import PodConfig, check_port_free
 from llmpod.pod.progress import Reporter
 from llmpod.pod.providers import upstream_tool_calling
 from llmpod.pod.state import PodState, RuntimePaths
-from llmpod.proxy_settings import ProxySettings
+from llmpod.proxy_settings import ENV_NAMES, ProxySettings, proxy_stop_grace
 
 PROXY_MARKER = "llmpod.proxy"  # in its command line: python -m llmpod.proxy
 WATCHDOG_MARKER = "--watchdog"
@@ -74,7 +74,7 @@ class Sidecars:
         if pid and health and health.get("endpoint") == state.upstream_url:
             return
         if pid:
-            processes.stop_pidfile(self.paths.proxy_pid, PROXY_MARKER, owner=self.owner(PROXY_OF))
+            stop_proxy(self.paths.proxy_pid, self.owner(PROXY_OF))
         self._stop_strays(PROXY_OF)
         check_port_free(state.proxy_port)
         assert state.upstream_url is not None
@@ -149,12 +149,26 @@ class Sidecars:
             if not processes.stop_pidfile(self.paths.watchdog_pid, WATCHDOG_MARKER, owner=self.owner(WATCHDOG_OF)):
                 self.reporter.say("warning: the watchdog did not exit")
             self._stop_strays(WATCHDOG_OF)
-        if not processes.stop_pidfile(self.paths.proxy_pid, PROXY_MARKER, owner=self.owner(PROXY_OF)):
+        if not stop_proxy(self.paths.proxy_pid, self.owner(PROXY_OF)):
             self.reporter.say("warning: the proxy did not exit")
         self._stop_strays(PROXY_OF)
 
     def _stop_strays(self, marker: str) -> None:
         """Stop this directory's helpers of one kind that no pid file names (never this process)."""
         for pid in processes.find_by_environ(marker, str(self.paths.root)):
-            if pid != os.getpid() and not processes.stop(pid, grace=5):
+            grace = _proxy_grace(pid) if marker == PROXY_OF else 5.0
+            if pid != os.getpid() and not processes.stop(pid, grace=grace):
                 self.reporter.say(f"warning: process {pid} ({marker}) did not exit; kill it with `kill -9 {pid}`")
+
+
+def stop_proxy(pid_path: Path, owner: tuple[str, str]) -> bool:
+    """Stop the proxy ``pid_path`` names (if ours: ``processes.running``), killing it only once it has had its drain:
+    on SIGTERM it lets requests in flight finish for its PROXY_DRAIN_SECONDS, then ends the rest and flushes."""
+    pid = processes.running(pid_path, PROXY_MARKER, owner)
+    grace = _proxy_grace(pid) if pid is not None else 0.0
+    return processes.stop_pidfile(pid_path, PROXY_MARKER, grace=grace, owner=owner)
+
+
+def _proxy_grace(pid: int) -> float:
+    # the running proxy's own value (its environment), not this shell's: the two may differ
+    return proxy_stop_grace(processes.environ_value(pid, ENV_NAMES["drain_seconds"]))

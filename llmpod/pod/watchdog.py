@@ -18,7 +18,7 @@ from llmpod.errors import ConfigError, LlmpodError, RunPodAuthError, RunPodError
 from llmpod.pod import processes
 from llmpod.pod.lifecycle import Session
 from llmpod.pod.output import clock
-from llmpod.pod.sidecars import PROXY_MARKER, PROXY_OF
+from llmpod.pod.sidecars import PROXY_OF, stop_proxy
 from llmpod.pod.state import clear_state, exclusive, load_state, record_last_session
 
 
@@ -122,7 +122,7 @@ def check_once(session: Session, last_activity: float) -> Decision:
         return KeepWatching(last_activity)
     if pod is None or not pod.alive:
         with exclusive(session.paths, 60.0):
-            processes.stop_pidfile(session.paths.proxy_pid, PROXY_MARKER, owner=(PROXY_OF, str(session.paths.root)))
+            stop_proxy(session.paths.proxy_pid, (PROXY_OF, str(session.paths.root)))
             record_last_session(
                 session.paths, state, "pod disappeared (terminated outside llmpod or reclaimed)", session.spend(state)
             )

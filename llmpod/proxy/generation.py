@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from llmpod.errors import UpstreamError
 from llmpod.proxy._requestlog import RequestLog, loggable
 from llmpod.proxy.cache import CachedAnswer, CacheEntry, ResponseCache, UnkeyableRequest, cache_key
+from llmpod.proxy.drain import stopped_by_drain
 from llmpod.proxy.flights import Flight, FlightRegistry
 from llmpod.proxy.metrics import ProxyMetrics
 from llmpod.proxy.settings import ProxySettings
@@ -202,7 +203,7 @@ class GenerationHandler:
             response, streaming = await self._answer(request, exchange, path)
             await response(request.scope, request.receive, send)
         except BaseException:
-            exchange.status = 499 if exchange.status < 300 else exchange.status  # not delivered: not activity
+            exchange.status = _undelivered(request) if exchange.status < 300 else exchange.status  # not activity
             raise
         finally:
             if not streaming:  # a stream is logged when it ends (_observe)
@@ -343,7 +344,7 @@ class GenerationHandler:
                 exchange.status = flight.error.status
             exchange.tokens = flight.assembler.completion_tokens
         except BaseException:
-            exchange.status = 499
+            exchange.status = _undelivered(request)
             raise
         finally:
             self._done(request, exchange)
@@ -374,6 +375,11 @@ class GenerationHandler:
 
 async def _skip_store(flight: Flight) -> None:
     return None
+
+
+def _undelivered(request: Request) -> int:
+    """The status logged for an answer cut short: 503 when the proxy's drain ended it as it stopped, else 499."""
+    return 503 if stopped_by_drain(request.scope) else 499
 
 
 def _upstream_time(flight: Flight, exchange: Exchange) -> float | None:

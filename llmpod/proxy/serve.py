@@ -3,13 +3,17 @@
     RUNPOD_ENDPOINT=http://127.0.0.1:8001/v1 python3 proxy_fastapi.py [--host 127.0.0.1] [--port 8000]
 
 Settings come from the environment (see README, "Proxy settings"). Exit code 2: a bad setting or a busy
-port (one line on stderr says which). SIGTERM or Ctrl-C lets open requests finish (up to 5 s), then exits
-with the signal's status, as uvicorn does.
+port (one line on stderr says which). SIGTERM or Ctrl-C refuses new connections, closes idle ones, lets requests
+in flight finish for PROXY_DRAIN_SECONDS (5 s), then ends what is left with an OpenAI-shaped error (drain.py) and
+exits with the signal's status, as uvicorn does (killed by SIGTERM or SIGINT: 143 or 130 in a shell), with no
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import socket
 import sys
 from typing import TYPE_CHECKING
@@ -40,21 +44,29 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from llmpod.proxy.app import create_app
+    from llmpod.proxy.drain import BACKSTOP_SECONDS, Drain, DrainingServer
 
     print(
         f"proxy_fastapi: serving http://{settings.host}:{settings.port}/v1 -> {settings.upstream_base} "
         f"(cache {settings.cache_dir}, log {settings.log_file or 'stderr only'})",
         file=sys.stderr,
     )
+    drain = Drain(create_app(settings), settings.drain_seconds)
     config = uvicorn.Config(
-        create_app(settings),
+        drain,
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=5,
+        # a backstop only: the drain ends every request first (uvicorn's setting is typed as whole seconds)
+        timeout_graceful_shutdown=math.ceil(settings.drain_seconds + BACKSTOP_SECONDS),
         loop="auto",
         http="auto",
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        DrainingServer(config, drain).run(sockets=[sock])
+    except KeyboardInterrupt:
+        # uvicorn re-raises the Ctrl-C it handled once it has stopped: end as Python would, without the traceback
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGINT)
     return 0
 
 

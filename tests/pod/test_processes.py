@@ -7,10 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from llmpod.pod import PodConfig, processes
 from llmpod.pod.progress import Reporter
-from llmpod.pod.sidecars import WATCHDOG_OF, Sidecars
+from llmpod.pod.sidecars import PROXY_MARKER, PROXY_OF, WATCHDOG_OF, Sidecars
 from llmpod.pod.state import RuntimePaths
+from llmpod.proxy_settings import DRAIN_SECONDS, STOP_MARGIN_SECONDS
 
 SLEEPER = "import time; time.sleep(60)"
 STUBBORN = (
@@ -97,3 +100,25 @@ def test_a_pid_file_older_than_its_process_is_not_trusted(tmp_path: Path) -> Non
         assert processes.alive(pid)
     finally:
         processes.stop(pid, grace=1)
+
+
+def test_the_proxy_gets_its_drain_before_it_is_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On SIGTERM the proxy lets requests finish for its PROXY_DRAIN_SECONDS (llmpod/proxy/drain.py): --shutdown,
+    a restart and the watchdog wait that long plus the margin to end and flush, read from the proxy's own
+    environment (the shell running --shutdown may say otherwise), before any SIGKILL."""
+    sidecars = _sidecars(tmp_path)
+    sidecars.paths.ensure()
+    graces: list[float] = []
+    stop = processes.stop
+    monkeypatch.setattr(processes, "stop", lambda pid, grace=10.0: graces.append(grace) or stop(pid, grace))
+    monkeypatch.setenv("PROXY_DRAIN_SECONDS", "1")
+    for drain, expected in (("40", 40 + STOP_MARGIN_SECONDS), ("", DRAIN_SECONDS + STOP_MARGIN_SECONDS)):
+        env = {**os.environ, PROXY_OF: str(tmp_path), "PROXY_DRAIN_SECONDS": drain}
+        argv = [sys.executable, "-c", SLEEPER, PROXY_MARKER]
+        pid = processes.spawn_detached(argv, env=env, log_path=tmp_path / "p.log", pid_path=sidecars.paths.proxy_pid)
+        try:
+            graces.clear()
+            sidecars.stop(keep_watchdog=True)
+            assert graces == [expected] and not processes.alive(pid)
+        finally:
+            processes.stop(pid, grace=1)
