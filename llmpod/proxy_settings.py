@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from llmpod.errors import ConfigError
+from llmpod.server_kind import ServerKind
 
 DEFAULT_UPSTREAM = "http://127.0.0.1:8001/v1"
 GIB = 1024**3
@@ -44,6 +45,7 @@ ENV_NAMES: dict[str, str] = {
     "tool_capable_models": "TOOL_CAPABLE_MODELS",
     "send_timeout": "PROXY_SEND_TIMEOUT",
     "allowed_hosts": "PROXY_ALLOWED_HOSTS",
+    "upstream_kind": "UPSTREAM_KIND",
 }
 SECRET_FIELDS = {"upstream_api_key", "proxy_api_key"}
 _TRUE = {"1", "true", "yes", "on"}
@@ -100,6 +102,10 @@ class ProxySettings(BaseModel):
     # names besides this machine's (localhost, 127.0.0.1, [::1], the bound host) that Host and Origin may carry:
     # anything else is refused, so a page whose domain is rebound to 127.0.0.1 cannot read the cache
     allowed_hosts: tuple[str, ...] = ()
+    # what the pod manager started behind the proxy (llmpod/server_kind.py): the cache key names it, so the mock's
+    # answers are never served for a real pod. The upstream's own mark wins once the proxy sees one; None (run by
+    # hand) = learnt from the upstream's first answer, and no cached answer is served until then
+    upstream_kind: ServerKind | None = None
 
     @field_validator("upstream_url")
     @classmethod
@@ -149,6 +155,8 @@ class ProxySettings(BaseModel):
         if "upstream_tool_calling" in raw:
             value = raw["upstream_tool_calling"].strip()
             raw["upstream_tool_calling"] = _parse_bool("UPSTREAM_TOOL_CALLING", value) if value else None
+        if "upstream_kind" in raw:
+            raw["upstream_kind"] = raw["upstream_kind"].strip().lower() or None
         for field in ("tool_capable_models", "allowed_hosts"):
             if field in raw:
                 raw[field] = tuple(n.strip() for n in raw[field].split(",") if n.strip())

@@ -53,6 +53,7 @@ class Exchange:
         "cache",
         "endpoint",
         "key",
+        "kind",
         "lookup_s",
         "model",
         "resolved",
@@ -68,6 +69,7 @@ class Exchange:
         self.model = "-"
         self.resolved = False  # metrics label only served ids: clients' model names are unbounded
         self.key = ""
+        self.kind = ""  # the server kind the key names (X-Cache-Kind)
         self.cache = "NONE"
         self.status = 200
         self.tokens = 0
@@ -76,6 +78,8 @@ class Exchange:
 
     def headers(self, profiling: bool) -> dict[str, str]:
         headers = {"X-Cache": self.cache, "X-Cache-Key": self.key} if self.key else {}
+        if self.kind:  # "unknown": no key, nothing looked up nor stored
+            headers.update({"X-Cache": self.cache, "X-Cache-Kind": self.kind})
         if profiling:
             timings = [f"cache;dur={self.lookup_s * 1000:.3f}"]
             if self.upstream_s is not None:
@@ -230,7 +234,9 @@ class GenerationHandler:
                 body["model"] = exchange.model = served.id
                 exchange.resolved = True
             lookup_start = time.perf_counter()
-            exchange.key = key = cache_key(endpoint, body)
+            exchange.kind = (kind := upstream.kind) or "unknown"  # unknown: a bypass (llmpod/server_kind.py)
+            exchange.key = key = cache_key(endpoint, body, kind) if kind else ""
+            no_cache, no_store = (no_cache, no_store) if kind else (True, True)
         except UnkeyableRequest as exc:
             return self._error(exchange, 400, error_body(str(exc), 400)), False
         except RequestProblem as problem:
@@ -264,6 +270,7 @@ class GenerationHandler:
                 on_complete=self._store if not no_store else _skip_store,
                 register=not no_cache,
                 stored=not no_store,
+                kind=kind,
             )
         if stream:
             return await self._stream(request, exchange, flight, include_usage)
@@ -291,6 +298,7 @@ class GenerationHandler:
                 response=flight.result(),
                 chunks=chunks,
                 usage_chunk=usage_chunks[-1] if usage_chunks else None,
+                kind=flight.kind,
             ),
         )
 
