@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import respx
 
 from llmpod.mock import MockSettings
 from llmpod.mock import create_app as create_mock
@@ -183,3 +184,32 @@ def test_the_mark_is_not_passed_on_to_clients(start_proxy: ProxyFactory, mock_vl
     models = httpx.get(f"{proxy.url}/v1/models", timeout=5)
     assert models.status_code == 200 and KIND_HEADER not in models.headers
     assert KIND_HEADER not in ask(proxy, chat()).headers
+
+
+# ------------------------------------------------------------------------------- the proxy's view, step by step
+UPSTREAM = "http://vllm.test:8000"
+
+
+@pytest.mark.parametrize("told", [None, "vllm"])
+async def test_an_upstream_that_cannot_be_reached_is_asked_again_before_its_kind_is_trusted(told: str | None) -> None:
+    from llmpod.proxy import ProxySettings
+    from llmpod.proxy.upstream import Upstream
+
+    listing = {"object": "list", "data": [{"id": SERVED_MODEL, "object": "model", "max_model_len": 4096}]}
+    with respx.mock(base_url=UPSTREAM, assert_all_called=False) as router:
+        router.get("/version").respond(404)
+        models = router.get("/v1/models")
+        async with httpx.AsyncClient() as client:
+            upstream = Upstream(ProxySettings(upstream_url=f"{UPSTREAM}/v1", upstream_kind=told), client)
+            assert upstream.kind == told  # before any answer: what the pod manager said, or unknown
+            models.respond(json=listing, headers={KIND_HEADER: "mock"})
+            await upstream.models()
+            assert upstream.kind == "mock"  # the mark wins
+            models.mock(side_effect=httpx.ConnectError("refused"))
+            upstream._models_at -= 120  # a minute later: the list has expired
+            assert await upstream.models() is not None  # the list is kept ...
+            assert upstream.kind == told  # ... but not the kind: another server may come up at that address
+            models.mock(side_effect=None)
+            models.respond(json=listing)  # it did: a real vLLM, no mark
+            await upstream.models()  # asked again at once, not after the list's minute
+            assert upstream.kind == "vllm"
