@@ -2,8 +2,9 @@
 
 Entry ``i`` answers ``request_body(i)``: a chat request for model ``m`` without stream fields, which is
 exactly what the proxy forwards for it (the mock serves ``m``, so the alias resolves to itself, and the
-prompt is short enough that ``max_tokens`` is never lowered). Its file is ``<cache_key>.json``, so a client
-sending ``request_body(i)`` gets a HIT. Sizes are 2-20 KB, drawn from a seeded RNG.
+prompt is short enough that ``max_tokens`` is never lowered). Its file is ``<cache_key>.json``, keyed as the
+mock's answer (the benchmark's upstream is the mock, which marks itself), so a client sending ``request_body(i)``
+gets a HIT. Sizes are 2-20 KB, drawn from a seeded RNG.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import orjson
 
 from llmpod.proxy.cache import FORMAT_VERSION, cache_key
+from llmpod.server_kind import MOCK as KIND
 
 ENDPOINT = "chat.completions"
 MODEL = "m"
@@ -98,7 +100,7 @@ def request_body(i: int) -> dict[str, Any]:
 
 
 def entry_key(i: int) -> str:
-    return cache_key(ENDPOINT, request_body(i))
+    return cache_key(ENDPOINT, request_body(i), KIND)
 
 
 @dataclass
@@ -148,7 +150,7 @@ class _Shapes:
 def build_document(i: int, size: int, shapes: _Shapes, created: int, tokens: int | None = None) -> tuple[str, bytes]:
     """Entry ``i`` as file bytes, about ``size`` bytes long (or with exactly ``tokens`` tokens)."""
     body = request_body(i)
-    key = cache_key(ENDPOINT, body)
+    key = cache_key(ENDPOINT, body, KIND)
     cid = f"{i:016x}"
     n = tokens if tokens is not None else max(1, round((size - shapes.fixed) / shapes.per_token))
     words = [TOKENS[(i + j * 7) % len(TOKENS)] for j in range(n)]
@@ -187,6 +189,7 @@ def build_document(i: int, size: int, shapes: _Shapes, created: int, tokens: int
         },
         "chunks": chunks,
         "usage_chunk": usage_chunk,
+        "kind": KIND,
     }
     return key, orjson.dumps(document)
 

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from llmpod.errors import ConfigError
+from llmpod.server_kind import ServerKind
 
 DEFAULT_UPSTREAM = "http://127.0.0.1:8001/v1"
 GIB = 1024**3
@@ -49,6 +50,7 @@ ENV_NAMES: dict[str, str] = {
     "send_timeout": "PROXY_SEND_TIMEOUT",
     "allowed_hosts": "PROXY_ALLOWED_HOSTS",
     "drain_seconds": "PROXY_DRAIN_SECONDS",
+    "upstream_kind": "UPSTREAM_KIND",
 }
 SECRET_FIELDS = {"upstream_api_key", "proxy_api_key"}
 _TRUE = {"1", "true", "yes", "on"}
@@ -108,6 +110,10 @@ class ProxySettings(BaseModel):
     # on SIGTERM/Ctrl-C, requests in flight get this long to finish before they are ended with a 503 error; the pod
     # manager waits this plus STOP_MARGIN_SECONDS before it kills the proxy (proxy_stop_grace)
     drain_seconds: float = Field(DRAIN_SECONDS, ge=0, le=600)
+    # what the pod manager started behind the proxy (llmpod/server_kind.py): the cache key names it, so the mock's
+    # answers are never served for a real pod. The upstream's own mark wins once the proxy sees one; None (run by
+    # hand) = learnt from the upstream's first answer, and no cached answer is served until then
+    upstream_kind: ServerKind | None = None
 
     @field_validator("upstream_url")
     @classmethod
@@ -157,6 +163,8 @@ class ProxySettings(BaseModel):
         if "upstream_tool_calling" in raw:
             value = raw["upstream_tool_calling"].strip()
             raw["upstream_tool_calling"] = _parse_bool("UPSTREAM_TOOL_CALLING", value) if value else None
+        if "upstream_kind" in raw:
+            raw["upstream_kind"] = raw["upstream_kind"].strip().lower() or None
         for field in ("tool_capable_models", "allowed_hosts"):
             if field in raw:
                 raw[field] = tuple(n.strip() for n in raw[field].split(",") if n.strip())

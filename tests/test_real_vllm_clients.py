@@ -175,6 +175,8 @@ def test_recorded_agent_turn_gets_a_whole_streamed_answer(pod: Pod, turn: str) -
         f"`vllm serve {' '.join(pod.args)}`: {response.text[:500]}"
     )
     assert response.headers["content-type"].startswith("text/event-stream")
+    # real vLLM does not carry the mock's mark: its answers are cached as vLLM's (llmpod/server_kind.py)
+    assert response.headers["x-cache-kind"] == "vllm"
 
     events = sse_events(response.text)
     assert events and events[-1] == "[DONE]", f"{turn}: the stream does not end with [DONE]: {events[-3:]}"

@@ -42,6 +42,7 @@ FLAGS: dict[str, tuple[str | None, str | None]] = {
     "--wire-format": ("wire_format", "MOCK_WIRE_FORMAT"),
     "--enable-auto-tool-choice": ("enable_auto_tool_choice", None),
     "--tool-call-parser": ("tool_call_parser", None),
+    "--mark-kind": ("mark_kind", "MOCK_MARK_KIND"),
     "--host": (None, None),
     "--port": (None, "PORT"),
     "--slow-start": (None, "MOCK_SLOW_START"),

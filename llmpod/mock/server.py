@@ -43,6 +43,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llmpod.mock import errors, shapes
 from llmpod.mock.faults import ConnectionCut, CutBody, install_log_filter
 from llmpod.mock.generation import Output, generate
+from llmpod.mock.kind import KindMarkMiddleware
 from llmpod.mock.requests import ParsedRequest, check_render, parse_chat, parse_completion, validate_messages
 from llmpod.mock.state import MockSettings, MockState, StreamFault
 from llmpod.mock.state import json_response as _json
@@ -111,6 +112,7 @@ def create_app(settings: MockSettings) -> FastAPI:
     mock = MockState(settings)
     app = FastAPI(title="vLLM mock", version=VLLM_VERSION)
     app.add_middleware(_ApiKeyMiddleware, mock=mock)
+    app.add_middleware(KindMarkMiddleware, mock=mock)  # added last: outermost, so the 401 is marked too
     app.state.mock = mock
 
     @app.get("/health")

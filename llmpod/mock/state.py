@@ -53,6 +53,9 @@ class MockSettings(BaseModel):
     wire_format: errors.WireFormat = Field("modern", description="modern (vLLM 0.33) or legacy (<= 0.10.0) shapes")
     enable_auto_tool_choice: bool = Field(False, description="as vLLM's flag: with tool_call_parser, answer tools")
     tool_call_parser: str | None = Field(None, min_length=1, description="as vLLM's flag (hermes, llama3_json, ...)")
+    mark_kind: bool = Field(
+        True, description="every answer carries the header x-llmpod-kind: mock (false: no mark, as a real vLLM)"
+    )
 
     @model_validator(mode="after")
     def _parser_with_auto_choice(self) -> MockSettings:

@@ -20,7 +20,7 @@ from llmpod.pod import processes
 from llmpod.pod.catalog import Catalog
 from llmpod.pod.config import PodConfig, check_port_free
 from llmpod.pod.progress import Reporter
-from llmpod.pod.providers import upstream_tool_calling
+from llmpod.pod.providers import upstream_kind, upstream_tool_calling
 from llmpod.pod.state import PodState, RuntimePaths
 from llmpod.proxy_settings import ENV_NAMES, ProxySettings, proxy_stop_grace
 
@@ -30,7 +30,8 @@ WATCHDOG_MARKER = "--watchdog"
 # pid file is still found (and stopped) by the next run instead of outliving --shutdown.
 PROXY_OF = "LLMPOD_PROXY_OF"
 WATCHDOG_OF = "LLMPOD_WATCHDOG_OF"
-TOOL_SETTINGS = ("UPSTREAM_TOOL_CALLING", "TOOL_CAPABLE_MODELS")  # ours to set, never inherited from the shell
+# ours to set, never inherited from the shell
+DECIDED_SETTINGS = ("UPSTREAM_TOOL_CALLING", "TOOL_CAPABLE_MODELS", "UPSTREAM_KIND")
 
 
 @dataclass
@@ -95,11 +96,16 @@ class Sidecars:
         UPSTREAM_TIMEOUT, MAX_BODY_BYTES) comes from the user's environment, as for a proxy started by hand."""
         assert state.upstream_url is not None
         # the watchdog restarts proxies too: its marker is not the proxy's
-        inherited = {k: v for k, v in os.environ.items() if k not in (WATCHDOG_OF, processes.HOLD_AT, *TOOL_SETTINGS)}
+        inherited = {
+            k: v for k, v in os.environ.items() if k not in (WATCHDOG_OF, processes.HOLD_AT, *DECIDED_SETTINGS)
+        }
         settings = ProxySettings.from_env(
             {**inherited, **self.tool_env(state)},
             upstream_url=state.upstream_url,
             upstream_api_key=state.vllm_api_key,
+            # the kind its cache keys name, so the mock's answers never stand in for a pod's (a local command of
+            # the user's: unset, the proxy learns it from the server)
+            upstream_kind=upstream_kind(state.provider, self.config),
             host="127.0.0.1",
             port=state.proxy_port,
             cache_dir=self.config.cache_dir,

@@ -26,6 +26,9 @@ class CacheEntry:
     response: dict[str, Any]  # the answer assembled as a non-streamed response
     chunks: list[str]  # the upstream's SSE data payloads, in order, without the usage chunk
     usage_chunk: str | None
+    # the kind of server that answered (llmpod/server_kind.py), which the key names too; None in /debug/cache for
+    # entries written before it was keyed (their keys never match again)
+    kind: str | None = None
 
     def document(self, key: str) -> dict[str, Any]:
         """The file's JSON object; the fields in their declared order (``__slots__`` keeps it)."""

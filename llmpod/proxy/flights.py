@@ -36,8 +36,9 @@ StoreCallback = Callable[["Flight"], Awaitable[None]]
 class Flight:
     """One upstream generation and everything it has produced so far."""
 
-    def __init__(self, key: str, endpoint: str, path: str, body: dict[str, Any]) -> None:
+    def __init__(self, key: str, endpoint: str, path: str, body: dict[str, Any], kind: str | None = None) -> None:
         self.key = key
+        self.kind = kind  # the server kind ``key`` names: the answer is stored only if that kind answers (None: any)
         self.endpoint = endpoint
         self.path = path
         self.body = body
@@ -61,6 +62,7 @@ class Flight:
         self.task: asyncio.Task[None] | None = None
         self.on_abandoned: Callable[[Flight], None] | None = None
         self.stored = True  # its answer goes to the cache when it completes
+        self.foreign = False  # answered by another kind of server than ``kind``: never stored
         self._result: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- producer
@@ -68,6 +70,13 @@ class Flight:
         response: UpstreamResponse | None = None
         try:
             response = await upstream.open_stream(self.path, self.body)
+            seen = upstream.observe(response.headers)  # a proxy that did not know the kind learns it here
+            if self.kind is not None and seen != self.kind:
+                # another kind of server took the address since the key was made: its answer is not that key's
+                # (listeners still get it, as any miss gets the upstream's answer), so it is neither stored nor
+                # joinable once finished
+                self.foreign = True
+                self.stored = False
             self.first_byte_at = time.perf_counter()
             self._start()
             await self._consume(response, upstream)
@@ -77,7 +86,7 @@ class Flight:
             # listener runs in the next loop turn, ahead of this task, and sends its answer without yielding.
             await asyncio.sleep(0)
             await _drain(response)  # what follows [DONE] (the chunked end) so the connection is reused
-            if self.assembler.complete:
+            if self.assembler.complete and not self.foreign:
                 await on_complete(self)
         except UpstreamError as exc:
             self._fail(exc)
@@ -270,10 +279,11 @@ class FlightRegistry:
         *,
         register: bool = True,
         stored: bool = True,
+        kind: str | None = None,
     ) -> Flight:
         """Start the upstream call; ``register=False`` (Cache-Control: no-cache) makes it unjoinable, and
         ``stored=False`` (no-store) unjoinable once it has finished."""
-        flight = Flight(key, endpoint, path, body)
+        flight = Flight(key, endpoint, path, body, kind)
         flight.stored = stored
         flight.on_abandoned = self._abandon
         if register:

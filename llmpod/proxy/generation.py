@@ -16,8 +16,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-import orjson
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -27,6 +26,7 @@ from llmpod.proxy.cache import CachedAnswer, CacheEntry, ResponseCache, Unkeyabl
 from llmpod.proxy.drain import stopped_by_drain
 from llmpod.proxy.flights import Flight, FlightRegistry
 from llmpod.proxy.metrics import ProxyMetrics
+from llmpod.proxy.request_body import RequestProblem, cache_controls, preview, read_json_body
 from llmpod.proxy.settings import ProxySettings
 from llmpod.proxy.upstream import Upstream
 from llmpod.proxy.wire import error_body, error_response, json_response
@@ -35,16 +35,6 @@ from llmpod.tool_calling import needs_tool_parser, refusal_message
 
 log = logging.getLogger("llmpod.proxy")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-PREVIEW_WORDS = 12
-
-
-class RequestProblem(Exception):
-    """The client's request is unusable; answered with ``status`` and an OpenAI error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.param = param
 
 
 class Exchange:
@@ -54,6 +44,7 @@ class Exchange:
         "cache",
         "endpoint",
         "key",
+        "kind",
         "lookup_s",
         "model",
         "resolved",
@@ -69,6 +60,7 @@ class Exchange:
         self.model = "-"
         self.resolved = False  # metrics label only served ids: clients' model names are unbounded
         self.key = ""
+        self.kind = ""  # the server kind the key names (X-Cache-Kind)
         self.cache = "NONE"
         self.status = 200
         self.tokens = 0
@@ -77,6 +69,8 @@ class Exchange:
 
     def headers(self, profiling: bool) -> dict[str, str]:
         headers = {"X-Cache": self.cache, "X-Cache-Key": self.key} if self.key else {}
+        if self.kind:  # "unknown": no key, nothing looked up nor stored
+            headers.update({"X-Cache": self.cache, "X-Cache-Kind": self.kind})
         if profiling:
             timings = [f"cache;dur={self.lookup_s * 1000:.3f}"]
             if self.upstream_s is not None:
@@ -84,63 +78,6 @@ class Exchange:
             timings.append(f"total;dur={(time.perf_counter() - self.started) * 1000:.3f}")
             headers["Server-Timing"] = ", ".join(timings)
         return headers
-
-
-async def read_json_body(request: Request, limit: int) -> tuple[dict[str, Any], int]:
-    """The body as a JSON object, and its size in bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise RequestProblem(400, "invalid Content-Length header")
-        if int(declared) > limit:
-            raise RequestProblem(413, f"request body is larger than the proxy's limit of {limit} bytes")
-    parts: list[bytes] = []
-    size = 0
-    try:
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                raise RequestProblem(413, f"request body is larger than the proxy's limit of {limit} bytes")
-            parts.append(part)
-    except ClientDisconnect:
-        # a client that hung up mid-body (or sent less than its Content-Length): nobody reads this answer
-        raise RequestProblem(499, "the client closed the connection before sending the whole body") from None
-    try:
-        body = orjson.loads(b"".join(parts))
-    except orjson.JSONDecodeError as exc:
-        raise RequestProblem(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise RequestProblem(400, "request body must be a JSON object")
-    return body, size
-
-
-def cache_controls(request: Request, body: dict[str, Any]) -> tuple[bool, bool]:
-    """(no_cache, no_store) from ``Cache-Control`` and LiteLLM's body field ``cache``, which is removed."""
-    directives = {d.strip().lower() for d in request.headers.get("cache-control", "").split(",")}
-    no_cache = "no-cache" in directives
-    no_store = "no-store" in directives
-    field = body.pop("cache", None)
-    if isinstance(field, dict):
-        no_cache = no_cache or field.get("no-cache") is True
-        no_store = no_store or field.get("no-store") is True
-    return no_cache, no_store
-
-
-def preview(endpoint: str, body: dict[str, Any]) -> str:
-    """The first words of the last user message (or of the prompt), for /debug/cache."""
-    text: Any = ""
-    if endpoint == "chat.completions":
-        for message in reversed(body.get("messages") or []):
-            if isinstance(message, dict) and message.get("role") == "user":
-                text = message.get("content")
-                break
-        if isinstance(text, list):  # content parts
-            text = " ".join(str(p.get("text") or "") for p in text if isinstance(p, dict))
-    else:
-        text = body.get("prompt")
-        if isinstance(text, list) and text:
-            text = text[0]
-    return " ".join(str(text or "").split()[:PREVIEW_WORDS])[:200]
 
 
 class GenerationEndpoint:
@@ -231,7 +168,9 @@ class GenerationHandler:
                 body["model"] = exchange.model = served.id
                 exchange.resolved = True
             lookup_start = time.perf_counter()
-            exchange.key = key = cache_key(endpoint, body)
+            exchange.kind = (kind := upstream.kind) or "unknown"  # unknown: a bypass (llmpod/server_kind.py)
+            exchange.key = key = cache_key(endpoint, body, kind) if kind else ""
+            no_cache, no_store = (no_cache, no_store) if kind else (True, True)
         except UnkeyableRequest as exc:
             return self._error(exchange, 400, error_body(str(exc), 400)), False
         except RequestProblem as problem:
@@ -265,6 +204,7 @@ class GenerationHandler:
                 on_complete=self._store if not no_store else _skip_store,
                 register=not no_cache,
                 stored=not no_store,
+                kind=kind,
             )
         if stream:
             return await self._stream(request, exchange, flight, include_usage)
@@ -292,6 +232,7 @@ class GenerationHandler:
                 response=flight.result(),
                 chunks=chunks,
                 usage_chunk=usage_chunks[-1] if usage_chunks else None,
+                kind=flight.kind,
             ),
         )
 

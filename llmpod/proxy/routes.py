@@ -49,6 +49,7 @@ def add_routes(app: FastAPI) -> None:
         if response.status_code != 200:
             error = upstream.rejected(response.status_code, response.content, response.headers)
             return json_response(error.body, error.status, error.headers)
+        upstream.observe(response.headers)  # a fresh word on what answers, as good as the model list's
         return Response(response.content, media_type="application/json")
 
     @app.get("/health")
@@ -91,6 +92,7 @@ def add_routes(app: FastAPI) -> None:
             entries.append(
                 CacheEntrySummary(
                     key=key,
+                    kind=document.get("kind") if isinstance(document.get("kind"), str) else None,
                     model=document.get("model"),
                     endpoint=document.get("endpoint"),
                     preview=str(document.get("preview") or ""),

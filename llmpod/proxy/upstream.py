@@ -10,6 +10,7 @@ OpenAI-shaped body that names the upstream: unreachable 502, timed out 504, vLLM
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import ssl
 import time
@@ -35,7 +36,14 @@ from llmpod.proxy.context_fit import (
 )
 from llmpod.proxy.settings import ProxySettings
 from llmpod.proxy.wire import error_body, normalise_error
+from llmpod.server_kind import kind_of
 
+log = logging.getLogger("llmpod.proxy")
+
+UNKNOWN_KIND_NOTE = (
+    "no cached answer is served until the upstream has answered once and so said what kind of server it is "
+    "(UPSTREAM_KIND=vllm or mock tells the proxy beforehand)"
+)
 MODELS_TTL = 60.0  # seconds a /v1/models answer is trusted
 MODELS_RETRY = 5.0  # an unknown model name refreshes the list at most this often
 MAX_ERROR_BODY = 64 * 1024
@@ -118,13 +126,22 @@ class Upstream:
         self.version: str | None = None  # vLLM's, from GET /version, asked with the first model list
         self.lowers_itself = False  # the release fits prompt + max_tokens itself (context_fit's doc)
         self.prompts = PromptMemory()
+        # The kind of server answering (llmpod/server_kind.py), which every cache key names; None = unknown, and
+        # then no cached answer is served. It starts as the pod manager's UPSTREAM_KIND (so a pod still starting
+        # or being replaced finds its answers) and is set by what the upstream's answers say (``observe``), which
+        # wins: a model list at least every MODELS_TTL, and every generation stream.
+        self.expected_kind: str | None = settings.upstream_kind
+        self.kind: str | None = settings.upstream_kind
 
     # ----------------------------------------------------------------- errors
     def unreachable(self, exc: BaseException) -> UpstreamError:
+        # with the kind unknown no cached answer stood in (llmpod/server_kind.py): the message says so
+        unsure = "" if self.kind else f"; {UNKNOWN_KIND_NOTE}"
         if isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError | UpstreamReadTimeout):
-            return UpstreamError(504, error_body(f"upstream {self.base} did not answer within {self.timeout:g}s", 504))
+            message = f"upstream {self.base} did not answer within {self.timeout:g}s{unsure}"
+            return UpstreamError(504, error_body(message, 504))
         reason = str(exc) or type(exc).__name__
-        return UpstreamError(502, error_body(f"upstream {self.base} is unreachable: {reason}", 502))
+        return UpstreamError(502, error_body(f"upstream {self.base} is unreachable: {reason}{unsure}", 502))
 
     def rejected(self, status: int, content: bytes, headers: Mapping[str, str]) -> UpstreamError:
         try:
@@ -139,6 +156,29 @@ class Upstream:
             )
         passed = {name: headers[name] for name in ("retry-after", "retry-after-ms") if name in headers}
         return UpstreamError(status, body, passed)
+
+    # ----------------------------------------------------------------- kind
+    def observe(self, headers: Mapping[str, str]) -> str | None:
+        """The kind a successful upstream answer's ``headers`` show; it becomes the proxy's (one line when that
+        contradicts what the proxy believed)."""
+        seen = kind_of(headers)
+        if seen != self.kind:
+            if self.kind is not None:
+                log.warning(
+                    "upstream %s answers as %s, not %s: cached answers are now looked up as %s's",
+                    self.base,
+                    seen or "an unknown kind of server",
+                    self.kind,
+                    seen or "nobody",
+                )
+            self.kind = seen
+        return seen
+
+    def lost(self) -> None:
+        """The upstream could not be reached: another server may come up at its address. Back to what the pod
+        manager said (unknown when run by hand) until the next model list, which the next request asks for."""
+        self.kind = self.expected_kind
+        self._models_at = 0.0
 
     # ----------------------------------------------------------------- models
     async def models(self, *, refresh: bool = False) -> list[ServedModel] | None:
@@ -164,11 +204,14 @@ class Upstream:
                 response = await listing
             response.raise_for_status()
             data = orjson.loads(response.content)["data"]
+            self.observe(response.headers)
             self._models = [
                 ServedModel(str(card["id"]), card.get("max_model_len") if is_int(card.get("max_model_len")) else None)
                 for card in data
             ]
             self._models_at = time.monotonic()
+        except httpx.TransportError:
+            self.lost()  # keep the list; callers treat None as "unknown"
         except (httpx.HTTPError, orjson.JSONDecodeError, KeyError, TypeError):
             pass  # keep what we had; callers treat None as "unknown"
         return self._models
@@ -291,6 +334,7 @@ class Upstream:
         try:
             return await self.pool.post(self._base_path + path, orjson.dumps(body), self.headers)
         except UpstreamConnectionError as exc:
+            self.lost()
             raise self.unreachable(exc) from None
 
     async def _read_closing(self, response: UpstreamResponse) -> bytes:
@@ -317,6 +361,7 @@ class Upstream:
             "status_code": response.status_code,
             "latency_ms": latency,
             "models": [m.id for m in served or []],
+            "kind": self.kind,
         }
         if response.status_code != 200:
             result["error"] = f"upstream /health answered HTTP {response.status_code}"

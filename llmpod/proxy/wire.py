@@ -97,6 +97,7 @@ class UpstreamHealth(BaseModel):
     status_code: int | None = None
     latency_ms: float | None = None
     models: list[str] = []
+    kind: str | None = None  # mock or vllm (llmpod/server_kind.py): the kind cached answers are looked up as
     error: str | None = None
 
 
@@ -112,6 +113,7 @@ class HealthReport(BaseModel):
 
 class CacheEntrySummary(BaseModel):
     key: str
+    kind: str | None  # the kind of server that answered (the key names it); None: written before it was keyed
     model: str | None
     endpoint: str | None
     preview: str

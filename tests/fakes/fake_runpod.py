@@ -217,6 +217,7 @@ class FakeRunPod:
         try:  # vLLM's own checks of its tool flags (MockSettings makes them), before it loads anything
             mock = MockSettings(
                 **{
+                    "mark_kind": False,  # a pod runs a real vLLM, which does not mark itself as the mock does
                     **settings.mock_overrides,
                     "model": launch.model,
                     "api_key": launch.api_key,

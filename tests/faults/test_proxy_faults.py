@@ -470,8 +470,9 @@ def _keyed(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def key_of(body: dict[str, Any]) -> str:
-    """The proxy's cache key for ``body`` (it names the served model, so the proxy forwards it unchanged)."""
-    return llmpod.proxy.cache.cache_key("chat.completions", _keyed(body))
+    """The proxy's cache key for ``body`` (it names the served model, so the proxy forwards it unchanged) from
+    the mock, which marks itself as such."""
+    return llmpod.proxy.cache.cache_key("chat.completions", _keyed(body), "mock")
 
 
 @pytest.mark.parametrize("kind", [k for k in DISK_FAULTS if "cannot be created" not in k])  # that one: soak

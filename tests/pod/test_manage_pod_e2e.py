@@ -174,6 +174,8 @@ def test_watchdog_killed_after_ready_is_restarted_by_the_next_run(workdir: Workd
 def test_a_dead_pod_is_replaced_not_reused(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
     assert workdir.run().returncode == 0
     old = workdir.state()["pod_id"]
+    cached = workdir.chat()
+    assert cached.headers["x-cache"] == "MISS"
     os.kill(workdir.pid("watchdog"), signal.SIGKILL)  # type: ignore[arg-type]
     httpx.post(f"{fake_runpod.url}/fake/pods/{old}/die", timeout=5).raise_for_status()
     again = workdir.run()
@@ -181,6 +183,25 @@ def test_a_dead_pod_is_replaced_not_reused(workdir: Workdir, fake_runpod: FakeRu
     assert workdir.state()["pod_id"] != old
     assert [p["id"] for p in fake_runpod.live_pods()] == [workdir.state()["pod_id"]]  # the dead one terminated
     assert workdir.chat().status_code == 200
+    # the cache is preserved across the replacement (another pod, URL and proxy; the same kind and model)
+    again = workdir.chat()
+    assert (again.headers["x-cache"], again.json()) == ("HIT", cached.json())
+
+
+def test_answers_of_the_local_mock_are_not_served_for_a_runpod_pod(workdir: Workdir, fake_runpod: FakeRunPod) -> None:
+    local = workdir.run("--local")
+    assert local.returncode == 0, local.stderr
+    assert [workdir.chat().headers["x-cache"] for _ in range(2)] == ["MISS", "HIT"]
+    assert workdir.run("--shutdown").returncode == 0
+    up = workdir.run()  # the same cache directory, the same model id
+    assert up.returncode == 0, up.stderr
+    assert workdir.state()["provider"] == "runpod"
+    first = workdir.chat()
+    assert (first.status_code, first.headers["x-cache"]) == (200, "MISS")  # was a HIT: the mock's answer
+    assert first.headers["x-cache-kind"] == "vllm"
+    assert workdir.chat().headers["x-cache"] == "HIT"
+    assert len(list((workdir.path / "cache").glob("*.json"))) == 2
+    assert workdir.run("--shutdown").returncode == 0
 
 
 def test_extend_pushes_the_expiry(workdir: Workdir) -> None:

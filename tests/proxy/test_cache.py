@@ -17,6 +17,7 @@ import pytest
 
 import llmpod.proxy.cache
 from llmpod.proxy.cache import CachedAnswer, CacheEntry, ResponseCache, cache_key
+from llmpod.server_kind import VLLM as KIND
 from tests.support.helpers import HeldScan
 
 CHAT = "chat.completions"
@@ -45,7 +46,7 @@ BASE_BODY: dict[str, Any] = {
 
 # --------------------------------------------------------------------------------------------- helpers
 def key_for(question: str) -> str:
-    return cache_key(CHAT, {"model": "qwen-7b", "messages": [{"role": "user", "content": question}]})
+    return cache_key(CHAT, {"model": "qwen-7b", "messages": [{"role": "user", "content": question}]}, KIND)
 
 
 def answer_document(text: str, *, usage: bool = True) -> dict[str, Any]:
@@ -83,6 +84,7 @@ def answer_document(text: str, *, usage: bool = True) -> dict[str, Any]:
         "response": response,
         "chunks": chunks,
         "usage_chunk": usage_chunk if usage else None,
+        "kind": KIND,
     }
 
 
@@ -178,7 +180,7 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> FullDisk:
 
 # --------------------------------------------------------------------------------------------- cache_key
 def test_key_is_64_lowercase_hex() -> None:
-    assert HEX64.fullmatch(cache_key(CHAT, BASE_BODY))
+    assert HEX64.fullmatch(cache_key(CHAT, BASE_BODY, KIND))
 
 
 def test_key_ignores_key_order_at_every_depth() -> None:
@@ -194,7 +196,7 @@ def test_key_ignores_key_order_at_every_depth() -> None:
     assert list(shuffled) != list(BASE_BODY)
     assert list(shuffled["messages"][0]) != list(BASE_BODY["messages"][0])
     assert list(shuffled["tools"][0]["function"]["parameters"]) != list(BASE_BODY["tools"][0]["function"]["parameters"])
-    assert cache_key(CHAT, shuffled) == cache_key(CHAT, BASE_BODY)
+    assert cache_key(CHAT, shuffled, KIND) == cache_key(CHAT, BASE_BODY, KIND)
 
 
 @pytest.mark.parametrize(
@@ -210,7 +212,7 @@ def test_key_ignores_key_order_at_every_depth() -> None:
     ],
 )
 def test_transport_and_label_fields_do_not_change_the_key(field: str, value: Any) -> None:
-    assert cache_key(CHAT, {**BASE_BODY, field: value}) == cache_key(CHAT, BASE_BODY)
+    assert cache_key(CHAT, {**BASE_BODY, field: value}, KIND) == cache_key(CHAT, BASE_BODY, KIND)
 
 
 @pytest.mark.parametrize(
@@ -230,17 +232,22 @@ def test_transport_and_label_fields_do_not_change_the_key(field: str, value: Any
     ],
 )
 def test_answer_changing_fields_change_the_key(field: str, value: Any) -> None:
-    assert cache_key(CHAT, {**BASE_BODY, field: value}) != cache_key(CHAT, BASE_BODY)
+    assert cache_key(CHAT, {**BASE_BODY, field: value}, KIND) != cache_key(CHAT, BASE_BODY, KIND)
 
 
 def test_chat_and_text_completion_endpoints_never_share_a_key() -> None:
-    assert cache_key("chat.completions", BASE_BODY) != cache_key("completions", BASE_BODY)
+    assert cache_key("chat.completions", BASE_BODY, KIND) != cache_key("completions", BASE_BODY, KIND)
+
+
+def test_the_mock_and_a_real_vllm_never_share_a_key() -> None:
+    # they serve the same model id: without the kind, --local's answers were served for the real pod
+    assert cache_key(CHAT, BASE_BODY, "mock") != cache_key(CHAT, BASE_BODY, "vllm")
 
 
 @pytest.mark.parametrize(("as_int", "as_float"), [(0, 0.0), (1, 1.0), (2, 2.0)])
 def test_integral_floats_and_ints_share_a_key(as_int: int, as_float: float) -> None:
-    assert cache_key(CHAT, {**BASE_BODY, "temperature": as_int}) == cache_key(
-        CHAT, {**BASE_BODY, "temperature": as_float}
+    assert cache_key(CHAT, {**BASE_BODY, "temperature": as_int}, KIND) == cache_key(
+        CHAT, {**BASE_BODY, "temperature": as_float}, KIND
     )
 
 
@@ -248,7 +255,7 @@ def test_integral_floats_and_ints_share_a_key(as_int: int, as_float: float) -> N
 def test_key_for_a_huge_integral_number_does_not_crash(huge: float) -> None:
     # ``{"max_tokens": 100000000000000000000}`` parses to the float 1e20; the proxy must still compute a key
     # (and let vLLM reject the value) instead of failing the request with an internal error.
-    assert HEX64.fullmatch(cache_key(CHAT, {**BASE_BODY, "max_tokens": huge}))
+    assert HEX64.fullmatch(cache_key(CHAT, {**BASE_BODY, "max_tokens": huge}, KIND))
 
 
 # --------------------------------------------------------------------------------------------- round trip
@@ -780,7 +787,7 @@ async def test_write_behind_serves_at_once_and_lands_on_disk(tmp_path: Path) -> 
     cache = ResponseCache(tmp_path, max_entries=10, max_bytes=10**9)
     cache.load()
     cache.start_writer(asyncio.get_running_loop())
-    key = cache_key("chat.completions", {"messages": [{"role": "user", "content": "write behind"}]})
+    key = cache_key("chat.completions", {"messages": [{"role": "user", "content": "write behind"}]}, KIND)
     assert cache.put(key, CacheEntry(**answer_document("behind")))
     answer = cache.get(key)  # before or after the write: always served
     assert answer is not None and answer.json_bytes() == orjson.dumps(answer_document("behind")["response"])
@@ -794,7 +801,7 @@ async def test_write_behind_delete_wins_over_a_write_in_progress(tmp_path: Path)
     cache = ResponseCache(tmp_path, max_entries=10, max_bytes=10**9)
     cache.load()
     cache.start_writer(asyncio.get_running_loop())
-    key = cache_key("chat.completions", {"messages": [{"role": "user", "content": "deleted early"}]})
+    key = cache_key("chat.completions", {"messages": [{"role": "user", "content": "deleted early"}]}, KIND)
     cache.put(key, CacheEntry(**answer_document("behind")))
     assert cache.delete(key)
     await asyncio.to_thread(cache.stop_writer)
@@ -814,7 +821,7 @@ async def test_write_behind_failure_stops_storing_and_keeps_serving(
 
     monkeypatch.setattr(cache, "_write_atomically", disk_full)
     cache.start_writer(asyncio.get_running_loop())
-    key = cache_key("chat.completions", {"messages": [{"role": "user", "content": "no room"}]})
+    key = cache_key("chat.completions", {"messages": [{"role": "user", "content": "no room"}]}, KIND)
     cache.put(key, CacheEntry(**answer_document("behind")))
     await asyncio.to_thread(cache.stop_writer)
     await _settle()

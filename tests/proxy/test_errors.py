@@ -189,7 +189,7 @@ def test_unknown_route_is_an_openai_shaped_404(client: httpx.Client) -> None:
 def test_a_bug_in_the_proxy_is_a_clean_500_and_the_proxy_stays_up(
     client: httpx.Client, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    def broken_key(endpoint: str, body: dict[str, Any]) -> str:
+    def broken_key(endpoint: str, body: dict[str, Any], kind: str) -> str:
         raise RuntimeError("secret internals")
 
     with monkeypatch.context() as patched:

@@ -212,6 +212,18 @@ def test_a_bad_value_is_one_line_naming_the_variable_and_the_value(name: str, va
     assert repr(value) in message
 
 
+@pytest.mark.parametrize(("value", "kind"), [("mock", "mock"), (" VLLM ", "vllm"), ("", None)])
+def test_upstream_kind_spellings(value: str, kind: str | None) -> None:
+    settings = ProxySettings.from_env({"UPSTREAM_KIND": value})
+    assert settings.upstream_kind == kind
+    assert ProxySettings.from_env(settings.to_env()).upstream_kind == kind  # the pod manager's round trip
+
+
+def test_an_unknown_upstream_kind_is_one_line_naming_the_variable() -> None:
+    message = config_error({"UPSTREAM_KIND": "sglang"})
+    assert "\n" not in message and "UPSTREAM_KIND='sglang'" in message and "'mock' or 'vllm'" in message
+
+
 def test_a_bad_value_with_a_newline_still_gives_one_line() -> None:
     message = config_error({"PROXY_PORT": "80\n81"})
     assert "\n" not in message

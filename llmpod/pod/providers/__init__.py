@@ -15,6 +15,7 @@ from llmpod.pod.providers.base import (
     Provider,
     local_tool_args,
     model_tool_args,
+    upstream_kind,
     upstream_tool_calling,
     vllm_args,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "RunPodProvider",
     "local_tool_args",
     "model_tool_args",
+    "upstream_kind",
     "upstream_tool_calling",
     "vllm_args",
 ]

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from llmpod.pod.catalog_entries import GpuEntry, ModelEntry
 from llmpod.pod.config import PodConfig
+from llmpod.server_kind import MOCK, VLLM, ServerKind
 from llmpod.tool_calling import CHAT_TEMPLATE, TOOL_CALL_PARSER, flag_value, serves_tools, tool_args
 
 VLLM_PORT = 8000
@@ -102,6 +103,15 @@ def local_tool_args(model: ModelEntry, config: PodConfig) -> list[str]:
     parser = flag_value(config.vllm_args, TOOL_CALL_PARSER) or model.tool_call_parser
     template = flag_value(config.vllm_args, CHAT_TEMPLATE) or model.chat_template
     return tool_args(parser, template)
+
+
+def upstream_kind(provider: str, config: PodConfig) -> ServerKind | None:
+    """What the proxy's upstream is (its cache keys name it: llmpod/server_kind.py): vLLM on a RunPod pod, the
+    bundled mock for a local run; None for a local ``command`` of the user's, which may be a real vLLM (the proxy
+    then learns it from the server's first answer)."""
+    if provider == "local":
+        return None if config.command else MOCK
+    return VLLM
 
 
 def upstream_tool_calling(model: ModelEntry, config: PodConfig) -> bool | None:
