@@ -44,6 +44,9 @@ ENV_NAMES: dict[str, str] = {
     "tool_capable_models": "TOOL_CAPABLE_MODELS",
     "send_timeout": "PROXY_SEND_TIMEOUT",
     "allowed_hosts": "PROXY_ALLOWED_HOSTS",
+    "header_timeout": "PROXY_HEADER_TIMEOUT",
+    "max_connections": "PROXY_MAX_CONNECTIONS",
+    "max_client_connections": "PROXY_MAX_CLIENT_CONNECTIONS",
 }
 SECRET_FIELDS = {"upstream_api_key", "proxy_api_key"}
 _TRUE = {"1", "true", "yes", "on"}
@@ -100,6 +103,11 @@ class ProxySettings(BaseModel):
     # names besides this machine's (localhost, 127.0.0.1, [::1], the bound host) that Host and Origin may carry:
     # anything else is refused, so a page whose domain is rebound to 127.0.0.1 cannot read the cache
     allowed_hosts: tuple[str, ...] = ()
+    # a connection that does not finish its request head in time is closed, and at a cap the oldest connections
+    # still sending their heads make room first (slowloris): see llmpod/proxy/connections.py
+    header_timeout: float = Field(10.0, gt=0, le=3600)
+    max_connections: int = Field(1024, ge=1)
+    max_client_connections: int = Field(256, ge=1)
 
     @field_validator("upstream_url")
     @classmethod

@@ -40,11 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from llmpod.proxy.app import create_app
+    from llmpod.proxy.connections import auto_protocol, connection_limits, guarded_protocol, raise_descriptor_limit
 
     print(
         f"proxy_fastapi: serving http://{settings.host}:{settings.port}/v1 -> {settings.upstream_base} "
         f"(cache {settings.cache_dir}, log {settings.log_file or 'stderr only'})",
         file=sys.stderr,
+    )
+    # bounded request-head time and connections per client (slowloris), within a raised descriptor limit
+    limits = connection_limits(
+        settings.header_timeout, settings.max_client_connections, settings.max_connections, raise_descriptor_limit()
     )
     config = uvicorn.Config(
         create_app(settings),
@@ -52,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=5,
         loop="auto",
-        http="auto",
+        http=guarded_protocol(auto_protocol(), limits),
+        ws="none",  # no WebSocket routes: an upgraded connection would leave the guard's count
     )
     uvicorn.Server(config).run(sockets=[sock])
     return 0
