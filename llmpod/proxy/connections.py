@@ -8,16 +8,18 @@ real clients 503. So ``guarded_protocol`` subclasses uvicorn's HTTP protocol (ht
 ``http="auto"`` picks), and this module is the one place that knows uvicorn's internals. It relies on the
 ``asyncio.Protocol`` interface, on ``client`` and ``transport`` (set by ``connection_made``), and on ``cycle``: the
 current request (None before the first one), a new object once a request head is complete, with
-``response_complete`` and ``scope``. tests/proxy/test_connections.py fails loudly if an upgrade changes that.
+``response_complete``, ``response_started``, ``more_body`` (the request body is still coming) and ``scope``.
+tests/proxy/test_connections.py fails loudly if an upgrade changes that.
 
 - A connection must deliver a complete request head within ``header_timeout`` of connecting, or of the first
   byte of its next request; past it, it is closed (with a 408 if it had sent part of a head). The head's size is
   bounded by the parsers (h11 16 KiB, httptools' llhttp 80 KiB: a 400); idle keep-alive connections are closed
   by uvicorn's ``timeout_keep_alive`` (5 s).
 - At a cap (per client address, or in total), the oldest connection still waiting for its head is closed to make
-  room, then the oldest idle keep-alive one (a client reconnects, as after any keep-alive close); only when every
-  connection is working on a request is the new one refused with an OpenAI-shaped 503. A slow-header attacker
-  thus cannot lock out a client that sends its request promptly.
+  room, then the oldest whose request body stalled for ``header_timeout``, then the oldest idle keep-alive one (a
+  client reconnects, as after any keep-alive close); only when every connection is working on a request is the
+  new one refused with an OpenAI-shaped 503. A slow-header (or slow-body) attacker thus cannot lock out a client
+  that sends its request promptly.
 - ``reset_connection(scope)`` drops a connection at once, unsent data and all: a stalled reader cut by
   ``SendDeadline`` would otherwise keep its descriptor while uvicorn waits for the send buffer to drain.
 """
@@ -147,14 +149,18 @@ class ConnectionGuard:
 
 
 def _oldest_waiting(pool: dict[_Guarded, None]) -> _Guarded | None:
-    """The oldest connection still sending its request head, else the oldest idle keep-alive one."""
-    idle = None
+    """The oldest connection still sending its request head, else the oldest whose request body has stalled,
+    else the oldest idle keep-alive one; None when every connection is working on a request."""
+    now = time.monotonic()
+    stalled = idle = None
     for conn in pool:
         if conn.waiting_head:
             return conn
-        if idle is None and conn.idle:
+        if stalled is None and conn.body_stalled(now):
+            stalled = conn
+        elif idle is None and conn.idle:
             idle = conn
-    return idle
+    return stalled or idle
 
 
 def _answer(status: int, reason: str, message: str, extra: bytes = b"") -> bytes:
@@ -181,6 +187,7 @@ class _Guarded(asyncio.Protocol):
         self.peer = ""
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
+        self._data_at = time.monotonic()
         self._refused = False
 
     @property
@@ -191,6 +198,17 @@ class _Guarded(asyncio.Protocol):
     def idle(self) -> bool:
         cycle = self.cycle
         return self._head_timer is None and cycle is not None and bool(cycle.response_complete)
+
+    def body_stalled(self, now: float) -> bool:
+        """A request whose body has not come on for ``header_timeout``: not closed for it (a slow link may pause,
+        and uvicorn stops reading while the app is busy), but the connection may make room at a cap."""
+        cycle = self.cycle
+        return (
+            cycle is not None
+            and bool(cycle.more_body)
+            and not cycle.response_started
+            and now - self._data_at >= self.guard.limits.header_timeout
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -214,8 +232,9 @@ class _Guarded(asyncio.Protocol):
         asyncio.get_running_loop().call_later(LINGER, self.transport.abort)
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
+        if self._refused or self.transport.is_closing():
             return
+        self._data_at = time.monotonic()
         before = self.cycle
         if self._head_timer is None and (before is None or before.response_complete):
             self._arm()  # the first byte of a next request on a kept-alive connection

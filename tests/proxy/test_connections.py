@@ -31,12 +31,17 @@ GET = b"GET /ok HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Answers with whether the connection can be reset; ``/reset`` resets it instead; a POST reads its body."""
+    """Answers with whether the connection can be reset; ``/reset`` resets it instead; a POST reads its body, and
+    ``/hold`` then works on it until the client leaves."""
     if scope["type"] != "http":
         return
     if scope["method"] == "POST":
         while (await receive()).get("more_body"):
             pass
+    if scope["path"] == "/hold":
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        return
     if scope["path"] == "/reset":
         assert reset_connection(scope)
         return
@@ -47,12 +52,12 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def protocol(http: str, per_client: int = 100, total: int = 1000) -> type[Any]:
+def protocol(http: str, per_client: int = 100, total: int = 1000, timeout: float = TIMEOUT) -> type[Any]:
     if http == "h11":
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
     else:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base  # type: ignore[assignment]
-    return guarded_protocol(base, ConnectionLimits(TIMEOUT, per_client, total))
+    return guarded_protocol(base, ConnectionLimits(timeout, per_client, total))
 
 
 @pytest.fixture(params=["httptools", "h11"])
@@ -159,7 +164,8 @@ def test_reset_drops_the_connection(server: LoopbackServer) -> None:
 
 
 def test_at_the_cap_the_oldest_slow_head_makes_room(http: str) -> None:
-    with LoopbackServer(app, http=protocol(http, per_client=4)) as server:
+    # a longer deadline: here the slow heads must still be waiting when the cap is reached
+    with LoopbackServer(app, http=protocol(http, per_client=4, timeout=5.0)) as server:
         slow = [connect(server.port) for _ in range(4)]
         for sock in slow:
             sock.sendall(b"GET /ok HTTP/1.1\r\n")
@@ -169,18 +175,22 @@ def test_at_the_cap_the_oldest_slow_head_makes_room(http: str) -> None:
                 real.sendall(GET)
                 assert read_answer(real)[0] == 200
                 # the oldest slow head was closed for it, the others are still waiting (the deadline will go)
-                assert read_until_closed(slow[0], bound=TIMEOUT / 2) == (b"", True)
+                assert read_until_closed(slow[0]) == (b"", True)
                 slow[1].settimeout(0.05)
                 with pytest.raises(TimeoutError):
                     slow[1].recv(1)
-                # at the cap again: the real client's idle keep-alive connection goes only after the slow heads
+                # the other slow heads make room next: the real client's idle keep-alive connection is kept
+                # while there are any
                 newer = [connect(server.port) for _ in range(3)]
                 for sock in newer:
                     sock.sendall(GET)
                     assert read_answer(sock)[0] == 200
-                real.sendall(GET)
-                received, _ = read_until_closed(real, bound=0.3)
-                assert received.startswith(b"HTTP/1.1 200") or received == b""
+                assert all(read_until_closed(sock, bound=1.0)[1] for sock in slow[1:])
+                # every connection idle now: the oldest idle one (the real client's first) makes room
+                with connect(server.port) as extra:
+                    extra.sendall(GET)
+                    assert read_answer(extra)[0] == 200
+                    assert read_until_closed(real) == (b"", True)
                 for sock in newer:
                     sock.close()
         finally:
@@ -192,9 +202,9 @@ def test_when_every_connection_is_working_a_new_one_gets_503(http: str) -> None:
     with LoopbackServer(app, http=protocol(http, per_client=3)) as server:
         busy = [connect(server.port) for _ in range(3)]
         try:
-            for sock in busy:  # a head, then a body that never comes: working on a request, not sheddable
-                sock.sendall(b"POST /ok HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
-            time.sleep(0.1)
+            for sock in busy:  # whole requests the app works on (until the client leaves): not sheddable
+                sock.sendall(b"POST /hold HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}")
+            time.sleep(TIMEOUT * 2)  # older than the deadline: working connections are never closed for it
             with connect(server.port) as refused:
                 refused.sendall(GET)
                 received, closed = read_until_closed(refused)
@@ -209,6 +219,22 @@ def test_when_every_connection_is_working_a_new_one_gets_503(http: str) -> None:
                 assert read_answer(later)[0] == 200
         finally:
             for sock in busy:
+                sock.close()
+
+
+def test_at_the_cap_a_stalled_body_makes_room(http: str) -> None:
+    with LoopbackServer(app, http=protocol(http, per_client=2)) as server:
+        stalled = [connect(server.port) for _ in range(2)]
+        try:
+            for sock in stalled:  # a head, then a body that stops coming
+                sock.sendall(b"POST /ok HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(TIMEOUT * 2)
+            with connect(server.port) as real:
+                real.sendall(GET)
+                assert read_answer(real)[0] == 200
+            assert read_until_closed(stalled[0])[1]  # the oldest made room
+        finally:
+            for sock in stalled:
                 sock.close()
 
 
