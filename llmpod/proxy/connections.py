@@ -236,14 +236,17 @@ class _Guarded(asyncio.Protocol):
             return
         self._data_at = time.monotonic()
         before = self.cycle
-        if self._head_timer is None and (before is None or before.response_complete):
-            self._arm()  # the first byte of a next request on a kept-alive connection
+        # the first bytes of a next request on a kept-alive connection: timed unless its head is complete already
+        starting = self._head_timer is None and (before is None or before.response_complete)
         super().data_received(data)
         if self.cycle is not before:  # a request head is complete
             self._disarm()
             scope = getattr(self.cycle, "scope", None)
             if isinstance(scope, dict):
                 scope.setdefault("extensions", {})[EXTENSION] = {"reset": self.reset}
+        elif starting:
+            self._arm()
+            self._head_bytes = len(data)
         elif self._head_timer is not None:
             self._head_bytes += len(data)
 
