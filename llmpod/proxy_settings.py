@@ -51,6 +51,9 @@ ENV_NAMES: dict[str, str] = {
     "allowed_hosts": "PROXY_ALLOWED_HOSTS",
     "drain_seconds": "PROXY_DRAIN_SECONDS",
     "upstream_kind": "UPSTREAM_KIND",
+    "header_timeout": "PROXY_HEADER_TIMEOUT",
+    "max_connections": "PROXY_MAX_CONNECTIONS",
+    "max_client_connections": "PROXY_MAX_CLIENT_CONNECTIONS",
 }
 SECRET_FIELDS = {"upstream_api_key", "proxy_api_key"}
 _TRUE = {"1", "true", "yes", "on"}
@@ -114,6 +117,11 @@ class ProxySettings(BaseModel):
     # answers are never served for a real pod. The upstream's own mark wins once the proxy sees one; None (run by
     # hand) = learnt from the upstream's first answer, and no cached answer is served until then
     upstream_kind: ServerKind | None = None
+    # a connection that does not finish its request head in time is closed, and at a cap the oldest connections
+    # still sending their heads make room first (slowloris): see llmpod/proxy/connections.py
+    header_timeout: float = Field(10.0, gt=0, le=3600)
+    max_connections: int = Field(1024, ge=1)
+    max_client_connections: int = Field(256, ge=1)
 
     @field_validator("upstream_url")
     @classmethod

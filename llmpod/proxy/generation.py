@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 from llmpod.errors import UpstreamError
 from llmpod.proxy._requestlog import RequestLog, loggable
 from llmpod.proxy.cache import CachedAnswer, CacheEntry, ResponseCache, UnkeyableRequest, cache_key
+from llmpod.proxy.connections import reset_connection
 from llmpod.proxy.drain import stopped_by_drain
 from llmpod.proxy.flights import Flight, FlightRegistry
 from llmpod.proxy.metrics import ProxyMetrics
@@ -103,6 +104,9 @@ class GenerationEndpoint:
             if not deadline.settle():
                 raise
             log.warning("%s: the client stopped reading for %ss: answer abandoned", scope["path"], deadline.timeout)
+            # reset, not closed: a close waits for the client to read what is buffered, keeping its descriptor
+            if reset_connection(scope):
+                await asyncio.sleep(0)  # the server sees the connection lost before this returns: no error logged
         except Exception:
             log.exception("error answering %s", scope["path"])
             if deadline.started:

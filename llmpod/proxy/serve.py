@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from llmpod.proxy.app import create_app
+    from llmpod.proxy.connections import auto_protocol, connection_limits, guarded_protocol, raise_descriptor_limit
     from llmpod.proxy.drain import BACKSTOP_SECONDS, Drain, DrainingServer
 
     print(
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     drain = Drain(create_app(settings), settings.drain_seconds)
+    # bounded request-head time and connections per client (slowloris), within a raised descriptor limit
+    limits = connection_limits(
+        settings.header_timeout, settings.max_client_connections, settings.max_connections, raise_descriptor_limit()
+    )
     config = uvicorn.Config(
         drain,
         log_level="warning",
@@ -59,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         # a backstop only: the drain ends every request first (uvicorn's setting is typed as whole seconds)
         timeout_graceful_shutdown=math.ceil(settings.drain_seconds + BACKSTOP_SECONDS),
         loop="auto",
-        http="auto",
+        http=guarded_protocol(auto_protocol(), limits),
+        ws="none",  # no WebSocket routes: an upgraded connection would leave the guard's count
     )
     try:
         DrainingServer(config, drain).run(sockets=[sock])

@@ -19,7 +19,7 @@ class LoopbackServer:
     ``http="httptools"`` is what the proxy runs with in production (``http="auto"`` with httptools installed).
     """
 
-    def __init__(self, app: Any, *, startup_timeout: float = 10.0, http: str = "h11") -> None:
+    def __init__(self, app: Any, *, startup_timeout: float = 10.0, http: str | type[Any] = "h11") -> None:
         self._app = app
         self._startup_timeout = startup_timeout
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
