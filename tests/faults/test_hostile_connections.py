@@ -28,7 +28,7 @@ from tests.faults.ledger import FaultLedger
 from tests.support.helpers import SERVED_MODEL
 from tests.support.servers import LoopbackServer
 
-AREA = "security"
+AREA = "hostile neighbour"
 FD_LIMIT = 256  # macOS's default soft limit (ulimit -n) for a process started from a terminal
 SLOW_CLIENTS = 600  # well above the caps the proxy can afford under that limit, and above the limit itself
 HEADER_TIMEOUT = 1.0
@@ -171,7 +171,7 @@ def test_slow_headers_never_lock_out_a_real_client(limited_proxy: ServerProcess,
         AREA,
         f"slowloris: {SLOW_CLIENTS} connections that never finish their request head, {FD_LIMIT} descriptors",
         injected=SLOW_CLIENTS,
-        dirty_errors=dirty,
+        attacks_worked=dirty,  # a real client locked out, or descriptors held: what the attack is after
         notes=notes,
     )
 
@@ -220,6 +220,6 @@ def test_a_stalled_readers_connection_is_dropped_with_its_answer(
         AREA,
         "a client that stops reading a long stream: connection dropped after PROXY_SEND_TIMEOUT",
         injected=1,
-        dirty_errors=dirty,
+        attacks_worked=dirty,  # a real client locked out, or descriptors held: what the attack is after
         notes=notes,
     )
