@@ -1,5 +1,5 @@
 """Hostile connections to the proxy process (issue 16, "Robustness"): slowloris under macOS's descriptor budget,
-and a stalled reader's connection after the send timeout cuts it. Counts go to the fault ledger ("security").
+and a stalled reader's connection after the send timeout cuts it. Counts go to the fault ledger ("hostile neighbour").
 
 The proxy runs as users run it (``proxy_fastapi.py``: uvloop, httptools, the guard of
 llmpod/proxy/connections.py), under a hard limit of 256 open descriptors, macOS's default for a process started
