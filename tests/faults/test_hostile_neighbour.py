@@ -335,3 +335,31 @@ def test_shutdown_signals_and_terminates_only_what_is_ours(
         httpx.delete(f"{fake_runpod.url}/v2/pods/{foreign}", headers=auth, timeout=30)
     fault_ledger.record(AREA, "a stale pid file and a state file naming someone else's pod", injected=sent,
                         attacks_worked=worked, pods_left_running=int(ours in live()), notes=notes)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ answers of another kind
+@pytest.mark.slow
+def test_answers_of_the_mock_are_never_served_for_a_real_pod(workdir: Workdir, fault_ledger: FaultLedger) -> None:
+    """Not an attacker, but the same harm: after trying --local, the first real questions were answered from the
+    mock's cache (the same model id). Each mock answer served for the pod counts as corrupt."""
+    notes: list[str] = []
+    questions = [f"def task_{n}():" for n in range(3)]
+    assert workdir.run("--local").returncode == 0
+    for question in questions:
+        assert workdir.chat(question).status_code == 200
+    assert workdir.run("--shutdown").returncode == 0
+    up = workdir.run()  # RunPod (the fake): the same directory, cache and model id
+    assert up.returncode == 0, up.stderr
+    served = 0
+    for question in questions:
+        answer = workdir.chat(question)
+        if answer.headers.get("x-cache") != "MISS":
+            served += 1
+            notes.append(f"{question!r}: {answer.headers.get('x-cache')} from the mock's cache")
+    again = workdir.chat(questions[0])  # the pod's own answers are cached as usual
+    lost = int(again.headers.get("x-cache") != "HIT")
+    if lost:
+        notes.append(f"the pod's own answer was not cached: {again.headers.get('x-cache')}")
+    assert workdir.run("--shutdown").returncode == 0
+    fault_ledger.record(AREA, "answers the --local mock cached, asked again of a RunPod pod", injected=len(questions),
+                        corrupt_served=served, lost_answers=lost, notes=notes)  # fmt: skip
