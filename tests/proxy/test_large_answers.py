@@ -29,8 +29,9 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from bench.servers import ServerProcess
-from llmpod.proxy._cache_stream import StoredAnswer
+from llmpod.proxy._cache_stream import StoredAnswer, hit_response
 from llmpod.proxy.cache import CachedAnswer, CacheEntry, ResponseCache, cache_key
+from llmpod.proxy.pieces import SizedBody
 from tests.faults.hostile import proxy_process, rss_mib
 from tests.support.servers import LoopbackServer
 
@@ -366,3 +367,31 @@ def test_a_large_entry_stored_again_is_laid_out_again(tmp_path: Path) -> None:
         assert b"".join(old.json_pieces()) == orjson.dumps(first.response)
     finally:
         old.close()
+
+
+async def test_a_large_answer_still_being_written_is_parsed_once_for_every_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = loaded(tmp_path / "cache")
+    written = threading.Event()
+    write = cache._write_atomically
+    monkeypatch.setattr(cache, "_write_atomically", lambda key, data: (written.wait(READ_BOUND), write(key, data)))
+    cache.start_writer(asyncio.get_running_loop())
+    key, entry = big_entry("being written", events=800)
+    try:
+        assert cache.put(key, entry)
+        first, second = cache.get(key), cache.get(key)
+        assert isinstance(first, CachedAnswer) and first is second  # one copy, however many clients
+        response = hit_response(first, True, True, {})
+        assert isinstance(response, SizedBody)  # and sent a piece at a time
+        assert b"".join(response.pieces) == sse(entry.chunks, USAGE_CHUNK)
+    finally:
+        written.set()
+        await asyncio.to_thread(cache.stop_writer)
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if key in cache:
+            break
+    stored = cache.get(key)
+    assert isinstance(stored, StoredAnswer)  # on disk now: served from the file
+    stored.close()
