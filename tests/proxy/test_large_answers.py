@@ -32,6 +32,7 @@ from bench.servers import ServerProcess
 from llmpod.proxy._cache_stream import StoredAnswer, hit_response
 from llmpod.proxy.cache import CachedAnswer, CacheEntry, ResponseCache, cache_key
 from llmpod.proxy.pieces import SizedBody
+from llmpod.server_kind import VLLM
 from tests.faults.hostile import proxy_process, rss_mib
 from tests.support.servers import LoopbackServer
 
@@ -104,7 +105,7 @@ def held() -> Iterator[tuple[HeldUpstream, LoopbackServer]]:
 
 @pytest.fixture
 def proxy(tmp_path: Path, held: tuple[HeldUpstream, LoopbackServer]) -> Iterator[ServerProcess]:
-    server = proxy_process(tmp_path, f"{held[1].url}/v1")
+    server = proxy_process(tmp_path, f"{held[1].url}/v1", UPSTREAM_KIND=VLLM)
     try:
         server.start()
         yield server
@@ -135,8 +136,9 @@ def big_entry(question: str, events: int) -> tuple[str, CacheEntry]:
         response=response,
         chunks=chunks,
         usage_chunk=USAGE_CHUNK,
+        kind=VLLM,
     )
-    return cache_key("chat.completions", request), entry
+    return cache_key("chat.completions", request, VLLM), entry
 
 
 def plant(cache_dir: Path, key: str, entry: CacheEntry) -> int:
@@ -200,7 +202,7 @@ def test_stalled_readers_of_a_large_hit_do_not_grow_memory(
     size = plant(tmp_path / "proxy_cache", key, entry)
     assert size > 15_000_000  # a response and its stream of about 8 MB each
     held[0].release.set()
-    server = proxy_process(tmp_path, f"{held[1].url}/v1")
+    server = proxy_process(tmp_path, f"{held[1].url}/v1", UPSTREAM_KIND=VLLM)
     server.start()
     stalled: list[socket.socket] = []
     try:
@@ -227,7 +229,7 @@ def test_stalled_readers_of_a_large_hit_do_not_grow_memory(
 def test_a_large_hit_is_byte_identical_in_every_form(tmp_path: Path, held: tuple[HeldUpstream, LoopbackServer]) -> None:
     key, entry = big_entry("byte for byte", events=800)  # over the size served from the file
     plant(tmp_path / "proxy_cache", key, entry)
-    server = proxy_process(tmp_path, f"{held[1].url}/v1")
+    server = proxy_process(tmp_path, f"{held[1].url}/v1", UPSTREAM_KIND=VLLM)
     server.start()
     try:
         usage = {"stream": True, "stream_options": {"include_usage": True}}
@@ -304,7 +306,7 @@ def test_a_hit_served_from_its_file_lets_the_file_go(tmp_path: Path, held: tuple
     """Every hit served from a file closes it: finished, cut by the client, or abandoned."""
     key, entry = big_entry("descriptors", events=800)
     plant(tmp_path / "proxy_cache", key, entry)
-    server = proxy_process(tmp_path, f"{held[1].url}/v1")
+    server = proxy_process(tmp_path, f"{held[1].url}/v1", UPSTREAM_KIND=VLLM)
     server.start()
     try:
         with httpx.Client(base_url=server.url, timeout=READ_BOUND) as client:
