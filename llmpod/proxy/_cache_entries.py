@@ -45,6 +45,7 @@ class CachedAnswer:
     usage_chunk: str | None
     completion_tokens: int
     _json: bytes | None = None  # rendered once: a hot answer is served many times
+    _sse: bytes | None = None  # rendered once (without the usage event): shared by every client it is sent to
 
     def json_bytes(self) -> bytes:
         if self._json is None:
@@ -52,11 +53,15 @@ class CachedAnswer:
         return self._json
 
     def sse_bytes(self, include_usage: bool) -> bytes:
-        parts = [f"data: {chunk}\n\n" for chunk in self.chunks]
+        return b"".join(self.sse_parts(include_usage))
+
+    def sse_parts(self, include_usage: bool) -> tuple[bytes, bytes]:
+        """The streamed answer as its chunks' events (rendered once, shared) and the end (usage event, [DONE])."""
+        if self._sse is None:
+            self._sse = "".join([f"data: {chunk}\n\n" for chunk in self.chunks]).encode()
         if include_usage and self.usage_chunk is not None:
-            parts.append(f"data: {self.usage_chunk}\n\n")
-        parts.append("data: [DONE]\n\n")
-        return "".join(parts).encode()
+            return self._sse, f"data: {self.usage_chunk}\n\ndata: [DONE]\n\n".encode()
+        return self._sse, b"data: [DONE]\n\n"
 
 
 def answer_from(key: str, document: Any) -> CachedAnswer | None:

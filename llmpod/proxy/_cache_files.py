@@ -81,6 +81,7 @@ class IndexEntry:
     created: float
     last_used: float
     hits: int = 0
+    layout: Any = None  # a large entry's ``Layout`` (_cache_stream), found on its first hit: later hits read pieces
 
 
 def index_of(directory: str, names: list[str]) -> tuple[OrderedDict[str, IndexEntry], int]:
@@ -177,9 +178,9 @@ class CorruptEntry(Exception):
     """An entry file that is not a JSON object naming its own key; the message says what is wrong."""
 
 
-def read_document(directory: str, key: str) -> dict[str, Any]:
-    """``key``'s file, parsed; a link swapped in is not followed. Raises ``OSError`` (``NotOurs`` for a file
-    another user owns or one that is not a regular file) or ``CorruptEntry``."""
+def open_entry(directory: str, key: str) -> int:
+    """A descriptor of ``key``'s file; a link swapped in is not followed. Raises ``OSError`` (``NotOurs`` for a
+    file another user owns or one that is not a regular file)."""
     # non-blocking: opening a FIFO planted under an entry's name would otherwise wait for a writer forever
     fd = os.open(f"{directory}/{key}.json", os.O_RDONLY | NOFOLLOW | NONBLOCK)
     try:
@@ -191,8 +192,21 @@ def read_document(directory: str, key: str) -> dict[str, Any]:
     except BaseException:
         os.close(fd)
         raise
-    with os.fdopen(fd, "rb") as handle:
-        data = handle.read()
+    return fd
+
+
+def read_all(fd: int) -> bytes:
+    """The whole file behind ``fd`` (which stays open), read from its start."""
+    parts = []
+    offset = 0
+    while part := os.pread(fd, 1 << 20, offset):
+        parts.append(part)
+        offset += len(part)
+    return b"".join(parts)
+
+
+def parse_document(data: bytes, key: str) -> dict[str, Any]:
+    """An entry file's bytes, parsed; raises ``CorruptEntry`` unless they are a JSON object naming ``key``."""
     try:
         document = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -200,6 +214,14 @@ def read_document(directory: str, key: str) -> dict[str, Any]:
     if not isinstance(document, dict) or document.get("key") != key:
         raise CorruptEntry("does not match its name")
     return document
+
+
+def read_document(directory: str, key: str) -> dict[str, Any]:
+    """``key``'s file, parsed. Raises ``OSError`` (``NotOurs``, as ``open_entry``) or ``CorruptEntry``."""
+    fd = open_entry(directory, key)
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read()
+    return parse_document(data, key)
 
 
 def touch(directory: str, key: str, when: float) -> None:

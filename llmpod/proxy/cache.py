@@ -15,17 +15,22 @@
 * Recently served answers stay parsed in memory, within ``HOT_BYTES`` of file size (reading and parsing the
   file was a third of a hit's time). A hit still touches the file: that records the use for LRU, and a file
   deleted behind the proxy's back (``rm`` to clear the cache) stops being served at once.
+* A large answer (over ``LARGE_BYTES`` of file) is never rendered whole for a client: ``get`` returns a
+  ``StoredAnswer`` (_cache_stream) that reads and sends it a piece at a time from its file, so a client that stops
+  reading holds one piece, not a copy of the answer. Until its file exists, one parsed copy serves every client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -37,15 +42,18 @@ from llmpod.proxy._cache_entries import CacheEntry as CacheEntry
 from llmpod.proxy._cache_entries import answer_from
 from llmpod.proxy._cache_files import TMP_PREFIX as TMP_PREFIX  # re-exported: what a crash may leave
 from llmpod.proxy._cache_files import EntryWriter, IndexEntry, index_of
+from llmpod.proxy._cache_stream import StoredAnswer, open_stored
 from llmpod.proxy.keys import KEY_PATTERN
 from llmpod.proxy.keys import NON_KEY_FIELDS as NON_KEY_FIELDS  # re-exported: the cache's public names
 from llmpod.proxy.keys import UnkeyableRequest as UnkeyableRequest
 from llmpod.proxy.keys import cache_key as cache_key
 
 log = logging.getLogger("llmpod.proxy.cache")
+T = TypeVar("T")
 
 RETRY_STORE_AFTER = 60.0  # seconds before trying to write again after a full or read-only disk
 HOT_BYTES = 8 * 1024 * 1024  # file bytes of answers kept parsed in memory (a few times that in RSS)
+LARGE_BYTES = HOT_BYTES // 16  # an entry file larger than this is never kept hot, and is served from its file
 
 
 class ResponseCache:
@@ -69,6 +77,7 @@ class ResponseCache:
         self._store_retry_at = 0.0
         self._writer: EntryWriter | None = None
         self._pending: dict[str, bytes] = {}  # written by the writer thread, not yet on disk
+        self._pending_answers: dict[str, CachedAnswer] = {}  # large pending ones, parsed once for every client
         self._discard: set[str] = set()  # pending entries deleted before their write finished
         self._hot: OrderedDict[str, tuple[CachedAnswer, int]] = OrderedDict()  # parsed, with file size; LRU first
         self._hot_bytes = 0
@@ -151,22 +160,25 @@ class ResponseCache:
             raise ValueError("not a cache key")
         return self.directory / f"{key}.json"
 
-    def get(self, key: str) -> CachedAnswer | None:
-        """The stored answer, or None (a miss). Counts the hit in the index."""
+    def get(self, key: str) -> CachedAnswer | StoredAnswer | None:
+        """The stored answer, or None (a miss). Counts the hit in the index. A ``StoredAnswer`` holds its file
+        open: whoever gets one closes it."""
         entry = self._index.get(key)
         if entry is None:
             pending = self._pending.get(key)
             if pending is not None:
-                return answer_from(key, orjson.loads(pending))
+                return self._pending_answer(key, pending)
             if not self._loading or self._refused or (entry := self._adopt(key)) is None:
                 return None
         now = time.time()
         hot = self._hot.get(key)
+        answer: CachedAnswer | StoredAnswer | None
         if hot is None:
-            document = self._read(key)
-            if document is None:
+            large = entry.size > LARGE_BYTES
+            found = self._read(key, functools.partial(open_stored, entry=entry) if large else files.read_document)
+            if found is None:
                 return None
-            answer = answer_from(key, document)
+            answer = found if isinstance(found, StoredAnswer) else answer_from(key, found)
             if answer is None:
                 self._discard_corrupt(key, "missing fields")
                 return None
@@ -179,12 +191,23 @@ class ResponseCache:
             files.touch(self._dir, key, now)
         except (FileNotFoundError, NotADirectoryError):
             self._drop(key)  # removed behind our back: what the user deleted is not served from memory
+            if isinstance(answer, StoredAnswer):
+                answer.close()
             return None
         except OSError:
             pass  # a read-only cache still serves
         entry.hits += 1
         entry.last_used = now
         self._index.move_to_end(key)
+        return answer
+
+    def _pending_answer(self, key: str, data: bytes) -> CachedAnswer | None:
+        """A pending entry's answer; a large one parsed once, shared by every client until its file is written."""
+        answer = self._pending_answers.get(key)
+        if answer is None:
+            answer = answer_from(key, orjson.loads(data))
+            if answer is not None and len(data) > LARGE_BYTES:
+                self._pending_answers[key] = answer
         return answer
 
     def _adopt(self, key: str) -> IndexEntry | None:
@@ -195,8 +218,8 @@ class ResponseCache:
             self.total_bytes += entry.size
         return entry
 
-    def _keep_hot(self, answer: CachedAnswer, size: int) -> None:
-        if size > HOT_BYTES // 16:
+    def _keep_hot(self, answer: CachedAnswer | StoredAnswer, size: int) -> None:
+        if size > LARGE_BYTES or isinstance(answer, StoredAnswer):
             return  # a rare huge answer would push out many ordinary ones
         self._hot[answer.key] = (answer, size)
         self._hot_bytes += size
@@ -206,11 +229,11 @@ class ResponseCache:
 
     def read_document(self, key: str) -> dict[str, Any] | None:
         """The whole stored file (for /debug/cache/{key}); does not count as a hit."""
-        return self._read(key) if key in self._index else None
+        return self._read(key, files.read_document) if key in self._index else None
 
-    def _read(self, key: str) -> dict[str, Any] | None:
+    def _read(self, key: str, read: Callable[[str, str], T]) -> T | None:
         try:
-            return files.read_document(self._dir, key)
+            return read(self._dir, key)
         except (FileNotFoundError, NotADirectoryError):
             self._drop(key)  # removed behind our back (with its directory, even): gone, not corrupt
         except files.NotOurs as exc:  # planted: not served, and not ours to delete
@@ -257,6 +280,7 @@ class ResponseCache:
 
     def _write_failed(self, key: str, exc: OSError) -> None:
         self._pending.pop(key, None)
+        self._pending_answers.pop(key, None)
         self._discard.discard(key)
         self.store_errors += 1
         if exc.errno in files.DISK_REFUSALS:
@@ -267,6 +291,7 @@ class ResponseCache:
     def _written(self, key: str, size: int) -> None:
         """The entry is on disk: index it (on the loop), unless it was deleted while being written."""
         self._pending.pop(key, None)
+        self._pending_answers.pop(key, None)
         if key in self._discard:
             self._discard.discard(key)
             self._remove_file(key)
@@ -300,6 +325,7 @@ class ResponseCache:
 
     def delete(self, key: str) -> bool:
         found = False
+        self._pending_answers.pop(key, None)
         if self._pending.pop(key, None) is not None:
             self._discard.add(key)  # its write may still finish: the file is removed then
             found = True
@@ -313,6 +339,7 @@ class ResponseCache:
         pending = list(self._pending)
         self._discard.update(pending)
         self._pending.clear()
+        self._pending_answers.clear()
         keys = list(self._index)
         unindexed = 0
         if self._loading:  # the files the scan has not indexed yet go too, and the merge drops its finds

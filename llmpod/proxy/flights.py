@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any, TypeGuard
 
 import orjson
 
 from llmpod.errors import UpstreamError
 from llmpod.proxy._http import UpstreamConnectionError, UpstreamReadTimeout, UpstreamResponse
+from llmpod.proxy.pieces import PIECE_BYTES
 from llmpod.proxy.sse import DONE, Assembler, SSEParser, is_usage_only
 from llmpod.proxy.upstream import Upstream
 from llmpod.proxy.wire import error_body, normalise_error
@@ -64,6 +65,7 @@ class Flight:
         self.stored = True  # its answer goes to the cache when it completes
         self.foreign = False  # answered by another kind of server than ``kind``: never stored
         self._result: dict[str, Any] | None = None
+        self._result_bytes: bytes | None = None
 
     # ----------------------------------------------------------------- producer
     async def run(self, upstream: Upstream, on_complete: StoreCallback) -> None:
@@ -180,6 +182,49 @@ class Flight:
             self._result = self.assembler.result()
         return self._result
 
+    def result_bytes(self) -> bytes:
+        """The finished answer's JSON, rendered once for every plain listener."""
+        if self._result_bytes is None or not self.done:
+            self._result_bytes = orjson.dumps(self.result())
+        return self._result_bytes
+
+    def replay(self, sent: int, include_usage: bool) -> tuple[bytes, int]:
+        """The SSE bytes of the events from index ``sent`` on, about ``PIECE_BYTES`` at most, and where they end.
+
+        A late joiner's backlog (or a slow client's) goes a piece at a time, each made only once the client took
+        the one before: a client that stops reading holds one piece, not a copy of everything so far.
+        """
+        parts, size, events = [], 0, self.events
+        while sent < len(events) and size < PIECE_BYTES:
+            data, usage = events[sent]
+            sent += 1
+            if include_usage or not usage:
+                parts.append(b"data: " + data + b"\n\n")
+                size += len(data)
+        return b"".join(parts), sent
+
+    def ending(self) -> bytes:
+        """What a finished stream ends with: [DONE], after the error as an event if it failed."""
+        if self.error is None:
+            return DONE_EVENT
+        # the status line went out long ago: the error travels as an event, as vLLM does
+        return b"data: " + orjson.dumps(self.error.body) + b"\n\n" + DONE_EVENT
+
+    def whole(self, include_usage: bool) -> tuple[Iterator[bytes], int]:
+        """A finished stream's SSE bytes in pieces (from the shared events, nothing joined), and their length."""
+        ending = self.ending()
+        length = len(ending) + sum(len(data) + 8 for data, usage in self.events if include_usage or not usage)
+
+        def pieces() -> Iterator[bytes]:
+            sent = 0
+            while sent < len(self.events):
+                piece, sent = self.replay(sent, include_usage)
+                if piece:
+                    yield piece
+            yield ending
+
+        return pieces(), length
+
     def attach(self) -> None:
         self.listeners += 1
 
@@ -203,11 +248,7 @@ class Flight:
         try:
             while True:
                 if sent < len(self.events):
-                    pending = self.events[sent:]
-                    sent += len(pending)
-                    batch = b"".join(
-                        b"data: " + data + b"\n\n" for data, usage in pending if include_usage or not usage
-                    )
+                    batch, sent = self.replay(sent, include_usage)
                     if batch:
                         yield batch
                     continue
@@ -223,11 +264,7 @@ class Flight:
                     with contextlib.suppress(ValueError):  # gone if an event came in the same loop turn
                         self._event_waiters.remove(waiter)
                     yield b": keep-alive\n\n"
-            if self.error is None:
-                yield DONE_EVENT
-            else:
-                # the status line went out long ago: the error travels as an event, as vLLM does
-                yield b"data: " + orjson.dumps(self.error.body) + b"\n\n" + DONE_EVENT
+            yield self.ending()
         finally:
             self.detach()
 

@@ -21,12 +21,14 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from llmpod.errors import UpstreamError
+from llmpod.proxy._cache_stream import StoredAnswer, hit_response
 from llmpod.proxy._requestlog import RequestLog, loggable
 from llmpod.proxy.cache import CachedAnswer, CacheEntry, ResponseCache, UnkeyableRequest, cache_key
 from llmpod.proxy.connections import reset_connection
 from llmpod.proxy.drain import stopped_by_drain
 from llmpod.proxy.flights import Flight, FlightRegistry
 from llmpod.proxy.metrics import ProxyMetrics
+from llmpod.proxy.pieces import SizedBody, sized
 from llmpod.proxy.request_body import RequestProblem, cache_controls, preview, read_json_body
 from llmpod.proxy.settings import ProxySettings
 from llmpod.proxy.upstream import Upstream
@@ -214,7 +216,7 @@ class GenerationHandler:
             return await self._stream(request, exchange, flight, include_usage)
         return await self._wait(request, exchange, flight), False
 
-    def _lookup(self, key: str) -> tuple[CachedAnswer | None, Flight | None]:
+    def _lookup(self, key: str) -> tuple[CachedAnswer | StoredAnswer | None, Flight | None]:
         """The cached answer for ``key``, else the flight generating it, else neither."""
         answer = self.cache.get(key)
         return (answer, None) if answer is not None else (None, self.flights.join(key))
@@ -240,30 +242,41 @@ class GenerationHandler:
             ),
         )
 
-    def _hit(self, exchange: Exchange, answer: CachedAnswer, stream: bool, include_usage: bool) -> Response:
+    def _hit(
+        self, exchange: Exchange, answer: CachedAnswer | StoredAnswer, stream: bool, include_usage: bool
+    ) -> Response:
         exchange.cache = "HIT"
         exchange.tokens = answer.completion_tokens
         headers = exchange.headers(self.settings.enable_profiling)
-        if stream:
-            return Response(
-                answer.sse_bytes(include_usage), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
-            )
-        return Response(answer.json_bytes(), media_type="application/json", headers=headers)
+        return hit_response(answer, stream, include_usage, {**SSE_HEADERS, **headers} if stream else headers)
 
-    async def _wait(self, request: Request, exchange: Exchange, flight: Flight) -> Response:
+    async def _wait(
+        self, request: Request, exchange: Exchange, flight: Flight, sse: bool = False, include_usage: bool = False
+    ) -> Response:
+        """The whole answer once the flight has ended; with ``sse``, an HTTP/1.0 stream (it knows no chunked
+        encoding), sent with its length in pieces of the flight's events: never joined for each client."""
         present = await flight.wait(lambda: _disconnected(request))
         exchange.upstream_s = _upstream_time(flight, exchange)
         if not present:
             exchange.status = 499  # nginx's "client closed request": nobody reads this response
             return Response(status_code=499)
-        if flight.error is not None:
+        if flight.error is not None and not (sse and flight.events):
             return self._error(exchange, flight.error.status, flight.error.body, flight.error.headers)
         exchange.tokens = flight.assembler.completion_tokens
-        return json_response(flight.result(), headers=exchange.headers(self.settings.enable_profiling))
+        headers = exchange.headers(self.settings.enable_profiling)
+        if sse:
+            exchange.status = exchange.status if flight.error is None else flight.error.status
+            return SizedBody(
+                *flight.whole(include_usage), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+            )
+        # rendered once for every listener; a large one goes in pieces (a stalled client holds one, not a copy)
+        return sized(flight.result_bytes(), media_type="application/json", headers=headers)
 
     async def _stream(
         self, request: Request, exchange: Exchange, flight: Flight, include_usage: bool
     ) -> tuple[Response, bool]:
+        if request.scope.get("http_version") == "1.0":
+            return await self._wait(request, exchange, flight, True, include_usage), False
         flight.attach()
         try:
             await flight.until_started()
