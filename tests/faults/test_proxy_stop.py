@@ -65,7 +65,7 @@ def test_sigterm_with_requests_in_flight_ends_each_cleanly(
                     call.start()
                 # every request reached the proxy and is generating: a request still in the kernel's buffers when
                 # the stop comes meets a closing connection, as with any server (clients retry those)
-                wait_until(lambda: control.stats()["in_flight"] == len(calls), "requests generating upstream")
+                wait_until(lambda: control.stats()["in_flight"] == 4, "the 4 requests generating upstream")
                 assert proxy.process is not None
                 proxy.process.send_signal(signal.SIGTERM)
                 started = time.monotonic()
