@@ -3,7 +3,10 @@
 A page whose domain is rebound to 127.0.0.1 sends its own name in ``Host``; a page on any site sends its
 origin in ``Origin``. ``HostGuard`` refuses both unless the name is this machine's (or one the user allows in
 ``PROXY_ALLOWED_HOSTS``), on every route. An HTML form can POST ``text/plain`` without a CORS preflight, so
-the generation routes take ``application/json`` only (415 otherwise, as vLLM does).
+the generation routes take ``application/json`` only: 415 otherwise. vLLM 0.33.0 refuses the same bodies
+(``validate_json_request`` in vllm/entrypoints/serve/utils/api_utils.py, read from the wheel) with a 400 whose
+message says "Unsupported Media Type: Only 'application/json' is allowed" (older releases sent a 415); the proxy
+answers before the body is read, with the status that names the problem; clients retry neither.
 """
 
 from __future__ import annotations
