@@ -12,15 +12,17 @@ one-line ``ConfigError`` that names the variable and the bad value (never a secr
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from llmpod.errors import ConfigError
+from llmpod.key_rule_spec import KeyRule, check_rule_set
 
 DEFAULT_UPSTREAM = "http://127.0.0.1:8001/v1"
 GIB = 1024**3
@@ -44,6 +46,8 @@ ENV_NAMES: dict[str, str] = {
     "tool_capable_models": "TOOL_CAPABLE_MODELS",
     "send_timeout": "PROXY_SEND_TIMEOUT",
     "allowed_hosts": "PROXY_ALLOWED_HOSTS",
+    "key_rules": "CACHE_KEY_RULES",
+    "key_rules_off": "CACHE_KEY_RULES_OFF",
 }
 SECRET_FIELDS = {"upstream_api_key", "proxy_api_key"}
 _TRUE = {"1", "true", "yes", "on"}
@@ -100,6 +104,10 @@ class ProxySettings(BaseModel):
     # names besides this machine's (localhost, 127.0.0.1, [::1], the bound host) that Host and Origin may carry:
     # anything else is refused, so a page whose domain is rebound to 127.0.0.1 cannot read the cache
     allowed_hosts: tuple[str, ...] = ()
+    # cache-key normalisation (llmpod.key_rule_spec): the user's rules besides the built-in ones, and the names of
+    # rules switched off ("all" = none applies: every key is the request's own)
+    key_rules: tuple[KeyRule, ...] = ()
+    key_rules_off: tuple[str, ...] = ()
 
     @field_validator("upstream_url")
     @classmethod
@@ -116,6 +124,11 @@ class ProxySettings(BaseModel):
         if value is None or not value.get_secret_value().strip():
             return None
         return SecretStr(value.get_secret_value().strip())
+
+    @model_validator(mode="after")
+    def _rule_names(self) -> ProxySettings:
+        check_rule_set(self.key_rules, self.key_rules_off)
+        return self
 
     @property
     def upstream_base(self) -> str:
@@ -149,7 +162,9 @@ class ProxySettings(BaseModel):
         if "upstream_tool_calling" in raw:
             value = raw["upstream_tool_calling"].strip()
             raw["upstream_tool_calling"] = _parse_bool("UPSTREAM_TOOL_CALLING", value) if value else None
-        for field in ("tool_capable_models", "allowed_hosts"):
+        if "key_rules" in raw:
+            raw["key_rules"] = _parse_rules(raw["key_rules"])
+        for field in ("tool_capable_models", "allowed_hosts", "key_rules_off"):
             if field in raw:
                 raw[field] = tuple(n.strip() for n in raw[field].split(",") if n.strip())
         raw.update({k: v for k, v in overrides.items() if v is not None})
@@ -177,6 +192,8 @@ class ProxySettings(BaseModel):
                 env[name] = value.get_secret_value()
             elif isinstance(value, bool):
                 env[name] = "1" if value else "0"
+            elif field == "key_rules":
+                env[name] = json.dumps([rule.model_dump(exclude_defaults=True) for rule in value]) if value else ""
             elif isinstance(value, tuple):
                 env[name] = ",".join(value)
             else:
@@ -193,11 +210,27 @@ def _parse_bool(name: str, value: str) -> bool:
     raise ConfigError(f"{name}={value!r} is not a boolean (use 1/0, true/false)")
 
 
+def _parse_rules(value: str) -> Any:
+    """``CACHE_KEY_RULES``: a JSON list of rule objects (``[]`` or empty for none)."""
+    if not value.strip():
+        return ()
+    try:
+        rules = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"CACHE_KEY_RULES is not JSON ({exc}): it is a list of rule objects") from None
+    if not isinstance(rules, list):
+        raise ConfigError("CACHE_KEY_RULES must be a JSON list of rule objects")
+    return rules
+
+
 def _one_line(exc: ValidationError, raw: Mapping[str, Any]) -> ConfigError:
     error = exc.errors()[0]
     field = str(error["loc"][0]) if error["loc"] else "?"
     name = ENV_NAMES.get(field, field)
     message = str(error["msg"]).removeprefix("Value error, ")
+    if field == "key_rules" or not error["loc"]:  # a rule (or the rule set): named by where, not by the whole list
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][1:])
+        return ConfigError(f"{'CACHE_KEY_RULES' + where if error['loc'] else 'cache key rules'}: {message}")
     if field in SECRET_FIELDS:
         return ConfigError(f"{name} is invalid: {message}")
     return ConfigError(f"{name}={raw.get(field)!r} is invalid: {message}")

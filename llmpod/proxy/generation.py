@@ -25,6 +25,7 @@ from llmpod.errors import UpstreamError
 from llmpod.proxy._requestlog import RequestLog, loggable
 from llmpod.proxy.cache import CachedAnswer, CacheEntry, ResponseCache, UnkeyableRequest, cache_key
 from llmpod.proxy.flights import Flight, FlightRegistry
+from llmpod.proxy.key_rules import KeyNormaliser
 from llmpod.proxy.metrics import ProxyMetrics
 from llmpod.proxy.settings import ProxySettings
 from llmpod.proxy.upstream import Upstream
@@ -56,6 +57,7 @@ class Exchange:
         "lookup_s",
         "model",
         "resolved",
+        "rules",
         "started",
         "status",
         "tokens",
@@ -68,6 +70,7 @@ class Exchange:
         self.model = "-"
         self.resolved = False  # metrics label only served ids: clients' model names are unbounded
         self.key = ""
+        self.rules: tuple[str, ...] = ()  # the key rules that took something out of this request's key
         self.cache = "NONE"
         self.status = 200
         self.tokens = 0
@@ -76,6 +79,8 @@ class Exchange:
 
     def headers(self, profiling: bool) -> dict[str, str]:
         headers = {"X-Cache": self.cache, "X-Cache-Key": self.key} if self.key else {}
+        if self.rules:
+            headers["X-Cache-Rules"] = ",".join(self.rules)
         if profiling:
             timings = [f"cache;dur={self.lookup_s * 1000:.3f}"]
             if self.upstream_s is not None:
@@ -192,6 +197,7 @@ class GenerationHandler:
         self.upstream = upstream
         self.metrics = metrics
         self.request_log = request_log
+        self.key_rules = KeyNormaliser.from_settings(settings)
 
     async def serve(self, request: Request, endpoint: str, path: str, send: Send) -> None:
         """Answer the request, then count and log it: the client is not kept waiting for the log line."""
@@ -230,7 +236,8 @@ class GenerationHandler:
                 body["model"] = exchange.model = served.id
                 exchange.resolved = True
             lookup_start = time.perf_counter()
-            exchange.key = key = cache_key(endpoint, body)
+            keyed, exchange.rules = self.key_rules.normalise(endpoint, body)  # ``body`` is forwarded as sent
+            exchange.key = key = cache_key(endpoint, keyed)
         except UnkeyableRequest as exc:
             return self._error(exchange, 400, error_body(str(exc), 400)), False
         except RequestProblem as problem:
@@ -291,6 +298,7 @@ class GenerationHandler:
                 response=flight.result(),
                 chunks=chunks,
                 usage_chunk=usage_chunks[-1] if usage_chunks else None,
+                key_rules=list(self.key_rules.normalise(flight.endpoint, body)[1]),  # as when it was keyed
             ),
         )
 
