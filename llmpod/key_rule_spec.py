@@ -101,6 +101,12 @@ BUILTIN_RULES: tuple[KeyRule, ...] = (
         description="Continue CLI 1.x: the day (YYYY-MM-DD) in the <env> block of its system prompt",
     ),
     KeyRule(
+        name="aider-current-date",
+        pattern=r"^- Current date: \d{4}-\d{2}-\d{2}[ \t]*$",
+        roles=["system"],
+        description="aider 0.86: the day in the system info of its system prompt (a line only aider writes there)",
+    ),
+    KeyRule(
         name="kilo-legacy-current-time",
         pattern=rf"^Current time in ISO 8601 UTC format: {_ISO_TIME}[ \t]*$",
         roles=["user"],

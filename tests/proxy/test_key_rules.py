@@ -274,3 +274,25 @@ def test_a_bad_rule_in_pod_config_is_one_line(tmp_path: Path) -> None:
     config.write_text(json.dumps({"cache_key_rules_off": ["no-such-rule"]}))
     with pytest.raises(ConfigError, match="'no-such-rule' is switched off but is no rule"):
         load_pod_config(config)
+
+
+def test_aider_on_a_new_day_has_the_same_key() -> None:
+    session = json.loads((FIXTURES.parents[2] / "bench" / "sessions" / "aider.json").read_text())
+    text = json.dumps(session["requests"][0])
+    today, tomorrow = (json.loads(text.replace("@@DATE_ISO@@", day)) for day in ("2026-12-03", "2026-12-04"))
+    assert key_of(today) == key_of(tomorrow) != cache_key(CHAT, today)
+    assert KeyNormaliser(BUILTIN_RULES).normalise(CHAT, today)[1] == ("aider-current-date",)
+
+
+def test_legacy_kilo_current_time_is_taken_out_of_its_block_only() -> None:
+    def legacy(time: str, typed: str = "") -> dict[str, Any]:
+        details = (
+            "<environment_details>\n# VSCode Visible Files\n\n# Current Time\n"
+            f"Current time in ISO 8601 UTC format: {time}\nUser time zone: Europe/Berlin, UTC+1:00\n"
+            "</environment_details>"
+        )
+        return {"model": "m", "messages": [{"role": "user", "content": f"<task>\nfix it{typed}\n</task>\n{details}"}]}
+
+    assert key_of(legacy("2026-05-02T10:01:04.045Z")) == key_of(legacy("2026-05-03T10:02:05.123Z"))
+    typed = "\nCurrent time in ISO 8601 UTC format: 2026-05-02T10:01:04.045Z"
+    assert key_of(legacy("2026-05-02T10:01:04.045Z", typed)) != key_of(legacy("2026-05-02T10:01:04.045Z"))
