@@ -19,7 +19,7 @@ from llmpod.pod.progress import Reporter
 from llmpod.pod.sidecars import Sidecars
 from llmpod.pod.state import PodState, RuntimePaths
 from llmpod.proxy.app import create_app
-from llmpod.proxy.key_rules import KeyNormaliser
+from llmpod.proxy.key_rules import KeyNormaliser, required_text
 from llmpod.proxy.keys import cache_key
 from llmpod.proxy.settings import ProxySettings
 from tests.support.helpers import SHORT_MODEL, MockControl, ProxyFactory, wait_for_stored
@@ -296,3 +296,17 @@ def test_legacy_kilo_current_time_is_taken_out_of_its_block_only() -> None:
     assert key_of(legacy("2026-05-02T10:01:04.045Z")) == key_of(legacy("2026-05-03T10:02:05.123Z"))
     typed = "\nCurrent time in ISO 8601 UTC format: 2026-05-02T10:01:04.045Z"
     assert key_of(legacy("2026-05-02T10:01:04.045Z", typed)) != key_of(legacy("2026-05-02T10:01:04.045Z"))
+
+
+def test_each_built_in_rule_has_a_text_to_look_for_first() -> None:
+    # read with the re module's private parser: a Python that changes it makes this fail, not the rules wrong
+    assert [required_text(rule.pattern) for rule in BUILTIN_RULES] == [
+        "Message time: ",
+        "Today's date: ",
+        "Today's date: ",
+        "- Current date: ",
+        "Current time in ISO 8601 UTC format: ",
+    ]
+    assert required_text(r"(?i)^Stamp: \d+$") == ""  # any case: no text is sure to be there
+    assert required_text(r"^(?:Build|Run)-id: \d+$") == "-id: "  # only what every match holds
+    assert required_text(r"^x?y$") == "y"
