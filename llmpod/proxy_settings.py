@@ -12,15 +12,17 @@ one-line ``ConfigError`` that names the variable and the bad value (never a secr
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from llmpod.errors import ConfigError
+from llmpod.key_rule_spec import KeyRule, check_rule_set
 from llmpod.server_kind import ServerKind
 
 DEFAULT_UPSTREAM = "http://127.0.0.1:8001/v1"
@@ -54,6 +56,8 @@ ENV_NAMES: dict[str, str] = {
     "header_timeout": "PROXY_HEADER_TIMEOUT",
     "max_connections": "PROXY_MAX_CONNECTIONS",
     "max_client_connections": "PROXY_MAX_CLIENT_CONNECTIONS",
+    "key_rules": "CACHE_KEY_RULES",
+    "key_rules_off": "CACHE_KEY_RULES_OFF",
 }
 SECRET_FIELDS = {"upstream_api_key", "proxy_api_key"}
 _TRUE = {"1", "true", "yes", "on"}
@@ -122,6 +126,10 @@ class ProxySettings(BaseModel):
     header_timeout: float = Field(10.0, gt=0, le=3600)
     max_connections: int = Field(1024, ge=1)
     max_client_connections: int = Field(256, ge=1)
+    # cache-key normalisation (llmpod.key_rule_spec): the user's rules besides the built-in ones, and the names of
+    # rules switched off ("all" = none applies: every key is the request's own)
+    key_rules: tuple[KeyRule, ...] = ()
+    key_rules_off: tuple[str, ...] = ()
 
     @field_validator("upstream_url")
     @classmethod
@@ -138,6 +146,11 @@ class ProxySettings(BaseModel):
         if value is None or not value.get_secret_value().strip():
             return None
         return SecretStr(value.get_secret_value().strip())
+
+    @model_validator(mode="after")
+    def _rule_names(self) -> ProxySettings:
+        check_rule_set(self.key_rules, self.key_rules_off)
+        return self
 
     @property
     def upstream_base(self) -> str:
@@ -173,7 +186,9 @@ class ProxySettings(BaseModel):
             raw["upstream_tool_calling"] = _parse_bool("UPSTREAM_TOOL_CALLING", value) if value else None
         if "upstream_kind" in raw:
             raw["upstream_kind"] = raw["upstream_kind"].strip().lower() or None
-        for field in ("tool_capable_models", "allowed_hosts"):
+        if "key_rules" in raw:
+            raw["key_rules"] = _parse_rules(raw["key_rules"])
+        for field in ("tool_capable_models", "allowed_hosts", "key_rules_off"):
             if field in raw:
                 raw[field] = tuple(n.strip() for n in raw[field].split(",") if n.strip())
         raw.update({k: v for k, v in overrides.items() if v is not None})
@@ -201,6 +216,8 @@ class ProxySettings(BaseModel):
                 env[name] = value.get_secret_value()
             elif isinstance(value, bool):
                 env[name] = "1" if value else "0"
+            elif field == "key_rules":
+                env[name] = json.dumps([rule.model_dump(exclude_defaults=True) for rule in value]) if value else ""
             elif isinstance(value, tuple):
                 env[name] = ",".join(value)
             else:
@@ -217,11 +234,27 @@ def _parse_bool(name: str, value: str) -> bool:
     raise ConfigError(f"{name}={value!r} is not a boolean (use 1/0, true/false)")
 
 
+def _parse_rules(value: str) -> Any:
+    """``CACHE_KEY_RULES``: a JSON list of rule objects (``[]`` or empty for none)."""
+    if not value.strip():
+        return ()
+    try:
+        rules = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"CACHE_KEY_RULES is not JSON ({exc}): it is a list of rule objects") from None
+    if not isinstance(rules, list):
+        raise ConfigError("CACHE_KEY_RULES must be a JSON list of rule objects")
+    return rules
+
+
 def _one_line(exc: ValidationError, raw: Mapping[str, Any]) -> ConfigError:
     error = exc.errors()[0]
     field = str(error["loc"][0]) if error["loc"] else "?"
     name = ENV_NAMES.get(field, field)
     message = str(error["msg"]).removeprefix("Value error, ")
+    if field == "key_rules" or not error["loc"]:  # a rule (or the rule set): named by where, not by the whole list
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][1:])
+        return ConfigError(f"{'CACHE_KEY_RULES' + where if error['loc'] else 'cache key rules'}: {message}")
     if field in SECRET_FIELDS:
         return ConfigError(f"{name} is invalid: {message}")
     return ConfigError(f"{name}={raw.get(field)!r} is invalid: {message}")

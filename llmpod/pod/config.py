@@ -21,9 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from llmpod.errors import ConfigError
+from llmpod.key_rule_spec import KeyRule, check_rule_set
 from llmpod.pod.config_messages import describe, json_type, parse_json, short, suggest_key
 from llmpod.tool_calling import AUTO_TOOL_CHOICE, CHAT_TEMPLATE, TOOL_CALL_PARSER
 
@@ -77,6 +78,14 @@ class PodConfig(BaseModel):
     max_cache_size: int = Field(1000, ge=1, description="Cached answers kept by the proxy.")
     max_cache_bytes: int = Field(1073741824, ge=1024, description="Bytes of cached answers kept by the proxy.")
     enable_profiling: bool = Field(False, description="The proxy adds a Server-Timing header to every answer.")
+    cache_key_rules: list[KeyRule] = Field(
+        [],
+        description="The proxy's cache-key rules besides the built-in ones: volatile parts of requests (a regex, "
+        "scoped by roles and/or a tag block) left out of the key, never out of what is forwarded (docs/settings.md).",
+    )
+    cache_key_rules_off: list[str] = Field(
+        [], description="Cache-key rules switched off by name (built-in or yours), or ['all'] for none."
+    )
     # what a real pod needs
     provider: Literal["runpod", "local"] = Field(
         "runpod", description="'runpod' rents a GPU; 'local' runs `command` here instead (the mock vLLM server)."
@@ -146,6 +155,12 @@ class PodConfig(BaseModel):
     def local_command(self) -> list[str]:
         """The program ``provider: "local"`` runs: ``command``, or the bundled mock vLLM server."""
         return list(self.command) if self.command else [sys.executable, *MOCK_SERVER]
+
+    @field_validator("cache_key_rules_off")
+    @classmethod
+    def _known_rule_names(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        check_rule_set(info.data.get("cache_key_rules") or [], value)
+        return value
 
     @field_validator("cloud_type", mode="before")
     @classmethod

@@ -112,6 +112,9 @@ class Sidecars:
             max_cache_entries=self.config.max_cache_size,
             max_cache_bytes=self.config.max_cache_bytes,
             enable_profiling=self.config.enable_profiling,
+            # pod_config.json's rules, when it has any, else the shell's CACHE_KEY_RULES(_OFF) as for a proxy by hand
+            key_rules=tuple(self.config.cache_key_rules) or None,
+            key_rules_off=tuple(self.config.cache_key_rules_off) or None,
             log_file="",  # stderr only: spawn_detached sends it to proxy.log
         )
         # the proxy's secrets are its settings' (its upstream key and PROXY_API_KEY): no other is passed on

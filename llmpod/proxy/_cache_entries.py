@@ -5,7 +5,7 @@ decides when; ``_cache_files`` keeps the files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -29,10 +29,14 @@ class CacheEntry:
     # the kind of server that answered (llmpod/server_kind.py), which the key names too; None in /debug/cache for
     # entries written before it was keyed (their keys never match again)
     kind: str | None = None
+    key_rules: list[str] = field(default_factory=list)  # the key rules that took volatile parts out of its key
 
     def document(self, key: str) -> dict[str, Any]:
         """The file's JSON object; the fields in their declared order (``__slots__`` keeps it)."""
-        return {"format": FORMAT_VERSION, "key": key, **{name: getattr(self, name) for name in self.__slots__}}
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        if not self.key_rules:  # the file of a request no rule touched is written as before the rules existed
+            del fields["key_rules"]
+        return {"format": FORMAT_VERSION, "key": key, **fields}
 
 
 @dataclass(slots=True)

@@ -27,6 +27,7 @@ from llmpod.proxy.cache import CachedAnswer, CacheEntry, ResponseCache, Unkeyabl
 from llmpod.proxy.connections import reset_connection
 from llmpod.proxy.drain import stopped_by_drain
 from llmpod.proxy.flights import Flight, FlightRegistry
+from llmpod.proxy.key_rules import KeyNormaliser
 from llmpod.proxy.metrics import ProxyMetrics
 from llmpod.proxy.pieces import SizedBody, sized
 from llmpod.proxy.request_body import RequestProblem, cache_controls, preview, read_json_body
@@ -51,6 +52,7 @@ class Exchange:
         "lookup_s",
         "model",
         "resolved",
+        "rules",
         "started",
         "status",
         "tokens",
@@ -64,6 +66,7 @@ class Exchange:
         self.resolved = False  # metrics label only served ids: clients' model names are unbounded
         self.key = ""
         self.kind = ""  # the server kind the key names (X-Cache-Kind)
+        self.rules: tuple[str, ...] = ()  # the key rules that took something out of this request's key
         self.cache = "NONE"
         self.status = 200
         self.tokens = 0
@@ -74,6 +77,8 @@ class Exchange:
         headers = {"X-Cache": self.cache, "X-Cache-Key": self.key} if self.key else {}
         if self.kind:  # "unknown": no key, nothing looked up nor stored
             headers.update({"X-Cache": self.cache, "X-Cache-Kind": self.kind})
+        if self.rules:
+            headers["X-Cache-Rules"] = ",".join(self.rules)
         if profiling:
             timings = [f"cache;dur={self.lookup_s * 1000:.3f}"]
             if self.upstream_s is not None:
@@ -136,6 +141,7 @@ class GenerationHandler:
         self.upstream = upstream
         self.metrics = metrics
         self.request_log = request_log
+        self.key_rules = KeyNormaliser.from_settings(settings)
 
     async def serve(self, request: Request, endpoint: str, path: str, send: Send) -> None:
         """Answer the request, then count and log it: the client is not kept waiting for the log line."""
@@ -175,7 +181,8 @@ class GenerationHandler:
                 exchange.resolved = True
             lookup_start = time.perf_counter()
             exchange.kind = (kind := upstream.kind) or "unknown"  # unknown: a bypass (llmpod/server_kind.py)
-            exchange.key = key = cache_key(endpoint, body, kind) if kind else ""
+            keyed, exchange.rules = self.key_rules.normalise(endpoint, body)  # ``body`` is forwarded as sent
+            exchange.key = key = cache_key(endpoint, keyed, kind) if kind else ""
             no_cache, no_store = (no_cache, no_store) if kind else (True, True)
         except UnkeyableRequest as exc:
             return self._error(exchange, 400, error_body(str(exc), 400)), False
@@ -239,6 +246,7 @@ class GenerationHandler:
                 chunks=chunks,
                 usage_chunk=usage_chunks[-1] if usage_chunks else None,
                 kind=flight.kind,
+                key_rules=list(self.key_rules.normalise(flight.endpoint, body)[1]),  # as when it was keyed
             ),
         )
 

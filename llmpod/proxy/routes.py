@@ -100,6 +100,7 @@ def add_routes(app: FastAPI) -> None:
                     created=document.get("created") or entry.created,
                     hits=entry.hits,
                     last_hit=entry.last_used if entry.hits else None,
+                    key_rules=[str(name) for name in document.get("key_rules") or []],
                 )
             )
         listing = CacheListing(total=len(ordered), offset=offset, limit=limit, entries=entries)

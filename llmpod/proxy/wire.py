@@ -121,6 +121,7 @@ class CacheEntrySummary(BaseModel):
     created: float
     hits: int
     last_hit: float | None
+    key_rules: list[str] = []  # the key rules that took volatile parts out of its key
 
 
 class CacheListing(BaseModel):

@@ -30,6 +30,10 @@ EVERY_KEY: dict[str, Any] = {
     "max_cache_size": 25,
     "max_cache_bytes": 4096,
     "enable_profiling": True,
+    "cache_key_rules": [
+        {"name": "my-stamp", "pattern": "^Stamp: \\d+$", "roles": ["user"], "block": "meta", "description": "ours"}
+    ],
+    "cache_key_rules_off": ["continue-today"],
     "provider": "local",
     "gpu_type_ids": ["NVIDIA A40", "NVIDIA RTX A6000"],
     "cloud_type": "COMMUNITY",

@@ -35,7 +35,7 @@ def loaded(directory: Path) -> ResponseCache:
 
 def entry(text: str = "four") -> CacheEntry:
     document = answer_document(text)
-    return CacheEntry(**{name: document[name] for name in CacheEntry.__slots__})
+    return CacheEntry(**{name: document[name] for name in CacheEntry.__slots__ if name in document})
 
 
 # ------------------------------------------------------------------------------------------ the directory
