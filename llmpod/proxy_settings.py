@@ -54,6 +54,8 @@ ENV_NAMES: dict[str, str] = {
     "header_timeout": "PROXY_HEADER_TIMEOUT",
     "max_connections": "PROXY_MAX_CONNECTIONS",
     "max_client_connections": "PROXY_MAX_CLIENT_CONNECTIONS",
+    "hit_rate_window": "HIT_RATE_WINDOW",
+    "cost_per_hour": "POD_COST_PER_HOUR",
 }
 SECRET_FIELDS = {"upstream_api_key", "proxy_api_key"}
 _TRUE = {"1", "true", "yes", "on"}
@@ -122,6 +124,11 @@ class ProxySettings(BaseModel):
     header_timeout: float = Field(10.0, gt=0, le=3600)
     max_connections: int = Field(1024, ge=1)
     max_client_connections: int = Field(256, ge=1)
+    # /metrics' recent hit rate is over this many last cache lookups (besides all-time and the last hour)
+    hit_rate_window: int = Field(100, ge=1, le=100_000)
+    # the pod's price, set by manage_pod.py (RunPod's costPerHr; 0 for --local): what a hit saved in dollars is
+    # the seconds its generation took times this
+    cost_per_hour: float = Field(0.0, ge=0, le=10_000)
 
     @field_validator("upstream_url")
     @classmethod

@@ -112,6 +112,7 @@ class Sidecars:
             max_cache_entries=self.config.max_cache_size,
             max_cache_bytes=self.config.max_cache_bytes,
             enable_profiling=self.config.enable_profiling,
+            cost_per_hour=state.cost_per_hour or 0.0,  # what a hit saved in dollars; --local's is 0
             log_file="",  # stderr only: spawn_detached sends it to proxy.log
         )
         # the proxy's secrets are its settings' (its upstream key and PROXY_API_KEY): no other is passed on

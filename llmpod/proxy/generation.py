@@ -24,6 +24,7 @@ from llmpod.errors import UpstreamError
 from llmpod.proxy._cache_stream import StoredAnswer, hit_response
 from llmpod.proxy._requestlog import RequestLog, loggable
 from llmpod.proxy.cache import CachedAnswer, CacheEntry, ResponseCache, UnkeyableRequest, cache_key
+from llmpod.proxy.clients import OTHER, client_family
 from llmpod.proxy.connections import reset_connection
 from llmpod.proxy.drain import stopped_by_drain
 from llmpod.proxy.flights import Flight, FlightRegistry
@@ -45,12 +46,14 @@ class Exchange:
 
     __slots__ = (
         "cache",
+        "client",
         "endpoint",
         "key",
         "kind",
         "lookup_s",
         "model",
         "resolved",
+        "saved_s",
         "started",
         "status",
         "tokens",
@@ -69,6 +72,8 @@ class Exchange:
         self.tokens = 0
         self.lookup_s = 0.0
         self.upstream_s: float | None = None
+        self.client = OTHER  # the client's family, for the per-client hit rates
+        self.saved_s = 0.0  # a hit: the seconds the answer's generation took, which it saved
 
     def headers(self, profiling: bool) -> dict[str, str]:
         headers = {"X-Cache": self.cache, "X-Cache-Key": self.key} if self.key else {}
@@ -140,6 +145,7 @@ class GenerationHandler:
     async def serve(self, request: Request, endpoint: str, path: str, send: Send) -> None:
         """Answer the request, then count and log it: the client is not kept waiting for the log line."""
         exchange = Exchange(endpoint)
+        exchange.client = client_family(request.scope["headers"])
         self.metrics.in_flight += 1
         streaming = False
         try:
@@ -198,6 +204,7 @@ class GenerationHandler:
         if flight is not None:
             # a finished flight whose answer is still being written to disk is as good as a hit
             exchange.cache = "HIT" if flight.succeeded else "COALESCED"
+            exchange.saved_s = flight.generation_seconds or 0.0
         else:
             exchange.cache = "BYPASS" if no_cache else "MISS"
             forwarded = {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -239,6 +246,7 @@ class GenerationHandler:
                 chunks=chunks,
                 usage_chunk=usage_chunks[-1] if usage_chunks else None,
                 kind=flight.kind,
+                generation_seconds=flight.generation_seconds,
             ),
         )
 
@@ -247,6 +255,7 @@ class GenerationHandler:
     ) -> Response:
         exchange.cache = "HIT"
         exchange.tokens = answer.completion_tokens
+        exchange.saved_s = answer.generation_seconds or 0.0  # an entry stored before this was recorded: tokens only
         headers = exchange.headers(self.settings.enable_profiling)
         return hit_response(answer, stream, include_usage, {**SSE_HEADERS, **headers} if stream else headers)
 
@@ -316,12 +325,15 @@ class GenerationHandler:
     def _done(self, request: Request, exchange: Exchange) -> None:
         seconds = time.perf_counter() - exchange.started
         self.metrics.in_flight -= 1
+        hit = exchange.cache == "HIT"
         self.metrics.record(
             model=exchange.model if exchange.resolved else "-",
             status=exchange.status,
             cache=exchange.cache,
             seconds=seconds,
-            cached_tokens=exchange.tokens if exchange.cache == "HIT" else 0,
+            cached_tokens=exchange.tokens if hit else 0,
+            client=exchange.client,
+            saved_seconds=exchange.saved_s if hit else 0.0,
         )
         upstream = "" if exchange.upstream_s is None else f" upstream_ms={exchange.upstream_s * 1000:.1f}"
         self.request_log.write(
