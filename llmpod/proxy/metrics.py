@@ -50,6 +50,8 @@ class ProxyMetrics:
         self.coalesced = 0
         self.upstream_errors = 0
         self.upstream_calls = 0
+        self.upstream_cancelled = 0  # every listener left mid-answer: generated for nobody, nothing cached
+        self.cancelled_seconds = 0.0
         self.tokens_from_cache = 0
         self.in_flight = 0
         # the watchdog's idleness clock (``last_request_at`` in /metrics): only successful generation work moves
@@ -80,6 +82,9 @@ class ProxyMetrics:
         )
         self._cached_tokens = Counter(
             "llm_proxy_cache_served_tokens", "Completion tokens served from cache", registry=r
+        )
+        self._cancelled = Counter(
+            "llm_proxy_upstream_cancelled", "Upstream calls cancelled because every client left", registry=r
         )
         self._coalesced = Counter("llm_proxy_coalesced_requests", "Requests that joined an in-flight call", registry=r)
         # per client family (clients.FAMILIES, a fixed set: the label never grows with what clients send)
@@ -191,6 +196,12 @@ class ProxyMetrics:
                 savings[1].inc(seconds)
                 savings[2].inc(seconds * self.windows.cost_per_hour / 3600)
 
+    def record_cancelled(self, seconds: float) -> None:
+        """An upstream call cancelled after ``seconds`` because every listener left: what that cost."""
+        self.upstream_cancelled += 1
+        self.cancelled_seconds += seconds
+        self._cancelled.inc()
+
     def record_upstream(self, *, seconds: float, ttft: float | None, error_status: int | None) -> None:
         """One upstream generation call, however many clients it served."""
         self.upstream_calls += 1
@@ -228,6 +239,8 @@ class ProxyMetrics:
             "upstream_calls": self.upstream_calls,
             "upstream_errors": self.upstream_errors,
             "upstream_in_flight": in_flight_upstream,
+            "upstream_cancelled": self.upstream_cancelled,
+            "cancelled_generation_seconds": round(self.cancelled_seconds, 3),
             "in_flight": self.in_flight,
             "hit_latency_ms": percentiles(self.hit_latency),
             "upstream_latency_ms": percentiles(self.upstream_latency),

@@ -38,6 +38,7 @@ class ProxyService:
     def _record_upstream(self, flight: Flight) -> None:
         self.upstream.learn(flight.body, flight.assembler.usage)
         if flight.cancelled:
+            self.metrics.record_cancelled(time.perf_counter() - flight.started_at)
             return
         end = flight.finished_at or time.perf_counter()
         ttft = None if flight.first_token_at is None else flight.first_token_at - flight.started_at

@@ -58,6 +58,7 @@ async def test_a_stream_left_mid_answer_is_completed_and_cached_for_the_listener
     assert again.headers["x-cache"] == "HIT"  # the whole answer was stored
     assert sse_events(again.text) == events
     assert mock_control.generations() == 1 and metrics["cache_entries"] == 1
+    assert metrics["upstream_cancelled"] == 0
 
 
 async def test_when_the_last_stream_leaves_the_upstream_call_is_cancelled_and_nothing_cached(
@@ -77,6 +78,8 @@ async def test_when_the_last_stream_leaves_the_upstream_call_is_cancelled_and_no
         cancelled_in = time.monotonic() - left_at
         metrics = (await http.get("/metrics")).json()
         assert metrics["upstream_in_flight"] == 0 and metrics["cache_entries"] == 0
+        # what it cost: the generation time until the cancel (the answer had streamed 6 chunks 0.05 s apart)
+        assert metrics["upstream_cancelled"] == 1 and metrics["cancelled_generation_seconds"] >= 0.25
         assert cancelled_in < 4.0  # well before the 5 s answer would have ended on its own
         mock_control.configure(chunk_delay=0.0, chunk_count=5)
         again = await http.post("/v1/chat/completions", json=body)
