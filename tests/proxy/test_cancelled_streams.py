@@ -78,8 +78,8 @@ async def test_when_the_last_stream_leaves_the_upstream_call_is_cancelled_and_no
         cancelled_in = time.monotonic() - left_at
         metrics = (await http.get("/metrics")).json()
         assert metrics["upstream_in_flight"] == 0 and metrics["cache_entries"] == 0
-        # what it cost: the generation time until the cancel (the answer had streamed 6 chunks 0.05 s apart)
-        assert metrics["upstream_cancelled"] == 1 and metrics["cancelled_generation_seconds"] >= 0.25
+        # what it cost: the generation time until the cancel (6 events had come: at least 4 of them 0.05 s apart)
+        assert metrics["upstream_cancelled"] == 1 and metrics["cancelled_generation_seconds"] >= 0.15
         assert cancelled_in < 4.0  # well before the 5 s answer would have ended on its own
         mock_control.configure(chunk_delay=0.0, chunk_count=5)
         again = await http.post("/v1/chat/completions", json=body)
