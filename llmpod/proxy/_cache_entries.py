@@ -75,13 +75,13 @@ def answer_from(key: str, document: Any) -> CachedAnswer | None:
             chunks=document["chunks"],
             usage_chunk=document.get("usage_chunk"),
             completion_tokens=int(document.get("completion_tokens") or 0),
-            generation_seconds=_seconds(document.get("generation_seconds")),
+            generation_seconds=stored_seconds(document.get("generation_seconds")),
         )
     except (KeyError, TypeError, ValueError):
         return None
 
 
-def _seconds(value: Any) -> float | None:
+def stored_seconds(value: Any) -> float | None:
     """A stored duration; None for a missing or nonsensical one (a hand-edited file must not fail the hit)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
         return None

@@ -12,10 +12,12 @@ import orjson
 import pytest
 
 from llmpod.proxy import metrics as proxy_metrics
-from llmpod.proxy.cache import ResponseCache
+from llmpod.proxy._cache_stream import StoredAnswer
+from llmpod.proxy.cache import LARGE_BYTES, ResponseCache
 from llmpod.proxy.clients import FAMILIES, client_family
 from tests.fakes.fake_provider import FakeClock
 from tests.proxy.test_app import chat
+from tests.proxy.test_large_answers import big_entry
 from tests.support.helpers import ProxyFactory, wait_for_stored
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "clients"
@@ -181,3 +183,21 @@ def test_prometheus_client_label_stays_bounded(tmp_path: Path) -> None:
     text = metrics.exposition(openmetrics=False)[0].decode()
     labels = {line.split('client="')[1].split('"')[0] for line in text.splitlines() if 'client="' in line}
     assert labels == {"other"} and set(FAMILIES) >= labels
+
+
+@pytest.mark.parametrize("seconds", [2.5, None])
+def test_a_large_hit_served_from_its_file_knows_its_generation_time(tmp_path: Path, seconds: float | None) -> None:
+    """Entries past LARGE_BYTES are served a piece at a time from their file (StoredAnswer), not parsed: they carry
+    the generation time too (none for an older entry)."""
+    key, entry = big_entry("a large cached answer", events=4_000)
+    entry.generation_seconds = seconds
+    cache = ResponseCache(tmp_path / "cache", 10, 10**9)
+    cache.load()
+    cache.put(key, entry)
+    assert (tmp_path / "cache" / f"{key}.json").stat().st_size > LARGE_BYTES
+    answer = cache.get(key)
+    assert isinstance(answer, StoredAnswer)
+    try:
+        assert answer.generation_seconds == seconds and answer.completion_tokens == 4_000
+    finally:
+        answer.close()
