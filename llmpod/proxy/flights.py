@@ -176,11 +176,6 @@ class Flight:
     def succeeded(self) -> bool:
         return self.done and self.error is None
 
-    @property
-    def generation_seconds(self) -> float | None:
-        """How long the upstream took for the whole answer: what each later hit on it saves."""
-        return None if self.finished_at is None else round(self.finished_at - self.started_at, 6)
-
     def result(self) -> dict[str, Any]:
         """The assembled answer, built once however many listeners and the cache ask for it."""
         if self._result is None or not self.done:

@@ -204,7 +204,7 @@ class GenerationHandler:
         if flight is not None:
             # a finished flight whose answer is still being written to disk is as good as a hit
             exchange.cache = "HIT" if flight.succeeded else "COALESCED"
-            exchange.saved_s = flight.generation_seconds or 0.0
+            exchange.saved_s = _generation_seconds(flight) or 0.0
         else:
             exchange.cache = "BYPASS" if no_cache else "MISS"
             forwarded = {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -246,7 +246,7 @@ class GenerationHandler:
                 chunks=chunks,
                 usage_chunk=usage_chunks[-1] if usage_chunks else None,
                 kind=flight.kind,
-                generation_seconds=flight.generation_seconds,
+                generation_seconds=_generation_seconds(flight),
             ),
         )
 
@@ -350,6 +350,11 @@ async def _skip_store(flight: Flight) -> None:
 def _undelivered(request: Request) -> int:
     """The status logged for an answer cut short: 503 when the proxy's drain ended it as it stopped, else 499."""
     return 503 if stopped_by_drain(request.scope) else 499
+
+
+def _generation_seconds(flight: Flight) -> float | None:
+    """How long the upstream took for the whole answer: what each later hit on it saves."""
+    return None if flight.finished_at is None else round(flight.finished_at - flight.started_at, 6)
 
 
 def _upstream_time(flight: Flight, exchange: Exchange) -> float | None:
