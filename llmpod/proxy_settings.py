@@ -58,6 +58,8 @@ ENV_NAMES: dict[str, str] = {
     "max_client_connections": "PROXY_MAX_CLIENT_CONNECTIONS",
     "key_rules": "CACHE_KEY_RULES",
     "key_rules_off": "CACHE_KEY_RULES_OFF",
+    "hit_rate_window": "HIT_RATE_WINDOW",
+    "cost_per_hour": "POD_COST_PER_HOUR",
 }
 SECRET_FIELDS = {"upstream_api_key", "proxy_api_key"}
 _TRUE = {"1", "true", "yes", "on"}
@@ -130,6 +132,11 @@ class ProxySettings(BaseModel):
     # rules switched off ("all" = none applies: every key is the request's own)
     key_rules: tuple[KeyRule, ...] = ()
     key_rules_off: tuple[str, ...] = ()
+    # /metrics' recent hit rate is over this many last cache lookups (besides all-time and the last hour)
+    hit_rate_window: int = Field(100, ge=1, le=100_000)
+    # the pod's price, set by manage_pod.py (RunPod's costPerHr; 0 for --local): what a hit saved in dollars is
+    # the seconds its generation took times this
+    cost_per_hour: float = Field(0.0, ge=0, le=10_000)
 
     @field_validator("upstream_url")
     @classmethod

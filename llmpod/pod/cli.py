@@ -219,6 +219,7 @@ def cmd_watchdog(session: Session, args: argparse.Namespace) -> int:
 def cmd_shutdown(session: Session, args: argparse.Namespace) -> int:
     if not args.all:
         report_leaks(session)
+    cache = report.session_cache(session)  # the proxy's figures go with it
     try:
         result = session.shutdown(all_ours=args.all)
     except ForeignPodError:
@@ -228,7 +229,7 @@ def cmd_shutdown(session: Session, args: argparse.Namespace) -> int:
         print(f"forgot {session.paths.state_file}: its pod id names a pod that is not the recorded one")
         clear_state(session.paths)
         result = session.shutdown(all_ours=True)
-    print(report.shutdown_text(result))
+    print(report.shutdown_text(result, cache))
     if args.all and discard_damaged_state(session.paths):
         print(f"removed the damaged {session.paths.state_file}: every pod it could name is terminated")
     return 0

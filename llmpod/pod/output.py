@@ -65,8 +65,56 @@ def status(session: Session) -> dict[str, Any]:
             "cache_hit_rate": metrics.get("cache_hit_rate") if metrics else None,
             "requests_total": metrics.get("requests_total") if metrics else None,
             "last_request_at": clock(last_request),
+            "cache": cache_report(metrics),
         },
     }
+
+
+def cache_report(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the cache did, from the proxy's JSON /metrics: the hit rates (all-time, over its recent window and the
+    last hour; overall and per client family) and what its hits saved. None when the proxy did not say."""
+    if not metrics or not isinstance(metrics.get("windows"), dict):
+        return None
+    return {
+        "cost_per_hour": metrics.get("cost_per_hour"),
+        **metrics["windows"],
+        "clients": metrics.get("clients") or {},
+    }
+
+
+def _rates(windows: dict[str, Any]) -> str:
+    recent, hour, total = windows["recent"], windows["last_hour"], windows["all_time"]
+    return (
+        f"{total['hit_rate']:.0%} of {total['lookups']} all-time, {recent['hit_rate']:.0%} of the last "
+        f"{recent['lookups']}, {hour['hit_rate']:.0%} of {hour['lookups']} in the last hour"
+    )
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 60 else _duration(seconds)
+
+
+def _saved(window: dict[str, Any]) -> str:
+    return (
+        f"{window['tokens_saved']} tokens, {_seconds(window['generation_seconds_saved'])} of generation, "
+        f"${window['usd_saved']:.2f}"
+    )
+
+
+def cache_lines(cache: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The hit rates, per client, and the savings as (name, value) rows; none when the proxy did not say."""
+    if cache is None:
+        return []
+    rows = [("hit rate", _rates(cache))]
+    rows += [(f"  {name}", _rates(windows)) for name, windows in cache["clients"].items()]
+    rows.append(
+        (
+            "cache saved",
+            f"{_saved(cache['all_time'])} (last hour: {_saved(cache['last_hour'])}) at "
+            f"${cache['cost_per_hour'] or 0:.2f}/h",
+        )
+    )
+    return rows
 
 
 def status_text(report: dict[str, Any]) -> str:
@@ -106,6 +154,7 @@ def status_text(report: dict[str, Any]) -> str:
                 else ""
             ),
         ),
+        *cache_lines(proxy.get("cache")),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -197,12 +246,29 @@ def ready_text(session: Session, state: PodState) -> str:
     )
 
 
-def shutdown_text(result: ShutdownResult) -> str:
+def session_cache(session: Session) -> dict[str, Any] | None:
+    """What the running proxy's cache did (``cache_report``), read before --shutdown stops it; None when no proxy
+    answers (or the state cannot be read: the shutdown itself says why)."""
+    try:
+        state = load_state(session.paths)
+    except ConfigError:
+        return None
+    return cache_report(session.sidecars.proxy_metrics(state)) if state is not None else None
+
+
+def shutdown_text(result: ShutdownResult, cache: dict[str, Any] | None = None) -> str:
     if not result.terminated and not result.had_state:
         return "nothing was running; nothing to do"
     spend = result.spend_usd
     pods = ", ".join(result.terminated) or "none"
-    return f"terminated: {pods}; proxy and watchdog stopped" + (f"; session spend ${spend:.2f}" if spend else "")
+    text = f"terminated: {pods}; proxy and watchdog stopped" + (f"; session spend ${spend:.2f}" if spend else "")
+    if cache is not None:
+        total = cache["all_time"]
+        text += (
+            f"\ncache: {total['hits']} hits of {total['lookups']} lookups ({total['hit_rate']:.0%}) since the proxy "
+            f"started, saved {_saved(total)}"
+        )
+    return text
 
 
 def catalog_text(catalog: Catalog, verbose: bool) -> str:

@@ -115,6 +115,7 @@ class Sidecars:
             # pod_config.json's rules, when it has any, else the shell's CACHE_KEY_RULES(_OFF) as for a proxy by hand
             key_rules=tuple(self.config.cache_key_rules) or None,
             key_rules_off=tuple(self.config.cache_key_rules_off) or None,
+            cost_per_hour=state.cost_per_hour or 0.0,  # what a hit saved in dollars; --local's is 0
             log_file="",  # stderr only: spawn_detached sends it to proxy.log
         )
         # the proxy's secrets are its settings' (its upstream key and PROXY_API_KEY): no other is passed on

@@ -30,6 +30,7 @@ class CacheEntry:
     # entries written before it was keyed (their keys never match again)
     kind: str | None = None
     key_rules: list[str] = field(default_factory=list)  # the key rules that took volatile parts out of its key
+    generation_seconds: float | None = None  # how long the upstream took for it: what each hit saves
 
     def document(self, key: str) -> dict[str, Any]:
         """The file's JSON object; the fields in their declared order (``__slots__`` keeps it)."""
@@ -48,6 +49,7 @@ class CachedAnswer:
     chunks: list[str]  # the upstream's SSE data payloads, in order, without the usage chunk
     usage_chunk: str | None
     completion_tokens: int
+    generation_seconds: float | None = None  # None in entries stored before it was recorded
     _json: bytes | None = None  # rendered once: a hot answer is served many times
     _sse: bytes | None = None  # rendered once (without the usage event): shared by every client it is sent to
 
@@ -77,6 +79,14 @@ def answer_from(key: str, document: Any) -> CachedAnswer | None:
             chunks=document["chunks"],
             usage_chunk=document.get("usage_chunk"),
             completion_tokens=int(document.get("completion_tokens") or 0),
+            generation_seconds=stored_seconds(document.get("generation_seconds")),
         )
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def stored_seconds(value: Any) -> float | None:
+    """A stored duration; None for a missing or nonsensical one (a hand-edited file must not fail the hit)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
+        return None
+    return float(value)

@@ -23,7 +23,7 @@ import orjson
 from starlette.responses import Response
 
 from llmpod.proxy import _cache_files as files
-from llmpod.proxy._cache_entries import CachedAnswer
+from llmpod.proxy._cache_entries import CachedAnswer, stored_seconds
 from llmpod.proxy.pieces import PIECE_BYTES, SizedBody, sized, slices
 
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -41,6 +41,7 @@ class Layout:
     chunks_sse_bytes: int  # the streamed answer's length without the usage event and [DONE]
     usage_chunk: str | None
     completion_tokens: int
+    generation_seconds: float | None = None  # what a hit on it saves; None in entries stored before it was recorded
 
     def fits(self, info: os.stat_result) -> bool:
         return info.st_ino == self.inode and info.st_size == self.size
@@ -90,6 +91,7 @@ def layout_of(data: bytes, document: dict[str, Any], info: os.stat_result) -> La
         chunks_sse_bytes=sse_bytes,
         usage_chunk=usage_chunk,
         completion_tokens=completion_tokens,
+        generation_seconds=stored_seconds(document.get("generation_seconds")),
     )
 
 
@@ -162,6 +164,10 @@ class StoredAnswer:
     @property
     def completion_tokens(self) -> int:
         return self.layout.completion_tokens
+
+    @property
+    def generation_seconds(self) -> float | None:
+        return self.layout.generation_seconds
 
     def json_length(self) -> int:
         start, end = self.layout.response

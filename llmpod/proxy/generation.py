@@ -24,6 +24,7 @@ from llmpod.errors import UpstreamError
 from llmpod.proxy._cache_stream import StoredAnswer, hit_response
 from llmpod.proxy._requestlog import RequestLog, loggable
 from llmpod.proxy.cache import CachedAnswer, CacheEntry, ResponseCache, UnkeyableRequest, cache_key
+from llmpod.proxy.clients import OTHER, client_family
 from llmpod.proxy.connections import reset_connection
 from llmpod.proxy.drain import stopped_by_drain
 from llmpod.proxy.flights import Flight, FlightRegistry
@@ -46,6 +47,7 @@ class Exchange:
 
     __slots__ = (
         "cache",
+        "client",
         "endpoint",
         "key",
         "kind",
@@ -53,6 +55,7 @@ class Exchange:
         "model",
         "resolved",
         "rules",
+        "saved_s",
         "started",
         "status",
         "tokens",
@@ -72,6 +75,8 @@ class Exchange:
         self.tokens = 0
         self.lookup_s = 0.0
         self.upstream_s: float | None = None
+        self.client = OTHER  # the client's family, for the per-client hit rates
+        self.saved_s = 0.0  # a hit: the seconds the answer's generation took, which it saved
 
     def headers(self, profiling: bool) -> dict[str, str]:
         headers = {"X-Cache": self.cache, "X-Cache-Key": self.key} if self.key else {}
@@ -146,6 +151,7 @@ class GenerationHandler:
     async def serve(self, request: Request, endpoint: str, path: str, send: Send) -> None:
         """Answer the request, then count and log it: the client is not kept waiting for the log line."""
         exchange = Exchange(endpoint)
+        exchange.client = client_family(request.scope["headers"])
         self.metrics.in_flight += 1
         streaming = False
         try:
@@ -205,6 +211,7 @@ class GenerationHandler:
         if flight is not None:
             # a finished flight whose answer is still being written to disk is as good as a hit
             exchange.cache = "HIT" if flight.succeeded else "COALESCED"
+            exchange.saved_s = _generation_seconds(flight) or 0.0
         else:
             exchange.cache = "BYPASS" if no_cache else "MISS"
             forwarded = {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -247,6 +254,7 @@ class GenerationHandler:
                 usage_chunk=usage_chunks[-1] if usage_chunks else None,
                 kind=flight.kind,
                 key_rules=list(self.key_rules.normalise(flight.endpoint, body)[1]),  # as when it was keyed
+                generation_seconds=_generation_seconds(flight),
             ),
         )
 
@@ -255,6 +263,7 @@ class GenerationHandler:
     ) -> Response:
         exchange.cache = "HIT"
         exchange.tokens = answer.completion_tokens
+        exchange.saved_s = answer.generation_seconds or 0.0  # an entry stored before this was recorded: tokens only
         headers = exchange.headers(self.settings.enable_profiling)
         return hit_response(answer, stream, include_usage, {**SSE_HEADERS, **headers} if stream else headers)
 
@@ -324,12 +333,15 @@ class GenerationHandler:
     def _done(self, request: Request, exchange: Exchange) -> None:
         seconds = time.perf_counter() - exchange.started
         self.metrics.in_flight -= 1
+        hit = exchange.cache == "HIT"
         self.metrics.record(
             model=exchange.model if exchange.resolved else "-",
             status=exchange.status,
             cache=exchange.cache,
             seconds=seconds,
-            cached_tokens=exchange.tokens if exchange.cache == "HIT" else 0,
+            cached_tokens=exchange.tokens if hit else 0,
+            client=exchange.client,
+            saved_seconds=exchange.saved_s if hit else 0.0,
         )
         upstream = "" if exchange.upstream_s is None else f" upstream_ms={exchange.upstream_s * 1000:.1f}"
         self.request_log.write(
@@ -346,6 +358,11 @@ async def _skip_store(flight: Flight) -> None:
 def _undelivered(request: Request) -> int:
     """The status logged for an answer cut short: 503 when the proxy's drain ended it as it stopped, else 499."""
     return 503 if stopped_by_drain(request.scope) else 499
+
+
+def _generation_seconds(flight: Flight) -> float | None:
+    """How long the upstream took for the whole answer: what each later hit on it saves."""
+    return None if flight.finished_at is None else round(flight.finished_at - flight.started_at, 6)
 
 
 def _upstream_time(flight: Flight, exchange: Exchange) -> float | None:

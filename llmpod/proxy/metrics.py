@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
+from llmpod.proxy.clients import OTHER
+from llmpod.proxy.hitrates import CacheWindows
+
 if TYPE_CHECKING:
     from llmpod.proxy.cache import ResponseCache
 
@@ -36,8 +39,9 @@ def percentiles(samples: deque[float]) -> dict[str, float | int | None]:
 
 
 class ProxyMetrics:
-    def __init__(self, cache: ResponseCache) -> None:
+    def __init__(self, cache: ResponseCache, *, window: int = 100, cost_per_hour: float = 0.0) -> None:
         self.cache = cache
+        self.windows = CacheWindows(window, cost_per_hour)  # hit rates and savings: recent, last hour, per client
         self.started_at = time.time()
         self.requests_total = 0
         self.cache_hits = 0
@@ -46,6 +50,8 @@ class ProxyMetrics:
         self.coalesced = 0
         self.upstream_errors = 0
         self.upstream_calls = 0
+        self.upstream_cancelled = 0  # every listener left mid-answer: generated for nobody, nothing cached
+        self.cancelled_seconds = 0.0
         self.tokens_from_cache = 0
         self.in_flight = 0
         # the watchdog's idleness clock (``last_request_at`` in /metrics): only successful generation work moves
@@ -77,7 +83,38 @@ class ProxyMetrics:
         self._cached_tokens = Counter(
             "llm_proxy_cache_served_tokens", "Completion tokens served from cache", registry=r
         )
+        self._cancelled = Counter(
+            "llm_proxy_upstream_cancelled", "Upstream calls cancelled because every client left", registry=r
+        )
         self._coalesced = Counter("llm_proxy_coalesced_requests", "Requests that joined an in-flight call", registry=r)
+        # per client family (clients.FAMILIES, a fixed set: the label never grows with what clients send)
+        self._client_requests = Counter(
+            "llm_proxy_client_requests", "Requests by client family and cache outcome", ["client", "cache"], registry=r
+        )
+        self._client_tokens = Counter(
+            "llm_proxy_client_cache_served_tokens", "Completion tokens served from cache", ["client"], registry=r
+        )
+        self._client_seconds = Counter(
+            "llm_proxy_client_generation_seconds_saved",
+            "Upstream generation seconds the cache's hits saved",
+            ["client"],
+            registry=r,
+        )
+        self._client_usd = Counter(
+            "llm_proxy_client_usd_saved",
+            "Pod dollars the cache's hits saved (seconds saved times $/h)",
+            ["client"],
+            registry=r,
+        )
+        hit_ratio = Gauge(
+            "llm_proxy_cache_hit_ratio", "Cache hit rate of lookups over a window", ["window"], registry=r
+        )
+        for window_name in ("all_time", "recent", "last_hour"):
+            hit_ratio.labels(window_name).set_function(
+                lambda w=window_name: self.windows.rate(w, time.time())  # type: ignore[misc]
+            )
+        self._client_children: dict[tuple[str, str], Any] = {}
+        self._client_savings: dict[str, tuple[Any, Any, Any]] = {}
         self._request_children: dict[tuple[str, int, str], Any] = {}
         self._duration_children: dict[str, Any] = {}
         gauges = {
@@ -96,14 +133,29 @@ class ProxyMetrics:
             Gauge(name, doc, registry=r).set_function(read)
 
     # ----------------------------------------------------------------- recording
-    def record(self, *, model: str, status: int, cache: str, seconds: float, cached_tokens: int = 0) -> None:
-        """One answered request. ``cache`` is HIT, MISS, BYPASS, COALESCED or NONE (rejected early).
+    def record(
+        self,
+        *,
+        model: str,
+        status: int,
+        cache: str,
+        seconds: float,
+        cached_tokens: int = 0,
+        client: str = OTHER,
+        saved_seconds: float = 0.0,
+    ) -> None:
+        """One answered request. ``cache`` is HIT, MISS, BYPASS, COALESCED or NONE (rejected early); ``client``
+        its client family; for a hit, ``cached_tokens`` and ``saved_seconds`` are what it saved (the entry's
+        completion tokens and the seconds its generation took).
 
         Only a 2xx (a stream that delivered to its end) counts as activity for idle shutdown.
         """
+        now = time.time()
         self.requests_total += 1
         if 200 <= status < 300:
-            self.last_request_at = time.time()
+            self.last_request_at = now
+        self.windows.record(now, client, cache, cached_tokens, saved_seconds)
+        self._record_client(client, cache, cached_tokens, saved_seconds)
         if cache == "HIT":
             self.cache_hits += 1
             self.hit_latency.append(seconds)
@@ -126,6 +178,30 @@ class ProxyMetrics:
             duration = self._duration_children[cache] = self._duration.labels(cache)
         duration.observe(seconds)
 
+    def _record_client(self, client: str, cache: str, tokens: int, seconds: float) -> None:
+        child = self._client_children.get((client, cache))
+        if child is None:
+            child = self._client_children[(client, cache)] = self._client_requests.labels(client, cache)
+        child.inc()
+        if cache == "HIT":
+            savings = self._client_savings.get(client)
+            if savings is None:
+                savings = self._client_savings[client] = (
+                    self._client_tokens.labels(client),
+                    self._client_seconds.labels(client),
+                    self._client_usd.labels(client),
+                )
+            savings[0].inc(tokens)
+            if seconds:
+                savings[1].inc(seconds)
+                savings[2].inc(seconds * self.windows.cost_per_hour / 3600)
+
+    def record_cancelled(self, seconds: float) -> None:
+        """An upstream call cancelled after ``seconds`` because every listener left: what that cost."""
+        self.upstream_cancelled += 1
+        self.cancelled_seconds += seconds
+        self._cancelled.inc()
+
     def record_upstream(self, *, seconds: float, ttft: float | None, error_status: int | None) -> None:
         """One upstream generation call, however many clients it served."""
         self.upstream_calls += 1
@@ -142,6 +218,7 @@ class ProxyMetrics:
     def as_json(self, in_flight_upstream: int) -> dict[str, Any]:
         lookups = self.cache_hits + self.cache_misses + self.coalesced
         cache = self.cache
+        windows, clients = self.windows.as_json(time.time())
         return {
             "requests_total": self.requests_total,
             "cache_hits": self.cache_hits,
@@ -162,11 +239,18 @@ class ProxyMetrics:
             "upstream_calls": self.upstream_calls,
             "upstream_errors": self.upstream_errors,
             "upstream_in_flight": in_flight_upstream,
+            "upstream_cancelled": self.upstream_cancelled,
+            "cancelled_generation_seconds": round(self.cancelled_seconds, 3),
             "in_flight": self.in_flight,
             "hit_latency_ms": percentiles(self.hit_latency),
             "upstream_latency_ms": percentiles(self.upstream_latency),
             "time_to_first_token_ms": percentiles(self.ttft),
             "tokens_served_from_cache": self.tokens_from_cache,
+            "generation_seconds_saved": windows["all_time"]["generation_seconds_saved"],
+            "usd_saved": windows["all_time"]["usd_saved"],
+            "cost_per_hour": self.windows.cost_per_hour,
+            "windows": windows,
+            "clients": clients,
             "last_request_at": self.last_request_at,
             "uptime": round(time.time() - self.started_at, 3),
         }

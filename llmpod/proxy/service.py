@@ -26,7 +26,7 @@ class ProxyService:
         self.settings = settings
         self.started_at = time.time()
         self.cache = ResponseCache(settings.cache_dir, settings.max_cache_entries, settings.max_cache_bytes)
-        self.metrics = ProxyMetrics(self.cache)
+        self.metrics = ProxyMetrics(self.cache, window=settings.hit_rate_window, cost_per_hour=settings.cost_per_hour)
         self.upstream = Upstream(settings, client, pool)
         self.flights = FlightRegistry(on_finished=self._record_upstream)
         self.request_log = RequestLog(settings.log_file)
@@ -38,6 +38,7 @@ class ProxyService:
     def _record_upstream(self, flight: Flight) -> None:
         self.upstream.learn(flight.body, flight.assembler.usage)
         if flight.cancelled:
+            self.metrics.record_cancelled(time.perf_counter() - flight.started_at)
             return
         end = flight.finished_at or time.perf_counter()
         ttft = None if flight.first_token_at is None else flight.first_token_at - flight.started_at

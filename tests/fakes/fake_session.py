@@ -41,6 +41,9 @@ class FakeSidecars:
     def proxy_metrics(self, state: PodState | None = None) -> dict[str, Any] | None:
         return self.metrics
 
+    def proxy_url(self, state: PodState | None = None) -> str:
+        return f"http://127.0.0.1:{state.proxy_port if state else 8000}"
+
     def proxy_health(self, state: PodState | None = None) -> dict[str, Any] | None:
         return {"status": "ok"} if self.healthy else None
 

@@ -60,10 +60,21 @@ def test_up_chat_reuse_status_shutdown(workdir: Workdir, fake_runpod: FakeRunPod
     report = json.loads(status.stdout)
     assert report["pod"]["status"] == "RUNNING" and report["proxy"]["healthy"] is True
     assert report["pod"]["cost_per_hour"] > 0 and report["proxy"]["cache_entries"] == 1
+    # the hit rates and what the two hits saved, at the pod's $/h that manage_pod.py handed the proxy
+    cache = report["proxy"]["cache"]
+    assert (cache["all_time"]["hits"], cache["all_time"]["lookups"]) == (2, 3)
+    assert cache["cost_per_hour"] == state["cost_per_hour"] == report["pod"]["cost_per_hour"]
+    saved = cache["all_time"]
+    assert saved["generation_seconds_saved"] > 0
+    assert saved["usd_saved"] == pytest.approx(
+        saved["generation_seconds_saved"] * cache["cost_per_hour"] / 3600, abs=1e-6
+    )
+    assert cache["clients"]["other"]["all_time"]["hits"] == 2  # httpx's User-Agent is no family's
 
     down = workdir.run("--shutdown")
     assert down.returncode == 0, down.stderr
     assert state["pod_id"] in down.stdout
+    assert "cache: 2 hits of 3 lookups (67%) since the proxy started, saved" in down.stdout
     assert_nothing_left(workdir, fake_runpod)
     assert list((workdir.path / "cache").glob("*.json"))  # the cache is kept
     assert workdir.run("--shutdown").stdout.strip() == "nothing was running; nothing to do"
