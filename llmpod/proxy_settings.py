@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from llmpod.backends import Backend, backends_from_env, backends_to_env
 from llmpod.errors import ConfigError
 from llmpod.key_rule_spec import KeyRule, check_rule_set
 from llmpod.server_kind import ServerKind
@@ -58,6 +59,7 @@ ENV_NAMES: dict[str, str] = {
     "max_client_connections": "PROXY_MAX_CLIENT_CONNECTIONS",
     "key_rules": "CACHE_KEY_RULES",
     "key_rules_off": "CACHE_KEY_RULES_OFF",
+    "backends": "PROXY_BACKENDS",
     "hit_rate_window": "HIT_RATE_WINDOW",
     "cost_per_hour": "POD_COST_PER_HOUR",
 }
@@ -132,6 +134,8 @@ class ProxySettings(BaseModel):
     # rules switched off ("all" = none applies: every key is the request's own)
     key_rules: tuple[KeyRule, ...] = ()
     key_rules_off: tuple[str, ...] = ()
+    # several models behind one proxy (llmpod/backends.py, issue 18): routed by model id; none = the single upstream
+    backends: tuple[Backend, ...] = ()
     # /metrics' recent hit rate is over this many last cache lookups (besides all-time and the last hour)
     hit_rate_window: int = Field(100, ge=1, le=100_000)
     # the pod's price, set by manage_pod.py (RunPod's costPerHr; 0 for --local): what a hit saved in dollars is
@@ -195,6 +199,8 @@ class ProxySettings(BaseModel):
             raw["upstream_kind"] = raw["upstream_kind"].strip().lower() or None
         if "key_rules" in raw:
             raw["key_rules"] = _parse_rules(raw["key_rules"])
+        if "backends" in raw:
+            raw["backends"] = backends_from_env(raw["backends"])
         for field in ("tool_capable_models", "allowed_hosts", "key_rules_off"):
             if field in raw:
                 raw[field] = tuple(n.strip() for n in raw[field].split(",") if n.strip())
@@ -223,6 +229,8 @@ class ProxySettings(BaseModel):
                 env[name] = value.get_secret_value()
             elif isinstance(value, bool):
                 env[name] = "1" if value else "0"
+            elif field == "backends":
+                env[name] = backends_to_env(value)
             elif field == "key_rules":
                 env[name] = json.dumps([rule.model_dump(exclude_defaults=True) for rule in value]) if value else ""
             elif isinstance(value, tuple):
