@@ -38,6 +38,11 @@ NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 DISK_REFUSALS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR})
 
 
+class ForeignDirectory(ConfigError):
+    """The cache directory is not ours to use (another user's, writable by others, not a directory): no retry
+    makes it ours. Other ``ConfigError``s of ``check_directory`` (it cannot be made or looked at now) may pass."""
+
+
 def check_directory(directory: str | os.PathLike[str]) -> None:
     """Make the cache directory 0700 (made, or closed if it is ours); refuse one another user could have planted
     answers in.
@@ -57,11 +62,11 @@ def check_directory(directory: str | os.PathLike[str]) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot use cache dir {path}: {exc.strerror} (set CACHE_DIR)") from None
     if not stat.S_ISDIR(info.st_mode):
-        raise ConfigError(f"cache dir {path} is not a directory: remove it or set CACHE_DIR")
+        raise ForeignDirectory(f"cache dir {path} is not a directory: remove it or set CACHE_DIR")
     if info.st_uid != os.geteuid():
-        raise ConfigError(f"cache dir {path} is owned by uid {info.st_uid}: remove it or set CACHE_DIR")
+        raise ForeignDirectory(f"cache dir {path} is owned by uid {info.st_uid}: remove it or set CACHE_DIR")
     if info.st_mode & 0o022:
-        raise ConfigError(f"cache dir {path} is writable by others: remove it or set CACHE_DIR")
+        raise ForeignDirectory(f"cache dir {path} is writable by others: remove it or set CACHE_DIR")
     if info.st_mode & 0o077:
         # ours, but readable by others: made by an older version (0755, entries 0644) or by hand. Closing the
         # directory hides every entry in it, whatever the entries' own modes.

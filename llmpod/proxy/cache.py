@@ -120,9 +120,13 @@ class ResponseCache:
         self.total_bytes = 0
         try:  # made 0700; another user's (or a world-writable) directory is refused: they would plant answers
             files.check_directory(self._dir)
-        except ConfigError as exc:
+        except files.ForeignDirectory as exc:
             self._disable_store(str(exc))
             self._refused = True
+            return []
+        except ConfigError as exc:  # cannot be made now (a parent missing): storing is retried after the pause
+            self._disable_store(str(exc))
+            self._refused = False
             return []
         self._refused = False
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import llmpod.proxy.cache
 from llmpod.errors import ConfigError
 from llmpod.proxy._requestlog import RequestLog
 from llmpod.proxy.cache import CacheEntry, ResponseCache
@@ -61,6 +62,22 @@ def test_our_cache_dir_readable_by_others_is_closed(tmp_path: Path) -> None:
     (old / f"{key}.json").chmod(0o644)
     loaded(old)
     assert stat.S_IMODE(old.stat().st_mode) == 0o700
+
+
+def test_a_cache_dir_that_cannot_be_made_yet_is_retried_not_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not made now (its parent is a file, or not mounted yet) is not "another user's": storing resumes once it can
+    be made, after the usual pause."""
+    monkeypatch.setattr(llmpod.proxy.cache, "RETRY_STORE_AFTER", 0.0)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("where the cache's parent should be")
+    cache = loaded(blocker / "cache")
+    assert cache.store_disabled_reason is not None and "cannot" in cache.store_disabled_reason
+    blocker.unlink()
+    key = key_for("2+2?")
+    assert cache.put(key, entry()) and cache.get(key) is not None
+    assert stat.S_IMODE((blocker / "cache").stat().st_mode) == 0o700
 
 
 def test_cache_dir_writable_by_others_is_refused(tmp_path: Path) -> None:
