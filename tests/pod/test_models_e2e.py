@@ -1,0 +1,202 @@
+"""Several models started by manage_pod.py (issue 18), as processes in a temp dir: two mock vLLM servers from
+``command`` entries, supervised, handed to the proxy in PROXY_BACKENDS, acted on one at a time, and shut down
+leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from llmpod.backends import backends_from_env, read_state
+from llmpod.pod import processes
+from llmpod.pod.supervisor import MODEL_OF
+from tests.support.e2e_harness import pid_alive, port_free
+from tests.support.helpers import wait_until
+from tests.support.servers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Models:
+    """A directory with a pod_config.json holding two local mock models, chat and auto."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.proxy_port, self.chat_port, self.auto_port = free_port(), free_port(), free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "MOCK_", "PROXY_"))}
+        self.env["RUNPOD_API_KEY"] = "rpa_must_not_reach_the_models"  # a child that needs no key gets none
+        self.write()
+
+    def entry(self, model: str, port: int, **more: Any) -> dict[str, Any]:
+        return {
+            "command": sys.executable,
+            "args": ["-m", "llmpod.mock", "--model", model, "--port", str(port)],
+            "endpoints": {"base_url": f"http://127.0.0.1:{port}/v1"},
+            **more,
+        }
+
+    def write(self, **chat: Any) -> None:
+        config = {
+            "proxy_port": self.proxy_port,
+            "cache_dir": str(self.path / "cache"),
+            "watchdog_interval_seconds": 0.2,
+            "llmModels": {
+                "chat": self.entry("chat", self.chat_port, max_restarts=2, **chat),
+                "auto": self.entry("auto", self.auto_port),
+            },
+        }
+        (self.path / "pod_config.json").write_text(json.dumps(config))
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "manage_pod.py"), *args],
+            cwd=self.path,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def record(self, model: str) -> dict[str, Any]:
+        return json.loads((self.path / "pod_state.json").read_text())["models"][model]  # type: ignore[no-any-return]
+
+    def state(self, model: str) -> Any:
+        state = read_state(self.path / ".llmpod" / "models" / self.state_name(model))
+        assert state is not None
+        return state
+
+    def state_name(self, model: str) -> str:
+        return next(p.name for p in (self.path / ".llmpod" / "models").glob(f"{model}-*.state.json"))
+
+    def answers(self, model: str, port: int) -> bool:
+        try:
+            response = httpx.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+                timeout=10,
+            )
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200 and response.json()["model"] == model
+
+    def ours(self) -> list[int]:
+        return processes.find_by_environ(MODEL_OF, str(self.path))
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Iterator[Models]:
+    work = Models(tmp_path)
+    try:
+        yield work
+    finally:
+        work.run("--shutdown", timeout=60)
+        for pid in work.ours():  # a failed test must not leak servers into the next one
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_two_models_started_supervised_and_shut_down(models: Models) -> None:
+    up = models.run()
+    assert up.returncode == 0, up.stderr
+    # both answer directly at their base_urls, each as its own model
+    assert models.answers("chat", models.chat_port) and models.answers("auto", models.auto_port)
+    assert models.state("chat").state == models.state("auto").state == "healthy"
+    chat_pid = models.record("chat")["pid"]
+    # a model process gets no secret it does not use
+    assert processes.environ_value(chat_pid, "RUNPOD_API_KEY") is None
+    assert processes.environ_value(chat_pid, MODEL_OF) == str(models.path)
+    # the proxy was handed both, with their state files
+    proxy_pid = int((models.path / ".llmpod" / "proxy.pid").read_text())
+    backends = backends_from_env(processes.environ_value(proxy_pid, "PROXY_BACKENDS") or "")
+    assert [(b.id, b.base_url) for b in backends] == [
+        ("chat", f"http://127.0.0.1:{models.chat_port}/v1"),
+        ("auto", f"http://127.0.0.1:{models.auto_port}/v1"),
+    ]
+    assert backends[0].state_file == str(models.path / ".llmpod" / "models" / models.state_name("chat"))
+
+    # killed: restarted (restarting, then healthy, restarts=1)
+    seen: set[str] = set()
+    os.kill(chat_pid, signal.SIGKILL)
+
+    def back() -> bool:
+        state = models.state("chat")
+        seen.add(state.state)
+        return state.state == "healthy" and state.restarts == 1
+
+    wait_until(back, "chat restarted", timeout=60)
+    assert "restarting" in seen
+    assert models.answers("chat", models.chat_port)
+
+    # killed past max_restarts (2): down with the reason
+    for _ in range(2):
+        pid = models.record("chat")["pid"]
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_until(
+            lambda p=pid: models.record("chat")["pid"] not in (p, None) or models.state("chat").state == "down",
+            "chat acted on",
+            timeout=60,
+        )  # type: ignore[misc]
+        wait_until(lambda: models.state("chat").state in ("healthy", "down"), "chat settled", timeout=60)
+    down = models.state("chat")
+    assert down.state == "down"
+    assert "killed by SIGKILL" in (down.last_error or "") and "max_restarts reached" in (down.last_error or "")
+    assert models.answers("auto", models.auto_port)  # the other kept serving
+    status = models.run("--status")
+    assert "chat: down" in status.stdout and "auto: healthy" in status.stdout, status.stdout
+
+    # one at a time, while the other keeps serving
+    restarted = models.run("--restart", "chat")
+    assert restarted.returncode == 0, restarted.stderr
+    assert models.state("chat").state == "healthy" and models.answers("chat", models.chat_port)
+    stopped = models.run("--stop", "auto")
+    assert stopped.returncode == 0, stopped.stderr
+    assert models.state("auto").state == "stopped" and port_free(models.auto_port)
+    assert models.answers("chat", models.chat_port)
+    wait_until(lambda: models.state("auto").state == "stopped", "auto stays stopped", timeout=2)  # never restarted
+    assert models.run("--start", "auto").returncode == 0
+    assert models.state("auto").state == "healthy" and models.answers("auto", models.auto_port)
+    report = json.loads(models.run("--status", "--json").stdout)
+    assert [(m["id"], m["state"]) for m in report["models"]] == [("chat", "healthy"), ("auto", "healthy")]
+
+    # shutdown: nothing left
+    pids = [models.record(m)["pid"] for m in ("chat", "auto")] + [proxy_pid]
+    watchdog_pid = int((models.path / ".llmpod" / "watchdog.pid").read_text())
+    down_all = models.run("--shutdown")
+    assert down_all.returncode == 0, down_all.stderr
+    assert not any(pid_alive(pid) for pid in [*pids, watchdog_pid])
+    assert models.ours() == []
+    assert all(port_free(port) for port in (models.proxy_port, models.chat_port, models.auto_port))
+    assert not (models.path / "pod_state.json").exists()
+    assert models.state("chat").state == models.state("auto").state == "stopped"
+
+
+def test_a_crash_at_start_is_one_line_with_its_last_output(models: Models) -> None:
+    models.write(args=["-m", "llmpod.mock", "--model", "chat", "--port", "not-a-port"])
+    up = models.run()
+    assert up.returncode != 0
+    (line,) = up.stderr.strip().splitlines()
+    assert line.startswith("manage_pod.py: llmModels.chat did not start: exited")
+    assert "port" in line
+    assert models.ours() == [] and not (models.path / "pod_state.json").exists()
+    assert port_free(models.auto_port) and port_free(models.proxy_port)
+
+
+def test_a_port_in_use_starts_nothing(models: Models) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", models.auto_port))
+        taken.listen()
+        up = models.run()
+    assert up.returncode == 2
+    assert f"llmModels.auto: port {models.auto_port}" in up.stderr
+    assert models.ours() == [] and not (models.path / "pod_state.json").exists()
