@@ -154,3 +154,12 @@ def test_start_stop_restart_need_llm_models(tmp_path: Path, capsys: pytest.Captu
     path.write_text(json.dumps({"provider": "local"}))
     assert main(["--config", str(path), "--stop", "chat"]) == 2
     assert "--stop acts on a model of llmModels" in capsys.readouterr().err
+
+
+def test_the_readme_pair_loads(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Several models", 1)[1]
+    block = section.split("```json\n", 1)[1].split("```", 1)[0]
+    chat, autocomplete = load(tmp_path, json.loads(block)["llmModels"], proxy_port=json.loads(block)["proxy_port"])
+    assert (chat.id, chat.port, autocomplete.id, autocomplete.port) == ("chat", 8001, "autocomplete", 8002)
+    assert autocomplete.restart_policy == "always"
