@@ -101,9 +101,8 @@ def up(r: Rig) -> int:
     if any(spec.kind == "runpod" for spec in r.specs):
         raise ConfigError(RUNPOD_NOT_YET)
     with exclusive(r.paths, LOCK_WAIT, "waiting for another manage_pod.py to finish..."):
-        state = load_models_state(r.paths) or ModelsState(
-            proxy_port=r.config.proxy_port, created_at=time.time(), models={}
-        )
+        earlier = load_models_state(r.paths)
+        state = earlier or ModelsState(proxy_port=r.config.proxy_port, created_at=time.time(), models={})
         state.models = {k: v for k, v in state.models.items() if k in {s.id for s in r.specs}}
         fresh = [
             spec
@@ -126,8 +125,18 @@ def up(r: Rig) -> int:
             for spec in fresh:
                 wait_ready(r, spec, state.models[spec.id])
         except LlmpodError:
-            _stop_all(r, state)
-            clear_state(r.paths)
+            # what this run started goes (the one that failed stays down, with why); what ran before stays
+            for spec in fresh:
+                record = state.models[spec.id]
+                if record.state == "down":
+                    r.ops.stop(record)
+                else:
+                    r.supervisor.stop(record)
+            if earlier is None:
+                _stop_all(r, None)  # strays of a run killed before it saved its record
+                clear_state(r.paths)
+            else:
+                save_models_state(r.paths, state)
             raise
         save_models_state(r.paths, state)
         ensure_proxy(r)
@@ -208,16 +217,19 @@ def watch(r: Rig) -> int:
     pid_file = r.paths.watchdog_pid
     try:
         while True:
-            with exclusive(r.paths, LOCK_WAIT):
-                state = load_models_state(r.paths)
-                if state is None:
-                    print("watchdog: no models recorded any more: exiting", flush=True)
-                    return 0
-                r.supervisor.round(state.models)
-                save_models_state(r.paths, state)
-                if r.sidecars.proxy_pid() is None:
-                    print("watchdog: the proxy is not running: restarting it", flush=True)
-                    ensure_proxy(r)
+            try:
+                with exclusive(r.paths, LOCK_WAIT):
+                    state = load_models_state(r.paths)
+                    if state is None:
+                        print("watchdog: no models recorded any more: exiting", flush=True)
+                        return 0
+                    r.supervisor.round(state.models)
+                    save_models_state(r.paths, state)
+                    if r.sidecars.proxy_pid() is None:
+                        print("watchdog: the proxy is not running: restarting it", flush=True)
+                        ensure_proxy(r)
+            except LlmpodError as exc:  # a busy lock, a proxy that would not start: try again next round
+                print(f"watchdog: round failed, will retry: {exc}", flush=True)
             time.sleep(interval)
     finally:
         if processes.read_pid(pid_file) == os.getpid():

@@ -33,6 +33,7 @@ from llmpod.backends import BackendState, Lifecycle, write_state
 from llmpod.errors import ConfigError
 from llmpod.pod import processes
 from llmpod.pod.models_config import ModelSpec
+from llmpod.pod.sidecars import PROXY_OF, WATCHDOG_OF
 from llmpod.pod.state import RuntimePaths
 
 MODEL_OF = "LLMPOD_MODEL_OF"  # in each model process's environment: this directory (ownership, strays)
@@ -236,9 +237,11 @@ class ProcessOps:
         return last_line(log_file(self.paths, spec.id))
 
     def spawn(self, spec: ModelSpec) -> int:
-        # only what a server needs: no RunPod, proxy or Hugging Face key (processes.child_env); its own env on top
+        # only what a server needs: no RunPod, proxy or Hugging Face key (processes.child_env), and none of the
+        # helpers' marks (started by the watchdog, it would pass for a stray watchdog); its own env on top
+        inherited = {k: v for k, v in self.environ.items() if k not in (WATCHDOG_OF, PROXY_OF, processes.HOLD_AT)}
         env = {
-            **processes.child_env(self.environ, secrets=("HF_TOKEN",)),
+            **processes.child_env(inherited, secrets=("HF_TOKEN",)),
             **spec.env,
             MODEL_OF: str(self.paths.root),
             MODEL_NAME_OF: spec.id,

@@ -134,6 +134,17 @@ def test_two_models_started_supervised_and_shut_down(models: Models) -> None:
     wait_until(back, "chat restarted", timeout=60)
     assert "restarting" in seen
     assert models.answers("chat", models.chat_port)
+    restarted_pid = models.record("chat")["pid"]
+    # started by the watchdog, it carries none of the helpers' marks (it would pass for a stray watchdog)
+    assert processes.environ_value(restarted_pid, "LLMPOD_WATCHDOG_OF") is None
+    assert processes.environ_value(restarted_pid, "RUNPOD_API_KEY") is None
+
+    # the proxy killed: the watchdog starts it again, with the same models
+    os.kill(proxy_pid, signal.SIGKILL)
+    wait_until(lambda: (models.path / ".llmpod" / "proxy.pid").read_text().strip() != str(proxy_pid), "new proxy")
+    proxy_pid = int((models.path / ".llmpod" / "proxy.pid").read_text())
+    wait_until(lambda: models.answers("chat", models.proxy_port), "the proxy answers again", timeout=30)
+    assert backends_from_env(processes.environ_value(proxy_pid, "PROXY_BACKENDS") or "") == backends
 
     # killed past max_restarts (2): down with the reason
     for _ in range(2):
