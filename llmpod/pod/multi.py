@@ -320,7 +320,7 @@ def status(r: Rig, as_json: bool) -> int:
                 "cost_per_hour": 0.0,
                 "last_error": record.last_error if record else None,
                 "requests": figures.get("requests"),
-                "hit_rate": figures.get("hit_rate"),
+                "hit_rate": figures.get("cache_hit_rate", figures.get("hit_rate")),
             }
         )
     report = {"proxy": f"http://127.0.0.1:{r.config.proxy_port}/v1" if state else None, "models": rows}
