@@ -246,14 +246,23 @@ class ProcessOps:
             MODEL_OF: str(self.paths.root),
             MODEL_NAME_OF: spec.id,
         }
+        self.stop_leftovers(spec.id)  # a dead wrapper's server may still hold the port
         return processes.spawn_detached(
             spec.argv, env=env, log_path=log_file(self.paths, spec.id), pid_path=None, cwd=self.folder
         )
 
     def stop(self, record: ModelRecord) -> bool:
-        if record.pid is None or not self.alive(record):
-            return True
-        return processes.stop(record.pid, grace=10.0)
+        gone = record.pid is None or not self.alive(record) or processes.stop(record.pid, grace=10.0)
+        return self.stop_leftovers(record.id) and gone
+
+    def stop_leftovers(self, model_id: str) -> bool:
+        """Stop what the model's command started and left behind (``sh -c 'server &'``, a server whose wrapper
+        was killed): they inherited its marks. True when none is left."""
+        gone = True
+        for pid in strays(self.paths):
+            if processes.environ_value(pid, MODEL_NAME_OF) == model_id:
+                gone = processes.stop(pid, grace=10.0) and gone
+        return gone
 
     def publish(self, spec: ModelSpec, record: ModelRecord) -> None:
         write_state(

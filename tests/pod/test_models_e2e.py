@@ -211,3 +211,25 @@ def test_a_port_in_use_starts_nothing(models: Models) -> None:
     assert up.returncode == 2
     assert f"llmModels.auto: port {models.auto_port}" in up.stderr
     assert models.ours() == [] and not (models.path / "pod_state.json").exists()
+
+
+def test_what_a_wrapper_started_is_stopped_with_it(models: Models) -> None:
+    """A command that starts the server behind a shell (which does not pass SIGTERM on): --stop, a restart and
+    --shutdown still leave no server holding the port."""
+    server = f"{sys.executable} -m llmpod.mock --model chat --port {models.chat_port}"
+    models.write(command="sh", args=["-c", f"{server} & wait"])
+    up = models.run()
+    assert up.returncode == 0, up.stderr
+    assert models.answers("chat", models.chat_port)
+    stopped = models.run("--stop", "chat")
+    assert stopped.returncode == 0, stopped.stderr
+    assert port_free(models.chat_port)
+    assert [p for p in models.ours() if processes.environ_value(p, "LLMPOD_MODEL_ID") == "chat"] == []
+    assert models.run("--start", "chat").returncode == 0
+    shell = models.record("chat")["pid"]
+    os.kill(shell, signal.SIGKILL)  # the wrapper dies, its server lives on with the port: the restart clears it
+    wait_until(lambda: models.record("chat")["pid"] not in (shell, None), "chat restarted", timeout=60)
+    wait_until(lambda: models.state("chat").state == "healthy", "chat healthy again", timeout=60)
+    assert models.answers("chat", models.chat_port)
+    assert models.run("--shutdown").returncode == 0
+    assert models.ours() == [] and port_free(models.chat_port)
