@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
             "was not checked for pods left elsewhere)"
         )
         return 0
-    if multi.applies(args):  # llmModels: several models, no pod of ours (llmpod.pod.multi)
+    if multi.applies(args, command_name(args)):  # llmModels: several models, no pod of ours (llmpod.pod.multi)
         return multi.run(args, command_name(args))
     if command_name(args) in ("start", "stop", "restart"):
         raise ConfigError(f"--{command_name(args)} acts on a model of llmModels, and {args.config} has none")

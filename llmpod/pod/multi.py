@@ -54,14 +54,23 @@ class Rig:
     sidecars: Sidecars
 
 
-def applies(args: argparse.Namespace) -> bool:
-    """``llmModels`` in the config, or a record of them beside it (the config edited since): this path."""
+def applies(args: argparse.Namespace, action: str) -> bool:
+    """``llmModels`` in the config, or a record of them beside it (the config edited since): this path. A single
+    pod's record beside a config that now has ``llmModels`` stays the single pod's to report and stop."""
     config_path = args.config.resolve()
-    if is_models_state(RuntimePaths(config_path.parent)):
+    paths = RuntimePaths(config_path.parent)
+    if is_models_state(paths):
         return True
-    if not config_path.exists():
+    if not config_path.exists() or not load_pod_config(config_path).llmModels:
         return False
-    return bool(load_pod_config(config_path).llmModels)
+    if paths.state_file.exists():
+        if action in ("status", "shutdown", "logs", "extend", "refresh_catalog"):
+            return False
+        raise ConfigError(
+            f"{paths.state_file} records a pod started without llmModels: stop it first "
+            "(`python3 manage_pod.py --shutdown`), then start the models"
+        )
+    return True
 
 
 def rig(args: argparse.Namespace) -> Rig:
@@ -296,6 +305,14 @@ def shutdown(r: Rig) -> int:
     return 0
 
 
+def _shown_state(spec: ModelSpec, record: ModelRecord | None, live: bool, figures: dict[str, Any]) -> str:
+    if record is None:
+        return "not started"
+    if spec.kind == "external" and isinstance(figures.get("state"), str):
+        return str(figures["state"])  # an external server is the proxy's to judge: its view when it gives one
+    return record.state if live else "down"
+
+
 def status(r: Rig, as_json: bool) -> int:
     state = load_models_state(r.paths)
     metrics = r.sidecars.proxy_metrics() if state else None
@@ -309,13 +326,14 @@ def status(r: Rig, as_json: bool) -> int:
         )
         figures = per_model.get(spec.id) if isinstance(per_model, dict) else None
         figures = figures if isinstance(figures, dict) else {}
+        shown = _shown_state(spec, record, live, figures)
         rows.append(
             {
                 "id": spec.id,
                 "kind": spec.kind,
                 "base_url": spec.base_url,
-                "state": (record.state if live else "down") if record else "not started",
-                "uptime_seconds": round(now - record.since) if record and record.state == "healthy" else None,
+                "state": shown,
+                "uptime_seconds": round(now - record.since) if record and shown == "healthy" else None,
                 "restarts": len(record.restart_times) if record else 0,
                 "cost_per_hour": 0.0,
                 "last_error": record.last_error if record else None,

@@ -234,7 +234,13 @@ class ProcessOps:
         return ready(spec)
 
     def last_line(self, spec: ModelSpec) -> str:
-        return last_line(log_file(self.paths, spec.id))
+        # it goes into the state file and --status: no secret value of ours or of its env, whatever it printed
+        line = last_line(log_file(self.paths, spec.id))
+        env = {**self.environ, **spec.env}
+        for name, value in env.items():
+            if len(value) >= 8 and (name in processes.OUR_SECRETS or processes.SECRET_NAME.search(name)):
+                line = line.replace(value, "***")
+        return line
 
     def spawn(self, spec: ModelSpec) -> int:
         # only what a server needs: no RunPod, proxy or Hugging Face key (processes.child_env), and none of the
