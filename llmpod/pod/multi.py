@@ -24,7 +24,7 @@ from llmpod.pod import processes
 from llmpod.pod.config import PodConfig, check_port_free, load_pod_config
 from llmpod.pod.models_config import RUNPOD_NOT_YET, ModelSpec, check_ports_free, load_models
 from llmpod.pod.progress import Reporter
-from llmpod.pod.sidecars import PROXY_MARKER, PROXY_OF, WATCHDOG_OF, Sidecars
+from llmpod.pod.sidecars import PROXY_MARKER, PROXY_OF, WATCHDOG_OF, Sidecars, stop_proxy
 from llmpod.pod.state import RuntimePaths, clear_state, exclusive
 from llmpod.pod.supervisor import (
     ModelRecord,
@@ -38,9 +38,10 @@ from llmpod.pod.supervisor import (
     state_file,
     strays,
 )
-from llmpod.proxy_settings import ProxySettings
+from llmpod.proxy_settings import ENV_NAMES, ProxySettings
 
 LOCK_WAIT = 120.0
+BACKENDS_ENV = ENV_NAMES["backends"]  # PROXY_BACKENDS
 
 
 @dataclass
@@ -88,7 +89,7 @@ def rig(args: argparse.Namespace) -> Rig:
 def run(args: argparse.Namespace, action: str) -> int:
     r = rig(args)
     if action == "watchdog":
-        return watch(r)
+        return watch(r, args)
     if action == "up":
         return up(r)
     if action == "status":
@@ -112,7 +113,9 @@ def up(r: Rig) -> int:
     with exclusive(r.paths, LOCK_WAIT, "waiting for another manage_pod.py to finish..."):
         earlier = load_models_state(r.paths)
         state = earlier or ModelsState(proxy_port=r.config.proxy_port, created_at=time.time(), models={})
-        state.models = {k: v for k, v in state.models.items() if k in {s.id for s in r.specs}}
+        for gone in [record for key, record in state.models.items() if key not in {s.id for s in r.specs}]:
+            r.ops.stop(gone)  # taken out of the config since: not left running unrecorded
+            del state.models[gone.id]
         fresh = [
             spec
             for spec in r.specs
@@ -199,9 +202,14 @@ def proxy_env(r: Rig) -> dict[str, str]:
 
 
 def ensure_proxy(r: Rig) -> None:
-    if r.sidecars.proxy_pid() is not None:
-        return
+    """The proxy running with every model of the config: started, or restarted when its models are not these
+    (the config was edited since; a restart lets its requests in flight finish first, as for --shutdown)."""
     env = proxy_env(r)
+    pid = r.sidecars.proxy_pid()
+    if pid is not None:
+        if processes.environ_value(pid, BACKENDS_ENV) == env[BACKENDS_ENV]:
+            return
+        stop_proxy(r.paths.proxy_pid, r.sidecars.owner(PROXY_OF))
     processes.spawn_detached(
         processes.python_module(PROXY_MARKER), env=env, log_path=r.paths.proxy_log, pid_path=r.paths.proxy_pid
     )
@@ -220,12 +228,18 @@ def _answers(url: str) -> bool:
         return False
 
 
-def watch(r: Rig) -> int:
-    """The watchdog's loop with llmModels: a supervisor round, then the proxy, every interval."""
+def watch(r: Rig, args: argparse.Namespace) -> int:
+    """The watchdog's loop with llmModels: a supervisor round, then the proxy, every interval. The config is
+    read again each round (a model added by hand and started with --start is supervised too); while it does not
+    load, the last good one is used."""
     interval = float(r.config.watchdog_interval_seconds)
     pid_file = r.paths.watchdog_pid
     try:
         while True:
+            try:
+                r = rig(args)
+            except ConfigError as exc:
+                print(f"watchdog: {exc}; going on with the config as it was", flush=True)
             try:
                 with exclusive(r.paths, LOCK_WAIT):
                     state = load_models_state(r.paths)
@@ -274,6 +288,7 @@ def one(r: Rig, action: str, model_id: str) -> int:
             wait_ready(r, spec, record)
         finally:
             save_models_state(r.paths, state)
+        ensure_proxy(r)  # a model added to the config since the proxy started: it must know it
     print(f"{model_id}: {'restarted' if action == 'restart' else 'started'}, healthy")
     return 0
 

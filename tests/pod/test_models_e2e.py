@@ -19,6 +19,7 @@ from llmpod.pod.supervisor import MODEL_OF
 from tests.support.e2e_harness import pid_alive, port_free
 from tests.support.helpers import wait_until
 from tests.support.models_harness import Models, models_dir
+from tests.support.servers import free_port
 
 
 @pytest.fixture
@@ -157,3 +158,27 @@ def test_what_a_wrapper_started_is_stopped_with_it(models: Models) -> None:
     assert models.answers("chat", models.chat_port)
     assert models.run("--shutdown").returncode == 0
     assert models.ours() == [] and port_free(models.chat_port)
+
+
+def test_an_edited_config_is_taken_up_by_the_next_run(models: Models) -> None:
+    """A model taken out of the config is stopped by the next run, one added is started, and the proxy is given
+    the new set; the model that stayed keeps its process."""
+    assert models.run().returncode == 0
+    chat_pid, auto_pid = models.record("chat")["pid"], models.record("auto")["pid"]
+    third = free_port()
+    config = json.loads((models.path / "pod_config.json").read_text())
+    del config["llmModels"]["auto"]
+    config["llmModels"]["third"] = models.entry("third", third)
+    (models.path / "pod_config.json").write_text(json.dumps(config))
+    again = models.run()
+    assert again.returncode == 0, again.stderr
+    assert models.record("chat")["pid"] == chat_pid and not pid_alive(auto_pid) and port_free(models.auto_port)
+    assert models.answers("third", third) and models.state("third").state == "healthy"
+    proxy_pid = int((models.path / ".llmpod" / "proxy.pid").read_text())
+    backends = backends_from_env(processes.environ_value(proxy_pid, "PROXY_BACKENDS") or "")
+    assert [b.id for b in backends] == ["chat", "third"]
+    # the watchdog supervises the new one too
+    os.kill(models.record("third")["pid"], signal.SIGKILL)
+    wait_until(lambda: models.state("third").restarts == 1 and models.state("third").state == "healthy", "third back")
+    assert models.run("--shutdown").returncode == 0
+    assert models.ours() == [] and port_free(third)
