@@ -228,6 +228,11 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _log(message: str) -> None:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    print(f"{stamp} watchdog: {message}", flush=True)
+
+
 def watch(r: Rig, args: argparse.Namespace) -> int:
     """The watchdog's loop with llmModels: a supervisor round, then the proxy, every interval. The config is
     read again each round (a model added by hand and started with --start is supervised too); while it does not
@@ -239,20 +244,21 @@ def watch(r: Rig, args: argparse.Namespace) -> int:
             try:
                 r = rig(args)
             except ConfigError as exc:
-                print(f"watchdog: {exc}; going on with the config as it was", flush=True)
+                _log(f"{exc}; going on with the config as it was")
+            r.supervisor.log = _log
             try:
                 with exclusive(r.paths, LOCK_WAIT):
                     state = load_models_state(r.paths)
                     if state is None:
-                        print("watchdog: no models recorded any more: exiting", flush=True)
+                        _log("no models recorded any more: exiting")
                         return 0
                     r.supervisor.round(state.models)
                     save_models_state(r.paths, state)
                     if r.sidecars.proxy_pid() is None:
-                        print("watchdog: the proxy is not running: restarting it", flush=True)
+                        _log("the proxy is not running: restarting it")
                         ensure_proxy(r)
             except LlmpodError as exc:  # a busy lock, a proxy that would not start: try again next round
-                print(f"watchdog: round failed, will retry: {exc}", flush=True)
+                _log(f"round failed, will retry: {exc}")
             time.sleep(interval)
     finally:
         if processes.read_pid(pid_file) == os.getpid():

@@ -21,7 +21,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -142,6 +142,7 @@ class Supervisor:
         self.specs = {spec.id: spec for spec in specs}
         self.ops = ops
         self.clock = clock
+        self.log: Callable[[str], None] | None = None  # the watchdog's log: each change of state, with why
 
     def now(self) -> float:
         return float(self.clock.time())  # type: ignore[attr-defined]
@@ -150,6 +151,8 @@ class Supervisor:
         changed = record.state != state or error != record.last_error
         if record.state != state:
             record.since = self.now()
+            if self.log is not None:
+                self.log(f"{record.id}: {state}{f' ({error})' if error else ''}")
         record.state = state
         record.last_error = error
         if changed:

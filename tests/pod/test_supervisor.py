@@ -176,3 +176,12 @@ def test_describe_exit() -> None:
     assert describe_exit(None, "") == "exited"
     assert describe_exit(-15, "bye") == "killed by SIGTERM: bye"
     assert describe_exit(2, "") == "exited with status 2"
+
+
+def test_each_change_of_state_is_logged_with_why() -> None:
+    supervisor, ops, clock, record = rig()
+    said: list[str] = []
+    supervisor.log = said.append
+    ops.kill(record)
+    rounds(supervisor, clock, record, 5)
+    assert said == ["chat: restarting (killed by SIGKILL: RuntimeError: CUDA out of memory)", "chat: healthy"]
