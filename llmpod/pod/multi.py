@@ -136,7 +136,10 @@ def up(r: Rig) -> int:
         try:
             for spec in fresh:
                 wait_ready(r, spec, state.models[spec.id])
-        except LlmpodError:
+            save_models_state(r.paths, state)
+            ensure_proxy(r)
+            r.sidecars.ensure_watchdog()
+        except (LlmpodError, KeyboardInterrupt):  # Ctrl-C or SIGTERM too: nothing half-started is left
             # what this run started goes (the one that failed stays down, with why); what ran before stays
             for spec in fresh:
                 record = state.models[spec.id]
@@ -145,14 +148,12 @@ def up(r: Rig) -> int:
                 else:
                     r.supervisor.stop(record)
             if earlier is None:
+                r.sidecars.stop()  # a proxy or watchdog this run started
                 _stop_all(r, None)  # strays of a run killed before it saved its record
                 clear_state(r.paths)
             else:
                 save_models_state(r.paths, state)
             raise
-        save_models_state(r.paths, state)
-        ensure_proxy(r)
-        r.sidecars.ensure_watchdog()
     print(f"proxy: http://127.0.0.1:{r.config.proxy_port}/v1")
     for spec in r.specs:
         print(f"  {spec.id}: {state.models[spec.id].state} ({spec.kind}, {spec.base_url})")
@@ -173,7 +174,8 @@ def wait_ready(r: Rig, spec: ModelSpec, record: ModelRecord) -> None:
             return
         if time.monotonic() > deadline:
             r.ops.stop(record)
-            why = f"not ready within {spec.start_timeout_seconds:g}s (see {r.ops.last_line(spec) or 'its log'})"
+            last = r.ops.last_line(spec)
+            why = f"not ready within {spec.start_timeout_seconds:g}s" + (f": {last}" if last else "")
             r.supervisor.set_state(record, "down", why)
             raise PodError(f"llmModels.{spec.id} did not start: {why}")
         time.sleep(0.1)

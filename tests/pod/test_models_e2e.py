@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from llmpod.pod import processes
 from llmpod.pod.supervisor import MODEL_OF
 from tests.support.e2e_harness import pid_alive, port_free
 from tests.support.helpers import wait_until
-from tests.support.models_harness import Models, models_dir
+from tests.support.models_harness import ROOT, Models, models_dir
 from tests.support.servers import free_port
 
 
@@ -182,3 +183,30 @@ def test_an_edited_config_is_taken_up_by_the_next_run(models: Models) -> None:
     wait_until(lambda: models.state("third").restarts == 1 and models.state("third").state == "healthy", "third back")
     assert models.run("--shutdown").returncode == 0
     assert models.ours() == [] and port_free(third)
+
+
+def test_a_server_never_ready_is_one_line_and_nothing_is_left(models: Models) -> None:
+    models.write(command="sh", args=["-c", "echo loading weights; sleep 60"], start_timeout_seconds=1)
+    up = models.run()
+    assert up.returncode == 1
+    assert up.stderr.strip() == "manage_pod.py: llmModels.chat did not start: not ready within 1s: loading weights"
+    assert models.ours() == [] and not (models.path / "pod_state.json").exists()
+    assert models.state("chat").state == "down"
+
+
+def test_interrupted_while_starting_leaves_nothing(models: Models) -> None:
+    models.write(command="sh", args=["-c", "sleep 60"], start_timeout_seconds=120)
+    run = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage_pod.py")],
+        cwd=models.path,
+        env=models.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(lambda: (models.path / "pod_state.json").exists() and len(models.ours()) >= 2, "both spawned")
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert models.ours() == [] and not (models.path / "pod_state.json").exists()
+    assert port_free(models.auto_port)
