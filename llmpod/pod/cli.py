@@ -49,6 +49,9 @@ DESCRIPTION = """Start, watch and stop a vLLM pod on RunPod, with a caching Open
   python3 manage_pod.py --local    the same with a local mock vLLM process: no account, no GPU
   python3 manage_pod.py --status   what runs, what it costs, when it stops
   python3 manage_pod.py --shutdown terminate the pod and stop everything (the cache is kept)
+
+With llmModels in the config (several models behind the proxy, docs/settings.md), the plain run starts them all,
+and --start ID, --stop ID, --restart ID act on one of them while the others keep serving.
 """
 
 

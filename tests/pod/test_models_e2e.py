@@ -187,6 +187,7 @@ def test_an_edited_config_is_taken_up_by_the_next_run(models: Models) -> None:
 
 def test_a_server_never_ready_is_one_line_and_nothing_is_left(models: Models) -> None:
     models.write(command="sh", args=["-c", "echo loading weights; sleep 60"], start_timeout_seconds=1)
+    del models.env["RUNPOD_API_KEY"]  # only local entries: no RunPod key is asked for
     up = models.run()
     assert up.returncode == 1
     assert up.stderr.strip() == "manage_pod.py: llmModels.chat did not start: not ready within 1s: loading weights"
