@@ -19,7 +19,7 @@ from types import FrameType
 import httpx
 
 from llmpod.errors import ConfigError, ForeignPodError, LlmpodError
-from llmpod.pod import fit
+from llmpod.pod import fit, multi
 from llmpod.pod import output as report
 from llmpod.pod.catalog import (
     Catalog,
@@ -49,6 +49,9 @@ DESCRIPTION = """Start, watch and stop a vLLM pod on RunPod, with a caching Open
   python3 manage_pod.py --local    the same with a local mock vLLM process: no account, no GPU
   python3 manage_pod.py --status   what runs, what it costs, when it stops
   python3 manage_pod.py --shutdown terminate the pod and stop everything (the cache is kept)
+
+With llmModels in the config (several models behind the proxy, docs/settings.md), the plain run starts them all,
+and --start ID, --stop ID, --restart ID act on one of them while the others keep serving.
 """
 
 
@@ -71,6 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     action.add_argument("--extend", type=int, metavar="SECONDS", help="push the pod's expiry back")
     action.add_argument("--logs", action="store_true", help="follow the pod's log")
     action.add_argument("--watchdog", action="store_true", help=argparse.SUPPRESS)
+    # several models (llmModels): one model at a time, while the others keep serving
+    action.add_argument("--start", metavar="ID", help="with llmModels: start one model")
+    action.add_argument("--stop", metavar="ID", help="with llmModels: stop one model (not restarted)")
+    action.add_argument("--restart", metavar="ID", help="with llmModels: restart one model")
     parser.add_argument("--all", action="store_true", help="with --shutdown: every pod named llmpod-*")
     parser.add_argument("--json", action="store_true", help="with --status: machine-readable output")
     args = parser.parse_args(argv)
@@ -288,6 +295,9 @@ def command_name(args: argparse.Namespace) -> str:
     """The action flag given (argparse keeps them mutually exclusive), or ``up`` without one."""
     if args.extend is not None:
         return "extend"
+    for name in ("start", "stop", "restart"):
+        if getattr(args, name, None) is not None:
+            return name
     return next(
         (name for name in ("watchdog", "shutdown", "status", "refresh_catalog", "logs") if getattr(args, name)), "up"
     )
@@ -301,6 +311,10 @@ def run(args: argparse.Namespace) -> int:
             "was not checked for pods left elsewhere)"
         )
         return 0
+    if multi.applies(args, command_name(args)):  # llmModels: several models, no pod of ours (llmpod.pod.multi)
+        return multi.run(args, command_name(args))
+    if command_name(args) in ("start", "stop", "restart"):
+        raise ConfigError(f"--{command_name(args)} acts on a model of llmModels, and {args.config} has none")
     session = build_session(args, Reporter())
     try:
         return COMMANDS[command_name(args)](session, args)

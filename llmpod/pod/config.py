@@ -145,6 +145,12 @@ class PodConfig(BaseModel):
         "{max_model_len}. Empty for the mock server's defaults.",
     )
     env: dict[str, str] = Field({}, description="provider 'local': extra environment variables for the process.")
+    # several models behind one proxy (issue 18): checked by llmpod.pod.models_config, which needs this class
+    llmModels: dict[str, Any] = Field(
+        {},
+        description="Several models behind the proxy, by model id: a local `command`, an external "
+        "`endpoints.base_url` or a RunPod `modelStoreId` (docs/settings.md); empty for the one model above.",
+    )
 
     @property
     def gpu_candidates(self) -> list[str]:

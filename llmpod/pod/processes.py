@@ -23,6 +23,8 @@ from llmpod._files import atomic_write
 # Popen objects of the processes we started. Kept so that they are never garbage-collected while their
 # process runs on purpose (Popen warns about that); alive() reaps any that exit.
 _SPAWNED: list[subprocess.Popen[bytes]] = []
+# how the processes we started and reaped ended (negative: the signal), for the supervisor's "why it died"
+_EXITED: dict[int, int] = {}
 
 HOLD_AT = "LLMPOD_HOLD_AT"  # tests only: see checkpoint()
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding llmpod/
@@ -224,6 +226,13 @@ def find_by_environ(key: str, value: str | None = None) -> list[int]:
     return found
 
 
+def exit_status(pid: int) -> int | None:
+    """How a process this one started ended (its exit status, or minus the signal); None when it was not our
+    child (started by another run: its parent, not us, learnt how it ended) or has not ended."""
+    _reap(pid)
+    return _EXITED.get(pid)
+
+
 def _reap(pid: int) -> None:
     # a child of ours that exited stays a zombie until waited for; through its Popen when we have it, so
     # that Popen knows it ended
@@ -231,6 +240,7 @@ def _reap(pid: int) -> None:
         if process.pid == pid:
             if process.poll() is not None:
                 _SPAWNED.remove(process)
+                _EXITED[pid] = process.returncode
             return
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 LEDGER_ENV = "LLMPOD_FAULT_LEDGER"  # set by the runner: where records are appended, one JSON line each
 
-AREAS = ("cost safety", "proxy faults", "bad input", "load", "security", "hostile neighbour")
+AREAS = ("cost safety", "proxy faults", "bad input", "load", "security", "hostile neighbour", "several models")
 
 # What counts as a failure, each with the target zero. The table prints them in this order.
 FAILURES: dict[str, str] = {

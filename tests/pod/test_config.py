@@ -60,6 +60,7 @@ EVERY_KEY: dict[str, Any] = {
         "{{literal}}",
     ],
     "env": {"MOCK_CHUNK_DELAY": "0", "lower_case_ok": "1"},
+    "llmModels": {"docs": {"endpoints": {"base_url": "http://10.0.0.5:8000/v1"}}},
 }
 
 

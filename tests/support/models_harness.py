@@ -1,0 +1,101 @@
+"""Several models started by manage_pod.py (issue 18) in a temp dir: two mock vLLM servers, ``chat`` and ``auto``,
+from ``command`` entries on free ports, for the end-to-end and fault tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from llmpod.backends import read_state
+from llmpod.pod import processes
+from llmpod.pod.supervisor import MODEL_OF
+from tests.support.servers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Models:
+    """A directory with a pod_config.json holding two local mock models, chat and auto."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.proxy_port, self.chat_port, self.auto_port = free_port(), free_port(), free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "MOCK_", "PROXY_"))}
+        self.env["RUNPOD_API_KEY"] = "rpa_must_not_reach_the_models"  # a child that needs no key gets none
+        self.write()
+
+    def entry(self, model: str, port: int, **more: Any) -> dict[str, Any]:
+        return {
+            "command": sys.executable,
+            "args": ["-m", "llmpod.mock", "--model", model, "--port", str(port)],
+            "endpoints": {"base_url": f"http://127.0.0.1:{port}/v1"},
+            **more,
+        }
+
+    def write(self, **chat: Any) -> None:
+        config = {
+            "proxy_port": self.proxy_port,
+            "cache_dir": str(self.path / "cache"),
+            "watchdog_interval_seconds": 0.2,
+            "llmModels": {
+                "chat": self.entry("chat", self.chat_port, max_restarts=2, **chat),
+                "auto": self.entry("auto", self.auto_port),
+            },
+        }
+        (self.path / "pod_config.json").write_text(json.dumps(config))
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "manage_pod.py"), *args],
+            cwd=self.path,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def record(self, model: str) -> dict[str, Any]:
+        return json.loads((self.path / "pod_state.json").read_text())["models"][model]  # type: ignore[no-any-return]
+
+    def state(self, model: str) -> Any:
+        state = read_state(self.path / ".llmpod" / "models" / self.state_name(model))
+        assert state is not None
+        return state
+
+    def state_name(self, model: str) -> str:
+        return next(p.name for p in (self.path / ".llmpod" / "models").glob(f"{model}-*.state.json"))
+
+    def answers(self, model: str, port: int) -> bool:
+        try:
+            response = httpx.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+                timeout=10,
+            )
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200 and response.json()["model"] == model
+
+    def ours(self) -> list[int]:
+        return processes.find_by_environ(MODEL_OF, str(self.path))
+
+
+@contextlib.contextmanager
+def models_dir(path: Path) -> Iterator[Models]:
+    """A ``Models`` directory that is shut down, and its servers killed, whatever the test did."""
+    work = Models(path)
+    try:
+        yield work
+    finally:
+        work.run("--shutdown", timeout=60)
+        for pid in work.ours():  # a failed test must not leak servers into the next one
+            os.kill(pid, signal.SIGKILL)
