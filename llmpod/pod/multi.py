@@ -24,7 +24,7 @@ from llmpod.pod import processes
 from llmpod.pod.config import PodConfig, check_port_free, load_pod_config
 from llmpod.pod.models_config import RUNPOD_NOT_YET, ModelSpec, check_ports_free, load_models
 from llmpod.pod.progress import Reporter
-from llmpod.pod.sidecars import PROXY_MARKER, PROXY_OF, WATCHDOG_OF, Sidecars, stop_proxy
+from llmpod.pod.sidecars import PROXY_MARKER, PROXY_OF, Sidecars, proxy_environment, stop_proxy
 from llmpod.pod.state import RuntimePaths, clear_state, exclusive
 from llmpod.pod.supervisor import (
     ModelRecord,
@@ -38,7 +38,7 @@ from llmpod.pod.supervisor import (
     state_file,
     strays,
 )
-from llmpod.proxy_settings import ENV_NAMES, ProxySettings
+from llmpod.proxy_settings import ENV_NAMES
 
 LOCK_WAIT = 120.0
 BACKENDS_ENV = ENV_NAMES["backends"]  # PROXY_BACKENDS
@@ -183,24 +183,15 @@ def wait_ready(r: Rig, spec: ModelSpec, record: ModelRecord) -> None:
 
 def proxy_env(r: Rig) -> dict[str, str]:
     """The proxy's environment: PROXY_BACKENDS with every model (llmpod/backends.py), the rest as for one pod."""
-    inherited = {k: v for k, v in os.environ.items() if k not in (WATCHDOG_OF, processes.HOLD_AT)}
     backends = tuple(spec.backend(str(state_file(r.paths, spec.id))) for spec in r.specs if spec.base_url is not None)
-    settings = ProxySettings.from_env(
-        inherited,
-        upstream_url=backends[0].base_url,  # the proxy's single upstream until it routes by model id
-        host="127.0.0.1",
+    return proxy_environment(
+        r.config,
+        r.paths.root,
+        {},
+        upstream_url=backends[0].base_url,  # the proxy's single upstream for a body that names no model
         port=r.config.proxy_port,
-        cache_dir=r.config.cache_dir,
-        max_cache_entries=r.config.max_cache_size,
-        max_cache_bytes=r.config.max_cache_bytes,
-        enable_profiling=r.config.enable_profiling,
-        key_rules=tuple(r.config.cache_key_rules) or None,
-        key_rules_off=tuple(r.config.cache_key_rules_off) or None,
         backends=backends,
-        log_file="",
     )
-    own = processes.child_env(inherited, secrets=(r.config.hf_token_env,))
-    return {**own, **settings.to_env(), PROXY_OF: str(r.paths.root)}
 
 
 def ensure_proxy(r: Rig) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,36 +92,20 @@ class Sidecars:
             time.sleep(0.1)
 
     def proxy_env(self, state: PodState) -> dict[str, str]:
-        """The proxy process's environment, built by ``ProxySettings`` and so validated before it starts: a bad
-        value is a one-line ``ConfigError`` here. What the pod manager does not decide (PROXY_API_KEY,
-        UPSTREAM_TIMEOUT, MAX_BODY_BYTES) comes from the user's environment, as for a proxy started by hand."""
+        """The proxy process's environment for one pod (``proxy_environment``)."""
         assert state.upstream_url is not None
-        # the watchdog restarts proxies too: its marker is not the proxy's
-        inherited = {
-            k: v for k, v in os.environ.items() if k not in (WATCHDOG_OF, processes.HOLD_AT, *DECIDED_SETTINGS)
-        }
-        settings = ProxySettings.from_env(
-            {**inherited, **self.tool_env(state)},
+        return proxy_environment(
+            self.config,
+            self.paths.root,
+            self.tool_env(state),
             upstream_url=state.upstream_url,
             upstream_api_key=state.vllm_api_key,
             # the kind its cache keys name, so the mock's answers never stand in for a pod's (a local command of
             # the user's: unset, the proxy learns it from the server)
             upstream_kind=upstream_kind(state.provider, self.config),
-            host="127.0.0.1",
             port=state.proxy_port,
-            cache_dir=self.config.cache_dir,
-            max_cache_entries=self.config.max_cache_size,
-            max_cache_bytes=self.config.max_cache_bytes,
-            enable_profiling=self.config.enable_profiling,
-            # pod_config.json's rules, when it has any, else the shell's CACHE_KEY_RULES(_OFF) as for a proxy by hand
-            key_rules=tuple(self.config.cache_key_rules) or None,
-            key_rules_off=tuple(self.config.cache_key_rules_off) or None,
             cost_per_hour=state.cost_per_hour or 0.0,  # what a hit saved in dollars; --local's is 0
-            log_file="",  # stderr only: spawn_detached sends it to proxy.log
         )
-        # the proxy's secrets are its settings' (its upstream key and PROXY_API_KEY): no other is passed on
-        own = processes.child_env(inherited, secrets=(self.config.hf_token_env,))
-        return {**own, **settings.to_env(), PROXY_OF: str(self.paths.root)}
 
     def tool_env(self, state: PodState) -> dict[str, str]:
         """The proxy's UPSTREAM_TOOL_CALLING (does the pod call tools?) and TOOL_CAPABLE_MODELS (which catalog
@@ -182,3 +167,29 @@ def stop_proxy(pid_path: Path, owner: tuple[str, str]) -> bool:
 def _proxy_grace(pid: int) -> float:
     # the running proxy's own value (its environment), not this shell's: the two may differ
     return proxy_stop_grace(processes.environ_value(pid, ENV_NAMES["drain_seconds"]))
+
+
+def proxy_environment(config: PodConfig, root: Path, extra: Mapping[str, str], **decided: Any) -> dict[str, str]:
+    """The proxy process's environment, built by ``ProxySettings`` and so validated before it starts (a bad value
+    is a one-line ``ConfigError`` here): the one place the pod manager hands the proxy its settings, for one pod
+    and for several models (``decided``: upstream, port, backends…). What the pod manager does not decide
+    (PROXY_API_KEY, UPSTREAM_TIMEOUT, MAX_BODY_BYTES) comes from the user's environment, as for a proxy started by
+    hand; what it does decide (DECIDED_SETTINGS) never does."""
+    # the watchdog restarts proxies too: its marker is not the proxy's
+    inherited = {k: v for k, v in os.environ.items() if k not in (WATCHDOG_OF, processes.HOLD_AT, *DECIDED_SETTINGS)}
+    settings = ProxySettings.from_env(
+        {**inherited, **extra},
+        host="127.0.0.1",
+        cache_dir=config.cache_dir,
+        max_cache_entries=config.max_cache_size,
+        max_cache_bytes=config.max_cache_bytes,
+        enable_profiling=config.enable_profiling,
+        # pod_config.json's rules, when it has any, else the shell's CACHE_KEY_RULES(_OFF) as for a proxy by hand
+        key_rules=tuple(config.cache_key_rules) or None,
+        key_rules_off=tuple(config.cache_key_rules_off) or None,
+        log_file="",  # stderr only: spawn_detached sends it to proxy.log
+        **decided,
+    )
+    # the proxy's secrets are its settings' (its upstream keys and PROXY_API_KEY): no other is passed on
+    own = processes.child_env(inherited, secrets=(config.hf_token_env,))
+    return {**own, **settings.to_env(), PROXY_OF: str(root)}
