@@ -57,3 +57,21 @@ def test_the_users_shell_cannot_set_the_kind(
     assert proxy_kind(tmp_path, provider) == ("mock" if provider == "local" else "vllm")
     monkeypatch.setenv("UPSTREAM_KIND", "mock")
     assert proxy_kind(tmp_path, "local", command=["vllm", "serve"]) is None
+
+
+def test_several_models_get_no_decided_setting_from_the_users_shell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The several-models proxy is built by the same function as one pod's: a shell's UPSTREAM_KIND or
+    TOOL_CAPABLE_MODELS never reaches it, while what the pod manager does not decide (PROXY_API_KEY) does."""
+    from llmpod.backends import Backend
+    from llmpod.pod.sidecars import proxy_environment
+
+    monkeypatch.setenv("UPSTREAM_KIND", "mock")
+    monkeypatch.setenv("TOOL_CAPABLE_MODELS", "anything")
+    monkeypatch.setenv("PROXY_API_KEY", "proxy-key-for-tests-0123456789")
+    backends = (Backend(id="chat", base_url="http://127.0.0.1:9/v1"),)
+    env = proxy_environment(PodConfig(), tmp_path, {}, upstream_url=backends[0].base_url, port=9, backends=backends)
+    settings = ProxySettings.from_env(env)
+    assert settings.upstream_kind is None and settings.tool_capable_models == ()
+    assert settings.backends == backends and settings.proxy_api_key is not None
