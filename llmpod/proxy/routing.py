@@ -22,7 +22,7 @@ from llmpod.errors import UpstreamError
 from llmpod.proxy._http import HTTPPool
 from llmpod.proxy.health import BackendHealth
 from llmpod.proxy.settings import ProxySettings
-from llmpod.proxy.upstream import Upstream, stream_pool
+from llmpod.proxy.upstream import ServedModel, Upstream, match_model, stream_pool
 from llmpod.proxy.wire import error_body
 
 MODEL_PREFIX = "/llm/"
@@ -81,8 +81,19 @@ class ModelRouter:
         return self.slots.get(model_id) if model_id else None
 
     def find(self, name: str) -> BackendSlot | None:
+        """The model a client's name means: an id or alias, any case; failing those, as with one upstream
+        (``match_model``), the one model whose id, alias or server's name matches it (a Hugging Face repo id
+        without its owner, or a short name whose parts are all in it)."""
         model_id = self._names.get(name) or self._folded.get(name.lower())
+        if model_id is None:
+            model_id = self._loosely(name)
         return self.slots[model_id] if model_id else None
+
+    def _loosely(self, name: str) -> str | None:
+        names = [(known, model_id) for known, model_id in self._names.items()]
+        names += [(slot.backend.upstream_model, model_id) for model_id, slot in self.slots.items()]
+        chosen = {model_id for known, model_id in names if match_model(name, [ServedModel(known, None)]) is not None}
+        return chosen.pop() if len(chosen) == 1 else None  # two models match: ambiguous, the 404 lists them
 
     def unknown(self, name: str) -> UpstreamError:
         """vLLM's 404 for a model it does not serve, listing the ids this proxy routes."""

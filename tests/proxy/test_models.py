@@ -124,9 +124,16 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]
 
 # ----------------------------------------------------------------------------------------------- routing
 def test_the_body_model_chooses_the_backend_by_id_or_alias(http: httpx.Client) -> None:
-    for name, served in (("gpt", "mock-gpt"), ("chat", "mock-gpt"), ("llama", "mock-llama"), ("LLAMA", "mock-llama")):
+    names = [("gpt", "mock-gpt"), ("chat", "mock-gpt"), ("llama", "mock-llama"), ("LLAMA", "mock-llama")]
+    names += [("mock-llama", "mock-llama"), ("org/Mock-GPT", "mock-gpt")]  # its server's name, as with one upstream
+    for name, served in names:
         body = chat(f"which model answers {name}?", name)
         check_answer(http.post("/v1/chat/completions", json=body), body, served)
+    assert_openai_error(http.post("/v1/chat/completions", json=chat("which?", "mock")), 404)  # both: ambiguous
+    stream = {**chat("a streamed answer", "llama"), "stream": True}
+    answer = http.post("/llm/llama/v1/chat/completions", json=stream)
+    verdict = judge({**stream, "model": "mock-llama"}, 200, answer.text, None, None, chunk_count=CHUNKS)
+    assert verdict.outcome == "answer", verdict.detail
     completion = http.post("/v1/completions", json={"model": "llama", "prompt": "def add(a, b):", "max_tokens": 8})
     assert completion.status_code == 200 and completion.json()["model"] == "mock-llama"
 
