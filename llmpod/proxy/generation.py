@@ -185,9 +185,10 @@ class GenerationHandler:
             if isinstance(body.get("model"), str):
                 exchange.model = body["model"]
             slot = None if self.router is None else self.router.pick(body.get("model"), request.scope.get(SCOPE_MODEL))
+            refused = None if slot is None else slot.health.refusal()  # then only a hit or a flight can answer
             if slot is not None:  # its server's name for the model is forwarded; its id names it everywhere else
                 upstream, body["model"] = slot.upstream, slot.backend.upstream_model
-            served = await upstream.resolve(body.get("model"))
+            served = None if refused else await upstream.resolve(body.get("model"))
             if served is not None:
                 body["model"] = exchange.model = served.id
                 exchange.resolved = True
@@ -223,7 +224,7 @@ class GenerationHandler:
             # a finished flight whose answer is still being written to disk is as good as a hit
             exchange.cache = "HIT" if flight.succeeded else "COALESCED"
             exchange.saved_s = _generation_seconds(flight) or 0.0
-        elif slot is not None and (refused := slot.health.refusal()) is not None:
+        elif refused is not None:
             return self._error(exchange, refused.status, refused.body, refused.headers), False  # a hit still served
         else:
             exchange.cache = "BYPASS" if no_cache else "MISS"

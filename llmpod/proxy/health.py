@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from llmpod.backends import Backend, Lifecycle, read_state
+from llmpod.backends import Backend, BackendState, Lifecycle, read_state
 from llmpod.errors import UpstreamError
 from llmpod.proxy.wire import error_body
 
@@ -61,6 +62,7 @@ class BackendHealth:
         self._wake = asyncio.Event()
         self._state: Lifecycle | None = None
         self._since = time.time()
+        self._file: tuple[tuple[int, int, int], BackendState | None] | None = None
 
     # ----------------------------------------------------------------- probing
     async def probe_once(self) -> None:
@@ -92,7 +94,7 @@ class BackendHealth:
 
     # ----------------------------------------------------------------- judging
     def current(self) -> ModelHealth:
-        supervised = read_state(self.backend.state_file) if self.backend.state_file else None
+        supervised = self._supervised()
         restarts = supervised.restarts if supervised else 0
         lost_at = max(self.failed_at, self.upstream.lost_at)
         if supervised is not None and supervised.state in ("stopped", "restarting"):
@@ -104,6 +106,20 @@ class BackendHealth:
         if (supervised is not None and supervised.state == "starting") or not (self.probed or lost_at):
             return self._judged("starting", self.error, restarts)
         return self._judged("down", self.error or "the server is unreachable", restarts)
+
+    def _supervised(self) -> BackendState | None:
+        """The state file's content, parsed again only when the file changed: every miss asks."""
+        if not self.backend.state_file:
+            return None
+        try:
+            seen = os.stat(self.backend.state_file)
+        except OSError:
+            self._file = None
+            return None
+        stamp = (seen.st_mtime_ns, seen.st_size, seen.st_ino)
+        if self._file is None or self._file[0] != stamp:
+            self._file = (stamp, read_state(self.backend.state_file))
+        return self._file[1]
 
     def _judged(self, state: Lifecycle, error: str | None, restarts: int, since: float | None = None) -> ModelHealth:
         if state != self._state:
