@@ -60,6 +60,7 @@ ENV_NAMES: dict[str, str] = {
     "key_rules": "CACHE_KEY_RULES",
     "key_rules_off": "CACHE_KEY_RULES_OFF",
     "backends": "PROXY_BACKENDS",
+    "health_interval": "PROXY_HEALTH_INTERVAL",
     "hit_rate_window": "HIT_RATE_WINDOW",
     "cost_per_hour": "POD_COST_PER_HOUR",
 }
@@ -136,6 +137,9 @@ class ProxySettings(BaseModel):
     key_rules_off: tuple[str, ...] = ()
     # several models behind one proxy (llmpod/backends.py, issue 18): routed by model id; none = the single upstream
     backends: tuple[Backend, ...] = ()
+    # seconds between two health probes of each backend (its /health and /v1/models); a request that finds a backend
+    # unreachable probes it at once, so this only bounds how soon a recovery (or a silent death) is noticed
+    health_interval: float = Field(10.0, gt=0, le=3600)
     # /metrics' recent hit rate is over this many last cache lookups (besides all-time and the last hour)
     hit_rate_window: int = Field(100, ge=1, le=100_000)
     # the pod's price, set by manage_pod.py (RunPod's costPerHr; 0 for --local): what a hit saved in dollars is

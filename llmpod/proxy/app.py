@@ -32,6 +32,7 @@ from llmpod.proxy.auth import ProxyKey
 from llmpod.proxy.browser import HostGuard, json_only
 from llmpod.proxy.generation import GenerationEndpoint, GenerationHandler
 from llmpod.proxy.routes import add_routes
+from llmpod.proxy.routing import SCOPE_MODEL, split_model_path
 from llmpod.proxy.service import ProxyService
 from llmpod.proxy.settings import ProxySettings
 from llmpod.proxy.upstream import stream_pool
@@ -49,6 +50,7 @@ class ProxyApp(FastAPI):
 
     proxy_key: ProxyKey | None = None
     host_guard: HostGuard | None = None
+    routes_models = False  # several models (PROXY_BACKENDS): /llm/{id}/ paths are generation routes too
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -90,6 +92,10 @@ class ProxyApp(FastAPI):
                 return
             if scope["method"] == "POST":
                 endpoint = self._front.get(scope["path"])
+                routed = split_model_path(scope["path"]) if endpoint is None and self.routes_models else None
+                if routed is not None:  # /llm/{id}/...: that model's generation route (routing.py)
+                    scope[SCOPE_MODEL], route = routed
+                    endpoint = self._front.get(route)
                 if endpoint is not None:
                     if await json_only(scope, receive, send):
                         await endpoint(scope, receive, send)
@@ -124,16 +130,19 @@ def create_app(settings: ProxySettings) -> FastAPI:
             service = ProxyService(settings, client, pool)
             loading = service.cache.load_behind()
             service.cache.start_writer(asyncio.get_running_loop())
+            if service.router is not None:
+                service.router.start()
             app.state.service = service
-            logging.getLogger("llmpod.proxy").info(
-                "proxy ready: upstream %s, cache %s", settings.upstream_base, settings.cache_dir
-            )
+            upstreams = ", ".join(f"{b.id} at {b.base_url}" for b in settings.backends) or settings.upstream_base
+            logging.getLogger("llmpod.proxy").info("proxy ready: upstream %s, cache %s", upstreams, settings.cache_dir)
             try:
                 yield
             finally:
                 loading.cancel()
                 await service.flights.aclose()
                 await pool.aclose()
+                if service.router is not None:
+                    await service.router.aclose()
                 await asyncio.to_thread(service.cache.stop_writer)  # every answer given is on disk
                 service.request_log.close()
                 logging.getLogger("llmpod.proxy").info(
@@ -154,6 +163,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
     app.host_guard = HostGuard(settings.host, settings.port, settings.allowed_hosts)
     if settings.proxy_api_key is not None:
         app.proxy_key = ProxyKey(settings.proxy_api_key)
+    app.routes_models = bool(settings.backends)
 
     def handler() -> GenerationHandler:
         return app.state.service.generation  # type: ignore[no-any-return]

@@ -39,6 +39,7 @@ class Flight:
 
     def __init__(self, key: str, endpoint: str, path: str, body: dict[str, Any], kind: str | None = None) -> None:
         self.key = key
+        self.model: str | None = None  # the model id its metrics count it under (a backend's, issue 18)
         self.kind = kind  # the server kind ``key`` names: the answer is stored only if that kind answers (None: any)
         self.endpoint = endpoint
         self.path = path

@@ -32,6 +32,7 @@ from llmpod.proxy.key_rules import KeyNormaliser
 from llmpod.proxy.metrics import ProxyMetrics
 from llmpod.proxy.pieces import SizedBody, sized
 from llmpod.proxy.request_body import RequestProblem, cache_controls, preview, read_json_body
+from llmpod.proxy.routing import SCOPE_MODEL, ModelRouter
 from llmpod.proxy.settings import ProxySettings
 from llmpod.proxy.upstream import Upstream
 from llmpod.proxy.wire import error_body, error_response, json_response
@@ -139,6 +140,7 @@ class GenerationHandler:
         upstream: Upstream,
         metrics: ProxyMetrics,
         request_log: RequestLog,
+        router: ModelRouter | None = None,
     ) -> None:
         self.settings = settings
         self.cache = cache
@@ -146,6 +148,7 @@ class GenerationHandler:
         self.upstream = upstream
         self.metrics = metrics
         self.request_log = request_log
+        self.router = router  # several models (issue 18): the backend each request goes to; None: one upstream
         self.key_rules = KeyNormaliser.from_settings(settings)
 
     async def serve(self, request: Request, endpoint: str, path: str, send: Send) -> None:
@@ -181,13 +184,22 @@ class GenerationHandler:
                 raise RequestProblem(400, refusal_message(model, settings.tool_capable_models), "tools")
             if isinstance(body.get("model"), str):
                 exchange.model = body["model"]
-            served = await upstream.resolve(body.get("model"))
+            slot = None if self.router is None else self.router.pick(body.get("model"), request.scope.get(SCOPE_MODEL))
+            refused = None if slot is None else slot.health.refusal()  # then only a hit or a flight can answer
+            if slot is not None:  # its server's name for the model is forwarded; its id names it everywhere else
+                upstream, body["model"] = slot.upstream, slot.backend.upstream_model
+            served = None if refused else await upstream.resolve(body.get("model"))
             if served is not None:
                 body["model"] = exchange.model = served.id
                 exchange.resolved = True
+            if slot is not None:
+                exchange.model, exchange.resolved = slot.backend.id, True
             lookup_start = time.perf_counter()
             exchange.kind = (kind := upstream.kind) or "unknown"  # unknown: a bypass (llmpod/server_kind.py)
-            keyed, exchange.rules = self.key_rules.normalise(endpoint, body)  # ``body`` is forwarded as sent
+            # ``body`` is forwarded as sent; the key names the backend's id, never its server's name for the model
+            keyed, exchange.rules = self.key_rules.normalise(
+                endpoint, {**body, "model": exchange.model} if slot else body
+            )
             exchange.key = key = cache_key(endpoint, keyed, kind) if kind else ""
             no_cache, no_store = (no_cache, no_store) if kind else (True, True)
         except UnkeyableRequest as exc:
@@ -212,6 +224,8 @@ class GenerationHandler:
             # a finished flight whose answer is still being written to disk is as good as a hit
             exchange.cache = "HIT" if flight.succeeded else "COALESCED"
             exchange.saved_s = _generation_seconds(flight) or 0.0
+        elif refused is not None:
+            return self._error(exchange, refused.status, refused.body, refused.headers), False  # a hit still served
         else:
             exchange.cache = "BYPASS" if no_cache else "MISS"
             forwarded = {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -226,6 +240,7 @@ class GenerationHandler:
                 stored=not no_store,
                 kind=kind,
             )
+            flight.model = exchange.model if exchange.resolved else None
         if stream:
             return await self._stream(request, exchange, flight, include_usage)
         return await self._wait(request, exchange, flight), False

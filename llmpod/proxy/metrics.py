@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
@@ -36,6 +36,14 @@ def percentiles(samples: deque[float]) -> dict[str, float | int | None]:
         return round(ordered[min(last, int(q * len(ordered)))] * 1000, 3)
 
     return {"count": len(ordered), "p50": at(0.50), "p90": at(0.90), "p99": at(0.99)}
+
+
+class PerModel(Protocol):
+    """The per-model counts (model_metrics.py), which ``record`` and ``record_upstream`` feed too."""
+
+    def record(self, model: str, status: int, cache: str, seconds: float) -> None: ...
+    def record_upstream(self, model: str, error_status: int | None) -> None: ...
+    def as_json(self) -> dict[str, Any]: ...
 
 
 class ProxyMetrics:
@@ -67,7 +75,7 @@ class ProxyMetrics:
         self._duration = Histogram(
             "llm_proxy_request_duration_seconds",
             "Time to answer a request",
-            ["cache"],
+            ["model", "cache"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -78,7 +86,7 @@ class ProxyMetrics:
             registry=r,
         )
         self._upstream_errors = Counter(
-            "llm_proxy_upstream_errors", "Upstream calls that failed", ["status"], registry=r
+            "llm_proxy_upstream_errors", "Upstream calls that failed", ["model", "status"], registry=r
         )
         self._cached_tokens = Counter(
             "llm_proxy_cache_served_tokens", "Completion tokens served from cache", registry=r
@@ -116,7 +124,8 @@ class ProxyMetrics:
         self._client_children: dict[tuple[str, str], Any] = {}
         self._client_savings: dict[str, tuple[Any, Any, Any]] = {}
         self._request_children: dict[tuple[str, int, str], Any] = {}
-        self._duration_children: dict[str, Any] = {}
+        self._duration_children: dict[tuple[str, str], Any] = {}
+        self.per_model: PerModel | None = None  # several models behind the proxy (issue 18): set by the service
         gauges = {
             "llm_proxy_in_flight_requests": ("Requests being answered", lambda: self.in_flight),
             "llm_proxy_cache_entries": ("Answers in the cache", lambda: len(cache)),
@@ -173,10 +182,12 @@ class ProxyMetrics:
         if child is None:
             child = self._request_children[(model, status, cache)] = self._requests.labels(model, str(status), cache)
         child.inc()
-        duration = self._duration_children.get(cache)
+        duration = self._duration_children.get((model, cache))
         if duration is None:
-            duration = self._duration_children[cache] = self._duration.labels(cache)
+            duration = self._duration_children[(model, cache)] = self._duration.labels(model, cache)
         duration.observe(seconds)
+        if self.per_model is not None:
+            self.per_model.record(model, status, cache, seconds)
 
     def _record_client(self, client: str, cache: str, tokens: int, seconds: float) -> None:
         child = self._client_children.get((client, cache))
@@ -202,12 +213,16 @@ class ProxyMetrics:
         self.cancelled_seconds += seconds
         self._cancelled.inc()
 
-    def record_upstream(self, *, seconds: float, ttft: float | None, error_status: int | None) -> None:
-        """One upstream generation call, however many clients it served."""
+    def record_upstream(
+        self, *, seconds: float, ttft: float | None, error_status: int | None, model: str = "-"
+    ) -> None:
+        """One upstream generation call, however many clients it served; ``model`` a served or configured id."""
         self.upstream_calls += 1
+        if self.per_model is not None:
+            self.per_model.record_upstream(model, error_status)
         if error_status is not None:
             self.upstream_errors += 1
-            self._upstream_errors.labels(str(error_status)).inc()
+            self._upstream_errors.labels(model, str(error_status)).inc()
             return
         self.upstream_latency.append(seconds)
         if ttft is not None:
@@ -253,6 +268,7 @@ class ProxyMetrics:
             "clients": clients,
             "last_request_at": self.last_request_at,
             "uptime": round(time.time() - self.started_at, 3),
+            **({"models": self.per_model.as_json()} if self.per_model is not None else {}),
         }
 
     def exposition(self, openmetrics: bool) -> tuple[bytes, str]:

@@ -7,7 +7,7 @@ front of FastAPI. Every handler finds the running ``ProxyService`` on ``app.stat
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
@@ -26,6 +26,7 @@ from llmpod.proxy.wire import (
 )
 
 if TYPE_CHECKING:
+    from llmpod.proxy.routing import ModelRouter
     from llmpod.proxy.service import ProxyService
 
 
@@ -36,8 +37,19 @@ def service_of(request: Request) -> ProxyService:
 def add_routes(app: FastAPI) -> None:
     """Declare the FastAPI routes on ``app`` (declared on the app itself: its route table stays flat)."""
 
+    @app.get("/llm/{model_id:path}/models")
+    @app.get("/llm/{model_id:path}/v1/models")  # declared first (decorators apply upwards): ``id`` never ends in /v1
+    async def model_card(request: Request, model_id: str) -> Response:
+        router = service_of(request).router
+        slot = router.get(model_id) if router is not None else None
+        if router is None or slot is None:
+            return error_response(f"no model {model_id[:128]!r} behind this proxy", 404, param="model")
+        return json_response(router.listing(slot))
+
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
+        if (router := service_of(request).router) is not None:
+            return json_response(router.listing())  # every model, with its state: no single upstream to ask
         upstream = service_of(request).upstream
         try:
             response = await upstream.client.get(
@@ -56,6 +68,8 @@ def add_routes(app: FastAPI) -> None:
     async def health(request: Request) -> Response:
         service = service_of(request)
         settings = service.settings
+        if service.router is not None:
+            return json_response(models_health(service, service.router))
         upstream = UpstreamHealth(**await service.upstream_health())
         reason = None
         if not upstream.reachable or upstream.status_code != 200:
@@ -124,3 +138,21 @@ def add_routes(app: FastAPI) -> None:
         if not (KEY_PATTERN.match(key) and cache.delete(key)):
             return error_response(f"no cache entry with key {key[:80]!r}", 404)
         return json_response({"deleted": 1})
+
+
+def models_health(service: ProxyService, router: ModelRouter) -> dict[str, Any]:
+    """/health with several models: each model's state; ``degraded`` (still HTTP 200, as with one upstream: the
+    proxy itself is up and serves what it can) while any of them is not healthy."""
+    models = {model_id: slot.health.current() for model_id, slot in router.slots.items()}
+    ailing = sorted(model_id for model_id, health in models.items() if health.state != "healthy")
+    return {
+        "status": "degraded" if ailing else "healthy",
+        "reason": f"not healthy: {', '.join(ailing)}" if ailing else None,
+        "cache_dir": str(service.settings.cache_dir),
+        "uptime": round(time.time() - service.started_at, 3),
+        "cache_loading": service.cache.loading,
+        "models": {
+            model_id: {**health.as_json(), "url": router.slots[model_id].upstream.base}
+            for model_id, health in models.items()
+        },
+    }

@@ -23,6 +23,7 @@ import certifi
 import httpx
 import orjson
 
+from llmpod.backends import Backend
 from llmpod.errors import UpstreamError
 from llmpod.proxy._http import HTTPPool, UpstreamConnectionError, UpstreamReadTimeout, UpstreamResponse
 from llmpod.proxy.context_fit import (
@@ -34,7 +35,7 @@ from llmpod.proxy.context_fit import (
     parse_version,
     refusal_from_error,
 )
-from llmpod.proxy.settings import ProxySettings
+from llmpod.proxy.settings import ProxySettings, upstream_base
 from llmpod.proxy.wire import error_body, normalise_error
 from llmpod.server_kind import kind_of
 
@@ -91,9 +92,9 @@ def match_model(requested: str, served: list[ServedModel]) -> ServedModel | None
     return None
 
 
-def stream_pool(settings: ProxySettings) -> HTTPPool:
-    """The connection pool for generation streams to ``settings.upstream_base``'s origin."""
-    parts = urlsplit(settings.upstream_base)
+def stream_pool(settings: ProxySettings, base: str | None = None) -> HTTPPool:
+    """The connection pool for generation streams to ``base``'s origin (default ``settings.upstream_base``)."""
+    parts = urlsplit(base or settings.upstream_base)
     # certifi's CA bundle, as httpx uses: Pythons without system certificates (python.org on macOS) would
     # otherwise refuse every https://…proxy.runpod.net pod
     tls = ssl.create_default_context(cafile=certifi.where()) if parts.scheme == "https" else None
@@ -106,20 +107,27 @@ def stream_pool(settings: ProxySettings) -> HTTPPool:
 
 
 class Upstream:
-    """Talks to the vLLM OpenAI server at ``settings.upstream_base``."""
+    """Talks to the vLLM OpenAI server at ``settings.upstream_base``, or at one ``backend``'s (issue 18)."""
 
-    def __init__(self, settings: ProxySettings, client: httpx.AsyncClient, pool: HTTPPool | None = None) -> None:
+    def __init__(
+        self,
+        settings: ProxySettings,
+        client: httpx.AsyncClient,
+        pool: HTTPPool | None = None,
+        backend: Backend | None = None,
+    ) -> None:
         self.pool = pool
-        self.base = settings.upstream_base
+        self.base = upstream_base(backend.base_url) if backend else settings.upstream_base
         self._base_path = urlsplit(self.base).path.rstrip("/")
-        self.root = settings.upstream_root
+        self.root = self.base[: -len("/v1")] if self.base.endswith("/v1") else self.base
         self.timeout = settings.upstream_timeout
         # listing models is instant on a live vLLM: don't let an editor's model picker hang for minutes
         self.listing_timeout = min(self.timeout, 10.0)
         self.client = client
         self.headers = {"Content-Type": "application/json"}
-        if settings.upstream_api_key is not None:
-            self.headers["Authorization"] = f"Bearer {settings.upstream_api_key.get_secret_value()}"
+        key = backend.api_key if backend else settings.upstream_api_key
+        if key is not None:
+            self.headers["Authorization"] = f"Bearer {key.get_secret_value()}"
         self._models: list[ServedModel] | None = None
         self._models_at = 0.0
         self._models_fetch: asyncio.Future[list[ServedModel] | None] | None = None
@@ -130,8 +138,9 @@ class Upstream:
         # then no cached answer is served. It starts as the pod manager's UPSTREAM_KIND (so a pod still starting
         # or being replaced finds its answers) and is set by what the upstream's answers say (``observe``), which
         # wins: a model list at least every MODELS_TTL, and every generation stream.
-        self.expected_kind: str | None = settings.upstream_kind
-        self.kind: str | None = settings.upstream_kind
+        self.expected_kind: str | None = backend.kind if backend else settings.upstream_kind
+        self.kind: str | None = self.expected_kind
+        self.lost_at = 0.0  # when it was last found unreachable (monotonic): the health prober looks again at once
 
     # ----------------------------------------------------------------- errors
     def unreachable(self, exc: BaseException) -> UpstreamError:
@@ -179,8 +188,13 @@ class Upstream:
         manager said (unknown when run by hand) until the next model list, which the next request asks for."""
         self.kind = self.expected_kind
         self._models_at = 0.0
+        self.lost_at = time.monotonic()
 
     # ----------------------------------------------------------------- models
+    @property
+    def known_models(self) -> list[ServedModel]:
+        return self._models or []  # the last list fetched, without asking
+
     async def models(self, *, refresh: bool = False) -> list[ServedModel] | None:
         """The served models, from a cached ``/v1/models`` answer; None when the upstream is down.
 
