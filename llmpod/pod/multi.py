@@ -43,6 +43,8 @@ from llmpod.proxy_settings import ENV_NAMES
 LOCK_WAIT = 120.0
 BACKENDS_ENV = ENV_NAMES["backends"]  # PROXY_BACKENDS
 
+SUPERVISE_EVERY = 1.0  # seconds between two supervisor rounds, at most
+
 
 @dataclass
 class Rig:
@@ -230,7 +232,9 @@ def watch(r: Rig, args: argparse.Namespace) -> int:
     """The watchdog's loop with llmModels: a supervisor round, then the proxy, every interval. The config is
     read again each round (a model added by hand and started with --start is supervised too); while it does not
     load, the last good one is used."""
-    interval = float(r.config.watchdog_interval_seconds)
+    # local checks only (pids, a state file, the config): a round every second at most, so that a dead model is
+    # restarted within the supervisor's first backoff (1 s), not at the next 30 s watchdog interval
+    interval = min(float(r.config.watchdog_interval_seconds), SUPERVISE_EVERY)
     pid_file = r.paths.watchdog_pid
     try:
         while True:
