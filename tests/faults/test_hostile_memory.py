@@ -47,6 +47,8 @@ def upstream() -> Iterator[tuple[HeldUpstream, LoopbackServer]]:
         held.release.set()
 
 
+# soak: the full fault run counts it; the default run has the same behaviour in tests/proxy/test_large_answers.py
+@pytest.mark.soak
 def test_stalled_readers_of_large_answers_do_not_grow_memory(
     tmp_path: Path, upstream: tuple[HeldUpstream, LoopbackServer], fault_ledger: FaultLedger
 ) -> None:

@@ -285,7 +285,8 @@ def test_a_neighbour_cannot_keep_the_pod_billing_through_the_proxy(tmp_path: Pat
                         attacks_worked=worked, dirty_errors=dirty, notes=notes)  # fmt: skip
 
 
-@pytest.mark.slow
+# soak: the full fault run counts it; the default run has the same behaviour in tests/pod (test_session, test_processes)
+@pytest.mark.soak
 def test_shutdown_signals_and_terminates_only_what_is_ours(
     workdir: Workdir, fake_runpod: FakeRunPod, fault_ledger: FaultLedger
 ) -> None:
@@ -338,7 +339,8 @@ def test_shutdown_signals_and_terminates_only_what_is_ours(
 
 
 # ------------------------------------------------------------------------------------------ answers of another kind
-@pytest.mark.slow
+# soak: the full fault run counts it; the default run has the same behaviour in tests/pod/test_manage_pod_e2e.py
+@pytest.mark.soak
 def test_answers_of_the_mock_are_never_served_for_a_real_pod(workdir: Workdir, fault_ledger: FaultLedger) -> None:
     """Not an attacker, but the same harm: after trying --local, the first real questions were answered from the
     mock's cache (the same model id). Each mock answer served for the pod counts as corrupt."""

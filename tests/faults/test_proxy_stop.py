@@ -45,7 +45,9 @@ def _problem(call: Call) -> str | None:
     return None if set(json.loads(call.content)["error"]) == ERROR_FIELDS else "503 not OpenAI-shaped"
 
 
-@pytest.mark.parametrize("rounds", [1, pytest.param(5, marks=pytest.mark.soak)])
+# soak: the full fault run counts it; the default run has the same behaviour in tests/proxy/test_drain.py
+@pytest.mark.soak
+@pytest.mark.parametrize("rounds", [5])
 def test_sigterm_with_requests_in_flight_ends_each_cleanly(
     tmp_path: Path, fault_ledger: FaultLedger, rounds: int
 ) -> None:

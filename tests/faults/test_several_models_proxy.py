@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from bench.servers import ServerProcess, base_env
 from tests.faults.answers import Tally, ask
@@ -55,6 +56,8 @@ def body(model: str, prompt: str, stream: bool) -> dict[str, Any]:
     return request
 
 
+# soak: the full fault run counts it; the default run has the same behaviour in tests/proxy/test_models.py
+@pytest.mark.soak
 def test_one_backend_killed_mid_answer_repeatedly(tmp_path: Path, fault_ledger: FaultLedger) -> None:
     gpt = MockOnPort(tmp_path, "mock-gpt", free_port(), chunk_delay=0.15)
     llama = MockOnPort(tmp_path, "mock-llama", free_port(), chunk_delay=0.01)
