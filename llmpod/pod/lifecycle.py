@@ -20,24 +20,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmpod.errors import (
-    CleanupFailedError,
-    ConfigError,
-    NoCapacityError,
-    PodError,
-    PoolForbiddenError,
-    RunPodAuthError,
-    RunPodBalanceError,
-    RunPodError,
-    RunPodNotFound,
-    RunPodRateLimited,
-    RunPodRequestError,
-    RunPodUnavailable,
-)
+from llmpod.errors import CleanupFailedError, ConfigError, PodError, RunPodError
 from llmpod.pod import processes
 from llmpod.pod.catalog import Catalog, GpuEntry, ModelEntry
 from llmpod.pod.config import PodConfig, check_port_free
-from llmpod.pod.fit import gpu_note
+from llmpod.pod.creation import create_with_failover
 from llmpod.pod.progress import Reporter
 from llmpod.pod.providers import PodInfo, PodSpec, Provider
 from llmpod.pod.sidecars import Sidecars
@@ -54,23 +41,10 @@ from llmpod.pod.state import (
 )
 from llmpod.pod.waiting import ReadyWait
 
-CREATE_ATTEMPTS = 3  # per GPU type, for 5xx answers after which no pod was found by name
 TERMINATE_DEADLINE = 180.0
 # A create that never answered (timed out after the client's 30 s, or we were interrupted) may still make its
 # pod: until this long after it was sent, a record without a pod id is looked for by name, not forgotten.
 CREATE_SETTLE = 45.0
-ANSWERED_NOTHING_MADE = (
-    NoCapacityError,
-    RunPodAuthError,
-    RunPodBalanceError,
-    RunPodRequestError,
-    RunPodNotFound,
-    RunPodRateLimited,
-    PoolForbiddenError,
-)
-# answers after which the spec's create table says to try the next candidate: no capacity (400), no access to
-# that GPU type's pool (403); any other refusal would fail the same way on every candidate
-NEXT_CANDIDATE = (NoCapacityError, PoolForbiddenError)
 LOCK_WAIT = 3600.0  # a second manage_pod.py waits for the first to finish creating, then reuses its pod
 
 
@@ -108,6 +82,9 @@ class Session:
     gpus: list[GpuEntry]
     reporter: Reporter = field(default_factory=Reporter)
     sleep: Callable[[float], None] = time.sleep
+    # the directory's proxy and watchdog are this session's to start and stop: not for a pod of llmModels,
+    # one of several models whose proxy and watchdog llmpod.pod.multi keeps
+    helpers: bool = True
     sidecars: Sidecars = field(init=False)
 
     def __post_init__(self) -> None:
@@ -125,7 +102,8 @@ class Session:
                 f"pod {state.pod_name} ({state.pod_id}) no longer exists (terminated or reclaimed "
                 "by RunPod); forgetting it"
             )
-            self.sidecars.stop()
+            if self.helpers:
+                self.sidecars.stop()
             record_last_session(self.paths, state, "pod disappeared", None)
             clear_state(self.paths)
             return None, None
@@ -162,35 +140,45 @@ class Session:
         with exclusive(self.paths, LOCK_WAIT, waiting), self.reporter:
             state, pod = self.reconcile()
             self.report_leaks(state)
-            if state is not None and time.time() >= state.expires_at:
-                self.reporter.say(f"pod {state.pod_name} passed its expiry: terminating it")
-                self._terminate_recorded(state, "expired (runtime_seconds)")
-                state, pod = None, None
-            if state is not None and pod is not None and pod.running and state.phase == "ready":
-                self.reporter.say(f"reusing pod {state.pod_name} ({state.pod_id})")
-            elif state is not None:
-                state = self._resume(state, pod)
-            else:
-                state = self._create()
+            state = self._ready_pod(state, pod)
             self.sidecars.ensure_proxy(state)
             self.sidecars.ensure_watchdog()
             processes.checkpoint("ready")
             return state
 
-    def _resume(self, state: PodState, pod: PodInfo | None) -> PodState:
+    def acquire(self, expires_at: float | None = None) -> PodState:
+        """A pod of llmModels (``helpers`` False): the recorded one if it lives, else a new one expiring at
+        ``expires_at`` (a replacement keeps the expiry of the pod it replaces); ready, with no proxy or watchdog."""
+        with exclusive(self.paths, LOCK_WAIT), self.reporter:
+            state, pod = self.reconcile()
+            return self._ready_pod(state, pod, expires_at)
+
+    def _ready_pod(self, state: PodState | None, pod: PodInfo | None, expires_at: float | None = None) -> PodState:
+        if state is not None and time.time() >= state.expires_at:
+            self.reporter.say(f"pod {state.pod_name} passed its expiry: terminating it")
+            self._terminate_recorded(state, "expired (runtime_seconds)")
+            state, pod = None, None
+        if state is not None and pod is not None and pod.running and state.phase == "ready":
+            self.reporter.say(f"reusing pod {state.pod_name} ({state.pod_id})")
+            return state
+        if state is not None:
+            return self._resume(state, pod, expires_at)
+        return self._create(expires_at)
+
+    def _resume(self, state: PodState, pod: PodInfo | None, expires_at: float | None = None) -> PodState:
         """A previous run died while creating or waiting: adopt its pod if it lives, else start over."""
         deadline = state.created_at + self.config.ready_timeout_seconds
         if pod is None or not pod.alive or time.time() >= deadline:
             self.reporter.say(f"a previous run left pod {state.pod_name} unfinished: removing it and starting over")
             self._terminate_recorded(state, "abandoned while starting")
-            return self._create()
+            return self._create(expires_at)
         self.reporter.say(f"resuming pod {state.pod_name} ({pod.id}) left starting by a previous run")
         state.pod_id, state.phase, state.upstream_url = pod.id, "waiting", pod.url
         save_state(self.paths, state)
         return self._guarded(state, lambda: self._wait_ready(state, pod, deadline))
 
-    def _create(self) -> PodState:
-        if self.sidecars.proxy_pid() is None:
+    def _create(self, expires_at: float | None = None) -> PodState:
+        if self.helpers and self.sidecars.proxy_pid() is None:
             check_port_free(self.config.proxy_port)  # before anything is created or billed
         now = time.time()
         max_len = self.config.max_model_len or self.model.context_length
@@ -202,7 +190,7 @@ class Session:
             served_model=self.model.id,
             vllm_api_key=secrets.token_urlsafe(32),
             created_at=now,
-            expires_at=now + self.config.runtime_seconds,
+            expires_at=expires_at or now + self.config.runtime_seconds,
             idle_timeout_seconds=self.config.idle_timeout_seconds,
             proxy_port=self.config.proxy_port,
         )
@@ -228,74 +216,9 @@ class Session:
             raise
 
     def _create_and_wait(self, state: PodState, spec: PodSpec) -> PodState:
-        pod = self._create_with_failover(state, spec)
+        pod = create_with_failover(self, state, spec)
         deadline = state.created_at + self.config.ready_timeout_seconds
         return self._wait_ready(state, pod, deadline)
-
-    def _create_with_failover(self, state: PodState, spec: PodSpec) -> PodInfo:
-        tried = []
-        for gpu in self.gpus if self.provider.gpu_failover else [None]:
-            gpu_spec = PodSpec(spec.name, gpu, spec.model, spec.served_model, spec.max_model_len, spec.api_key)
-            label = gpu.id if gpu else "local process"
-            note = gpu_note(spec.model, gpu) if gpu else None
-            if note:
-                self.reporter.say(note)
-            for attempt in range(1, CREATE_ATTEMPTS + 1):
-                self.reporter.phase("create", f"asking for {label} (attempt {attempt})")
-                state.create_sent_at = time.time()
-                save_state(self.paths, state)
-                try:
-                    pod = self.provider.create(gpu_spec)
-                except ANSWERED_NOTHING_MADE as exc:
-                    state.create_sent_at = None  # RunPod said no: no pod of this create can appear later
-                    save_state(self.paths, state)
-                    if not isinstance(exc, NEXT_CANDIDATE):
-                        raise
-                    if isinstance(exc, PoolForbiddenError):
-                        self.reporter.say(
-                            f"{label}: RunPod answered 403, this account has no access to that GPU "
-                            "pool: trying the next GPU type"
-                        )
-                    tried.append(f"{label}: {exc}")
-                    break
-                except RunPodUnavailable as exc:
-                    # the create may have happened anyway: look for our unique name before trying again
-                    found = self._find_after_failed_create(state.pod_name)
-                    if found is None:
-                        tried.append(f"{label}: {exc}")
-                        self.sleep(min(2.0**attempt, 10.0))
-                        continue
-                    pod = found
-                processes.checkpoint("create answered")
-                self._record_created(state, pod)
-                if self.config.max_hourly_cost is not None and pod.cost_per_hour > self.config.max_hourly_cost:
-                    self.reporter.say(
-                        f"{label} costs ${pod.cost_per_hour:.2f}/h, over max_hourly_cost: trying the next GPU type"
-                    )
-                    self._terminate_verified(pod.id)
-                    state.pod_id = None
-                    save_state(self.paths, state)
-                    # said in the final error too, or "every GPU too dear" would read "no GPU type to try"
-                    tried.append(f"{label}: ${pod.cost_per_hour:.2f}/h is over max_hourly_cost")
-                    break
-                return pod
-        raise PodError("no GPU could be had: " + "; ".join(tried) if tried else "no GPU type to try")
-
-    def _find_after_failed_create(self, name: str) -> PodInfo | None:
-        for _ in range(3):
-            try:
-                return self.provider.find_by_name(name)
-            except RunPodError:
-                self.sleep(2.0)
-        return None
-
-    def _record_created(self, state: PodState, pod: PodInfo) -> None:
-        state.pod_id, state.phase, state.create_sent_at = pod.id, "waiting", None
-        state.gpu_type_id, state.cost_per_hour, state.upstream_url = pod.gpu_id, pod.cost_per_hour, pod.url
-        save_state(self.paths, state)
-        self.reporter.say(
-            f"created pod {pod.name} ({pod.id}) on {pod.gpu_id or 'this machine'} at ${pod.cost_per_hour:.2f}/h"
-        )
 
     def _wait_ready(self, state: PodState, pod: PodInfo, deadline: float) -> PodState:
         waiter = ReadyWait(
@@ -335,7 +258,7 @@ class Session:
                 for pod in self.provider.list_ours():
                     self._terminate_verified(pod.id)
                     removed.append(pod.id)
-            if state is None:
+            if state is None and self.helpers:
                 self.sidecars.stop(keep_watchdog=from_watchdog)
             return ShutdownResult(removed, spend, reason, had_state=state is not None)
 
@@ -348,7 +271,8 @@ class Session:
         spend = self.spend(state) if removed else 0.0
         for pod_id in removed:
             self._terminate_verified(pod_id)
-        self.sidecars.stop(keep_watchdog=keep_watchdog)
+        if self.helpers:
+            self.sidecars.stop(keep_watchdog=keep_watchdog)
         record_last_session(self.paths, state, reason, spend)
         clear_state(self.paths)
         return removed

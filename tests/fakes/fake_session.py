@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from llmpod.pod import PodConfig, Session, lifecycle, waiting, watchdog
+from llmpod.pod import PodConfig, Session, creation, lifecycle, waiting, watchdog
 from llmpod.pod.catalog import builtin_catalog, validate_config
 from llmpod.pod.progress import Reporter
 from llmpod.pod.state import PodState, RuntimePaths
@@ -77,6 +77,7 @@ def make_session(
     clock = provider.clock if provider is not None else FakeClock()
     provider = provider if provider is not None else FakeProvider(clock)
     monkeypatch.setattr(lifecycle, "time", clock)
+    monkeypatch.setattr(creation, "time", clock)
     monkeypatch.setattr(watchdog, "time", clock)
     monkeypatch.setattr(waiting, "time", clock)
     settings: dict[str, Any] = {
