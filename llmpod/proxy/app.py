@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,7 +33,7 @@ from llmpod.proxy.auth import ProxyKey
 from llmpod.proxy.browser import HostGuard, json_only
 from llmpod.proxy.generation import GenerationEndpoint, GenerationHandler
 from llmpod.proxy.routes import add_routes
-from llmpod.proxy.routing import SCOPE_MODEL, split_model_path
+from llmpod.proxy.routing import MODEL_PREFIX, MODEL_ROUTES, SCOPE_MODEL, split_model_path
 from llmpod.proxy.service import ProxyService
 from llmpod.proxy.settings import ProxySettings
 from llmpod.proxy.upstream import stream_pool
@@ -42,6 +43,13 @@ from llmpod.proxy.wire import CHAT_REQUEST_SCHEMA, COMPLETION_REQUEST_SCHEMA, er
 GENERATION_ROUTES = {
     "/v1/chat/completions": ("chat.completions", "/chat/completions", "Chat Completions", CHAT_REQUEST_SCHEMA),
     "/v1/completions": ("completions", "/completions", "Completions", COMPLETION_REQUEST_SCHEMA),
+}
+# the ``{id}`` of ``/llm/{id}/...``, documented as FastAPI documents the ``/llm/{model_id}/models`` GET routes
+MODEL_ID_PARAMETER = {
+    "name": "model_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "title": "Model Id"},
 }
 
 
@@ -63,11 +71,30 @@ class ProxyApp(FastAPI):
         """Put ``endpoint`` in the route table, answered in front for a POST, and in the OpenAPI schema."""
         self.router.routes.append(Route(path, endpoint, methods=["POST"]))
         self._front[path] = endpoint
-        operation_id = f"{summary.lower().replace(' ', '_')}{path.replace('/', '_').replace('.', '_')}_post"
+        self._document(path, summary, schema)
+
+    def document_model_routes(self) -> None:
+        """Put the ``/llm/{id}/`` generation routes (several models) in the OpenAPI schema: ``__call__`` answers
+        them by prefix, so no route in the table stands for them and FastAPI cannot see them."""
+        for suffix, route in MODEL_ROUTES.items():
+            plain = self._documented[route]["post"]
+            self._document(
+                f"{MODEL_PREFIX}{{model_id}}{suffix}",
+                plain["summary"],
+                plain["requestBody"]["content"]["application/json"]["schema"],
+                description=f"`{route}` answered by model `model_id` whatever the body's `model` names; the body's "
+                "`model` is rewritten to what that model's server serves.",
+                parameters=[MODEL_ID_PARAMETER],
+            )
+
+    def _document(self, path: str, summary: str, schema: dict[str, Any], **extra: Any) -> None:
+        # the operation id as FastAPI would make it: the summary, then the path with every non-word character as _
+        operation_id = re.sub(r"\W", "_", f"{summary.lower().replace(' ', '_')}{path}_post")
         self._documented[path] = {
             "post": {
                 "summary": summary,
                 "operationId": operation_id,
+                **extra,
                 **request_body(schema),
                 "responses": {
                     "200": {"description": "Successful Response", "content": {"application/json": {"schema": {}}}}
@@ -170,6 +197,8 @@ def create_app(settings: ProxySettings) -> FastAPI:
 
     for path, (endpoint, upstream_path, summary, schema) in GENERATION_ROUTES.items():
         app.add_generation_route(path, GenerationEndpoint(endpoint, upstream_path, handler), summary, schema)
+    if app.routes_models:  # a single-model proxy does not answer them: they are not documented there
+        app.document_model_routes()
     add_routes(app)
 
     @app.exception_handler(StarletteHTTPException)
