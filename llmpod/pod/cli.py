@@ -19,26 +19,19 @@ from types import FrameType
 import httpx
 
 from llmpod.errors import ConfigError, ForeignPodError, LlmpodError
-from llmpod.pod import fit, multi
+from llmpod.pod import multi
 from llmpod.pod import output as report
 from llmpod.pod.catalog import (
     Catalog,
-    GpuEntry,
-    ModelEntry,
     load_catalog,
-    validate_config,
 )
 from llmpod.pod.catalog_refresh import DEFAULT_HF_API_BASE, refresh_catalog
 from llmpod.pod.config import PodConfig, load_pod_config
 from llmpod.pod.images import cuda_floor
 from llmpod.pod.lifecycle import Session
+from llmpod.pod.preflight import check_config, make_provider
 from llmpod.pod.progress import Reporter
 from llmpod.pod.providers import (
-    DEFAULT_API_BASE,
-    POD_URL_TEMPLATE,
-    LocalProvider,
-    Provider,
-    RunPodClient,
     RunPodProvider,
 )
 from llmpod.pod.state import RuntimePaths, clear_state, discard_damaged_state, load_state
@@ -101,7 +94,7 @@ def build_session(args: argparse.Namespace, reporter: Reporter) -> Session:
     paths.ensure()
     catalog = load_catalog(paths.catalog)
     model, gpus = check_config(config, catalog, creates_pod(args), reporter)  # before any network call
-    provider = make_provider(config, paths)
+    provider = make_provider(config, paths.pod_log)
     if not (args.watchdog or args.refresh_catalog):  # a refresh falls back to built-in data instead (README)
         provider.check_access()  # a missing or revoked key is one line and exit 2, before anything else
     if config.provider != "local" and args.verbose and catalog.gpus_source == "built-in" and not args.refresh_catalog:
@@ -126,47 +119,12 @@ def creates_pod(args: argparse.Namespace) -> bool:
     return command_name(args) == "up"
 
 
-def check_config(
-    config: PodConfig, catalog: Catalog, creating: bool, reporter: Reporter
-) -> tuple[ModelEntry, list[GpuEntry]]:
-    """The model and the GPU candidates it fits (llmpod.pod.fit), each skipped one said with its reason. Offline, so
-    a bad modelStoreId is exit 2 at once even when RunPod cannot be reached. Only a run that may create a pod
-    refuses: --status, --shutdown and the others act on the recorded pod (which may be billing) whatever the
-    catalog thinks of the config now."""
-    if not creating:
-        try:
-            return catalog.model(config.modelStoreId), []
-        except ConfigError:
-            return catalog.models[0], []  # never used to create; reports name the recorded pod's own model
-    if config.provider == "local":
-        return catalog.model(config.modelStoreId), []
-    notes: list[str] = []
-    model, gpus = validate_config(config, catalog, notes)
-    fit.check_disk(model, config)  # no GPU can help with that: alone, before the candidates' notes
-    for note in notes:
-        reporter.say(note)
-    return model, fit.usable_gpus(config, model, gpus, reporter.say)
-
-
 def _recorded_provider(paths: RuntimePaths) -> str | None:
     try:
         state = load_state(paths)
     except ConfigError:
         return None  # reported where it matters
     return state.provider if state else None
-
-
-def make_provider(config: PodConfig, paths: RuntimePaths) -> Provider:
-    if config.provider == "local":
-        return LocalProvider(config, paths.pod_log)
-    key = os.environ.get("RUNPOD_API_KEY", "").strip()
-    if not key:
-        raise ConfigError(
-            "RUNPOD_API_KEY is not set: create an API key at https://console.runpod.io/user/settings "
-            "and `export RUNPOD_API_KEY=...` (or use --local to try without an account)"
-        )
-    client = RunPodClient(key, os.environ.get("RUNPOD_API_BASE") or DEFAULT_API_BASE)
-    return RunPodProvider(client, config, os.environ.get("RUNPOD_POD_URL_TEMPLATE") or POD_URL_TEMPLATE)
 
 
 def refresh(session: Session) -> Catalog:

@@ -194,6 +194,7 @@ class GenerationHandler:
                 exchange.resolved = True
             if slot is not None:
                 exchange.model, exchange.resolved = slot.backend.id, True
+                self.metrics.model_began(exchange.model)
             lookup_start = time.perf_counter()
             exchange.kind = (kind := upstream.kind) or "unknown"  # unknown: a bypass (llmpod/server_kind.py)
             # ``body`` is forwarded as sent; the key names the backend's id, never its server's name for the model

@@ -189,6 +189,10 @@ class ProxyMetrics:
         if self.per_model is not None:
             self.per_model.record(model, status, cache, seconds)
 
+    def model_began(self, model: str) -> None:
+        if self.per_model is not None:
+            self.per_model.began(model)
+
     def _record_client(self, client: str, cache: str, tokens: int, seconds: float) -> None:
         child = self._client_children.get((client, cache))
         if child is None:

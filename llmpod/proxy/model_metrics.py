@@ -9,6 +9,7 @@ under ``-``), so its values never grow with what clients send.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -24,7 +25,16 @@ RESERVOIR = 1024
 
 
 class _ModelCounts:
-    __slots__ = ("by_cache", "by_status", "latency", "requests", "upstream_calls", "upstream_errors")
+    __slots__ = (
+        "by_cache",
+        "by_status",
+        "in_flight",
+        "last_request_at",
+        "latency",
+        "requests",
+        "upstream_calls",
+        "upstream_errors",
+    )
 
     def __init__(self) -> None:
         self.requests = 0
@@ -33,6 +43,10 @@ class _ModelCounts:
         self.upstream_calls = 0
         self.upstream_errors = 0
         self.latency: deque[float] = deque(maxlen=RESERVOIR)
+        # the idleness clock of this model alone (a RunPod pod among several models is stopped when idle): as the
+        # proxy's own, only a 2xx moves it, and a request in flight is activity
+        self.in_flight = 0
+        self.last_request_at: float | None = None
 
 
 class ModelMetrics:
@@ -65,10 +79,19 @@ class ModelMetrics:
                     lambda h=health, n=name: float(h.current().state == n)  # type: ignore[misc]
                 )
 
+    def began(self, model: str) -> None:
+        """A request was routed to ``model``; its ``record`` ends it."""
+        counts = self._counts.get(model)
+        if counts is not None:
+            counts.in_flight += 1
+
     def record(self, model: str, status: int, cache: str, seconds: float) -> None:
         counts = self._counts.get(model)
         if counts is None:  # not routed to a model (an unknown name, a bad body): only the totals count it
             return
+        counts.in_flight = max(0, counts.in_flight - 1)  # every routed request began (ModelRouter.pick or a 4xx)
+        if 200 <= status < 300:
+            counts.last_request_at = time.time()
         counts.requests += 1
         status_key = str(status)
         counts.by_status[status_key] = counts.by_status.get(status_key, 0) + 1
@@ -100,5 +123,7 @@ class ModelMetrics:
                 "upstream_calls": counts.upstream_calls,
                 "upstream_errors": counts.upstream_errors,
                 "latency_ms": percentiles(counts.latency),
+                "in_flight": counts.in_flight,
+                "last_request_at": counts.last_request_at,
             }
         return models

@@ -310,3 +310,24 @@ def test_per_model_prometheus_and_json_metrics(models: Models, http: httpx.Clien
     assert gpt["upstream_calls"] == 10 and gpt["upstream_errors"] == 0 and gpt["state"] == "healthy"
     assert per_model["llama"]["requests"] == 0
     assert json.loads(json.dumps(per_model)) == per_model
+
+
+def test_each_model_has_its_own_idleness_clock(models: Models, http: httpx.Client) -> None:
+    """A RunPod model among several is stopped when *it* is idle: its own in-flight count and last 2xx, not the
+    proxy's (a busy autocomplete model must not keep an idle chat pod billing)."""
+    per_model = http.get("/metrics").json()["models"]
+    assert per_model["gpt"]["in_flight"] == 0 and per_model["gpt"]["last_request_at"] is None
+    before = time.time()
+    httpx.post(f"{models.gpt.url}/mock/config", json={"chunk_delay": 0.2}, timeout=5).raise_for_status()
+    with http.stream("POST", "/v1/chat/completions", json={**chat("slow one", "gpt"), "stream": True}) as stream:
+        lines = stream.iter_lines()  # kept: a generator dropped would close the stream
+        next(lines)  # the first event: the request is in flight
+        during = http.get("/metrics").json()["models"]
+        assert during["gpt"]["in_flight"] == 1 and during["llama"]["in_flight"] == 0
+        assert during["gpt"]["last_request_at"] is None  # not done yet
+        assert list(lines)[-2:] == ["data: [DONE]", ""]
+    assert http.post("/v1/chat/completions", json=chat("fails", "llama") | {"max_tokens": -1}).status_code == 400
+    after = http.get("/metrics").json()["models"]
+    assert after["gpt"]["in_flight"] == after["llama"]["in_flight"] == 0
+    assert after["gpt"]["last_request_at"] >= before
+    assert after["llama"]["last_request_at"] is None  # a 400 is no activity
