@@ -9,7 +9,8 @@ access to that pool); a pod dearer than ``max_hourly_cost`` is terminated at onc
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 from llmpod.errors import (
     NoCapacityError,
@@ -24,12 +25,32 @@ from llmpod.errors import (
     RunPodUnavailable,
 )
 from llmpod.pod import processes
+from llmpod.pod.catalog import GpuEntry
+from llmpod.pod.config import PodConfig
 from llmpod.pod.fit import gpu_note
-from llmpod.pod.providers import PodInfo, PodSpec
-from llmpod.pod.state import PodState, save_state
+from llmpod.pod.progress import Reporter
+from llmpod.pod.providers import PodInfo, PodSpec, Provider
+from llmpod.pod.state import PodState, RuntimePaths, save_state
 
-if TYPE_CHECKING:
-    from llmpod.pod.lifecycle import Session
+
+class Session(Protocol):
+    """What creating needs of llmpod.pod.lifecycle.Session (which imports this module)."""
+
+    @property
+    def config(self) -> PodConfig: ...
+    @property
+    def paths(self) -> RuntimePaths: ...
+    @property
+    def provider(self) -> Provider: ...
+    @property
+    def gpus(self) -> list[GpuEntry]: ...
+    @property
+    def reporter(self) -> Reporter: ...
+    @property
+    def sleep(self) -> Callable[[float], None]: ...
+
+    def _terminate_verified(self, pod_id: str) -> None: ...
+
 
 CREATE_ATTEMPTS = 3  # per GPU type, for 5xx answers after which no pod was found by name
 ANSWERED_NOTHING_MADE = (

@@ -12,8 +12,8 @@ One entry per model id::
 - ``command`` (+ ``args``, ``env``, ``endpoints.base_url``): a local process manage_pod.py starts (cwd: the config
   file's folder), waits for, supervises and stops;
 - only ``endpoints.base_url``: an OpenAI-compatible server someone else runs;
-- ``modelStoreId``: a RunPod pod, with the per-pod keys of the top level (unset ones inherited). Parsed and checked
-  here; starting it is refused for now (``RUNPOD_NOT_YET``).
+- ``modelStoreId``: a RunPod pod, with the per-pod keys of the top level (unset ones inherited); made, watched and
+  terminated by llmpod.pod.model_pods.
 
 Every problem is one ``ConfigError`` line naming the file and the entry, before anything starts. The checks that
 depend on the moment (a port in use) are ``check_ports_free``, called by the run that starts processes.
@@ -35,7 +35,6 @@ from llmpod.errors import ConfigError
 from llmpod.pod.config import PodConfig, check_port_free
 from llmpod.pod.config_messages import describe, short, suggest_key
 
-RUNPOD_NOT_YET = "RunPod entries in llmModels are not supported yet"
 # the top level's per-pod keys an entry with modelStoreId may set (unset ones inherit the top level's)
 POD_KEYS = (
     "gpu_type_id",

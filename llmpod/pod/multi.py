@@ -10,51 +10,26 @@ for one pod (llmpod.pod.sidecars: pid files with the owner mark); each model pro
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import httpx
-
-from llmpod.errors import ConfigError, LlmpodError, PodError
+from llmpod.errors import CleanupFailedError, ConfigError, LlmpodError
 from llmpod.pod import processes
-from llmpod.pod.config import PodConfig, check_port_free, load_pod_config
-from llmpod.pod.models_config import RUNPOD_NOT_YET, ModelSpec, check_ports_free, load_models
-from llmpod.pod.progress import Reporter
-from llmpod.pod.sidecars import PROXY_MARKER, PROXY_OF, Sidecars, proxy_environment, stop_proxy
+from llmpod.pod.config import check_port_free, load_pod_config
+from llmpod.pod.models_config import ModelSpec, check_ports_free
+from llmpod.pod.models_rig import Rig, ensure_proxy, pod_ready, record_of, rig, wait_ready
+from llmpod.pod.models_status import status
+from llmpod.pod.models_watchdog import watch
 from llmpod.pod.state import RuntimePaths, clear_state, exclusive
 from llmpod.pod.supervisor import (
     ModelRecord,
     ModelsState,
-    ProcessOps,
-    Supervisor,
-    describe_exit,
     is_models_state,
     load_models_state,
     save_models_state,
-    state_file,
     strays,
 )
-from llmpod.proxy_settings import ENV_NAMES
 
 LOCK_WAIT = 120.0
-BACKENDS_ENV = ENV_NAMES["backends"]  # PROXY_BACKENDS
-
-SUPERVISE_EVERY = 1.0  # seconds between two supervisor rounds, at most
-
-
-@dataclass
-class Rig:
-    config: PodConfig
-    config_path: Path
-    paths: RuntimePaths
-    specs: tuple[ModelSpec, ...]
-    ops: ProcessOps
-    supervisor: Supervisor
-    sidecars: Sidecars
 
 
 def applies(args: argparse.Namespace, action: str) -> bool:
@@ -76,47 +51,37 @@ def applies(args: argparse.Namespace, action: str) -> bool:
     return True
 
 
-def rig(args: argparse.Namespace) -> Rig:
-    config_path = args.config.resolve()
-    config = load_pod_config(config_path)
-    specs = load_models(config, config_path.parent, str(config_path))
-    paths = RuntimePaths(config_path.parent)
-    paths.ensure()
-    (paths.run_dir / "models").mkdir(mode=0o700, exist_ok=True)
-    ops = ProcessOps(paths, config_path.parent)
-    sidecars = Sidecars(config=config, config_path=config_path, paths=paths, reporter=Reporter())
-    return Rig(config, config_path, paths, specs, ops, Supervisor(specs, ops), sidecars)
-
-
 def run(args: argparse.Namespace, action: str) -> int:
-    r = rig(args)
-    if action == "watchdog":
-        return watch(r, args)
-    if action == "up":
-        return up(r)
-    if action == "status":
-        return status(r, args.json)
-    if action == "shutdown":
-        return shutdown(r)
-    if action in ("start", "stop", "restart"):
-        return one(r, action, getattr(args, action))
-    raise ConfigError(f"--{action.replace('_', '-')} is not available with llmModels in {r.config_path}")
-
-
-def _record(state: ModelsState, spec: ModelSpec) -> ModelRecord:
-    if spec.id not in state.models:
-        state.models[spec.id] = ModelRecord(id=spec.id, kind=spec.kind)
-    return state.models[spec.id]
+    r = rig(args, action)
+    try:
+        if action == "watchdog":
+            return watch(r, args)
+        if action in ("up", "start", "restart"):
+            r.pods.check_access()  # a missing or refused RunPod key: exit 2 before anything starts
+        if action == "up":
+            return up(r)
+        if action == "status":
+            return status(r, args.json)
+        if action == "shutdown":
+            return shutdown(r, all_ours=bool(getattr(args, "all", False)))
+        if action in ("start", "stop", "restart"):
+            return one(r, action, getattr(args, action))
+        raise ConfigError(f"--{action.replace('_', '-')} is not available with llmModels in {r.config_path}")
+    finally:
+        r.pods.close()
 
 
 def up(r: Rig) -> int:
-    if any(spec.kind == "runpod" for spec in r.specs):
-        raise ConfigError(RUNPOD_NOT_YET)
+    runpod = [spec for spec in r.specs if spec.kind == "runpod"]
     with exclusive(r.paths, LOCK_WAIT, "waiting for another manage_pod.py to finish..."):
         earlier = load_models_state(r.paths)
-        state = earlier or ModelsState(proxy_port=r.config.proxy_port, created_at=time.time(), models={})
+        state = earlier or ModelsState(
+            proxy_port=r.config.proxy_port, created_at=time.time(), models={}, local=r.pods.local
+        )
+        if runpod or earlier is not None:
+            r.pods.report_leaks(state.models)
         for gone in [record for key, record in state.models.items() if key not in {s.id for s in r.specs}]:
-            r.ops.stop(gone)  # taken out of the config since: not left running unrecorded
+            _stop_model(r, gone, "taken out of llmModels")  # not left running (or billing) unrecorded
             del state.models[gone.id]
         fresh = [
             spec
@@ -127,139 +92,76 @@ def up(r: Rig) -> int:
         if r.sidecars.proxy_pid() is None:
             check_port_free(r.config.proxy_port)
         for spec in r.specs:
-            record = _record(state, spec)
+            record = record_of(state, spec)
             if spec.kind == "external":
                 record.state, record.since = "healthy", time.time()  # the proxy's own checks judge it
+            elif spec.kind == "runpod" and (record.stopped or record.state != "healthy"):
+                record.stopped, record.restart_times, record.last_error = False, [], None
+                r.supervisor.set_state(record, "starting")
         for spec in fresh:
-            record = _record(state, spec)
+            record = record_of(state, spec)
             record.restart_times, record.last_error = [], None
             r.supervisor.start(record)
         save_models_state(r.paths, state)
-        try:
-            for spec in fresh:
-                wait_ready(r, spec, state.models[spec.id])
-            save_models_state(r.paths, state)
+    made: list[str] = []  # pods this run created (a reused one is not this run's to remove on failure)
+    try:
+        # outside the directory's lock: a pod loads for minutes, under its own lock, while the watchdog (when one
+        # runs) keeps supervising the local models
+        for spec in runpod:
+            if r.pods.start(ModelRecord(id=spec.id, kind="runpod")):
+                made.append(spec.id)
+        with exclusive(r.paths, LOCK_WAIT, "waiting for another manage_pod.py to finish..."):
+            state = load_models_state(r.paths) or state
+            try:
+                for spec in runpod:
+                    pod_ready(r, record_of(state, spec))
+                for spec in fresh:
+                    wait_ready(r, spec, record_of(state, spec))
+            finally:
+                save_models_state(r.paths, state)  # a model that failed is down, with why
             ensure_proxy(r)
             r.sidecars.ensure_watchdog()
-        except (LlmpodError, KeyboardInterrupt):  # Ctrl-C or SIGTERM too: nothing half-started is left
-            # what this run started goes (the one that failed stays down, with why); what ran before stays
-            for spec in fresh:
-                record = state.models[spec.id]
-                if record.state == "down":
-                    r.ops.stop(record)
-                else:
-                    r.supervisor.stop(record)
-            if earlier is None:
-                r.sidecars.stop()  # a proxy or watchdog this run started
-                _stop_all(r, None)  # strays of a run killed before it saved its record
-                clear_state(r.paths)
-            else:
-                save_models_state(r.paths, state)
-            raise
+    except (LlmpodError, KeyboardInterrupt) as exc:  # Ctrl-C or SIGTERM too: nothing half-started is left
+        _undo_up(r, fresh, made, earlier is None, exc)
+        raise
     print(f"proxy: http://127.0.0.1:{r.config.proxy_port}/v1")
     for spec in r.specs:
-        print(f"  {spec.id}: {state.models[spec.id].state} ({spec.kind}, {spec.base_url})")
+        record = state.models[spec.id]
+        where = spec.base_url or record.base_url
+        cost = f", ${record.cost_per_hour:.2f}/h" if spec.kind == "runpod" else ""
+        print(f"  {spec.id}: {record.state} ({spec.kind}, {where}{cost})")
     return 0
 
 
-def wait_ready(r: Rig, spec: ModelSpec, record: ModelRecord) -> None:
-    """Until the model answers, bounded by its start_timeout_seconds; a crash at start is one line."""
-    deadline = time.monotonic() + spec.start_timeout_seconds
-    while True:
-        if not r.ops.alive(record):
-            assert record.pid is not None
-            why = describe_exit(r.ops.exit_status(record.pid), r.ops.last_line(spec))
-            r.supervisor.set_state(record, "down", why)
-            raise PodError(f"llmModels.{spec.id} did not start: {why}")
-        if r.ops.ready(spec):
-            r.supervisor.set_state(record, "healthy")
-            return
-        if time.monotonic() > deadline:
-            r.ops.stop(record)
-            last = r.ops.last_line(spec)
-            why = f"not ready within {spec.start_timeout_seconds:g}s" + (f": {last}" if last else "")
-            r.supervisor.set_state(record, "down", why)
-            raise PodError(f"llmModels.{spec.id} did not start: {why}")
-        time.sleep(0.1)
+def _undo_up(r: Rig, fresh: list[ModelSpec], made: list[str], first_run: bool, exc: BaseException) -> None:
+    """What this run started goes (the one that failed stays down, with why); what ran before stays."""
+    with exclusive(r.paths, LOCK_WAIT):
+        state = load_models_state(r.paths)
+        for model_id in made:
+            r.pods.stop(model_id, "start-up of llmModels failed or was interrupted")
+        for spec in fresh:
+            record = state.models.get(spec.id) if state else None
+            if record is not None:
+                r.ops.stop(record) if record.state == "down" else r.supervisor.stop(record)
+        for record in state.models.values() if state else ():
+            if record.kind == "runpod" and record.state == "starting":
+                r.supervisor.set_state(record, "down", str(exc) or "interrupted")
+        if first_run:
+            r.sidecars.stop()  # a proxy or watchdog this run started
+            _stop_all(r, None)  # strays of a run killed before it saved its record
+            clear_state(r.paths)
+        elif state is not None:
+            save_models_state(r.paths, state)
 
 
-def proxy_env(r: Rig) -> dict[str, str]:
-    """The proxy's environment: PROXY_BACKENDS with every model (llmpod/backends.py), the rest as for one pod."""
-    backends = tuple(spec.backend(str(state_file(r.paths, spec.id))) for spec in r.specs if spec.base_url is not None)
-    return proxy_environment(
-        r.config,
-        r.paths.root,
-        {},
-        upstream_url=backends[0].base_url,  # the proxy's single upstream for a body that names no model
-        port=r.config.proxy_port,
-        backends=backends,
-    )
-
-
-def ensure_proxy(r: Rig) -> None:
-    """The proxy running with every model of the config: started, or restarted when its models are not these
-    (the config was edited since; a restart lets its requests in flight finish first, as for --shutdown)."""
-    env = proxy_env(r)
-    pid = r.sidecars.proxy_pid()
-    if pid is not None:
-        if processes.environ_value(pid, BACKENDS_ENV) == env[BACKENDS_ENV]:
-            return
-        stop_proxy(r.paths.proxy_pid, r.sidecars.owner(PROXY_OF))
-    processes.spawn_detached(
-        processes.python_module(PROXY_MARKER), env=env, log_path=r.paths.proxy_log, pid_path=r.paths.proxy_pid
-    )
-    deadline = time.monotonic() + 20
-    while not _answers(f"http://127.0.0.1:{r.config.proxy_port}/health"):
-        if time.monotonic() > deadline or r.sidecars.proxy_pid() is None:
-            raise PodError(f"the proxy did not start on port {r.config.proxy_port}; see {r.paths.proxy_log}")
-        time.sleep(0.1)
-
-
-def _answers(url: str) -> bool:
-    try:
-        httpx.get(url, timeout=2.0)  # any answer: a degraded proxy (a model down) is still up
+def _stop_model(r: Rig, record: ModelRecord, reason: str) -> bool:
+    """Stop one model whatever its kind: its process, or its pod (terminated, verified). True when gone."""
+    if record.kind == "runpod":
+        r.pods.stop(record.id, reason)
         return True
-    except httpx.HTTPError:
-        return False
-
-
-def _log(message: str) -> None:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    print(f"{stamp} watchdog: {message}", flush=True)
-
-
-def watch(r: Rig, args: argparse.Namespace) -> int:
-    """The watchdog's loop with llmModels: a supervisor round, then the proxy, every interval. The config is
-    read again each round (a model added by hand and started with --start is supervised too); while it does not
-    load, the last good one is used."""
-    # local checks only (pids, a state file, the config): a round every second at most, so that a dead model is
-    # restarted within the supervisor's first backoff (1 s), not at the next 30 s watchdog interval
-    interval = min(float(r.config.watchdog_interval_seconds), SUPERVISE_EVERY)
-    pid_file = r.paths.watchdog_pid
-    try:
-        while True:
-            try:
-                r = rig(args)
-            except ConfigError as exc:
-                _log(f"{exc}; going on with the config as it was")
-            r.supervisor.log = _log
-            try:
-                with exclusive(r.paths, LOCK_WAIT):
-                    state = load_models_state(r.paths)
-                    if state is None:
-                        _log("no models recorded any more: exiting")
-                        return 0
-                    r.supervisor.round(state.models)
-                    save_models_state(r.paths, state)
-                    if r.sidecars.proxy_pid() is None:
-                        _log("the proxy is not running: restarting it")
-                        ensure_proxy(r)
-            except LlmpodError as exc:  # a busy lock, a proxy that would not start: try again next round
-                _log(f"round failed, will retry: {exc}")
-            time.sleep(interval)
-    finally:
-        if processes.read_pid(pid_file) == os.getpid():
-            pid_file.unlink(missing_ok=True)
+    if record.kind == "local":
+        return r.supervisor.stop(record) if record.id in r.supervisor.specs else r.ops.stop(record)
+    return True
 
 
 def one(r: Rig, action: str, model_id: str) -> int:
@@ -267,13 +169,13 @@ def one(r: Rig, action: str, model_id: str) -> int:
     if spec is None:
         known = ", ".join(s.id for s in r.specs)
         raise ConfigError(f"{r.config_path}: llmModels has no model {model_id!r} (it has {known})")
-    if spec.kind != "local":
-        raise ConfigError(f"llmModels.{model_id} is not a local command: manage_pod.py does not start or stop it")
+    if spec.kind == "external":
+        raise ConfigError(f"llmModels.{model_id} is a server someone else runs: manage_pod.py cannot start or stop it")
+    if spec.kind == "runpod":
+        return one_pod(r, action, spec)
     with exclusive(r.paths, LOCK_WAIT, "waiting for another manage_pod.py to finish..."):
-        state = load_models_state(r.paths)
-        if state is None:
-            raise LlmpodError("nothing is running from this directory: run `python3 manage_pod.py` first")
-        record = _record(state, spec)
+        state = _running(r)
+        record = record_of(state, spec)
         if action in ("stop", "restart"):
             r.supervisor.stop(record)
             save_models_state(r.paths, state)
@@ -296,6 +198,58 @@ def one(r: Rig, action: str, model_id: str) -> int:
     return 0
 
 
+def _running(r: Rig) -> ModelsState:
+    state = load_models_state(r.paths)
+    if state is None:
+        raise LlmpodError("nothing is running from this directory: run `python3 manage_pod.py` first")
+    return state
+
+
+def one_pod(r: Rig, action: str, spec: ModelSpec) -> int:
+    """--start/--stop/--restart of a RunPod model: its pod is made or terminated under its own lock, so the
+    other models keep being supervised while it loads."""
+    with exclusive(r.paths, LOCK_WAIT, "waiting for another manage_pod.py to finish..."):
+        record = record_of(_running(r), spec)
+        if action == "start" and record.state == "healthy" and not record.stopped:
+            print(f"{spec.id}: already running (pod {record.pod_id})")
+            return 0
+    if action in ("stop", "restart"):
+        result = r.pods.stop(spec.id, f"--{action} {spec.id}")
+        spend = f", spend ${result.spend_usd:.2f}" if result.spend_usd is not None else ""
+        with exclusive(r.paths, LOCK_WAIT):
+            state = _running(r)
+            record = record_of(state, spec)
+            r.supervisor.stop(record)  # stopped: never replaced until --start
+            record.pod_id = None
+            save_models_state(r.paths, state)
+        if action == "stop":
+            print(f"{spec.id}: pod terminated ({', '.join(result.terminated) or 'none was running'}{spend})")
+            return 0
+    with exclusive(r.paths, LOCK_WAIT):
+        state = _running(r)
+        record = record_of(state, spec)
+        record.stopped, record.restart_times, record.last_error = False, [], None
+        r.supervisor.set_state(record, "starting")
+        save_models_state(r.paths, state)
+    try:
+        made = r.pods.start(ModelRecord(id=spec.id, kind="runpod"))
+        with exclusive(r.paths, LOCK_WAIT):
+            state = _running(r)
+            pod_ready(r, record_of(state, spec))
+            save_models_state(r.paths, state)
+            ensure_proxy(r)  # the new pod's URL and key
+    except (LlmpodError, KeyboardInterrupt) as exc:
+        with exclusive(r.paths, LOCK_WAIT):
+            state = _running(r)
+            r.supervisor.set_state(record_of(state, spec), "down", str(exc) or "interrupted")
+            save_models_state(r.paths, state)
+        raise
+    record = state.models[spec.id]
+    verb = "restarted" if action == "restart" else "started" if made else "reusing"
+    print(f"{spec.id}: {verb} pod {record.pod_id} (${record.cost_per_hour:.2f}/h), healthy")
+    return 0
+
+
 def _stop_all(r: Rig, state: ModelsState | None) -> list[str]:
     problems = []
     for record in state.models.values() if state else ():
@@ -310,68 +264,35 @@ def _stop_all(r: Rig, state: ModelsState | None) -> list[str]:
     return problems
 
 
-def shutdown(r: Rig) -> int:
+def shutdown(r: Rig, all_ours: bool = False) -> int:
+    terminated: list[str] = []
+    spend = 0.0
     with exclusive(r.paths, LOCK_WAIT, "waiting for another manage_pod.py to finish..."):
         state = load_models_state(r.paths)
-        r.sidecars.stop()  # the watchdog first: it would restart what we stop
+        if not all_ours and (state is not None or r.pods.sessions):
+            r.pods.report_leaks(state.models if state else {})
+        r.sidecars.stop()  # the watchdog first: it would restart (or replace) what we stop
         problems = _stop_all(r, state)
+        recorded = [m.id for m in state.models.values() if m.kind == "runpod"] if state else []
+        for model_id in dict.fromkeys([*recorded, *r.pods.sessions]):
+            try:
+                result = r.pods.stop(model_id, "requested (--shutdown)")
+            except LlmpodError as exc:  # the others are still stopped; this one is said, with how to end it
+                problems.append(f"model {model_id}: {exc}")
+                continue
+            terminated += result.terminated
+            spend += result.spend_usd or 0.0
+        if all_ours:
+            terminated += [pod for pod in r.pods.terminate_all_ours() if pod not in terminated]
         clear_state(r.paths)
     for problem in problems:
         print(f"warning: {problem}")
     count = len([m for m in state.models.values() if m.kind == "local"]) if state else 0
-    print(f"stopped {count} model process{'es' if count != 1 else ''}, the proxy and the watchdog")
-    return 0
-
-
-def _shown_state(spec: ModelSpec, record: ModelRecord | None, live: bool, figures: dict[str, Any]) -> str:
-    if record is None:
-        return "not started"
-    if spec.kind == "external" and isinstance(figures.get("state"), str):
-        return str(figures["state"])  # an external server is the proxy's to judge: its view when it gives one
-    return record.state if live else "down"
-
-
-def status(r: Rig, as_json: bool) -> int:
-    state = load_models_state(r.paths)
-    metrics = r.sidecars.proxy_metrics() if state else None
-    per_model = (metrics or {}).get("models") if isinstance((metrics or {}).get("models"), dict) else {}
-    now = time.time()
-    rows: list[dict[str, Any]] = []
-    for spec in r.specs:
-        record = state.models.get(spec.id) if state else None
-        live = record is not None and (
-            record.kind != "local" or record.stopped or record.state == "down" or r.ops.alive(record)
-        )
-        figures = per_model.get(spec.id) if isinstance(per_model, dict) else None
-        figures = figures if isinstance(figures, dict) else {}
-        shown = _shown_state(spec, record, live, figures)
-        rows.append(
-            {
-                "id": spec.id,
-                "kind": spec.kind,
-                "base_url": spec.base_url,
-                "state": shown,
-                "uptime_seconds": round(now - record.since) if record and shown == "healthy" else None,
-                "restarts": len(record.restart_times) if record else 0,
-                "cost_per_hour": 0.0,
-                "last_error": record.last_error if record else None,
-                "requests": figures.get("requests"),
-                "hit_rate": figures.get("cache_hit_rate", figures.get("hit_rate")),
-            }
-        )
-    report = {"proxy": f"http://127.0.0.1:{r.config.proxy_port}/v1" if state else None, "models": rows}
-    if as_json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"proxy: {report['proxy'] or 'not running'}")
-    for row in rows:
-        extra = [f"up {row['uptime_seconds']}s" if row["uptime_seconds"] is not None else None]
-        extra += [f"restarts {row['restarts']}", f"${row['cost_per_hour']:.2f}/h"]
-        if row["requests"] is not None:
-            extra.append(f"requests {row['requests']}")
-        if isinstance(row["hit_rate"], int | float):
-            extra.append(f"hit rate {row['hit_rate']:.0%}")
-        if row["last_error"]:
-            extra.append(f"last error: {row['last_error']}")
-        print(f"  {row['id']}: {row['state']} ({', '.join(e for e in extra if e)})")
+    pods = f", terminated pod{'s' if len(terminated) != 1 else ''} {', '.join(terminated)} (spend ${spend:.2f})"
+    print(
+        f"stopped {count} model process{'es' if count != 1 else ''}{pods if terminated else ''}, "
+        "the proxy and the watchdog"
+    )
+    if any(isinstance(p, str) and "could not be confirmed terminated" in p for p in problems):
+        raise CleanupFailedError("; ".join(p for p in problems if "could not be confirmed" in p))
     return 0

@@ -31,10 +31,12 @@ Phase = Literal["creating", "waiting", "ready", "terminating"]
 class RuntimePaths:
     """Every file manage_pod.py writes, relative to the directory holding the config file."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, run_dir: Path | None = None) -> None:
+        """``run_dir`` given: a pod of llmModels, whose record, lock and logs are all in that folder of the
+        directory's run dir (llmpod.pod.model_pods); ``root`` stays the config's folder."""
         self.root = root
-        self.state_file = root / STATE_FILE
-        self.run_dir = root / RUN_DIR
+        self.run_dir = run_dir or root / RUN_DIR
+        self.state_file = root / STATE_FILE if run_dir is None else run_dir / STATE_FILE
         self.lock_file = self.run_dir / "manage_pod.lock"
         self.proxy_pid = self.run_dir / "proxy.pid"
         self.watchdog_pid = self.run_dir / "watchdog.pid"
@@ -46,6 +48,8 @@ class RuntimePaths:
 
     def ensure(self) -> None:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.run_dir.parent != self.root:  # a pod of llmModels: .llmpod/pods/ID is ours alone too
+            self.run_dir.parent.chmod(0o700)
 
 
 class PodState(BaseModel):

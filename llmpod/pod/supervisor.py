@@ -56,6 +56,11 @@ class ModelRecord(BaseModel):
     next_restart_at: float | None = None
     last_error: str | None = None
     stopped: bool = False  # by --stop: never restarted until --start or --restart
+    # a RunPod model (llmpod.pod.model_pods): its pod as last made, and the expiry a replacement keeps
+    pod_id: str | None = None
+    base_url: str | None = None
+    cost_per_hour: float = 0.0
+    expires_at: float | None = None
 
 
 class ModelsState(BaseModel):
@@ -68,6 +73,7 @@ class ModelsState(BaseModel):
     proxy_port: int
     created_at: float
     models: dict[str, ModelRecord]
+    local: bool = False  # started with --local: RunPod entries run as local mock processes
 
 
 def is_models_state(paths: RuntimePaths) -> bool:
@@ -94,17 +100,17 @@ def save_models_state(paths: RuntimePaths, state: ModelsState) -> None:
     atomic_write(paths.state_file, state.model_dump_json(indent=2).encode() + b"\n", mode=0o600, exact_mode=True)
 
 
-def _safe(model_id: str) -> str:
+def safe_name(model_id: str) -> str:
     # ids may hold / and : ; the hash keeps two ids that clean up alike apart
     return re.sub(r"[^A-Za-z0-9._-]", "_", model_id)[:60] + "-" + hashlib.sha256(model_id.encode()).hexdigest()[:8]
 
 
 def state_file(paths: RuntimePaths, model_id: str) -> Path:
-    return paths.run_dir / "models" / f"{_safe(model_id)}.state.json"
+    return paths.run_dir / "models" / f"{safe_name(model_id)}.state.json"
 
 
 def log_file(paths: RuntimePaths, model_id: str) -> Path:
-    return paths.run_dir / "models" / f"{_safe(model_id)}.log"
+    return paths.run_dir / "models" / f"{safe_name(model_id)}.log"
 
 
 def backoff(restarts: int) -> float:
@@ -282,6 +288,7 @@ class ProcessOps:
                 restarts=len(record.restart_times),
                 last_error=record.last_error,
                 pid=record.pid,
+                cost_per_hour=record.cost_per_hour,
             ),
         )
 

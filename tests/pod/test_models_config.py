@@ -13,7 +13,7 @@ import pytest
 from llmpod._net import free_port
 from llmpod.errors import ConfigError
 from llmpod.pod import load_pod_config
-from llmpod.pod.models_config import RUNPOD_NOT_YET, check_ports_free, load_models
+from llmpod.pod.models_config import check_ports_free, load_models
 
 
 def local(port: int, model: str = "m", **more: Any) -> dict[str, Any]:
@@ -129,22 +129,34 @@ def test_a_port_in_use_is_refused_before_anything_starts(tmp_path: Path) -> None
             check_ports_free(specs)
 
 
-def test_runpod_entries_are_refused_in_one_line(tmp_path: Path) -> None:
+def test_a_runpod_entry_without_a_key_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before anything starts (no local model either): the RunPod key is asked for as for one pod."""
     from llmpod.pod.cli import main
 
+    monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
     path = tmp_path / "pod_config.json"
-    path.write_text(json.dumps({"llmModels": {"big": {"modelStoreId": "qwen2.5-coder-7b-instruct"}}}))
+    local = {"command": sys.executable, "args": ["-c", "pass"], "endpoints": {"base_url": "http://127.0.0.1:9/v1"}}
+    path.write_text(json.dumps({"llmModels": {"chat": local, "big": {"modelStoreId": "qwen2.5-coder-7b-instruct"}}}))
     assert main(["--config", str(path)]) == 2
+    assert capsys.readouterr().err.startswith("manage_pod.py: RUNPOD_API_KEY is not set")
     assert not (tmp_path / "pod_state.json").exists()
 
 
-def test_runpod_refusal_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_runpod_entry_with_an_image_of_unknown_cuda_is_refused_before_any_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from llmpod.pod.cli import main
 
+    monkeypatch.setenv("RUNPOD_API_KEY", "rpa_not_used")
+    monkeypatch.setenv("RUNPOD_API_BASE", "http://127.0.0.1:9")  # nobody there: a call would fail otherwise
     path = tmp_path / "pod_config.json"
-    path.write_text(json.dumps({"llmModels": {"big": {"modelStoreId": "qwen2.5-coder-7b-instruct"}}}))
-    main(["--config", str(path)])
-    assert capsys.readouterr().err.strip() == f"manage_pod.py: {RUNPOD_NOT_YET}"
+    entry = {"modelStoreId": "qwen2.5-coder-7b-instruct", "image": "someone/vllm:custom"}
+    path.write_text(json.dumps({"llmModels": {"big": entry}}))
+    assert main(["--config", str(path)]) == 2
+    assert "llmModels.big" in capsys.readouterr().err
+    assert not (tmp_path / "pod_state.json").exists()
 
 
 def test_start_stop_restart_need_llm_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

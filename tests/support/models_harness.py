@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +90,12 @@ class Models:
 
 
 @contextlib.contextmanager
-def models_dir(path: Path) -> Iterator[Models]:
+def models_dir(path: Path, make: Callable[[Path], Models] = Models) -> Iterator[Models]:
     """A ``Models`` directory that is shut down, and its servers killed, whatever the test did."""
-    work = Models(path)
+    work = make(path)
     try:
         yield work
     finally:
-        work.run("--shutdown", timeout=60)
+        work.run("--shutdown", "--all", timeout=60)
         for pid in work.ours():  # a failed test must not leak servers into the next one
             os.kill(pid, signal.SIGKILL)
