@@ -35,3 +35,13 @@ def test_tests_and_bench_import_only_declared_requirements() -> None:
     # everything, tests and bench included; dev requirements are allowed here (DEP004 off)
     result = deptry("--exclude", r"(^|/)(\.venv|venv|\.git|build)(/|$)", "--ignore", "DEP004")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ci_runs_readmes_command_2_word_for_word() -> None:
+    """.ci/run copies README's command 2; an option added to one (``-n 2``) and not the other would make CI
+    test something else than what the README promises."""
+    readme = (ROOT / "README.md").read_text().splitlines()
+    command = readme[next(i for i, line in enumerate(readme) if line.startswith("# 2. ")) + 1]
+    assert command.startswith("python3 -m pip install -r requirements-dev.txt && ")
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == command
