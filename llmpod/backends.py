@@ -5,7 +5,8 @@ each model's server, and the proxy, which routes requests to them by model id. A
 - ``Backend``: one model's server as the proxy sees it, handed over in ``PROXY_BACKENDS`` (JSON, one object per
   model; ``ProxySettings.backends``). No backends means the single ``RUNPOD_ENDPOINT`` upstream, as before.
 - ``BackendState``: what the supervisor (the pod manager's watchdog) knows and the proxy cannot see by probing:
-  that a process is being restarted, how often it was, why it is down, that the user stopped it. Written
+  that a process is being restarted, how often it was, why it is down, that the user stopped it, and where a
+  RunPod model's pod now is (a replaced pod has a new URL and key). Written
   atomically to ``Backend.state_file`` (0600); the proxy reads it when it reports a model's health. An external
   server (no state file) is judged by the proxy's own health checks alone.
 """
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, field_validator
 
 from llmpod._files import atomic_write
 from llmpod.errors import ConfigError
@@ -75,6 +76,14 @@ class BackendState(BaseModel):
     last_error: str | None = None  # one line, secret-free: why it last died or is down
     pid: int | None = None
     cost_per_hour: float = 0.0
+    # a RunPod model whose pod was replaced: the new pod's URL and vLLM key. The proxy sends the model's requests
+    # there from then on, without a restart that would interrupt the other models (llmpod.proxy.routing)
+    base_url: str | None = None
+    api_key: SecretStr | None = Field(None, repr=False)
+
+    @field_serializer("api_key", when_used="json")
+    def _reveal_key(self, value: SecretStr | None) -> str | None:
+        return value.get_secret_value() if value else None  # only into the 0600 state file
 
 
 def backends_to_env(backends: tuple[Backend, ...]) -> str:

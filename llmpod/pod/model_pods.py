@@ -37,18 +37,13 @@ from llmpod.pod.preflight import check_config, make_provider
 from llmpod.pod.progress import Reporter
 from llmpod.pod.providers import PodInfo, upstream_kind
 from llmpod.pod.state import PodState, RuntimePaths, load_state
-from llmpod.pod.supervisor import ModelRecord, Supervisor, safe_name
+from llmpod.pod.supervisor import ModelRecord, Supervisor, pod_paths
 
 __all__ = ["ModelPods", "ModelReporter", "pod_paths"]
 
 # the URL a RunPod model is handed to the proxy with before it ever had a pod (its state file says why it
 # does not answer, so the proxy refuses at once; nothing listens on the discard port)
 NO_POD_YET = "http://127.0.0.1:9/v1"
-
-
-def pod_paths(paths: RuntimePaths, model_id: str) -> RuntimePaths:
-    """Where one RunPod model's record, lock and logs live: ``.llmpod/pods/ID/``."""
-    return RuntimePaths(paths.root, run_dir=paths.run_dir / "pods" / safe_name(model_id))
 
 
 class ModelReporter(Reporter):

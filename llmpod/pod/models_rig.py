@@ -11,7 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from llmpod.errors import PodError
+from llmpod.backends import Backend, backends_from_env
+from llmpod.errors import ConfigError, PodError
 from llmpod.pod import processes
 from llmpod.pod.config import PodConfig, load_pod_config
 from llmpod.pod.model_pods import ModelPods
@@ -126,7 +127,7 @@ def ensure_proxy(r: Rig) -> None:
     env = proxy_env(r)
     pid = r.sidecars.proxy_pid()
     if pid is not None:
-        if processes.environ_value(pid, BACKENDS_ENV) == env[BACKENDS_ENV]:
+        if _same_models(r, processes.environ_value(pid, BACKENDS_ENV) or "", env[BACKENDS_ENV]):
             return
         stop_proxy(r.paths.proxy_pid, r.sidecars.owner(PROXY_OF))
     processes.spawn_detached(
@@ -137,6 +138,22 @@ def ensure_proxy(r: Rig) -> None:
         if time.monotonic() > deadline or r.sidecars.proxy_pid() is None:
             raise PodError(f"the proxy did not start on port {r.config.proxy_port}; see {r.paths.proxy_log}")
         time.sleep(0.1)
+
+
+def _same_models(r: Rig, running: str, wanted: str) -> bool:
+    """The proxy already has these models. A RunPod model's URL and key are left out: a replaced pod reaches the
+    proxy through the model's state file (``BackendState.base_url``), so the other models are never interrupted
+    by a proxy restart for it."""
+    pods = {spec.id for spec in r.specs if spec.kind == "runpod"}
+
+    def models(value: str) -> list[Backend]:
+        try:
+            listed = backends_from_env(value)
+        except ConfigError:
+            return []
+        return [b.model_copy(update={"base_url": "-", "api_key": None}) if b.id in pods else b for b in listed]
+
+    return running == wanted or (bool(running) and models(running) == models(wanted))
 
 
 def _answers(url: str) -> bool:

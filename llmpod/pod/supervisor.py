@@ -15,6 +15,7 @@ Every change is written to the model's state file at once, so the proxy and ``--
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from llmpod.errors import ConfigError
 from llmpod.pod import processes
 from llmpod.pod.models_config import ModelSpec
 from llmpod.pod.sidecars import PROXY_OF, WATCHDOG_OF
-from llmpod.pod.state import RuntimePaths
+from llmpod.pod.state import RuntimePaths, load_state
 
 MODEL_OF = "LLMPOD_MODEL_OF"  # in each model process's environment: this directory (ownership, strays)
 MODEL_NAME_OF = "LLMPOD_MODEL_ID"  # and which model it is
@@ -107,6 +108,11 @@ def safe_name(model_id: str) -> str:
 
 def state_file(paths: RuntimePaths, model_id: str) -> Path:
     return paths.run_dir / "models" / f"{safe_name(model_id)}.state.json"
+
+
+def pod_paths(paths: RuntimePaths, model_id: str) -> RuntimePaths:
+    """Where one RunPod model's record, lock and logs live: ``.llmpod/pods/ID/`` (llmpod.pod.model_pods)."""
+    return RuntimePaths(paths.root, run_dir=paths.run_dir / "pods" / safe_name(model_id))
 
 
 def log_file(paths: RuntimePaths, model_id: str) -> Path:
@@ -280,6 +286,11 @@ class ProcessOps:
         return gone
 
     def publish(self, spec: ModelSpec, record: ModelRecord) -> None:
+        pod = None
+        if record.kind == "runpod":  # its pod's URL and key, for the proxy to follow a replacement
+            with contextlib.suppress(ConfigError):
+                pod = load_state(pod_paths(self.paths, spec.id))
+        ready = pod is not None and pod.phase == "ready"
         write_state(
             state_file(self.paths, spec.id),
             BackendState(
@@ -289,6 +300,8 @@ class ProcessOps:
                 last_error=record.last_error,
                 pid=record.pid,
                 cost_per_hour=record.cost_per_hour,
+                base_url=pod.upstream_url if pod and ready else None,
+                api_key=pod.vllm_api_key if pod and ready else None,
             ),
         )
 

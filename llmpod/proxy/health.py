@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -74,11 +75,14 @@ class BackendHealth:
         self.failed_at = time.monotonic()
         self.error = result.get("error") or "the server lists no model on /v1/models"
 
-    async def run(self) -> None:
-        """Probe until cancelled (the app's lifespan owns this task)."""
+    async def run(self, follow: Callable[[], None] | None = None) -> None:
+        """Probe until cancelled (the app's lifespan owns this task); ``follow`` first moves to a new server the
+        state file names (ModelRouter.follow)."""
         while True:
             self._wake.clear()
             try:
+                if follow is not None:
+                    follow()
                 await self.probe_once()
             except Exception:  # a probe must never end the loop: the next one may succeed
                 log.exception("health probe of model %s failed", self.backend.id)
@@ -90,6 +94,21 @@ class BackendHealth:
         """A request found the backend unreachable or cut: down now, and probed again at once."""
         self.failed_at = time.monotonic()
         self.error = message
+        self._wake.set()
+
+    def moved_to(self) -> BackendState | None:
+        """The state file names another server for this model (a RunPod model's pod replaced), or None."""
+        supervised = self._supervised()
+        if supervised is None or not supervised.base_url:
+            return None
+        same_url = supervised.base_url.rstrip("/") == self.backend.base_url
+        return None if same_url and supervised.api_key == self.backend.api_key else supervised
+
+    def moved(self, backend: Backend, upstream: Upstream) -> None:
+        """Now at ``backend``'s server: judged afresh, and probed at once."""
+        self.backend, self.upstream = backend, upstream
+        self.ok_at = self.failed_at = 0.0
+        self.probed, self.error = False, None
         self._wake.set()
 
     # ----------------------------------------------------------------- judging

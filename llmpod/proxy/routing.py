@@ -11,6 +11,7 @@ answers, and two backends serving the same upstream name never do.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ MODEL_ROUTES = {
     "/v1/completions": "/v1/completions",
     "/completions": "/v1/completions",
 }
+log = logging.getLogger("llmpod.proxy")
 SCOPE_MODEL = "llmpod.model"  # the ASGI scope key naming the backend a /llm/{id}/ path chose
 
 
@@ -60,6 +62,8 @@ class ModelRouter:
     """The configured backends, found by id or alias."""
 
     def __init__(self, settings: ProxySettings, client: httpx.AsyncClient) -> None:
+        self.settings, self.client = settings, client
+        self._retired: list[HTTPPool] = []  # pools of servers a model moved away from: closed at the end
         self.slots: dict[str, BackendSlot] = {}
         self._names: dict[str, str] = {}  # every id and alias -> id
         self._folded: dict[str, str] = {}  # the same, lowercased: ``Mock-GPT`` finds ``mock-gpt``
@@ -100,8 +104,27 @@ class ModelRouter:
         message = f"The model `{name}` does not exist. This server serves: {', '.join(self.slots)}"
         return UpstreamError(404, error_body(message, 404, type="NotFoundError", param="model"))
 
+    def follow(self, slot: BackendSlot) -> None:
+        """A RunPod model's pod was replaced: its state file names the new pod's URL and key, and its requests go
+        there from now on. No proxy restart: the other models' requests are never interrupted for it."""
+        moved = slot.health.moved_to()
+        if moved is None or moved.base_url is None:
+            return
+        backend = slot.backend.model_copy(update={"base_url": moved.base_url.rstrip("/"), "api_key": moved.api_key})
+        self._retired.append(slot.pool)
+        slot.pool = stream_pool(self.settings, backend.base_url)
+        slot.upstream = Upstream(self.settings, self.client, slot.pool, backend)
+        slot.backend = backend
+        slot.health.moved(backend, slot.upstream)
+        log.info("model %s is now served at %s", backend.id, backend.base_url)
+
     def pick(self, requested: Any, routed: str | None) -> BackendSlot:
         """The backend a request goes to: the path's ``{id}`` if it has one, else the body's model."""
+        slot = self._pick(requested, routed)
+        self.follow(slot)
+        return slot
+
+    def _pick(self, requested: Any, routed: str | None) -> BackendSlot:
         if routed is not None:
             slot = self.get(routed)
             if slot is None:
@@ -147,12 +170,13 @@ class ModelRouter:
     def start(self) -> None:
         """Start probing every backend (the app's lifespan calls this, and ``aclose`` at its end)."""
         self._tasks = [
-            asyncio.create_task(slot.health.run(), name=f"health-{slot.backend.id}") for slot in self.slots.values()
+            asyncio.create_task(slot.health.run(lambda s=slot: self.follow(s)), name=f"health-{slot.backend.id}")  # type: ignore[misc]
+            for slot in self.slots.values()
         ]
 
     async def aclose(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for slot in self.slots.values():
-            await slot.pool.aclose()
+        for pool in [*self._retired, *(slot.pool for slot in self.slots.values())]:
+            await pool.aclose()

@@ -11,12 +11,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.faults.ledger import FaultLedger
-from tests.support.e2e_harness import pid_alive, port_free
+from tests.support.e2e_harness import FakeRunPod, pid_alive, port_free
 from tests.support.helpers import wait_until
-from tests.support.models_harness import Models, models_dir
+from tests.support.models_harness import Mixed, Models, models_dir
 
 AREA = "several models"
 pytestmark = pytest.mark.soak
@@ -143,6 +144,56 @@ def test_the_proxy_killed(models: Models, fault_ledger: FaultLedger) -> None:
         injected=1,
         lost_answers=sum(c.failed for c in clients),
         dirty_errors=int(not came_back) + int(not untouched),
+        leaked_processes=processes_left,
+        leaked_ports=ports,
+        notes=notes,
+    )
+
+
+def test_a_runpod_models_pod_reclaimed_within_and_past_its_limit(
+    tmp_path: Path, fake_runpod: FakeRunPod, fault_ledger: FaultLedger
+) -> None:
+    """RunPod takes back the pod of ``big`` (max_restarts 1): replaced once, then down with why; the local model
+    in use all along; no pod billing once it is down, nor after --shutdown."""
+    notes: list[str] = []
+    with models_dir(tmp_path, lambda path: Mixed(path, fake_runpod)) as work:
+        assert isinstance(work, Mixed)
+        up = work.run()
+        assert up.returncode == 0, up.stderr
+        other = Client(work, "chat", work.proxy_port)  # through the proxy, which is handed each new pod
+        other.start()
+        wrong = 0
+        first = work.record("big")["pod_id"]
+        httpx.post(f"{fake_runpod.url}/fake/pods/{first}/vanish", timeout=5).raise_for_status()
+        try:
+            wait_until(
+                lambda: work.record("big")["state"] == "healthy" and work.record("big")["pod_id"] not in (None, first),
+                "big replaced",
+                timeout=90,
+            )
+            wait_until(lambda: work.served("big"), "big served from its new pod", timeout=30)
+        except AssertionError as exc:
+            notes.append(str(exc).splitlines()[0])
+            wrong += 1
+        second = work.record("big")["pod_id"]
+        httpx.post(f"{fake_runpod.url}/fake/pods/{second}/vanish", timeout=5).raise_for_status()
+        wait_until(lambda: work.record("big")["state"] == "down", "big down", timeout=60)
+        last_error = work.record("big")["last_error"] or ""
+        if "max_restarts reached" not in last_error:
+            notes.append(f"down as {last_error!r}")
+            wrong += 1
+        billing_while_down = len(fake_runpod.live_pods())
+        other.stop()
+        down = work.run("--shutdown")
+        processes_left = len(work.ours()) + (down.returncode != 0)
+        ports = sum(not port_free(p) for p in (work.proxy_port, work.chat_port))
+    fault_ledger.record(
+        AREA,
+        "a RunPod model's pod reclaimed within and past its restart limit, the local model in use",
+        injected=2,
+        lost_answers=other.failed,
+        dirty_errors=wrong,
+        pods_left_running=billing_while_down + len(fake_runpod.live_pods()),
         leaked_processes=processes_left,
         leaked_ports=ports,
         notes=notes,

@@ -6,72 +6,17 @@ RunPod reclaims it, stopped alone when it is idle, acted on with --stop/--start,
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from llmpod.backends import backends_from_env
-from llmpod.pod import processes
-from tests.support.e2e_harness import API_KEY, MODEL, FakeRunPod, port_free
+from tests.support.e2e_harness import MODEL, FakeRunPod, port_free
 from tests.support.helpers import wait_until
-from tests.support.models_harness import Models, models_dir
+from tests.support.models_harness import Mixed, models_dir
 
 pytestmark = pytest.mark.slow
-
-
-class Mixed(Models):
-    """``chat``: a local mock; ``big``: a RunPod pod on the fake."""
-
-    def __init__(self, path: Path, fake: FakeRunPod) -> None:
-        self.fake = fake
-        super().__init__(path)
-        self.env.update(
-            RUNPOD_API_KEY=API_KEY,
-            RUNPOD_API_BASE=fake.url,
-            RUNPOD_POD_URL_TEMPLATE=f"{fake.url}/proxy/{{pod_id}}-{{port}}",
-            HF_API_BASE="http://127.0.0.1:9",  # nobody there: the built-in catalog
-        )
-
-    def write(self, **big: Any) -> None:
-        config = {
-            "proxy_port": self.proxy_port,
-            "cache_dir": str(self.path / "cache"),
-            "watchdog_interval_seconds": 0.3,
-            "gpu_type_id": "NVIDIA RTX A6000",
-            "gpu_type_ids": ["NVIDIA L40S"],
-            "ready_timeout_seconds": 60,
-            "idle_timeout_seconds": 0,
-            "llmModels": {
-                "chat": self.entry("chat", self.chat_port),
-                "big": {"modelStoreId": MODEL, "max_restarts": 1, **big},
-            },
-        }
-        (self.path / "pod_config.json").write_text(json.dumps(config))
-
-    def ask(self, model: str) -> httpx.Response:
-        return httpx.post(
-            f"http://127.0.0.1:{self.proxy_port}/v1/chat/completions",
-            json={"model": model, "messages": [{"role": "user", "content": os.urandom(4).hex()}], "max_tokens": 5},
-            timeout=30,
-        )
-
-    def served(self, model: str) -> bool:
-        try:
-            return self.ask(model).status_code == 200
-        except httpx.HTTPError:  # the proxy being restarted with a new pod
-            return False
-
-    def pod_record(self) -> dict[str, Any]:
-        (state,) = (self.path / ".llmpod" / "pods").glob("big-*/pod_state.json")
-        return json.loads(state.read_text())  # type: ignore[no-any-return]
-
-    def proxy_backends(self) -> dict[str, Any]:
-        pid = int((self.path / ".llmpod" / "proxy.pid").read_text())
-        return {b.id: b for b in backends_from_env(processes.environ_value(pid, "PROXY_BACKENDS") or "")}
 
 
 @pytest.fixture
@@ -100,7 +45,9 @@ def test_a_pod_per_runpod_model_replaced_stopped_started_and_terminated(mixed: M
     (big,) = [row for row in status["models"] if row["id"] == "big"]
     assert big["state"] == "healthy" and big["pod_id"] == pod["pod_id"] and big["cost_per_hour"] > 0
 
-    # RunPod reclaims the pod: the watchdog makes a new one (restarts 1) and hands it to the proxy
+    # RunPod reclaims the pod: the watchdog makes a new one (restarts 1) and hands it to the proxy, through the
+    # model's state file: the proxy is not restarted, so the local model's requests are never interrupted
+    proxy_pid = (mixed.path / ".llmpod" / "proxy.pid").read_text()
     httpx.post(f"{mixed.fake.url}/fake/pods/{pod['pod_id']}/vanish", timeout=5).raise_for_status()
 
     def replaced() -> bool:
@@ -112,6 +59,7 @@ def test_a_pod_per_runpod_model_replaced_stopped_started_and_terminated(mixed: M
     assert mixed.pod_record()["expires_at"] == pod["expires_at"]  # the replacement keeps the session's expiry
     wait_until(lambda: mixed.served("big"), "the proxy serves big from the new pod", timeout=30)
     assert mixed.ask("chat").status_code == 200
+    assert (mixed.path / ".llmpod" / "proxy.pid").read_text() == proxy_pid
 
     # --stop: its pod terminated, the local model unaffected, big refused at once
     stop = mixed.run("--stop", "big")

@@ -331,3 +331,24 @@ def test_each_model_has_its_own_idleness_clock(models: Models, http: httpx.Clien
     assert after["gpt"]["in_flight"] == after["llama"]["in_flight"] == 0
     assert after["gpt"]["last_request_at"] >= before
     assert after["llama"]["last_request_at"] is None  # a 400 is no activity
+
+
+def test_a_replaced_pod_is_followed_without_a_restart(models: Models, http: httpx.Client) -> None:
+    """A RunPod model's pod replaced: the supervisor's state file names the new pod's URL and vLLM key, and the
+    running proxy sends that model's requests there (with the new key), the other model untouched."""
+    assert http.post("/v1/chat/completions", json=chat("before", "gpt")).status_code == 200
+    replacement = LoopbackServer(mock_app("mock-gpt", api_key="new-pod-key-0123456789")).start()
+    try:
+        write_state(
+            models.state_file,
+            BackendState(state="healthy", base_url=f"{replacement.url}/v1/", api_key="new-pod-key-0123456789"),
+        )
+        assert "new-pod-key" not in models.state_file.read_text().replace("new-pod-key-0123456789", "")
+        answer = http.post("/v1/chat/completions", json=chat("after", "gpt"))
+        assert answer.status_code == 200, answer.text
+        assert sum(httpx.get(f"{replacement.url}/mock/stats", timeout=5).json()["requests"].values()) >= 1
+        assert http.get("/metrics").json()["models"]["gpt"]["url"] == f"{replacement.url}/v1"
+        assert http.post("/v1/chat/completions", json=chat("other", "llama")).status_code == 200
+        assert "new-pod-key" not in http.get("/health").text + http.get("/metrics").text
+    finally:
+        replacement.stop()

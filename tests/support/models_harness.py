@@ -1,5 +1,6 @@
 """Several models started by manage_pod.py (issue 18) in a temp dir: two mock vLLM servers, ``chat`` and ``auto``,
-from ``command`` entries on free ports, for the end-to-end and fault tests."""
+from ``command`` entries on free ports (``Models``), or ``chat`` beside a RunPod entry ``big`` on the fake RunPod
+(``Mixed``), for the end-to-end and fault tests."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from typing import Any
 
 import httpx
 
-from llmpod.backends import read_state
+from llmpod.backends import backends_from_env, read_state
 from llmpod.pod import processes
 from llmpod.pod.supervisor import MODEL_OF
+from tests.support.e2e_harness import API_KEY, MODEL, FakeRunPod
 from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,3 +101,54 @@ def models_dir(path: Path, make: Callable[[Path], Models] = Models) -> Iterator[
         work.run("--shutdown", "--all", timeout=60)
         for pid in work.ours():  # a failed test must not leak servers into the next one
             os.kill(pid, signal.SIGKILL)
+
+
+class Mixed(Models):
+    """``chat``: a local mock; ``big``: a RunPod pod on the fake."""
+
+    def __init__(self, path: Path, fake: FakeRunPod) -> None:
+        self.fake = fake
+        super().__init__(path)
+        self.env.update(
+            RUNPOD_API_KEY=API_KEY,
+            RUNPOD_API_BASE=fake.url,
+            RUNPOD_POD_URL_TEMPLATE=f"{fake.url}/proxy/{{pod_id}}-{{port}}",
+            HF_API_BASE="http://127.0.0.1:9",  # nobody there: the built-in catalog
+        )
+
+    def write(self, **big: Any) -> None:
+        config = {
+            "proxy_port": self.proxy_port,
+            "cache_dir": str(self.path / "cache"),
+            "watchdog_interval_seconds": 0.3,
+            "gpu_type_id": "NVIDIA RTX A6000",
+            "gpu_type_ids": ["NVIDIA L40S"],
+            "ready_timeout_seconds": 60,
+            "idle_timeout_seconds": 0,
+            "llmModels": {
+                "chat": self.entry("chat", self.chat_port),
+                "big": {"modelStoreId": MODEL, "max_restarts": 1, **big},
+            },
+        }
+        (self.path / "pod_config.json").write_text(json.dumps(config))
+
+    def ask(self, model: str) -> httpx.Response:
+        return httpx.post(
+            f"http://127.0.0.1:{self.proxy_port}/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": os.urandom(4).hex()}], "max_tokens": 5},
+            timeout=30,
+        )
+
+    def served(self, model: str) -> bool:
+        try:
+            return self.ask(model).status_code == 200
+        except httpx.HTTPError:  # the proxy being restarted with a new pod
+            return False
+
+    def pod_record(self) -> dict[str, Any]:
+        (state,) = (self.path / ".llmpod" / "pods").glob("big-*/pod_state.json")
+        return json.loads(state.read_text())  # type: ignore[no-any-return]
+
+    def proxy_backends(self) -> dict[str, Any]:
+        pid = int((self.path / ".llmpod" / "proxy.pid").read_text())
+        return {b.id: b for b in backends_from_env(processes.environ_value(pid, "PROXY_BACKENDS") or "")}
