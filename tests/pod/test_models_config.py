@@ -175,3 +175,12 @@ def test_the_readme_pair_loads(tmp_path: Path) -> None:
     chat, autocomplete = load(tmp_path, json.loads(block)["llmModels"], proxy_port=json.loads(block)["proxy_port"])
     assert (chat.id, chat.port, autocomplete.id, autocomplete.port) == ("chat", 8001, "autocomplete", 8002)
     assert autocomplete.restart_policy == "always"
+
+
+def test_the_readme_runpod_pair_loads(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Several models", 1)[1]
+    block = section.split("```json\n", 2)[2].split("```", 1)[0]
+    chat, autocomplete = load(tmp_path, json.loads(block)["llmModels"], proxy_port=json.loads(block)["proxy_port"])
+    assert (chat.kind, autocomplete.kind) == ("runpod", "local")
+    assert chat.pod is not None and chat.pod.idle_timeout_seconds == 1800 and chat.pod.max_hourly_cost == 1.2
