@@ -57,7 +57,8 @@ class ModelReporter(Reporter):
         super().say(f"{self.model_id}: {message}")
 
     def phase(self, phase: str, detail: str = "") -> None:
-        super().phase(phase, f"{self.model_id}: {detail}")
+        # off a terminal a phase is a line through ``say``, which names the model already
+        super().phase(phase, f"{self.model_id}: {detail}" if self.console.is_terminal else detail)
 
 
 class ModelPods:
