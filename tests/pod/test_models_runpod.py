@@ -74,6 +74,12 @@ def test_a_pod_per_runpod_model_replaced_stopped_started_and_terminated(mixed: M
     assert start.returncode == 0, start.stderr
     assert mixed.fake.creates() == 3 and len(mixed.fake.live_pods()) == 1
     wait_until(lambda: mixed.served("big"), "big served again", timeout=30)
+    started = mixed.record("big")["pod_id"]
+    restart = mixed.run("--restart", "big")
+    assert restart.returncode == 0, restart.stderr
+    assert mixed.fake.creates() == 4 and [p["id"] for p in mixed.fake.live_pods()] == [mixed.record("big")["pod_id"]]
+    assert mixed.record("big")["pod_id"] != started
+    wait_until(lambda: mixed.served("big"), "big served from the restarted pod", timeout=30)
 
     down = mixed.run("--shutdown")
     assert down.returncode == 0, down.stderr
