@@ -87,7 +87,10 @@ class ModelPods:
         if creating and not self.local:  # an image of unknown CUDA: exit 2 before any network call
             cuda_floor(config.image, config.min_cuda_version, f"{self.config_path}: llmModels.{model_id}")
         reporter = ModelReporter(model_id)
-        model, gpus = check_config(config, catalog, creating, reporter)
+        try:
+            model, gpus = check_config(config, catalog, creating, reporter)
+        except ConfigError as exc:  # one line that names the entry, before anything starts
+            raise ConfigError(f"{self.config_path.name}: llmModels.{model_id}: {exc}") from None
         paths = pod_paths(self.paths, model_id)
         paths.ensure()
         return Session(

@@ -184,3 +184,16 @@ def test_the_readme_runpod_pair_loads(tmp_path: Path) -> None:
     chat, autocomplete = load(tmp_path, json.loads(block)["llmModels"], proxy_port=json.loads(block)["proxy_port"])
     assert (chat.kind, autocomplete.kind) == ("runpod", "local")
     assert chat.pod is not None and chat.pod.idle_timeout_seconds == 1800 and chat.pod.max_hourly_cost == 1.2
+
+
+def test_a_runpod_entry_the_catalog_refuses_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llmpod.pod.cli import main
+
+    monkeypatch.setenv("RUNPOD_API_KEY", "rpa_not_used")
+    monkeypatch.setenv("RUNPOD_API_BASE", "http://127.0.0.1:9")
+    path = tmp_path / "pod_config.json"
+    path.write_text(json.dumps({"llmModels": {"big": {"modelStoreId": "no-such-model"}}}))
+    assert main(["--config", str(path)]) == 2
+    assert capsys.readouterr().err.startswith("manage_pod.py: pod_config.json: llmModels.big: unknown modelStoreId")
