@@ -96,6 +96,9 @@ def test_an_idle_runpod_model_is_stopped_alone(mixed: Mixed) -> None:
     assert mixed.fake.live_pods() == []
     assert mixed.record("chat")["state"] == "healthy" and mixed.ask("chat").status_code == 200
     assert mixed.ask("big").status_code == 503
+    status = mixed.run("--status")
+    assert status.returncode == 0, status.stderr
+    assert "  big: stopped (" in status.stdout and "idle: no answer for" in status.stdout
 
 
 def test_a_pod_that_cannot_be_had_leaves_nothing_running(mixed: Mixed) -> None:
