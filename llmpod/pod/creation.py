@@ -33,7 +33,7 @@ from llmpod.pod.providers import PodInfo, PodSpec, Provider
 from llmpod.pod.state import PodState, RuntimePaths, save_state
 
 
-class Session(Protocol):
+class Creating(Protocol):
     """What creating needs of llmpod.pod.lifecycle.Session (which imports this module)."""
 
     @property
@@ -67,7 +67,7 @@ ANSWERED_NOTHING_MADE = (
 NEXT_CANDIDATE = (NoCapacityError, PoolForbiddenError)
 
 
-def create_with_failover(session: Session, state: PodState, spec: PodSpec) -> PodInfo:
+def create_with_failover(session: Creating, state: PodState, spec: PodSpec) -> PodInfo:
     """Ask for each GPU candidate in turn (one local process on a provider without GPUs), recording every step
     first; the pod, or PodError with what each candidate answered."""
     tried = []
@@ -119,7 +119,7 @@ def create_with_failover(session: Session, state: PodState, spec: PodSpec) -> Po
     raise PodError("no GPU could be had: " + "; ".join(tried) if tried else "no GPU type to try")
 
 
-def _find_after_failed_create(session: Session, name: str) -> PodInfo | None:
+def _find_after_failed_create(session: Creating, name: str) -> PodInfo | None:
     for _ in range(3):
         try:
             return session.provider.find_by_name(name)
@@ -128,7 +128,7 @@ def _find_after_failed_create(session: Session, name: str) -> PodInfo | None:
     return None
 
 
-def _record_created(session: Session, state: PodState, pod: PodInfo) -> None:
+def _record_created(session: Creating, state: PodState, pod: PodInfo) -> None:
     state.pod_id, state.phase, state.create_sent_at = pod.id, "waiting", None
     state.gpu_type_id, state.cost_per_hour, state.upstream_url = pod.gpu_id, pod.cost_per_hour, pod.url
     save_state(session.paths, state)

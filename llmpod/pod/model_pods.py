@@ -39,7 +39,7 @@ from llmpod.pod.providers import PodInfo, upstream_kind
 from llmpod.pod.state import PodState, RuntimePaths, load_state
 from llmpod.pod.supervisor import ModelRecord, Supervisor, pod_paths
 
-__all__ = ["ModelPods", "ModelReporter", "pod_paths"]
+__all__ = ["ModelPods", "ModelReporter"]
 
 # the URL a RunPod model is handed to the proxy with before it ever had a pod (its state file says why it
 # does not answer, so the proxy refuses at once; nothing listens on the discard port)
@@ -125,14 +125,12 @@ class ModelPods:
     def pod_state(self, model_id: str) -> PodState | None:
         return load_state(self.session(model_id).paths)
 
-    def start(self, record: ModelRecord, keep_expiry: bool = False) -> bool:
-        """The model's pod, ready: the recorded one if it lives, else a new one (expiring when the replaced one
-        would have, with ``keep_expiry``). Blocks while it loads; the record is filled in. True when made now."""
-        session = self.session(record.id)
+    def start(self, model_id: str, expires_at: float | None = None) -> bool:
+        """The model's pod, ready: the recorded one if it lives, else a new one (expiring at ``expires_at``, a
+        replacement's, or after its runtime_seconds). Blocks while it loads. True when made now, not reused."""
+        session = self.session(model_id)
         before = load_state(session.paths)
-        expires_at = record.expires_at if keep_expiry and record.expires_at else None
         state = session.acquire(expires_at)
-        self.adopt(record, state)
         return before is None or before.pod_id != state.pod_id
 
     def adopt(self, record: ModelRecord, state: PodState) -> None:
@@ -155,15 +153,15 @@ class ModelPods:
 
     def backend(self, spec: ModelSpec, record: ModelRecord | None, state_file: str) -> Backend:
         """The model as the proxy sees it: its pod's URL and vLLM key once it has a pod."""
-        state = load_state(self.session(spec.id).paths)
-        ready = state is not None and state.phase == "ready" and state.upstream_url
         session = self.session(spec.id)
+        state = load_state(session.paths)
+        ready = state if state is not None and state.phase == "ready" and state.upstream_url else None
         return Backend(
             id=spec.id,
-            base_url=(state.upstream_url if ready and state else None) or (record and record.base_url) or NO_POD_YET,
+            base_url=(ready and ready.upstream_url) or (record and record.base_url) or NO_POD_YET,
             served_model=state.served_model if state else session.model.id,
             aliases=spec.aliases,
-            api_key=state.vllm_api_key if ready and state else None,
+            api_key=ready.vllm_api_key if ready else None,
             kind=upstream_kind(session.config.provider, session.config),
             state_file=state_file,
         )

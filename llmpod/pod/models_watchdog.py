@@ -14,6 +14,7 @@ import argparse
 import os
 import threading
 import time
+from typing import Any
 
 from llmpod.errors import CleanupFailedError, ConfigError, LlmpodError
 from llmpod.pod import processes
@@ -42,11 +43,10 @@ class Watch:
         self.started = time.time()
         self.pods_checked = 0.0
 
-    def activity(self, r: Rig, model_id: str, now: float) -> float:
+    def activity(self, per_model: dict[str, Any], model_id: str, now: float) -> float:
         """The model's last activity as the proxy's per-model figures tell (kept here: a proxy restart resets
         them); a request in flight is activity, as for one pod."""
-        metrics = r.sidecars.proxy_metrics()
-        figures = ((metrics or {}).get("models") or {}).get(model_id)
+        figures = per_model.get(model_id)
         seen = self.active_at.get(model_id, self.started)
         if isinstance(figures, dict):
             if figures.get("in_flight"):
@@ -62,13 +62,15 @@ class Watch:
         if not r.pods.sessions or now - self.pods_checked < float(r.config.watchdog_interval_seconds):
             return False
         self.pods_checked = now
+        per_model = (r.sidecars.proxy_metrics() or {}).get("models")  # once a round, for every model
+        per_model = per_model if isinstance(per_model, dict) else {}
         changed = False
         for spec in r.specs:
             if spec.kind != "runpod" or spec.id in self.replacing or spec.id not in state.models:
                 continue
             record = state.models[spec.id]
             try:
-                outcome = r.pods.check(spec, record, r.supervisor, self.activity(r, spec.id, now))
+                outcome = r.pods.check(spec, record, r.supervisor, self.activity(per_model, spec.id, now))
             except CleanupFailedError as exc:
                 r.supervisor.set_state(record, "down", str(exc))  # never replaced while one may still bill
                 continue
@@ -98,14 +100,12 @@ class Watch:
                     r.supervisor.set_state(record, "stopped", "expired (runtime_seconds) before it could be replaced")
                     save_models_state(r.paths, state)
                     return
-                wanted = record.model_copy()
-            error: str | None = None
+                expires_at = record.expires_at  # the replaced pod's: a flaky GPU does not stretch the bill
+            failure: LlmpodError | None = None
             try:
-                r.pods.start(wanted, keep_expiry=True)  # its own lock: the rounds go on meanwhile
-            except CleanupFailedError as exc:
-                error = f"!{exc}"
+                r.pods.start(spec.id, expires_at)  # under the model's own lock: the rounds go on meanwhile
             except LlmpodError as exc:
-                error = str(exc)
+                failure = exc
             with exclusive(r.paths, LOCK_WAIT):
                 state = load_models_state(r.paths)
                 if state is None:  # shut down meanwhile: the pod made goes too
@@ -114,10 +114,10 @@ class Watch:
                 record = record_of(state, spec)
                 if record.stopped:
                     r.pods.stop(spec.id, f"--stop {spec.id} while it was being replaced")
-                elif error and error.startswith("!"):
-                    r.supervisor.set_state(record, "down", error[1:])
-                elif error:
-                    r.supervisor.died(spec, record, error, failed=True)
+                elif isinstance(failure, CleanupFailedError):  # never replaced while one may still bill
+                    r.supervisor.set_state(record, "down", str(failure))
+                elif failure is not None:
+                    r.supervisor.died(spec, record, str(failure), failed=True)
                 else:
                     pod_ready(r, record)
                     _log(f"{spec.id}: replaced by pod {record.pod_id} (${record.cost_per_hour:.2f}/h)")

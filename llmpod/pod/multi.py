@@ -108,7 +108,7 @@ def up(r: Rig) -> int:
         # outside the directory's lock: a pod loads for minutes, under its own lock, while the watchdog (when one
         # runs) keeps supervising the local models
         for spec in runpod:
-            if r.pods.start(ModelRecord(id=spec.id, kind="runpod")):
+            if r.pods.start(spec.id):
                 made.append(spec.id)
         with exclusive(r.paths, LOCK_WAIT, "waiting for another manage_pod.py to finish..."):
             state = load_models_state(r.paths) or state
@@ -232,7 +232,7 @@ def one_pod(r: Rig, action: str, spec: ModelSpec) -> int:
         r.supervisor.set_state(record, "starting")
         save_models_state(r.paths, state)
     try:
-        made = r.pods.start(ModelRecord(id=spec.id, kind="runpod"))
+        made = r.pods.start(spec.id)
         with exclusive(r.paths, LOCK_WAIT):
             state = _running(r)
             pod_ready(r, record_of(state, spec))
@@ -266,6 +266,7 @@ def _stop_all(r: Rig, state: ModelsState | None) -> list[str]:
 
 def shutdown(r: Rig, all_ours: bool = False) -> int:
     terminated: list[str] = []
+    billing: list[CleanupFailedError] = []  # pods that may still bill: exit 4 once everything else is stopped
     spend = 0.0
     with exclusive(r.paths, LOCK_WAIT, "waiting for another manage_pod.py to finish..."):
         state = load_models_state(r.paths)
@@ -277,7 +278,10 @@ def shutdown(r: Rig, all_ours: bool = False) -> int:
         for model_id in dict.fromkeys([*recorded, *r.pods.sessions]):
             try:
                 result = r.pods.stop(model_id, "requested (--shutdown)")
-            except LlmpodError as exc:  # the others are still stopped; this one is said, with how to end it
+            except CleanupFailedError as exc:  # the others are still stopped; this one is said, with how to end it
+                billing.append(exc)
+                continue
+            except LlmpodError as exc:
                 problems.append(f"model {model_id}: {exc}")
                 continue
             terminated += result.terminated
@@ -293,6 +297,6 @@ def shutdown(r: Rig, all_ours: bool = False) -> int:
         f"stopped {count} model process{'es' if count != 1 else ''}{pods if terminated else ''}, "
         "the proxy and the watchdog"
     )
-    if any(isinstance(p, str) and "could not be confirmed terminated" in p for p in problems):
-        raise CleanupFailedError("; ".join(p for p in problems if "could not be confirmed" in p))
+    if billing:
+        raise CleanupFailedError("; ".join(str(exc) for exc in billing))
     return 0

@@ -89,7 +89,7 @@ class ModelMetrics:
         counts = self._counts.get(model)
         if counts is None:  # not routed to a model (an unknown name, a bad body): only the totals count it
             return
-        counts.in_flight = max(0, counts.in_flight - 1)  # every routed request began (ModelRouter.pick or a 4xx)
+        counts.in_flight = max(0, counts.in_flight - 1)  # routed to this model: ``began`` counted it
         if 200 <= status < 300:
             counts.last_request_at = time.time()
         counts.requests += 1
